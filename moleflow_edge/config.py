@@ -1,0 +1,103 @@
+"""One config object for every size and constant of MoLE-Flow.
+
+The defaults mirror the papers (names in comments); tests build tiny models by
+overriding fields. The config is saved as JSON in the model directory, so a
+model is always rebuilt with the sizes it was trained with. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from enum import Enum
+from pathlib import Path
+
+
+class BackboneName(str, Enum):
+    """Backbones with the uniform two-map interface (strides 8 and 16)."""
+
+    EFFICIENTNET_LITE0 = "efficientnet_lite0"
+    WIDE_RESNET50_2 = "wide_resnet50_2"
+
+
+class RouterPooling(str, Enum):
+    """Which backbone map the router pools: stride 16 (free) or the last layer (papers)."""
+
+    STRIDE16 = "stride16"
+    LAST = "last"
+
+
+class Covariance(str, Enum):
+    """Router covariance estimate: Ledoit-Wolf shrinkage (default) or the papers' ridge."""
+
+    LEDOIT_WOLF = "ledoit_wolf"
+    RIDGE = "ridge"
+
+
+@dataclass(frozen=True)
+class MoleFlowConfig:
+    """Every size and constant of the model, the loss and the trainer."""
+
+    backbone: str = BackboneName.EFFICIENTNET_LITE0.value
+    backbone_weights: str | None = None  # local weight file; None = the backbone's offline default
+    image_size: int = 224  # input size (224 in the papers)
+    embed_dim: int = 768  # D; capped at the backbone's channel count
+    num_mole_blocks: int = 6  # M
+    num_dia_blocks: int = 2  # N
+    lora_rank: int = 64  # r
+    lora_alpha: float = 64.0  # alpha (= r)
+    hidden_ratio: float = 1.0  # subnet hidden width = hidden_ratio * D
+    clamp: float = 1.9  # soft clamp c
+    scale_context_kernel: int = 5  # scale-context depthwise kernel
+    top_k: int = 3  # K for the image score
+    map_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels
+    # loss
+    lambda_tail: float = 0.7  # tail-aware loss weight
+    tail_fraction: float = 0.02  # top k% patches per image
+    lambda_logdet: float = 1e-4  # log-det regularisation weight (0 switches it off)
+    # optimiser
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    dia_lr_factor: float = 0.5  # DIA parameters at half the learning rate
+    batch_size: int = 16
+    epochs: int = 60
+    seed: int = 0
+    # router
+    router_pooling: str = RouterPooling.STRIDE16.value
+    router_covariance: str = Covariance.LEDOIT_WOLF.value
+    router_ridge: float = 1e-5  # lambda_reg of the papers' ridge option
+    router_limit_quantile: float = 0.99  # unknown-product limit: this quantile of
+    router_limit_margin: float = 2.0  # leave-one-out training distances, times this margin
+
+    def __post_init__(self) -> None:
+        BackboneName(self.backbone)
+        RouterPooling(self.router_pooling)
+        Covariance(self.router_covariance)
+        if self.image_size % 16 or self.image_size < 32:
+            raise ValueError(f"image_size must be a multiple of 16 and >= 32, got {self.image_size}")
+        for name in ("embed_dim", "num_mole_blocks", "lora_rank", "top_k", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config field {name} must be >= 1, got {getattr(self, name)}")
+        if self.embed_dim % 2:
+            raise ValueError(f"embed_dim must be even (coupling splits it in halves), got {self.embed_dim}")
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the patch grid (stride 16)."""
+        return self.image_size // 16
+
+    def with_overrides(self, **overrides: object) -> MoleFlowConfig:
+        """A copy with the given fields replaced (None values are ignored)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_json(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: Path) -> MoleFlowConfig:
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown config fields {unknown}")
+        return cls(**data)

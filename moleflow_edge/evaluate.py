@@ -1,0 +1,97 @@
+"""Evaluation as deployed: the router picks each test image's adapters, nobody names the product.
+
+Forgetting needs no stored history: the model is strictly additive, so "right after learning
+task t" is the same model with a router restricted to tasks 0..t. Comparing that with the
+router over every task measures forgetting exactly, routing confusion included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moleflow_edge.anomaly_map import anomaly_map
+from moleflow_edge.data.mvtec import Split, load_split
+from moleflow_edge.features import extract_features
+from moleflow_edge.metrics import auroc, average_precision
+from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model_store import ModelStore
+from moleflow_edge.router import RouterTable
+
+METRICS = ("image_auroc", "pixel_auroc", "pixel_ap")
+
+
+@dataclass(frozen=True)
+class TaskMetrics:
+    image_auroc: float
+    pixel_auroc: float
+    pixel_ap: float
+    routing_accuracy: float
+
+
+@torch.no_grad()
+def score_with_tasks(
+    model: MoleFlow, concat: torch.Tensor, assigned: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patch scores (N,H,W) and image scores (N,) with each image under its assigned task's adapters."""
+    patch = np.zeros((len(assigned), *concat.shape[2:]), dtype=np.float32)
+    for task in sorted(set(assigned)):
+        idx = [i for i, t in enumerate(assigned) if t == task]
+        patch[idx] = model.patch_nll(model.embed(concat[idx]), task).numpy()
+    image = model.image_score(torch.from_numpy(patch)).numpy()
+    return patch, image
+
+
+def split_metrics(model: MoleFlow, split: Split, patch: np.ndarray, image: np.ndarray) -> tuple[float, float, float]:
+    """Image AUROC, pixel AUROC and pixel AP of one test split."""
+    cfg = model.config
+    maps = np.stack([anomaly_map(p, cfg.image_size, cfg.map_sigma) for p in patch])
+    return auroc(split.labels, image), auroc(split.masks, maps), average_precision(split.masks, maps)
+
+
+def evaluate(
+    data_root: str | Path, model_dir: str | Path, tasks: list[str] | None = None, oracle: bool = False
+) -> dict[str, dict]:
+    """Per-task and mean metrics plus the forgetting measure, in the eval --json shape."""
+    store = ModelStore(model_dir)
+    model, prototypes = store.load()
+    order = model.tasks
+    wanted = order if tasks is None else tasks
+    unknown = [t for t in wanted if t not in order]
+    if unknown:
+        raise ValueError(f"tasks {unknown} are not trained in {model_dir} (trained: {order})")
+    table = RouterTable(order, [prototypes[t] for t in order])
+
+    results: dict[str, TaskMetrics] = {}
+    forgetting: dict[str, list[float]] = {m: [] for m in METRICS}
+    for task in wanted:
+        split = load_split(data_root, task, "test", model.config.image_size)
+        features = extract_features(model, split.images)
+        distances = table.distances(features.routing)
+        routed = [order[i] for i in np.argmin(distances, axis=1)]
+        assigned = [task] * len(routed) if oracle else routed
+        final = split_metrics(model, split, *score_with_tasks(model, features.concat, assigned))
+        results[task] = TaskMetrics(*final, float(np.mean([r == task for r in routed])))
+        position = order.index(task)
+        if position < len(order) - 1:  # an earlier task: compare with the model right after it was learned
+            then_routed = [order[i] for i in np.argmin(distances[:, : position + 1], axis=1)]
+            then_assigned = [task] * len(routed) if oracle else then_routed
+            then = (  # the same assignment scores bit-identically: no need to run it again
+                final
+                if then_assigned == assigned
+                else split_metrics(model, split, *score_with_tasks(model, features.concat, then_assigned))
+            )
+            for name, before, after in zip(METRICS, then, final):
+                forgetting[name].append(before - after)
+
+    per_task = {t: asdict(m) for t, m in results.items()}
+    mean = {k: float(np.mean([m[k] for m in per_task.values()])) for k in asdict(next(iter(results.values())))}
+    return {
+        "tasks": per_task,
+        "mean": mean,
+        "forgetting": {k: float(np.mean(v)) if v else 0.0 for k, v in forgetting.items()},
+        "mode": {"routing": "oracle" if oracle else "routed", "trained_tasks": order},
+    }

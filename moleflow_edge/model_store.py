@@ -1,0 +1,146 @@
+"""The model directory: config, shared weights, one file per task, and the task list.
+
+    MODEL/config.json             MoleFlowConfig (all sizes)
+    MODEL/shared.safetensors      shared weights, written once after task 0
+    MODEL/tasks/<task>.safetensors  one task's adapters + router prototype
+    MODEL/tasks.json              {"tasks": [...]} in training order
+
+Every file is written to a temporary name and renamed into place, and the task list is
+written last: a crash at any point leaves the tasks listed before it loadable and unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from moleflow_edge.backbones import build_backbone
+from moleflow_edge.config import MoleFlowConfig
+from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.router import Prototype
+
+CONFIG_FILE = "config.json"
+SHARED_FILE = "shared.safetensors"
+TASK_LIST_FILE = "tasks.json"
+TASK_DIR = "tasks"
+ROUTER_PREFIX = "router."
+
+
+class ModelDirError(ValueError):
+    """A model directory that is missing, incomplete or inconsistent."""
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+class ModelStore:
+    """Reads and writes one model directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def task_file(self, task: str) -> Path:
+        return self.root / TASK_DIR / f"{task}.safetensors"
+
+    def tasks(self) -> list[str]:
+        """Trained tasks in order; [] for a new or never-completed directory."""
+        path = self.root / TASK_LIST_FILE
+        if not path.is_file():
+            return []
+        try:
+            return list(json.loads(path.read_text())["tasks"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelDirError(f"{path} is not a valid task list: {exc}") from exc
+
+    def config(self) -> MoleFlowConfig:
+        path = self.root / CONFIG_FILE
+        if not path.is_file():
+            raise ModelDirError(f"{path} is missing: {self.root} is not a trained model directory")
+        return MoleFlowConfig.from_json(path)
+
+    def load(self, tasks: list[str] | None = None, random_backbone: bool = False) -> tuple[MoleFlow, dict[str, Prototype]]:
+        """Rebuild the model with the listed tasks (all trained tasks by default) and their prototypes."""
+        trained = self.tasks()
+        if not trained:
+            raise ModelDirError(f"{self.root} holds no trained task (no {TASK_LIST_FILE}); train one first")
+        wanted = trained if tasks is None else tasks
+        unknown = [t for t in wanted if t not in trained]
+        if unknown:
+            raise ModelDirError(f"tasks {unknown} are not in {self.root} (trained: {trained})")
+        config = self.config()
+        model = MoleFlow(config, build_backbone(config.backbone, config.image_size, config.backbone_weights, random_backbone))
+        state = self._read(self.root / SHARED_FILE)
+        prototypes = {}
+        for task in trained:  # every task in order, so that later tasks start from the same task-0 values
+            model.add_task(task)
+            task_state = self._read(self.task_file(task))
+            prototypes[task] = _prototype_from(task_state, self.task_file(task))
+            state.update({k: v for k, v in task_state.items() if not k.startswith(ROUTER_PREFIX)})
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("backbone.")]
+        if missing or unexpected:
+            raise ModelDirError(f"{self.root}: weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        for task in trained:
+            if task not in wanted:
+                del model.per_task[task]
+                for layer in model.lora_layers():
+                    del layer.per_task[task]
+        model.eval()
+        return model, {t: prototypes[t] for t in wanted}
+
+    def save_task(self, model: MoleFlow, task: str, prototype: Prototype) -> None:
+        """Add a trained task: config and shared weights with the first task, the task file, then the list."""
+        tasks = self.tasks()
+        if task in tasks:
+            raise ModelDirError(f"task {task!r} is already in {self.root}")
+        if not tasks:
+            write_atomic(self.root / CONFIG_FILE, model.config.to_json)
+            shared = {k: v.contiguous() for k, v in model.shared_state_dict().items()}
+            write_atomic(self.root / SHARED_FILE, lambda tmp: save_file(shared, str(tmp)))
+        state = {k: v.contiguous() for k, v in model.task_state_dict(task).items()}
+        state[ROUTER_PREFIX + "mean"] = torch.from_numpy(prototype.mean)
+        state[ROUTER_PREFIX + "whitener"] = torch.from_numpy(prototype.whitener)
+        state[ROUTER_PREFIX + "limit"] = torch.tensor(prototype.limit, dtype=torch.float64)
+        write_atomic(self.task_file(task), lambda tmp: save_file(state, str(tmp)))
+        write_text_atomic(self.root / TASK_LIST_FILE, json.dumps({"tasks": [*tasks, task]}, indent=2) + "\n")
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, torch.Tensor]:
+        if not path.is_file():
+            raise ModelDirError(f"{path} is missing; the model directory is incomplete")
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise ModelDirError(f"{path} is damaged: {exc}") from exc
+
+
+def _prototype_from(state: dict[str, torch.Tensor], path: Path) -> Prototype:
+    try:
+        return Prototype(
+            mean=state[ROUTER_PREFIX + "mean"].numpy().astype(np.float32),
+            whitener=state[ROUTER_PREFIX + "whitener"].numpy().astype(np.float32),
+            limit=float(state[ROUTER_PREFIX + "limit"]),
+        )
+    except KeyError as exc:
+        raise ModelDirError(f"{path} has no router prototype ({exc})") from exc
