@@ -1,0 +1,1 @@
+"""Export: merge base + LoRA per task, write ONNX graphs, TensorRT engines and the manifest."""
