@@ -1,0 +1,144 @@
+"""The moleflow-edge command line: synth, train, eval, export, calibrate, run, bench, demo.
+
+Heavy imports (torch, onnx) happen inside the commands that need them, so ``run`` starts
+fast on a line PC that has only the runtime installed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from moleflow_edge.config import BackboneName, MoleFlowConfig
+
+app = typer.Typer(
+    help="Train, export and run MoLE-Flow continual anomaly detection on the factory floor.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str) -> None:
+    """Print a clear one-line error and exit non-zero (no traceback for user mistakes)."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(..., help="Dataset root to write (MVTec AD layout)."),
+    categories: Optional[str] = typer.Option(None, help="Comma-separated categories (default: all)."),
+    seed: int = typer.Option(0, help="Random seed: the same seed writes the same bytes."),
+    image_size: int = typer.Option(128, help="Side of the square images in pixels."),
+    n_train: int = typer.Option(40, help="Normal training images per category."),
+    n_test_good: int = typer.Option(10, help="Normal test images per category."),
+    n_test_defect: int = typer.Option(4, help="Test images per defect kind per category."),
+) -> None:
+    """Write a synthetic dataset with exact defect masks, for tests and the demo."""
+    from moleflow_edge.data.synth import generate
+
+    try:
+        written = generate(out, categories.split(",") if categories else None, seed, image_size, n_train, n_test_good, n_test_defect)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {', '.join(written)} to {out}")
+
+
+def _config(config_file: Optional[Path], backbone: Optional[BackboneName], image_size: Optional[int]) -> MoleFlowConfig | None:
+    if config_file is None and backbone is None and image_size is None:
+        return None
+    base = MoleFlowConfig.from_json(config_file) if config_file else MoleFlowConfig()
+    return base.with_overrides(backbone=backbone.value if backbone else None, image_size=image_size)
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., help="Dataset root in MVTec AD layout."),
+    task: str = typer.Option(..., help="Category to learn as the next task (folder name under --data)."),
+    model: Path = typer.Option(..., help="Model directory; created on the first task, extended afterwards."),
+    config: Optional[Path] = typer.Option(None, help="Config JSON (first task only; later tasks reuse the model's)."),
+    backbone: Optional[BackboneName] = typer.Option(None, help="Backbone (first task only)."),
+    image_size: Optional[int] = typer.Option(None, help="Input size, a multiple of 16 (first task only)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs for this task (default: the config's)."),
+) -> None:
+    """Learn one product as a new task without touching earlier tasks."""
+    from moleflow_edge.train import train_task
+
+    try:
+        report = train_task(data, task, model, _config(config, backbone, image_size), epochs)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    typer.echo(
+        f"trained {report.task}: {report.images} images, {report.epochs} epochs, "
+        f"{report.seconds_per_epoch:.2f} s/epoch, features {report.feature_seconds:.1f} s, final loss {report.final_loss:.4f}"
+    )
+
+
+@app.command("eval")
+def eval_command(
+    data: Path = typer.Option(..., help="Dataset root in MVTec AD layout."),
+    model: Path = typer.Option(..., help="Trained model directory."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks to evaluate (default: all)."),
+    oracle: bool = typer.Option(False, help="Give each image its true task instead of routing it."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+) -> None:
+    """Image AUROC, pixel AUROC, pixel AP, routing accuracy and forgetting, task by task."""
+    from moleflow_edge.evaluate import evaluate
+
+    try:
+        results = evaluate(data, model, tasks.split(",") if tasks else None, oracle)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    typer.echo(format_eval_table(results))
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def format_eval_table(results: dict) -> str:
+    """A plain table of the eval results, one row per task plus the mean and forgetting."""
+    names = ["image_auroc", "pixel_auroc", "pixel_ap", "routing_accuracy"]
+    lines = [f"{'task':<16}" + "".join(f"{n:>18}" for n in names)]
+    for task, metrics in [*results["tasks"].items(), ("mean", results["mean"])]:
+        lines.append(f"{task:<16}" + "".join(f"{metrics[n]:>18.4f}" for n in names))
+    lines.append(f"{'forgetting':<16}" + "".join(f"{results['forgetting'].get(n, 0.0):>18.4f}" for n in names[:3]))
+    return "\n".join(lines)
+
+
+# the demo trades the papers' sizes for minutes on a laptop CPU; every size is a config field
+DEMO_CONFIG = MoleFlowConfig(image_size=160, num_mole_blocks=4, num_dia_blocks=2, lora_rank=16, lora_alpha=16, batch_size=8)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), help="Folder for the synthetic data, model and export."),
+    epochs: int = typer.Option(20, help="Epochs per task."),
+) -> None:
+    """Synthetic data -> train 3 tasks one after another -> eval (-> export -> calibrate -> bench)."""
+    from moleflow_edge.data.synth import generate
+    from moleflow_edge.evaluate import evaluate
+    from moleflow_edge.model_store import ModelStore
+    from moleflow_edge.train import train_task
+
+    data, model = out / "data", out / "model"
+    tasks = ["weave", "screw", "cap"]
+    if ModelStore(model).tasks():
+        fail(f"{model} already holds a model; remove {out} or pass another --out")
+    generate(data, [*tasks, "tiles"], seed=0, image_size=DEMO_CONFIG.image_size)
+    for task in tasks:
+        report = train_task(data, task, model, DEMO_CONFIG, epochs)
+        typer.echo(f"trained {task}: {report.seconds_per_epoch:.2f} s/epoch")
+    results = evaluate(data, model)
+    typer.echo(format_eval_table(results))
+    (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

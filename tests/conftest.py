@@ -1,0 +1,24 @@
+"""Shared fixtures: one small synthetic dataset and a tiny config, reused across test files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moleflow_edge.config import MoleFlowConfig
+from moleflow_edge.data.synth import generate
+
+SYNTH_CATEGORIES = ["weave", "tiles", "screw", "cap"]
+# small enough for CI on two CPU cores, big enough to separate the synthetic defects
+TINY_CONFIG = MoleFlowConfig(
+    image_size=128, embed_dim=64, num_mole_blocks=2, num_dia_blocks=1, lora_rank=8, lora_alpha=8.0,
+    epochs=12, batch_size=8,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, SYNTH_CATEGORIES, seed=0, image_size=128, n_train=30, n_test_good=8, n_test_defect=3)
+    return root
