@@ -1,0 +1,164 @@
+"""Backends: the one list of inference engines, what each must do, and which one "auto" picks.
+
+A backend runs three kinds of graph from an export: the shared backbone (once per frame),
+the router (GPU backends; CPU backends route in numpy) and one flow per task. Features
+come back from ``backbone`` as an opaque FeatureBatch, so that a GPU backend keeps the
+embedding on the device until a task's flow consumes it; only scores and distances
+return to the host.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from moleflow_edge.export.manifest import ArtifactFile, Manifest, ManifestError, Precision, TaskEntry, file_sha256
+
+
+class Backend(str, Enum):
+    """Inference engines the runtime can drive; AUTO picks the best one installed."""
+
+    AUTO = "auto"
+    ONNXRUNTIME = "onnxruntime"  # TensorRT EP > CUDA EP > CPU EP, whichever onnxruntime build is installed
+    OPENVINO = "openvino"  # CPU line PCs (pip install openvino)
+    TENSORRT = "tensorrt"  # native TensorRT 10 engines via cuda-python (built by export --format engine)
+
+
+class BackendError(RuntimeError):
+    """A backend that is not installed, cannot run this export, or failed to run."""
+
+
+@dataclass
+class FeatureBatch:
+    """Backbone output for one batch. ``routing`` is the (B,C) host feature when routing is done in
+    numpy; ``embedding`` is a host array (B,D,H,W) or a backend-owned device handle."""
+
+    size: int
+    embedding: object
+    routing: np.ndarray | None = None
+    device_routing: object = None
+
+
+class FlowEngine(ABC):
+    """One task's flow, loaded and ready: embedding rows -> patch scores (n,H,W), image scores (n,)."""
+
+    task: str
+    estimated_bytes: int  # what it holds in memory (weights and buffers), for the resident budget
+
+    @abstractmethod
+    def run(self, features: FeatureBatch, rows: list[int]) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def close(self) -> None:
+        """Release what the engine holds; the cache calls it when the engine leaves."""
+
+
+class GraphBackend(ABC):
+    """What the Runtime needs from a backend. Not thread-safe: one backend per camera thread."""
+
+    kind: Backend
+    root: Path
+    precision: Precision
+    device: str = "cpu"  # "cpu" or "cuda:<id>"
+    routes_on_device: bool = False  # True: distances() runs router graph/engine; False: numpy RouterTable
+    max_batch: int | None = None  # engines built for a fixed maximum batch; None = any
+
+    @abstractmethod
+    def backbone(self, images: np.ndarray) -> FeatureBatch:
+        """(B,S,S,3) uint8 BGR, contiguous -> features of the batch."""
+
+    def distances(self, features: FeatureBatch) -> np.ndarray:
+        """(B,T) squared Mahalanobis distances on the device; only for routes_on_device backends."""
+        raise BackendError(f"{self.kind.value} routes on the host")
+
+    @abstractmethod
+    def load_flow(self, entry: TaskEntry) -> FlowEngine: ...
+
+    def estimate_bytes(self, entry: TaskEntry) -> int:
+        """Memory a task's engine will take, guessed before loading it (its weights' size by default)."""
+        artifact = entry.graphs.get(self.precision.value)
+        return 0 if artifact is None else artifact_bytes(self.root, artifact)
+
+    def describe(self) -> str:
+        return f"{self.kind.value} on {self.device}"
+
+    def close(self) -> None:
+        """Release sessions and device memory."""
+
+
+# --- what is installed -----------------------------------------------------------------------------
+def module_available(name: str) -> bool:
+    """True when ``name`` can be imported, without importing it (and so without its import cost)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def onnxruntime_gpu_providers() -> list[str]:
+    """GPU execution providers this onnxruntime build offers (the CPU wheel offers none)."""
+    import onnxruntime as ort
+
+    return [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in ort.get_available_providers()]
+
+
+def available_backends() -> list[Backend]:
+    """Backends that could be created on this machine, best first (TensorRT engines also need a
+    CUDA device and engines in the export; create_backend checks those)."""
+    found = []
+    if module_available("tensorrt") and (module_available("cuda.bindings") or module_available("cuda.cudart")):
+        found.append(Backend.TENSORRT)
+    found.append(Backend.ONNXRUNTIME)
+    if module_available("openvino"):
+        found.append(Backend.OPENVINO)
+    return found
+
+
+def require(module: str, backend: Backend, install: str) -> None:
+    """Optional dependencies are checked where used, with what to install."""
+    if not module_available(module):
+        raise BackendError(f"backend {backend.value!r} needs the package {module!r}: pip install {install}")
+
+
+# --- artifacts -------------------------------------------------------------------------------------
+def read_verified(root: Path, artifact: ArtifactFile) -> Path:
+    """Path of an artifact after re-checking its sha256: a lazily loaded task is checked again when
+    it loads, so a file replaced while the runtime runs is refused, not silently used."""
+    for name, expected in artifact.paths():
+        path = root / name
+        if not path.is_file():
+            raise ManifestError(f"{path} is listed in the manifest but missing")
+        if file_sha256(path) != expected:
+            raise ManifestError(
+                f"{path} changed after the export was loaded (sha256 differs from the manifest): "
+                "re-export it and reload the runtime"
+            )
+    return root / artifact.file
+
+
+def graph_for(entry: TaskEntry, precision: Precision) -> ArtifactFile:
+    try:
+        return entry.graphs[precision.value]
+    except KeyError:
+        raise ManifestError(
+            f"task {entry.name!r} has no {precision.value} flow graph (has {sorted(entry.graphs)}): "
+            f"export it with --precision {precision.value}"
+        ) from None
+
+
+def backbone_graph(manifest: Manifest, precision: Precision) -> ArtifactFile:
+    try:
+        return manifest.backbone_graphs[precision.value]
+    except KeyError:
+        raise ManifestError(
+            f"the export has no {precision.value} backbone graph (has {sorted(manifest.backbone_graphs)}): "
+            f"export with --precision {precision.value}"
+        ) from None
+
+
+def artifact_bytes(root: Path, artifact: ArtifactFile) -> int:
+    return sum((root / name).stat().st_size for name, _ in artifact.paths() if (root / name).is_file())

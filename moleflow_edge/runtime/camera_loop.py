@@ -1,0 +1,407 @@
+"""`moleflow-edge run`: a folder, an image, a video or a camera through the runtime, one JSON line per frame.
+
+stdout gets one JSON object per frame (source, task, score, decision, latency per stage in
+ms), or {"error": ...} for a frame that could not be read or processed, and a last line
+{"summary": {...}}; stderr gets the same summary for people. A camera that stops
+delivering frames is reopened a few times, then the loop exits non-zero; Ctrl-C ends it
+with the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import cv2
+import numpy as np
+
+from moleflow_edge.export.manifest import ManifestError
+from moleflow_edge.preprocess import FrameError, read_image_bgr
+from moleflow_edge.router import UNKNOWN
+from moleflow_edge.runtime.backend import BackendError
+from moleflow_edge.runtime.result import STAGES, FrameResult
+from moleflow_edge.runtime.runtime import Runtime
+
+EXIT_OK = 0
+EXIT_LOAD_ERROR = 1  # the export cannot be loaded (missing, tampered, no backend)
+EXIT_SOURCE_ERROR = 2  # the source cannot be opened or holds no image
+EXIT_CAMERA_LOST = 3  # a camera stopped delivering frames and did not come back
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), after the summary
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pbm", ".pgm", ".ppm", ".jp2"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm"})
+CAMERA = re.compile(r"camera:(\d+)")
+WINDOW = "moleflow-edge"
+
+
+class SourceError(RuntimeError):
+    """The source cannot be opened or read at all."""
+
+
+class CameraLost(SourceError):
+    """A camera stopped delivering frames and reopening it did not help."""
+
+
+@dataclass
+class SourceFrame:
+    """One frame from a source, or why it could not be read."""
+
+    index: int
+    name: str
+    frame: np.ndarray | None
+    error: str | None = None
+    read_ms: float = 0.0
+    stem: str = "frame"  # overlay file name: the image's stem, or "frame" for video and camera frames
+
+
+def open_capture(source: int | str) -> cv2.VideoCapture:
+    """A cv2.VideoCapture for a camera index or a video file (tests replace this)."""
+    return cv2.VideoCapture(source)
+
+
+def iter_source(source: str, camera_retries: int = 5, retry_delay_s: float = 0.5) -> Iterator[SourceFrame]:
+    """Frames of a folder (images, recursively, sorted), an image file, a video file or camera:N."""
+    match = CAMERA.fullmatch(source.strip())
+    if match:
+        yield from _camera_frames(int(match.group(1)), camera_retries, retry_delay_s)
+        return
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise SourceError(f"{path} holds no image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for index, file in enumerate(files):
+            yield _read_file(index, file)
+    elif path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+        yield from _video_frames(path)
+    elif path.is_file():
+        yield _read_file(0, path)
+    else:
+        raise SourceError(f"source {source!r} is not a folder, an image file, a video file or camera:N")
+
+
+def _read_file(index: int, path: Path) -> SourceFrame:
+    started = time.perf_counter()
+    try:
+        frame = read_image_bgr(path)
+        return SourceFrame(index, str(path), frame, read_ms=(time.perf_counter() - started) * 1e3, stem=path.stem)
+    except FrameError as exc:
+        return SourceFrame(index, str(path), None, error=str(exc), stem=path.stem)
+
+
+def _video_frames(path: Path) -> Iterator[SourceFrame]:
+    capture = open_capture(str(path))
+    if not capture.isOpened():
+        raise SourceError(f"cannot open video file {path} (corrupt, or a codec OpenCV lacks)")
+    try:
+        index = 0
+        while True:
+            started = time.perf_counter()
+            ok, frame = capture.read()
+            if not ok:
+                return  # end of the file
+            yield SourceFrame(index, f"{path}#{index}", frame, read_ms=(time.perf_counter() - started) * 1e3)
+            index += 1
+    finally:
+        capture.release()
+
+
+def _camera_frames(camera: int, retries: int, delay_s: float) -> Iterator[SourceFrame]:
+    capture = open_capture(camera)
+    if not capture.isOpened():
+        raise SourceError(f"cannot open camera {camera}: check the cable and that no other program holds it")
+    index, failures = 0, 0
+    try:
+        while True:
+            started = time.perf_counter()
+            ok, frame = capture.read()
+            if ok and frame is not None:
+                failures = 0
+                yield SourceFrame(
+                    index, f"camera:{camera}#{index}", frame, read_ms=(time.perf_counter() - started) * 1e3
+                )
+                index += 1
+                continue
+            failures += 1
+            if failures > retries:
+                raise CameraLost(
+                    f"camera {camera} stopped delivering frames after frame {index}: "
+                    f"reopened it {retries} times over {retries * delay_s:.1f} s without a frame"
+                )
+            time.sleep(delay_s)
+            capture.release()
+            capture = open_capture(camera)  # a camera that dropped off the bus needs reopening
+    finally:
+        capture.release()
+
+
+# --- overlays ------------------------------------------------------------------------------------
+def render_overlay(frame: np.ndarray, result: FrameResult, alpha: float = 0.45) -> np.ndarray:
+    """The frame with its anomaly heat map blended in and task, score and decision written on it.
+
+    The colour scale runs from the map's minimum to max(map maximum, threshold), so that a
+    normal frame of a calibrated task stays cool and a defect turns hot.
+    """
+    image = frame.copy()
+    if result.anomaly_map is not None:
+        heat = result.anomaly_map
+        low = float(heat.min())
+        high = max(float(heat.max()), result.threshold if result.threshold is not None else -np.inf)
+        scaled = np.clip((heat - low) / max(high - low, 1e-6) * 255.0, 0, 255).astype(np.uint8)
+        colour = cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
+        image = cv2.addWeighted(colour, alpha, image, 1.0 - alpha, 0.0)
+    if result.error is not None:
+        text, colour_bgr = "error", (0, 0, 255)
+    elif result.task == UNKNOWN:
+        text, colour_bgr = "unknown product", (0, 200, 255)
+    else:
+        verdict = {True: "ANOMALY", False: "ok", None: "uncalibrated"}[result.is_anomaly]
+        text = f"{result.task}  score {result.image_score:.2f}  {verdict}"
+        colour_bgr = (0, 0, 255) if result.is_anomaly else (0, 255, 0)
+    scale = max(0.4, min(image.shape[:2]) / 500.0)
+    origin = (8, int(24 * scale) + 6)
+    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, colour_bgr, 1, cv2.LINE_AA)
+    return image
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"cannot encode overlay {path}")
+    data.tofile(str(path))  # numpy writes the bytes: non-ASCII paths work everywhere
+
+
+class _Viewer:
+    """A cv2 window, switched off with one warning where there is no display or no GUI build."""
+
+    def __init__(self, err: TextIO) -> None:
+        self.err = err
+        self.enabled = True
+        self.used = False
+        if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            self._disable("no display (DISPLAY is not set)")
+
+    def _disable(self, why: str) -> None:
+        if self.enabled:
+            print(f"warning: --show ignored: {why}", file=self.err)
+        self.enabled = False
+
+    def show(self, image: np.ndarray) -> bool:
+        """Show a frame; False when the user pressed q or Esc."""
+        if not self.enabled:
+            return True
+        try:
+            cv2.imshow(WINDOW, image)
+            self.used = True
+            return (cv2.waitKey(1) & 0xFF) not in (ord("q"), 27)
+        except cv2.error as exc:  # opencv-python-headless has no window support
+            self._disable(f"OpenCV cannot open a window ({str(exc).strip().splitlines()[-1]})")
+            return True
+
+    def close(self) -> None:
+        if self.used:
+            try:
+                cv2.destroyAllWindows()
+            except cv2.error:
+                pass
+
+
+# --- the loop ------------------------------------------------------------------------------------
+@dataclass
+class LoopStats:
+    """Counts and latencies over a run, for the summary."""
+
+    frames: int = 0
+    errors: int = 0
+    unknown: int = 0
+    per_task: dict[str, dict[str, int]] = field(default_factory=dict)
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in (*STAGES, "total")})
+    started: float = field(default_factory=time.perf_counter)
+    interrupted: bool = False
+
+    def add(self, result: FrameResult) -> None:
+        self.frames += 1
+        if result.error is not None:
+            self.errors += 1
+            return
+        if result.task == UNKNOWN:
+            self.unknown += 1
+        else:
+            counts = self.per_task.setdefault(result.task, {"frames": 0, "anomalies": 0})  # type: ignore[arg-type]
+            counts["frames"] += 1
+            counts["anomalies"] += int(bool(result.is_anomaly))
+        for stage in STAGES:
+            self.latencies[stage].append(getattr(result.timings, stage))
+        self.latencies["total"].append(result.timings.total)
+
+    def add_error(self) -> None:
+        self.frames += 1
+        self.errors += 1
+
+    def summary(self, runtime: Runtime | None, exit_code: int) -> dict[str, object]:
+        wall = time.perf_counter() - self.started
+        processed = self.frames - self.errors
+
+        def percentiles(values: list[float]) -> dict[str, float] | None:
+            if not values:
+                return None
+            p50, p90, p99 = np.percentile(values, [50, 90, 99])
+            return {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3)}
+
+        return {
+            "frames": self.frames,
+            "processed": processed,
+            "errors": self.errors,
+            "unknown": self.unknown,
+            "anomalies": sum(c["anomalies"] for c in self.per_task.values()),
+            "tasks": self.per_task,
+            "latency_ms": {stage: percentiles(v) for stage, v in self.latencies.items()},
+            "wall_s": round(wall, 3),
+            "frames_per_s": round(processed / wall, 2) if wall > 0 else None,
+            "backend": None if runtime is None else runtime.description,
+            "engines": None if runtime is None else runtime.engine_stats.as_dict(),
+            "interrupted": self.interrupted,
+            "exit_code": exit_code,
+        }
+
+
+def _human_summary(summary: dict) -> str:
+    lines = [
+        f"moleflow-edge run: {summary['frames']} frames ({summary['processed']} processed, {summary['errors']} errors, "
+        f"{summary['unknown']} unknown product) in {summary['wall_s']} s, {summary['frames_per_s']} frames/s"
+        + (f" on {summary['backend']}" if summary["backend"] else "")
+    ]
+    for task, counts in sorted(summary["tasks"].items()):
+        lines.append(f"  {task}: {counts['frames']} frames, {counts['anomalies']} anomalous")
+    total = summary["latency_ms"]["total"]
+    if total:
+        stages = ", ".join(
+            f"{s} {summary['latency_ms'][s]['p50']:.2f}" for s in STAGES if summary["latency_ms"][s] is not None
+        )
+        lines.append(f"  latency ms: p50 {total['p50']:.2f}  p90 {total['p90']:.2f}  p99 {total['p99']:.2f}")
+        lines.append(f"  p50 per stage (ms): {stages}")
+    if summary["interrupted"]:
+        lines.append("  interrupted (Ctrl-C)")
+    return "\n".join(lines)
+
+
+def run_source(
+    export_dir: str | Path,
+    source: str,
+    backend: str = "auto",
+    save_dir: str | Path | None = None,
+    show: bool = False,
+    out: TextIO | None = None,
+    *,
+    precision: str = "fp32",
+    batch_size: int = 1,
+    max_frames: int | None = None,
+    camera_retries: int = 5,
+    retry_delay_s: float = 0.5,
+    err: TextIO | None = None,
+    runtime: Runtime | None = None,
+) -> int:
+    """Run every frame of ``source`` (folder, image, video, camera:N) and return the exit code.
+
+    One JSON line per frame to ``out`` (stdout), overlays to ``save_dir`` when given, a cv2
+    window with ``show``; a final {"summary": ...} line, also written for people to ``err``.
+    Exit codes: 0 done, 1 export not loadable, 2 source not readable, 3 camera lost, 130 Ctrl-C.
+    ``runtime`` reuses a loaded Runtime (then export_dir, backend and precision are not used).
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    stats = LoopStats()
+    code = EXIT_OK
+    owned = runtime is None
+    try:
+        if runtime is None:
+            runtime = Runtime.load(export_dir, backend=backend, precision=precision)
+    except (ManifestError, BackendError, ValueError, OSError) as exc:
+        print(f"error: cannot load the export {export_dir}: {exc}", file=err)
+        summary = stats.summary(None, EXIT_LOAD_ERROR)
+        print(json.dumps({"summary": summary}), file=out, flush=True)
+        return EXIT_LOAD_ERROR
+
+    save = Path(save_dir) if save_dir is not None else None
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+    viewer = _Viewer(err) if show else None
+
+    def emit(line: dict) -> None:
+        out.write(json.dumps(line) + "\n")
+        out.flush()
+
+    def process(batch: list[SourceFrame]) -> bool:
+        """Run a batch; False when the viewer asked to stop."""
+        keep_going = True
+        results = runtime.infer([item.frame for item in batch])  # type: ignore[union-attr]
+        for item, result in zip(batch, results):
+            stats.add(result)
+            line: dict[str, object] = {"frame": item.index, "source": item.name}
+            if result.error is not None:
+                emit({**line, "error": result.error})
+                continue
+            fields = result.summary()
+            fields.pop("index")
+            line |= fields
+            line["read_ms"] = round(item.read_ms, 3)
+            if save is not None or viewer is not None:
+                overlay = render_overlay(item.frame, result)  # type: ignore[arg-type]
+                if save is not None:
+                    target = save / f"{item.index:06d}_{_safe(item.stem)}.png"
+                    _write_png(target, overlay)
+                    line["overlay"] = str(target)
+                if viewer is not None:
+                    keep_going = viewer.show(overlay) and keep_going
+            emit(line)
+        return keep_going
+
+    try:
+        pending: list[SourceFrame] = []
+        for item in iter_source(source, camera_retries, retry_delay_s):
+            if max_frames is not None and stats.frames + len(pending) >= max_frames:
+                break
+            if item.error is not None:
+                stats.add_error()
+                emit({"frame": item.index, "source": item.name, "error": item.error})
+                continue
+            pending.append(item)
+            if len(pending) >= batch_size:
+                batch, pending = pending, []
+                if not process(batch):
+                    break
+        if pending:
+            process(pending)
+    except CameraLost as exc:
+        print(f"error: {exc}", file=err)
+        code = EXIT_CAMERA_LOST
+    except SourceError as exc:
+        print(f"error: {exc}", file=err)
+        code = EXIT_SOURCE_ERROR
+    except KeyboardInterrupt:
+        stats.interrupted = True
+        code = EXIT_INTERRUPTED
+    finally:
+        if viewer is not None:
+            viewer.close()
+
+    summary = stats.summary(runtime, code)
+    emit({"summary": summary})
+    print(_human_summary(summary), file=err)
+    if owned:
+        runtime.close()
+    return code
+
+
+def _safe(stem: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem) or "frame"

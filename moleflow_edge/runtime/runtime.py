@@ -1,0 +1,341 @@
+"""The lean runtime: exported graphs in, per-frame results out, no torch anywhere.
+
+Per batch: each frame is checked and resized once (preprocess.resize_frame), the backbone
+runs once for the whole batch, every frame gets its Mahalanobis distance to every task
+prototype in one pass, frames beyond every task's distance limit are UNKNOWN, and the rest
+are grouped by task so that each task's flow engine runs once per batch. Results come
+back in input order, each with its anomaly map at the frame's own resolution.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from moleflow_edge.anomaly_map import anomaly_map
+from moleflow_edge.export.manifest import Manifest, ManifestError, Precision, TaskEntry, load_manifest
+from moleflow_edge.preprocess import FrameError, resize_frame
+from moleflow_edge.router import UNKNOWN, Prototype, RouterTable
+from moleflow_edge.runtime.backend import (
+    Backend,
+    BackendError,
+    FeatureBatch,
+    GraphBackend,
+    available_backends,
+    onnxruntime_gpu_providers,
+)
+from moleflow_edge.runtime.engine_cache import EngineCache, EngineStats
+from moleflow_edge.runtime.result import FrameResult
+
+DEFAULT_MAX_RESIDENT_TASKS = 8
+# CPU backends in "auto" order. Measured on the same graphs (benchmarks/README.md, Runtime):
+# onnxruntime's CPU EP is faster than OpenVINO here, so OpenVINO is used only when asked for.
+AUTO_CPU_ORDER = (Backend.ONNXRUNTIME,)
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1e3
+
+
+def load_router_table(root: Path, manifest: Manifest) -> RouterTable:
+    """RouterTable from router.safetensors, in manifest task order, with each task's distance limit."""
+    if manifest.router_file is None:
+        raise ManifestError(f"{root} has no router prototypes (router_file missing from the manifest): re-export")
+    path = root / manifest.router_file.file
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ManifestError(f"{path} cannot be read as safetensors: {exc}") from exc
+    prototypes = []
+    for entry in manifest.tasks:
+        mean, whitener = tensors.get(f"{entry.name}.mean"), tensors.get(f"{entry.name}.whitener")
+        if mean is None or whitener is None:
+            raise ManifestError(f"{path} has no prototype for task {entry.name!r}: re-export the router")
+        c = manifest.routing_dim
+        if mean.shape != (c,) or whitener.shape != (c, c):
+            raise ManifestError(
+                f"{path}: task {entry.name!r} prototype has shapes {mean.shape}, {whitener.shape}; "
+                f"the manifest says routing_dim {c}"
+            )
+        prototypes.append(Prototype(mean.astype(np.float32), whitener.astype(np.float32), float(entry.distance_limit)))
+    return RouterTable(manifest.task_names, prototypes)
+
+
+def create_backend(
+    backend: Backend,
+    root: Path,
+    manifest: Manifest,
+    precision: Precision,
+    *,
+    threads: int | None = None,
+    device_id: int = 0,
+    providers: list[str] | None = None,
+    io_binding: bool | None = None,
+    trt_cache_dir: Path | None = None,
+) -> tuple[GraphBackend, list[str]]:
+    """The backend asked for, or under AUTO the best that works here; also why better ones were skipped."""
+    skipped: list[str] = []
+
+    def onnxruntime() -> GraphBackend:
+        from moleflow_edge.runtime.ort_backend import OrtBackend
+
+        cache = trt_cache_dir
+        if cache is None and "TensorrtExecutionProvider" in onnxruntime_gpu_providers():
+            cache = root / "engines" / "ort_trt_cache"
+        return OrtBackend(root, manifest, precision, providers, threads, device_id, io_binding, cache)
+
+    def openvino() -> GraphBackend:
+        from moleflow_edge.runtime.openvino_backend import OpenVinoBackend
+
+        return OpenVinoBackend(root, manifest, precision, threads=threads)
+
+    def tensorrt() -> GraphBackend:
+        from moleflow_edge.runtime.tensorrt_backend import TensorRtBackend
+
+        return TensorRtBackend(root, manifest, precision, device_id)
+
+    factories = {Backend.ONNXRUNTIME: onnxruntime, Backend.OPENVINO: openvino, Backend.TENSORRT: tensorrt}
+    if backend is not Backend.AUTO:
+        return factories[backend](), skipped
+    candidates: list[Backend] = []
+    if Backend.TENSORRT in available_backends():
+        candidates.append(Backend.TENSORRT)
+    if onnxruntime_gpu_providers():
+        candidates.append(Backend.ONNXRUNTIME)
+    candidates += [b for b in AUTO_CPU_ORDER if b in available_backends() and b not in candidates]
+    for kind in candidates:
+        try:
+            return factories[kind](), skipped
+        except (BackendError, ManifestError) as exc:
+            skipped.append(f"{kind.value}: {exc}")
+    raise BackendError("no backend can run this export here: " + "; ".join(skipped))
+
+
+def _frame_list(frames: object) -> list[object]:
+    """One frame, a list/tuple of frames, or a (B,H,W,3) array -> list of frames."""
+    if isinstance(frames, np.ndarray) and frames.ndim == 4:
+        return list(frames)
+    if isinstance(frames, (list, tuple)):
+        return list(frames)
+    return [frames]
+
+
+class Runtime:
+    """Exported MoLE-Flow graphs, ready for frames. Build with Runtime.load; not thread-safe."""
+
+    def __init__(
+        self, root: Path, manifest: Manifest, backend: GraphBackend, router: RouterTable, engines: EngineCache
+    ) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.router = router
+        self.engines = engines
+        self._backend = backend
+        self._entries = {entry.name: entry for entry in manifest.tasks}
+        self.skipped_backends: list[str] = []
+
+    @classmethod
+    def load(
+        cls,
+        export_dir: str | Path,
+        backend: Backend | str = Backend.AUTO,
+        precision: Precision | str = Precision.FP32,
+        max_resident_tasks: int | None = DEFAULT_MAX_RESIDENT_TASKS,
+        memory_budget_mb: float | None = None,
+        *,
+        threads: int | None = None,
+        device_id: int = 0,
+        providers: list[str] | None = None,
+        io_binding: bool | None = None,
+        preload: bool = False,
+    ) -> Runtime:
+        """Check the export (manifest, every file's sha256), pick the backend, load the backbone and router.
+
+        Task engines load lazily, on the first frame routed to them, and stay resident up to
+        ``max_resident_tasks`` engines and ``memory_budget_mb`` (least recently used leave first);
+        ``preload`` loads them now instead. ``providers`` and ``io_binding`` tune onnxruntime:
+        io_binding keeps features in bound device buffers (default: on with a GPU provider).
+        """
+        root = Path(export_dir)
+        kind = _enum(Backend, backend, "backend")
+        prec = _enum(Precision, precision, "precision")
+        manifest = load_manifest(root, verify=True)
+        if not manifest.tasks:
+            raise ManifestError(f"{root} holds no task: export at least one with moleflow-edge export")
+        if kind is not Backend.TENSORRT:
+            for entry in manifest.tasks:
+                if prec.value not in entry.graphs:
+                    raise ManifestError(
+                        f"task {entry.name!r} in {root} has no {prec.value} flow graph (has {sorted(entry.graphs)}): "
+                        f"export it with --precision {prec.value}"
+                    )
+        router = load_router_table(root, manifest)
+        graphs, skipped = create_backend(
+            kind, root, manifest, prec, threads=threads, device_id=device_id, providers=providers, io_binding=io_binding
+        )
+        budget = None if memory_budget_mb is None else int(memory_budget_mb * 2**20)
+        engines = EngineCache(
+            lambda task: graphs.load_flow(manifest.task(task)),
+            max_resident_tasks,
+            budget,
+            estimate=lambda task: graphs.estimate_bytes(manifest.task(task)),
+        )
+        runtime = cls(root, manifest, graphs, router, engines)
+        runtime.skipped_backends = skipped
+        if preload:
+            for task in manifest.task_names[: max_resident_tasks or None]:
+                engines.get(task)
+        return runtime
+
+    # --- what was loaded ---------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return self.manifest.task_names
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend.kind
+
+    @property
+    def device(self) -> str:
+        return self._backend.device
+
+    @property
+    def description(self) -> str:
+        return self._backend.describe()
+
+    @property
+    def image_size(self) -> int:
+        return self.manifest.image_size
+
+    @property
+    def engine_stats(self) -> EngineStats:
+        return self.engines.stats
+
+    @property
+    def resident_tasks(self) -> list[str]:
+        return self.engines.resident
+
+    def task_entry(self, task: str) -> TaskEntry:
+        return self._entries[task]
+
+    # --- inference ---------------------------------------------------------------------------------
+    def infer(self, frames: object, *, with_maps: bool = True) -> list[FrameResult]:
+        """BGR uint8 HxWx3 frame(s) of any size -> one FrameResult per frame, in input order.
+
+        ``frames``: one array, a list of arrays, or a (B,H,W,3) array. A bad frame gets a result
+        with ``error`` set and the others go on. ``with_maps=False`` skips the anomaly maps.
+        """
+        items = _frame_list(frames)
+        results = [FrameResult(index=i) for i in range(len(items))]
+        rows: list[int] = []
+        resized: list[np.ndarray] = []
+        for i, frame in enumerate(items):
+            started = time.perf_counter()
+            try:
+                resized.append(resize_frame(frame, self.manifest.image_size))  # type: ignore[arg-type]
+                rows.append(i)
+                results[i].frame_shape = tuple(frame.shape)  # type: ignore[attr-defined]
+            except FrameError as exc:
+                results[i].error = str(exc)
+            results[i].timings.preprocess = _ms(started)
+        step = self._backend.max_batch or len(rows) or 1
+        for start in range(0, len(rows), step):
+            self._infer_batch(
+                [results[i] for i in rows[start : start + step]], resized[start : start + step], with_maps
+            )
+        return results
+
+    def infer_one(self, frame: object, *, with_maps: bool = True) -> FrameResult:
+        return self.infer([frame], with_maps=with_maps)[0]
+
+    def _infer_batch(self, results: list[FrameResult], resized: list[np.ndarray], with_maps: bool) -> None:
+        images = resized[0][None] if len(resized) == 1 else np.stack(resized)
+        started = time.perf_counter()
+        features = self._backend.backbone(images)
+        backbone_ms = _ms(started)
+
+        started = time.perf_counter()
+        distances = self._distances(features)
+        routed = self.router.route(distances)
+        routing_ms = _ms(started)
+
+        groups: dict[str, list[int]] = {}
+        for k, (result, task) in enumerate(zip(results, routed)):
+            result.task = task
+            result.distances = dict(zip(self.router.tasks, distances[k].tolist()))
+            result.timings.backbone, result.timings.routing = backbone_ms, routing_ms
+            if task != UNKNOWN:
+                groups.setdefault(task, []).append(k)
+
+        for task, members in groups.items():
+            started = time.perf_counter()
+            try:
+                engine, load_seconds = self.engines.get(task)
+                patch, image = engine.run(features, members)
+            except (BackendError, ManifestError, OSError) as exc:  # that task's frames fail, the rest go on
+                for k in members:
+                    results[k].error = f"task {task!r}: {exc}"
+                continue
+            flow_ms = _ms(started)
+            for j, k in enumerate(members):
+                results[k].patch_scores = np.asarray(patch[j], dtype=np.float32)
+                results[k].image_score = float(image[j])
+                results[k].timings.flow = flow_ms
+                results[k].timings.engine_load = load_seconds * 1e3
+
+        for result in results:
+            if result.image_score is None or result.error is not None:
+                continue
+            started = time.perf_counter()
+            threshold = self._entries[result.task].threshold  # type: ignore[index]
+            result.threshold = threshold
+            result.is_anomaly = None if threshold is None else bool(result.image_score > threshold)
+            if with_maps:
+                m = self.manifest
+                result.anomaly_map = anomaly_map(
+                    result.patch_scores,
+                    m.image_size,
+                    m.map_sigma,
+                    out_hw=result.frame_shape[:2],  # type: ignore[index]
+                )
+            result.timings.postprocess = _ms(started)
+
+    def _distances(self, features: FeatureBatch) -> np.ndarray:
+        if self._backend.routes_on_device:
+            distances = np.asarray(self._backend.distances(features), dtype=np.float32)
+            if distances.shape != (features.size, len(self.router.tasks)):
+                raise BackendError(
+                    f"the router graph returned distances of shape {distances.shape}, expected "
+                    f"{(features.size, len(self.router.tasks))}: router.onnx is out of date; re-export it"
+                )
+            return distances
+        assert features.routing is not None
+        return self.router.distances(features.routing)
+
+    # --- lifetime ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Unload every engine and release the backend's sessions and device memory."""
+        self.engines.clear()
+        self._backend.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _enum(cls: type, value: object, what: str):  # noqa: ANN202 - returns a member of ``cls``
+    try:
+        return cls(value.value if isinstance(value, cls) else str(value).lower())
+    except ValueError:
+        choices = ", ".join(m.value for m in cls)
+        raise ValueError(f"unknown {what} {value!r}; choose one of: {choices}") from None
+
+
+__all__: Sequence[str] = ["Runtime", "create_backend", "load_router_table"]
