@@ -27,12 +27,13 @@ from moleflow_edge.preprocess import FrameError, read_image_bgr
 from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime.backend import BackendError
 from moleflow_edge.runtime.result import STAGES, FrameResult
-from moleflow_edge.runtime.runtime import Runtime
+from moleflow_edge.runtime.runtime import DEFAULT_MAX_RESIDENT_TASKS, Runtime
 
 EXIT_OK = 0
 EXIT_LOAD_ERROR = 1  # the export cannot be loaded (missing, tampered, no backend)
 EXIT_SOURCE_ERROR = 2  # the source cannot be opened or holds no image
 EXIT_CAMERA_LOST = 3  # a camera stopped delivering frames and did not come back
+EXIT_BACKEND_ERROR = 4  # the inference engine failed mid-run (device lost, out of memory)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), after the summary
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pbm", ".pgm", ".ppm", ".jp2"})
@@ -302,6 +303,8 @@ def run_source(
     out: TextIO | None = None,
     *,
     precision: str = "fp32",
+    max_resident_tasks: int | None = DEFAULT_MAX_RESIDENT_TASKS,
+    memory_budget_mb: float | None = None,
     batch_size: int = 1,
     max_frames: int | None = None,
     camera_retries: int = 5,
@@ -313,8 +316,9 @@ def run_source(
 
     One JSON line per frame to ``out`` (stdout), overlays to ``save_dir`` when given, a cv2
     window with ``show``; a final {"summary": ...} line, also written for people to ``err``.
-    Exit codes: 0 done, 1 export not loadable, 2 source not readable, 3 camera lost, 130 Ctrl-C.
-    ``runtime`` reuses a loaded Runtime (then export_dir, backend and precision are not used).
+    Exit codes: 0 done, 1 export not loadable, 2 source not readable, 3 camera lost, 4 backend failed
+    mid-run, 130 Ctrl-C (after the summary). Frames that fail alone are error lines, not exit codes.
+    ``runtime`` reuses a loaded Runtime (then export_dir, backend, precision and the engine caps are unused).
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
@@ -325,7 +329,9 @@ def run_source(
     owned = runtime is None
     try:
         if runtime is None:
-            runtime = Runtime.load(export_dir, backend=backend, precision=precision)
+            runtime = Runtime.load(
+                export_dir, backend, precision, max_resident_tasks=max_resident_tasks, memory_budget_mb=memory_budget_mb
+            )
     except (ManifestError, BackendError, ValueError, OSError) as exc:
         print(f"error: cannot load the export {export_dir}: {exc}", file=err)
         summary = stats.summary(None, EXIT_LOAD_ERROR)
@@ -388,6 +394,9 @@ def run_source(
     except SourceError as exc:
         print(f"error: {exc}", file=err)
         code = EXIT_SOURCE_ERROR
+    except BackendError as exc:
+        print(f"error: inference failed: {exc}", file=err)
+        code = EXIT_BACKEND_ERROR
     except KeyboardInterrupt:
         stats.interrupted = True
         code = EXIT_INTERRUPTED

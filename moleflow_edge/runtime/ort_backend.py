@@ -67,7 +67,11 @@ def choose_providers(
         if name not in available:
             continue
         if name == "TensorrtExecutionProvider":
-            options: dict = {"device_id": device_id, "trt_fp16_enable": precision is Precision.FP16}
+            options: dict = {
+                "device_id": device_id,
+                "trt_fp16_enable": precision is Precision.FP16,
+                "trt_int8_enable": precision is Precision.INT8,  # int8 graphs are QDQ: scales come with them
+            }
             if trt_cache_dir is not None:  # engines built by the EP are kept, so a restart is fast
                 trt_cache_dir.mkdir(parents=True, exist_ok=True)
                 options |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(trt_cache_dir)}
@@ -157,6 +161,8 @@ class OrtBackend(GraphBackend):
         self.device_id = device_id
         self._options = session_options(threads)
         self._providers = choose_providers(providers, precision, device_id, trt_cache_dir)
+        self._explicit = providers is not None
+        self.fallback: str | None = None
         self._backbone = self._session(read_verified(root, backbone_graph(manifest, precision)))
         active = self._backbone.get_providers()
         on_gpu = active[0] in GPU_PROVIDERS  # a GPU build on a machine without a GPU falls back to CPU
@@ -181,6 +187,11 @@ class OrtBackend(GraphBackend):
         try:
             return ort.InferenceSession(str(path), self._options, providers=self._providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            if self._providers != ["CPUExecutionProvider"] and not self._explicit:
+                # a GPU build on a machine whose GPU or driver is missing: carry on on the CPU
+                self.fallback = f"GPU providers failed ({exc}); using the CPU"
+                self._providers = ["CPUExecutionProvider"]
+                return self._session(path)
             raise BackendError(f"onnxruntime cannot load {path}: {exc}") from exc
 
     def describe(self) -> str:
