@@ -43,11 +43,15 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
-    """Full graph optimisation, sequential execution; ``threads`` intra-op threads (None = one per core)."""
+    """Full graph optimisation, sequential execution, no spinning; ``threads`` intra-op threads (None = per core)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # warnings about unused initialisers etc. are noise on a line PC
+    # No busy-waiting worker threads between runs: the pipeline hands over from the backbone session
+    # to the router, a flow session and OpenCV, and a pool still spinning after its run steals the
+    # cores they need. Measured on 2 cores: 2-2.5x lower latency per frame (benchmarks/README.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     return options
