@@ -23,7 +23,17 @@ except ImportError:  # pragma: no cover - depends on the installed cuda-python
     except ImportError:
         cudart = None  # type: ignore[assignment]
 
-__all__ = ["CudaError", "CudaStream", "DeviceBuffer", "PinnedBuffer", "check_cuda", "cuda_available", "device_count"]
+__all__ = [
+    "CudaError",
+    "CudaStream",
+    "DeviceBuffer",
+    "PinnedBuffer",
+    "check_cuda",
+    "compute_capability",
+    "cuda_available",
+    "device_count",
+    "set_device",
+]
 
 
 class CudaError(RuntimeError):
@@ -60,6 +70,12 @@ def device_count() -> int:
         return 0
     err, count = cudart.cudaGetDeviceCount()
     return int(count) if err == cudart.cudaError_t.cudaSuccess else 0
+
+
+def compute_capability(device_id: int) -> str:
+    """The GPU's compute capability as the exporter names engines by it: "87" (Orin), "89", "90"."""
+    props = check_cuda(_require_cudart().cudaGetDeviceProperties(device_id), "cudaGetDeviceProperties")
+    return f"{props.major}{props.minor}"
 
 
 def set_device(device_id: int) -> None:

@@ -34,15 +34,17 @@ from moleflow_edge.export.manifest import (
 from moleflow_edge.runtime.backend import Backend, BackendError, FeatureBatch, FlowEngine, GraphBackend, require
 
 
-def find_engine(engines: dict[str, dict], precision: Precision, role: str | None = None) -> dict | None:
-    """The engine entry for ``precision`` (and, in the export-wide table, for ``role``:
-    "backbone" or "router"); None when the export has none."""
-    for key, entry in sorted(engines.items()):
-        if role is not None and not (key.startswith(role) or entry.get("role") == role):
-            continue
-        if entry.get("precision", precision.value) == precision.value:
-            return entry
-    return None
+def engine_key(slot: str, trt_version: str, capability: str) -> str:
+    """The manifest key of an engine, as the exporter writes it: "<slot>/trt<version>.sm<cc>".
+
+    slot is "backbone.<precision>" or "router" in Manifest.engines, "<precision>" in TaskEntry.engines:
+    an engine runs only under the TensorRT version and on the GPU generation it was built for.
+    """
+    return f"{slot}/trt{trt_version}.sm{capability}"
+
+
+def find_engine(engines: dict[str, dict], slot: str, trt_version: str, capability: str) -> dict | None:
+    return engines.get(engine_key(slot, trt_version, capability))
 
 
 def read_engine(root: Path, entry: dict, what: str) -> bytes:
@@ -167,13 +169,17 @@ class TensorRtBackend(GraphBackend):
         self.root, self.manifest, self.precision = root, manifest, precision
         self.device = f"cuda:{device_id}"
         self._trt_version = trt.__version__
+        self._capability = cm.compute_capability(device_id)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.stream = cm.CudaStream()
 
-        backbone = find_engine(manifest.engines, precision, "backbone")
+        backbone = self._find(manifest.engines, f"backbone.{precision.value}")
         if backbone is None:
-            raise ManifestError(f"the export has no {precision.value} backbone engine: run export --format engine")
+            raise ManifestError(
+                f"the export has no {precision.value} backbone engine for TensorRT {self._trt_version} on a "
+                f"sm{self._capability} GPU: run export --format engine --precision {precision.value} on this device"
+            )
         self._backbone = TrtEngine(self._runtime, read_engine(root, backbone, "backbone"), self.stream, "backbone")
         self.max_batch = self._backbone.max_batch
         size = manifest.image_size
@@ -182,7 +188,7 @@ class TensorRtBackend(GraphBackend):
         self._row_bytes = self._backbone.row_bytes(EMBEDDING)
         self._gather = cm.DeviceBuffer(self.max_batch * self._row_bytes)  # rows of one task, gathered on device
 
-        router = find_engine(manifest.engines, precision, "router")
+        router = self._find(manifest.engines, "router")
         self._router: TrtEngine | None = None
         if router is not None:
             self._router = TrtEngine(self._runtime, read_engine(root, router, "router"), self.stream, "router")
@@ -191,8 +197,11 @@ class TensorRtBackend(GraphBackend):
         else:  # no router engine: the (B,C) feature comes back for numpy routing, a few hundred bytes a frame
             self._routing = cm.PinnedBuffer((self.max_batch, manifest.routing_dim), np.float32)
 
+    def _find(self, engines: dict[str, dict], slot: str) -> dict | None:
+        return find_engine(engines, slot, self._trt_version, self._capability)
+
     def describe(self) -> str:
-        return f"tensorrt {self._trt_version} on {self.device}"
+        return f"tensorrt {self._trt_version} on {self.device} (sm{self._capability})"
 
     def backbone(self, images: np.ndarray) -> FeatureBatch:
         batch = len(images)
@@ -229,16 +238,16 @@ class TensorRtBackend(GraphBackend):
         return self._gather.ptr  # type: ignore[return-value]
 
     def estimate_bytes(self, entry: TaskEntry) -> int:
-        found = find_engine(entry.engines, self.precision)
+        found = self._find(entry.engines, self.precision.value)
         path = None if found is None else self.root / found["file"]
         return path.stat().st_size if path is not None and path.is_file() else 0
 
     def load_flow(self, entry: TaskEntry) -> FlowEngine:
-        found = find_engine(entry.engines, self.precision)
+        found = self._find(entry.engines, self.precision.value)
         if found is None:
             raise ManifestError(
-                f"task {entry.name!r} has no {self.precision.value} engine: "
-                f"run export --task {entry.name} --format engine"
+                f"task {entry.name!r} has no {self.precision.value} engine for TensorRT {self._trt_version} on a "
+                f"sm{self._capability} GPU: run export --task {entry.name} --format engine on this device"
             )
         engine = TrtEngine(self._runtime, read_engine(self.root, found, f"{entry.name} flow"), self.stream, entry.name)
         if engine.dtypes[EMBEDDING] != self._backbone.dtypes[EMBEDDING]:
