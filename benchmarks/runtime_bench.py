@@ -1,0 +1,260 @@
+"""Runtime vs PyTorch eager: latency per stage and throughput on this CPU, same frames, same run.
+
+    python benchmarks/runtime_bench.py [--work DIR] [--epochs 2] [--iters 40] [--batches 1,8]
+
+Builds (or reuses, under --work) a default-size model: 224 px input, EfficientNet-Lite0,
+D = 152 (the backbone's channels), M = 6 MoLE blocks, N = 2 DIA blocks, r = 64, trained for a
+couple of epochs on three synthetic products (timing needs no accuracy), exports it, then
+runs the same frames through
+  - PyTorch eager: resize -> model.backbone_maps + embed -> numpy router -> flow per task -> anomaly map
+  - the runtime on onnxruntime's CPU provider (and on OpenVINO when it is installed).
+Prints per-stage milliseconds, images/s and the runtime/PyTorch ratios; checks that both give
+the same task and the same scores. No asserts: this measures, tests check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+STAGES = ("preprocess", "backbone", "routing", "flow", "postprocess")
+TASKS = ["weave", "tiles", "screw"]
+
+
+def prepare(work: Path, epochs: int) -> tuple[Path, Path, Path]:
+    """Synthetic data, a default-size model and its fp32 export under ``work`` (reused when present)."""
+    from moleflow_edge.config import MoleFlowConfig
+    from moleflow_edge.data.synth import generate
+    from moleflow_edge.export.exporter import export_model
+    from moleflow_edge.model_store import ModelStore
+    from moleflow_edge.train import train_task
+
+    data, model_dir, export_dir = work / "data", work / "model", work / "export"
+    if not data.is_dir():
+        generate(data, [*TASKS, "cap"], seed=0, image_size=224, n_train=30, n_test_good=8, n_test_defect=3)
+    config = MoleFlowConfig(
+        image_size=224, embed_dim=152, num_mole_blocks=6, num_dia_blocks=2, lora_rank=64, lora_alpha=64.0,
+        epochs=epochs, batch_size=16,
+    )  # fmt: skip
+    done = ModelStore(model_dir).tasks()
+    for task in TASKS:
+        if task not in done:
+            print(f"training {task} ({epochs} epochs) ...", file=sys.stderr)
+            train_task(data, task, model_dir, config, progress=False)
+    if not (export_dir / "manifest.json").is_file():
+        print("exporting ...", file=sys.stderr)
+        export_model(model_dir, export_dir)
+    return data, model_dir, export_dir
+
+
+def load_frames(data: Path, count: int, frame_hw: tuple[int, int] | None) -> list[np.ndarray]:
+    """Test images of the trained products, interleaved so that consecutive frames change task;
+    rescaled to a camera's (height, width) when given, so that resizing is part of the work."""
+    import cv2
+
+    from moleflow_edge.preprocess import read_image_bgr
+
+    per_task = [sorted((data / t / "test").rglob("*.png")) for t in TASKS]
+    files = [f for group in zip(*per_task) for f in group][:count]
+    frames = [read_image_bgr(f) for f in files]
+    if frame_hw is not None:
+        frames = [cv2.resize(f, (frame_hw[1], frame_hw[0]), interpolation=cv2.INTER_LINEAR) for f in frames]
+    return frames
+
+
+class TorchPipeline:
+    """The eager PyTorch path, stage by stage, as evaluation runs it."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+
+        from moleflow_edge.model_store import ModelStore
+        from moleflow_edge.router import RouterTable
+
+        self.torch = torch
+        self.model, prototypes = ModelStore(model_dir).load()
+        self.table = RouterTable(self.model.tasks, [prototypes[t] for t in self.model.tasks])
+        self.size = self.model.config.image_size
+
+    def __call__(self, frames: list[np.ndarray]) -> tuple[dict[str, float], list[tuple[str, float | None]]]:
+        from moleflow_edge.anomaly_map import anomaly_map
+        from moleflow_edge.model.embedding import patch_concat
+        from moleflow_edge.preprocess import resize_frame
+        from moleflow_edge.router import UNKNOWN
+
+        torch, model, cfg = self.torch, self.model, self.model.config
+        ms: dict[str, float] = {}
+        with torch.no_grad():
+            t = time.perf_counter()
+            x = torch.from_numpy(np.stack([resize_frame(f, self.size) for f in frames]))
+            ms["preprocess"] = (time.perf_counter() - t) * 1e3
+            t = time.perf_counter()
+            maps = model.backbone_maps(x)
+            routing = model.routing_feature(maps).numpy()
+            embedded = model.embed(patch_concat(maps))
+            ms["backbone"] = (time.perf_counter() - t) * 1e3
+            t = time.perf_counter()
+            tasks = self.table.route(self.table.distances(routing))
+            ms["routing"] = (time.perf_counter() - t) * 1e3
+            t = time.perf_counter()
+            scores: list[float | None] = [None] * len(frames)
+            patches: list[np.ndarray | None] = [None] * len(frames)
+            for task in dict.fromkeys(tasks):
+                if task == UNKNOWN:
+                    continue
+                idx = [i for i, k in enumerate(tasks) if k == task]
+                nll = model.patch_nll(embedded[idx], task)
+                image = model.image_score(nll)
+                for j, i in enumerate(idx):
+                    patches[i], scores[i] = nll[j].numpy(), float(image[j])
+            ms["flow"] = (time.perf_counter() - t) * 1e3
+            t = time.perf_counter()
+            for frame, patch in zip(frames, patches):
+                if patch is not None:
+                    anomaly_map(patch, cfg.image_size, cfg.map_sigma, out_hw=frame.shape[:2])
+            ms["postprocess"] = (time.perf_counter() - t) * 1e3
+        return ms, list(zip(tasks, scores))
+
+
+def runtime_pipeline(runtime: object):  # noqa: ANN201 - returns the same shape of callable as TorchPipeline
+    def run(frames: list[np.ndarray]) -> tuple[dict[str, float], list[tuple[str, float | None]]]:
+        results = runtime.infer(frames)  # type: ignore[attr-defined]
+        first = results[0].timings
+        ms = {
+            "preprocess": sum(r.timings.preprocess for r in results),
+            "backbone": first.backbone,
+            "routing": first.routing,
+            "flow": sum({r.task: r.timings.flow for r in results}.values()),  # one flow call per task group
+            "postprocess": sum(r.timings.postprocess for r in results),
+        }
+        return ms, [(r.task, r.image_score) for r in results]
+
+    return run
+
+
+def measure(engines: dict, frames: list[np.ndarray], batch: int, iters: int, rounds: int = 4) -> dict[str, dict]:
+    """Median wall time per call and per stage over ``iters`` calls per engine on consecutive batches.
+
+    The calls are made in ``rounds``: in each round every engine runs a block of iters/rounds
+    calls, in a rotating order. A change in machine load then hits every engine alike, and
+    blocks (rather than alternating single calls) keep one engine's idle-spinning worker
+    threads from slowing the next engine's call.
+    """
+    batches = [frames[i : i + batch] for i in range(0, len(frames) - batch + 1, batch)]
+    names = list(engines)
+    block = max(1, iters // rounds)
+    walls: dict[str, list[float]] = {n: [] for n in names}
+    stages: dict[str, dict[str, list[float]]] = {n: {s: [] for s in STAGES} for n in names}
+    outputs: dict[str, list] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            engines[name](batches[0])  # warm-up call, not counted (first run, caches, thread wake-up)
+            for k in range(block):
+                i = r * block + k
+                chunk = batches[i % len(batches)]
+                t = time.perf_counter()
+                ms, out = engines[name](chunk)
+                walls[name].append((time.perf_counter() - t) * 1e3)
+                for s in STAGES:
+                    stages[name][s].append(ms[s])
+                if i < len(batches):
+                    outputs[name] += out
+    measured = {}
+    for name in names:
+        wall = statistics.median(walls[name])
+        measured[name] = {
+            "batch": batch,
+            "wall_ms": wall,
+            "p90_ms": float(np.percentile(walls[name], 90)),
+            "images_per_s": batch / wall * 1e3,
+            "stages_ms": {s: statistics.median(v) for s, v in stages[name].items()},
+            "outputs": outputs[name],
+        }
+    return measured
+
+
+def compare(reference: list, other: list) -> tuple[bool, float]:
+    """Same task everywhere, and the worst relative image-score difference."""
+    same = all(a[0] == b[0] for a, b in zip(reference, other))
+    worst = 0.0
+    for (_, a), (_, b) in zip(reference, other):
+        if a is not None and b is not None:
+            worst = max(worst, abs(a - b) / max(abs(a), 1e-12))
+    return same, worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("runs/runtime_bench"), help="data, model and export (reused)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads for every engine (default: cores)")
+    parser.add_argument("--frame-hw", default=None, help="camera frame size HEIGHT,WIDTH (default: the 224 px images)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = parser.parse_args()
+
+    import onnxruntime
+    import torch
+
+    from moleflow_edge.runtime import Backend, Runtime, available_backends
+
+    data, model_dir, export_dir = prepare(args.work, args.epochs)
+    batches = [int(b) for b in args.batches.split(",")]
+    frame_hw = tuple(int(v) for v in args.frame_hw.split(",")) if args.frame_hw else None
+    frames = load_frames(data, 48, frame_hw)  # type: ignore[arg-type]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    engines = {"pytorch eager": TorchPipeline(model_dir)}
+    runtimes = {"runtime onnxruntime-cpu": Runtime.load(export_dir, Backend.ONNXRUNTIME, threads=args.threads)}
+    if Backend.OPENVINO in available_backends():
+        runtimes["runtime openvino-cpu"] = Runtime.load(export_dir, Backend.OPENVINO, threads=args.threads)
+    for name, runtime in runtimes.items():
+        engines[name] = runtime_pipeline(runtime)
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# {platform.machine()}, {os.cpu_count()} CPUs (load {load:.1f} at start), {torch.get_num_threads()} torch "
+          f"threads, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}", flush=True)  # fmt: skip
+    shape = frames[0].shape[:2]
+    print(f"# {len(frames)} frames of {shape[0]}x{shape[1]} px, model input 224 px", flush=True)
+    report: dict = {"frames": len(frames), "frame_hw": list(shape), "image_size": 224, "threads": args.threads}
+    report["results"] = {}
+    for batch in batches:
+        print(f"\n## batch {batch}: median ms per call (per stage), images/s")
+        header = (
+            f"{'engine':26s} " + " ".join(f"{s:>11s}" for s in STAGES) + f" {'total':>9s} {'p90':>8s} {'img/s':>8s}"
+        )
+        print(header)
+        measured = measure(engines, frames, batch, args.iters)
+        reference = measured["pytorch eager"]
+        for name, m in measured.items():
+            row = " ".join(f"{m['stages_ms'][s]:11.2f}" for s in STAGES)
+            print(f"{name:26s} {row} {m['wall_ms']:9.2f} {m['p90_ms']:8.2f} {m['images_per_s']:8.1f}")
+        for name, m in measured.items():
+            if name == "pytorch eager":
+                continue
+            same, worst = compare(reference["outputs"], m["outputs"])
+            ratio = m["images_per_s"] / reference["images_per_s"]
+            print(
+                f"{name}: {ratio:.2f}x PyTorch eager throughput; same tasks: {same}; worst score diff {worst:.1e} rel"
+            )
+        report["results"][batch] = {
+            name: {k: v for k, v in m.items() if k != "outputs"} for name, m in measured.items()
+        }
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
