@@ -365,15 +365,18 @@ def run_source(
                 overlay = render_overlay(item.frame, result)  # type: ignore[arg-type]
                 if save is not None:
                     target = save / f"{item.index:06d}_{_safe(item.stem)}.png"
-                    _write_png(target, overlay)
-                    line["overlay"] = str(target)
+                    try:
+                        _write_png(target, overlay)
+                        line["overlay"] = str(target)
+                    except OSError as exc:  # a full disk costs the overlay, not the inspection
+                        line["overlay_error"] = str(exc)
                 if viewer is not None:
                     keep_going = viewer.show(overlay) and keep_going
             emit(line)
         return keep_going
 
+    pending: list[SourceFrame] = []
     try:
-        pending: list[SourceFrame] = []
         for item in iter_source(source, camera_retries, retry_delay_s):
             if max_frames is not None and stats.frames + len(pending) >= max_frames:
                 break
@@ -387,13 +390,13 @@ def run_source(
                 if not process(batch):
                     break
         if pending:
+            batch, pending = pending, []
+            process(batch)
+    except SourceError as exc:  # CameraLost included: frames read before it are still reported
+        print(f"error: {exc}", file=err)
+        code = EXIT_CAMERA_LOST if isinstance(exc, CameraLost) else EXIT_SOURCE_ERROR
+        if pending:
             process(pending)
-    except CameraLost as exc:
-        print(f"error: {exc}", file=err)
-        code = EXIT_CAMERA_LOST
-    except SourceError as exc:
-        print(f"error: {exc}", file=err)
-        code = EXIT_SOURCE_ERROR
     except BackendError as exc:
         print(f"error: inference failed: {exc}", file=err)
         code = EXIT_BACKEND_ERROR

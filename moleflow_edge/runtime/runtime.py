@@ -10,7 +10,6 @@ back in input order, each with its anomaly map at the frame's own resolution.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,8 @@ from moleflow_edge.runtime.backend import (
 )
 from moleflow_edge.runtime.engine_cache import EngineCache, EngineStats
 from moleflow_edge.runtime.result import FrameResult
+
+__all__ = ["DEFAULT_MAX_RESIDENT_TASKS", "Runtime", "create_backend", "load_router_table"]
 
 DEFAULT_MAX_RESIDENT_TASKS = 8
 # CPU backends in "auto" order. Measured on the same graphs (benchmarks/README.md, Runtime):
@@ -336,6 +337,3 @@ def _enum(cls: type, value: object, what: str):  # noqa: ANN202 - returns a memb
     except ValueError:
         choices = ", ".join(m.value for m in cls)
         raise ValueError(f"unknown {what} {value!r}; choose one of: {choices}") from None
-
-
-__all__: Sequence[str] = ["Runtime", "create_backend", "load_router_table"]
