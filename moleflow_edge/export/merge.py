@@ -1,0 +1,100 @@
+"""Fold one task's adapters into constants: a plain flow with the base flow's cost.
+
+The exported per-task graph must not pay for continual learning at inference: every LoRA
+update is folded into its coupling linear (W = W_base + (alpha/r) B_t A_t, b = b_base + b_t),
+the whitening adapter becomes a LayerNorm with constant scale/shift, the mixer gate one
+depthwise conv, and every constant term of -log p a single offset.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moleflow_edge.model.coupling import AffineCoupling, MoLESubnet
+from moleflow_edge.model.mole_flow import MoleFlow, top_k_mean
+
+
+class MergedFlow(nn.Module):
+    """One task's fused flow: embedding (B,D,H,W) -> patch_scores (B,H,W), image_score (B,).
+
+    ``nll_offset`` collects the constants of -log p: (D/2) log 2 pi minus the whitening
+    adapter's log-det sum(log gamma), which does not depend on the input.
+    """
+
+    def __init__(
+        self,
+        norm_scale: torch.Tensor,
+        norm_shift: torch.Tensor,
+        mixer: nn.Conv2d,
+        blocks: list[AffineCoupling],
+        nll_offset: float,
+        top_k: int,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("norm_scale", norm_scale.detach().clone())
+        self.register_buffer("norm_shift", norm_shift.detach().clone())
+        self.mixer = mixer
+        self.blocks = nn.ModuleList(blocks)
+        self.nll_offset = nll_offset
+        self.top_k = top_k
+
+    def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = F.layer_norm(embedding.permute(0, 2, 3, 1), self.norm_scale.shape, self.norm_scale, self.norm_shift, 1e-5)
+        x = self.mixer(x.permute(0, 3, 1, 2))
+        x, log_det = self.blocks[0](x)
+        for block in self.blocks[1:]:
+            x, block_log_det = block(x)
+            log_det = log_det + block_log_det
+        patch_scores = 0.5 * x.pow(2).sum(dim=1) + self.nll_offset - log_det
+        return patch_scores, top_k_mean(patch_scores, self.top_k)
+
+
+def merged_mixer(conv: nn.Conv2d, theta: torch.Tensor) -> nn.Conv2d:
+    """(1 - a) x + a DWConv(x) as one depthwise conv: a W, plus (1 - a) on the centre tap, a b."""
+    a = torch.sigmoid(theta.detach())
+    fused = copy.deepcopy(conv)
+    centre = conv.kernel_size[0] // 2, conv.kernel_size[1] // 2
+    with torch.no_grad():
+        fused.weight.mul_(a)
+        fused.weight[:, :, centre[0], centre[1]] += 1 - a
+        fused.bias.mul_(a)
+    return fused
+
+
+def merged_mole_subnet(subnet: MoLESubnet, task: str | None) -> MoLESubnet:
+    """The same subnet class with ``task``'s LoRA folded into its base weights and no adapters."""
+    fused = copy.deepcopy(subnet)
+    with torch.no_grad():
+        for src, dst in zip(subnet.lora_layers(), fused.lora_layers()):
+            weight, bias = src.merged(task)
+            dst.weight.copy_(weight)
+            dst.bias.copy_(bias)
+            dst.per_task.clear()
+            dst.active = None
+    return fused
+
+
+def merge_task(model: MoleFlow, task: str) -> MergedFlow:
+    """Build ``task``'s fused flow from a loaded model; the model itself is left unchanged."""
+    if task not in model.per_task:
+        raise KeyError(f"task {task!r} is not in the model (tasks: {model.tasks})")
+    parts = model.per_task[task]
+    gamma, beta = parts.whitening.gamma_beta()
+    dim = model.config.embed_dim
+    blocks = [
+        AffineCoupling(merged_mole_subnet(block.subnet, task), block.clamp, block.swap) for block in model.mole_blocks
+    ]
+    blocks += [copy.deepcopy(block) for block in parts.dia]
+    offset = 0.5 * dim * math.log(2 * math.pi) - float(gamma.detach().double().log().sum())
+    merged = MergedFlow(
+        gamma, beta, merged_mixer(model.mixer.conv, parts.mixer_gate), blocks, offset, model.config.top_k
+    )
+    merged.eval()
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    return merged
