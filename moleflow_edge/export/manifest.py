@@ -102,6 +102,7 @@ class Manifest:
     tasks: list[TaskEntry] = field(default_factory=list)
     engines: dict[str, dict] = field(default_factory=dict)  # backbone/router engines
     int8_calibration: dict = field(default_factory=dict)  # images used for QDQ graphs: count, list hash
+    model_sha256: str = ""  # the shared model (config, shared weights, backbone) every graph here belongs to
     input_layout: str = "NHWC"
     input_dtype: str = "uint8"
     channel_order: str = "BGR"
@@ -123,6 +124,8 @@ class Manifest:
         listed += [a for a in (self.router_file, self.router_graph) if a is not None]
         for entry in self.tasks:
             listed += entry.graphs.values()
+        engines = [*self.engines.values(), *(e for entry in self.tasks for e in entry.engines.values())]
+        listed += [ArtifactFile(engine["file"], engine["sha256"]) for engine in engines]
         return listed
 
     def to_json(self) -> str:

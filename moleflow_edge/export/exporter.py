@@ -1,0 +1,518 @@
+"""export_model: a model directory -> an export directory the runtime can load without torch.
+
+Incremental and crash-safe:
+  * every graph records ``source_sha256`` (weights it was made from + export options); a graph
+    whose source and file are unchanged is skipped, so re-exporting is a no-op and adding a
+    task rebuilds neither the backbone nor any other task;
+  * new files are built in a staging folder inside the export directory, renamed into place
+    only once everything built, and the manifest is written last: an export that fails or is
+    interrupted while building leaves the previous export exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from moleflow_edge import __version__
+from moleflow_edge.config import RouterPooling
+from moleflow_edge.data.mvtec import DatasetError, Sample, load_images, train_samples
+from moleflow_edge.export import onnx_graphs
+from moleflow_edge.export.formats import ExportFormat, check_export_args
+from moleflow_edge.export.manifest import (
+    MANIFEST_FILE,
+    ArtifactFile,
+    Manifest,
+    Precision,
+    TaskEntry,
+    file_sha256,
+    load_manifest,
+    save_manifest,
+)
+from moleflow_edge.export.merge import merge_task
+from moleflow_edge.export.precision import to_fp16, to_int8, unactivated_products
+from moleflow_edge.export.tensorrt_engine import (
+    TIMING_CACHE,
+    EngineBuilder,
+    EngineJob,
+    compute_capability,
+    import_tensorrt,
+)
+from moleflow_edge.export.trt_compat import check_tensorrt_compat
+from moleflow_edge.features import extract_features
+from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model_store import CONFIG_FILE, SHARED_FILE, ModelStore
+from moleflow_edge.router import Prototype, RouterTable
+
+CALIB_LIMIT = 256  # images per INT8 calibration set, evenly spread over the sorted file list
+DEFAULT_BATCH_PROFILE = (1, 1, 8)
+ROUTER_WEIGHTS, ROUTER_GRAPH = "router.safetensors", "router.onnx"
+
+
+class ExportError(ValueError):
+    """An export that cannot be made as asked; the message names the argument or file at fault."""
+
+
+@dataclass(frozen=True)
+class ExportedFile:
+    """One artifact of an export run: its size, the seconds spent on it, and whether it was reused."""
+
+    file: str
+    bytes: int
+    seconds: float
+    skipped: bool
+
+
+@dataclass
+class ExportReport:
+    """What an export run wrote (or found up to date) and what it removed."""
+
+    out_dir: Path
+    manifest: Manifest
+    files: list[ExportedFile] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    @property
+    def written(self) -> list[ExportedFile]:
+        return [f for f in self.files if not f.skipped]
+
+    def table(self) -> str:
+        """One line per file: what the CLI prints."""
+        lines = [f"{'file':<40} {'MiB':>8} {'s':>7}  status"]
+        for f in self.files:
+            status = "up to date" if f.skipped else "written"
+            lines.append(f"{f.file:<40} {f.bytes / 2**20:>8.2f} {f.seconds:>7.1f}  {status}")
+        lines += [f"{name:<40} {'':>8} {'':>7}  removed" for name in self.removed]
+        return "\n".join(lines)
+
+
+def _hash(*parts: object) -> str:
+    """sha256 over bytes, str, numpy arrays and JSON-able values, in order."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, bytes):
+            data = part
+        elif isinstance(part, np.ndarray):
+            data = np.ascontiguousarray(part).tobytes() + str((part.dtype, part.shape)).encode()
+        else:
+            data = json.dumps(part, sort_keys=True).encode()
+        digest.update(hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
+def model_identity(store: ModelStore, model: MoleFlow) -> str:
+    """Hash of everything shared: config, shared weights and the backbone's own weights."""
+    backbone = [
+        t.detach().contiguous().numpy() for _, t in sorted(model.backbone.state_dict().items(), key=lambda kv: kv[0])
+    ]
+    return _hash((store.root / CONFIG_FILE).read_bytes(), file_sha256(store.root / SHARED_FILE), *backbone)
+
+
+def _options(precision: Precision, calibration: str | None = None) -> dict[str, object]:
+    """Everything besides weights that changes a graph's bytes."""
+    return {
+        "precision": precision.value,
+        "opset": onnx_graphs.OPSET,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "toolkit": __version__,
+        "calibration": calibration,
+    }
+
+
+# --- INT8 calibration sets ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Normal training images for INT8 calibration, and how to recognise the set again."""
+
+    root: Path
+    files: tuple[Path, ...]
+
+    @property
+    def record(self) -> dict[str, object]:
+        """What the manifest keeps: the count and a hash of the sorted relative file list."""
+        names = "\n".join(sorted(p.relative_to(self.root).as_posix() for p in self.files))
+        return {"count": len(self.files), "files_sha256": hashlib.sha256(names.encode()).hexdigest()}
+
+    def images(self, size: int) -> np.ndarray:
+        return load_images([Sample(p, 0, "good", None) for p in self.files], size)
+
+
+def calibration_set(root: str | Path, tasks: Sequence[str], limit: int = CALIB_LIMIT) -> CalibrationSet:
+    """The sorted train/good images of ``tasks`` under ``root``, evenly thinned to at most ``limit``."""
+    root = Path(root)
+    files: list[Path] = []
+    for task in tasks:
+        try:
+            files += [s.path for s in train_samples(root, task)]
+        except DatasetError as exc:
+            raise ExportError(f"INT8 calibration data for task {task!r}: {exc}") from exc
+    files.sort()
+    if len(files) > limit:
+        files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
+    return CalibrationSet(root, tuple(files))
+
+
+# --- staging ----------------------------------------------------------------------------------------
+
+
+class _Staging:
+    """New files go to EXPORT/.staging-<id>/<relative path> and are renamed into place on commit."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.dir = out / f".staging-{uuid.uuid4().hex[:12]}"
+        self.files: list[str] = []
+
+    def path(self, relative: str) -> Path:
+        path = self.dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.files.append(relative)
+        return path
+
+    def commit(self) -> None:
+        for relative in self.files:
+            target = self.out / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.dir / relative, target)
+        self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _intact(out: Path, artifact: ArtifactFile | None, source: str) -> bool:
+    """True when ``artifact`` was made from ``source`` and its files on disk still match their hashes."""
+    if artifact is None or artifact.source_sha256 != source:
+        return False
+    return all((out / name).is_file() and file_sha256(out / name) == sha for name, sha in artifact.paths())
+
+
+class _Run:
+    """One export run: the previous manifest, the one being built, staging, and the report."""
+
+    def __init__(self, out: Path, previous: Manifest | None, manifest: Manifest) -> None:
+        self.out = out
+        self.previous = previous
+        self.manifest = manifest
+        self.staging = _Staging(out)
+        self.report = ExportReport(out, manifest)
+
+    def artifact(
+        self, relative: str, old: ArtifactFile | None, source: str, build: Callable[[], onnx.ModelProto | bytes]
+    ) -> ArtifactFile:
+        """Reuse ``old`` if it is intact and from the same source, else build, check and stage the file."""
+        started = time.perf_counter()
+        if _intact(self.out, old, source):
+            assert old is not None
+            self.report.files.append(ExportedFile(relative, (self.out / relative).stat().st_size, 0.0, True))
+            return old
+        made = build()
+        path = self.staging.path(relative)
+        data = None
+        if isinstance(made, bytes):
+            path.write_bytes(made)
+        else:
+            compat = check_tensorrt_compat(made)
+            if not compat.ok:
+                raise ExportError(f"{relative} would not load in TensorRT: {'; '.join(compat.problems)}")
+            data = onnx_graphs.save_onnx(made, path)
+            if data is not None:
+                self.staging.files.append(f"{relative}.data")
+        artifact = ArtifactFile(
+            relative,
+            file_sha256(path),
+            source,
+            f"{relative}.data" if data else None,
+            file_sha256(data) if data else None,
+        )
+        size = sum((self.staging.dir / name).stat().st_size for name, _ in artifact.paths())
+        self.report.files.append(ExportedFile(relative, size, time.perf_counter() - started, False))
+        return artifact
+
+    def commit(self) -> None:
+        """Rename the staged files into place, write the manifest, then delete files no longer listed."""
+        self.staging.commit()
+        save_manifest(self.out, self.manifest)
+        if self.previous is None:
+            return
+        keep = {name for artifact in self.manifest.artifacts() for name, _ in artifact.paths()}
+        for artifact in self.previous.artifacts():
+            for name, _ in artifact.paths():
+                if name not in keep and (self.out / name).is_file():
+                    (self.out / name).unlink()
+                    self.report.removed.append(name)
+
+
+# --- the export -----------------------------------------------------------------------------------
+
+
+def export_model(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    tasks: Sequence[str] | None = None,
+    precisions: Sequence[str] = ("fp32",),
+    fmt: str = "onnx",
+    calib_data: str | Path | None = None,
+    batch_profile: tuple[int, int, int] = DEFAULT_BATCH_PROFILE,
+) -> ExportReport:
+    """Export ``tasks`` (None = every trained task) of a model directory into ``out_dir``.
+
+    Writes the shared backbone graph and each task's fused flow graph per precision, and the
+    router over every task in the export. ``fmt="engine"`` then builds TensorRT engines from
+    those graphs (on the target GPU). INT8 needs ``calib_data``: a dataset root in the MVTec
+    layout whose <task>/train/good images calibrate the QDQ graphs.
+    """
+    export_format, chosen = check_export_args(fmt, precisions)
+    if Precision.INT8 in chosen and calib_data is None:
+        raise ExportError("int8 export needs calibration images: pass --calib-data ROOT (<task>/train/good inside)")
+    if not 1 <= batch_profile[0] <= batch_profile[1] <= batch_profile[2]:
+        raise ExportError(f"batch profile must be min <= opt <= max, all >= 1; got {batch_profile}")
+    store = ModelStore(model_dir)
+    trained = store.tasks()
+    wanted = list(trained if tasks is None else dict.fromkeys(tasks))
+    unknown = [t for t in wanted if t not in trained]
+    if unknown:
+        raise ExportError(f"tasks {unknown} are not trained in {model_dir} (trained: {trained})")
+    model, prototypes = store.load()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    identity = model_identity(store, model)
+
+    previous = load_manifest(out, verify=False) if (out / MANIFEST_FILE).is_file() else None
+    same_model = previous is not None and previous.model_sha256 == identity
+    manifest = _new_manifest(model, identity)
+    if same_model:
+        assert previous is not None
+        manifest.backbone_graphs = dict(previous.backbone_graphs)
+        manifest.int8_calibration = dict(previous.int8_calibration)
+        manifest.engines = dict(previous.engines)
+        manifest.router_file, manifest.router_graph = previous.router_file, previous.router_graph
+        manifest.tasks = [TaskEntry(**vars(t)) for t in previous.tasks]
+    missing = [t.name for t in manifest.tasks if t.name not in trained]
+    if missing:
+        raise ExportError(f"{out} holds tasks {missing} that {model_dir} lacks; export into a new --out folder")
+    export_tasks = [t for t in trained if t in wanted or t in manifest.task_names]
+
+    run = _Run(out, previous, manifest)
+    try:
+        _export_graphs(run, store, model, prototypes, wanted, export_tasks, chosen, calib_data)
+        run.commit()
+    finally:
+        run.staging.discard()
+    if export_format is ExportFormat.ENGINE:
+        _export_engines(out, model, wanted, chosen, batch_profile, run.report)
+    return run.report
+
+
+def _new_manifest(model: MoleFlow, identity: str) -> Manifest:
+    cfg = model.config
+    backbone = model.backbone
+    last = cfg.router_pooling == RouterPooling.LAST.value
+    return Manifest(
+        backbone=cfg.backbone,
+        image_size=cfg.image_size,
+        grid=cfg.grid_size,
+        embed_dim=cfg.embed_dim,
+        routing_dim=backbone.channels_last if last else backbone.channels16,
+        top_k=cfg.top_k,
+        map_sigma=cfg.map_sigma,
+        opset=onnx_graphs.OPSET,
+        router_pooling=cfg.router_pooling,
+        model_sha256=identity,
+    )
+
+
+def _export_graphs(
+    run: _Run,
+    store: ModelStore,
+    model: MoleFlow,
+    prototypes: dict[str, Prototype],
+    wanted: list[str],
+    export_tasks: list[str],
+    precisions: tuple[Precision, ...],
+    calib_data: str | Path | None,
+) -> None:
+    """Stage the backbone graphs, the router and each wanted task's flow graphs, reusing intact ones."""
+    manifest, cfg = run.manifest, model.config
+    fp32_backbone: list[onnx.ModelProto] = []  # exported at most once per run, and only when needed
+
+    def backbone_fp32() -> onnx.ModelProto:
+        if not fp32_backbone:
+            fp32_backbone.append(onnx_graphs.backbone_graph(model))
+        return fp32_backbone[0]
+
+    int8 = Precision.INT8 in precisions
+    backbone_calib = calibration_set(calib_data, export_tasks) if int8 and calib_data else None
+    for precision in precisions:
+        calib = backbone_calib if precision is Precision.INT8 else None
+        source = _hash(manifest.model_sha256, _options(precision, calib and calib.record))
+
+        def build(precision: Precision = precision, calib: CalibrationSet | None = calib) -> onnx.ModelProto:
+            if precision is Precision.FP32:
+                return backbone_fp32()
+            if precision is Precision.FP16:
+                return to_fp16(backbone_fp32())
+            assert calib is not None
+            fp32 = backbone_fp32()
+            return to_int8(fp32, calib.images(cfg.image_size), nodes_to_exclude=unactivated_products(fp32))
+
+        old = manifest.backbone_graphs.get(precision.value)
+        manifest.backbone_graphs[precision.value] = run.artifact(f"backbone.{precision.value}.onnx", old, source, build)
+        if calib is not None:
+            manifest.int8_calibration["backbone"] = calib.record
+
+    table = RouterTable(export_tasks, [prototypes[t] for t in export_tasks])
+    router_source = _hash(export_tasks, table.stacked, table.shift, _options(Precision.FP32))
+    manifest.router_file = run.artifact(
+        ROUTER_WEIGHTS, manifest.router_file, router_source, lambda: _router_weights(export_tasks, prototypes)
+    )
+    manifest.router_graph = run.artifact(
+        ROUTER_GRAPH, manifest.router_graph, router_source, lambda: onnx_graphs.router_graph(table)
+    )
+
+    entries = {t.name: t for t in manifest.tasks}
+    for task in wanted:
+        entry = entries.get(task) or TaskEntry(task, distance_limit=prototypes[task].limit)
+        entries[task] = _export_task(run, store, model, entry, prototypes[task], precisions, calib_data)
+    manifest.tasks = [entries[t] for t in export_tasks]
+
+
+def _export_task(
+    run: _Run,
+    store: ModelStore,
+    model: MoleFlow,
+    entry: TaskEntry,
+    prototype: Prototype,
+    precisions: tuple[Precision, ...],
+    calib_data: str | Path | None,
+) -> TaskEntry:
+    """One task's fused flow graph per precision; other tasks' files are never touched."""
+    cfg = model.config
+    weights = file_sha256(store.task_file(entry.name))
+    merged: list[onnx.ModelProto] = []
+
+    def flow_fp32() -> onnx.ModelProto:
+        if not merged:
+            merged.append(onnx_graphs.flow_graph(merge_task(model, entry.name), cfg.embed_dim, cfg.grid_size))
+        return merged[0]
+
+    graphs: dict[str, ArtifactFile] = {}
+    replaced = False
+    for precision in precisions:
+        calib = calibration_set(calib_data, [entry.name]) if precision is Precision.INT8 and calib_data else None
+        source = _hash(run.manifest.model_sha256, weights, _options(precision, calib and calib.record))
+
+        def build(precision: Precision = precision, calib: CalibrationSet | None = calib) -> onnx.ModelProto:
+            if precision is Precision.FP32:
+                return flow_fp32()
+            if precision is Precision.FP16:
+                return to_fp16(flow_fp32())
+            assert calib is not None
+            return to_int8(flow_fp32(), _embeddings(model, calib.images(cfg.image_size)))
+
+        old = entry.graphs.get(precision.value)
+        replaced |= old is not None and old.source_sha256 != source
+        graphs[precision.value] = run.artifact(f"flow/{entry.name}.{precision.value}.onnx", old, source, build)
+        if calib is not None:
+            run.manifest.int8_calibration[f"flow/{entry.name}"] = calib.record
+    if replaced:  # the task's weights or export options changed: its other graphs, engines and limits are stale
+        return TaskEntry(entry.name, graphs, distance_limit=prototype.limit)
+    entry.graphs = {**entry.graphs, **graphs}
+    return entry
+
+
+@torch.no_grad()
+def _embeddings(model: MoleFlow, images: np.ndarray) -> np.ndarray:
+    """The flow graph's input for calibration: (N,D,H,W) float32 embeddings of uint8 BGR images."""
+    return model.embed(extract_features(model, images).concat).numpy()
+
+
+def _router_weights(tasks: list[str], prototypes: dict[str, Prototype]) -> bytes:
+    """router.safetensors as bytes: <task>.mean (C,) and <task>.whitener (C,C), float32."""
+    from safetensors.numpy import save
+
+    tensors = {}
+    for task in tasks:
+        tensors[f"{task}.mean"] = np.ascontiguousarray(prototypes[task].mean, np.float32)
+        tensors[f"{task}.whitener"] = np.ascontiguousarray(prototypes[task].whitener, np.float32)
+    return save(tensors, metadata={"tasks": json.dumps(tasks)})
+
+
+# --- TensorRT engines -------------------------------------------------------------------------------
+
+
+def _export_engines(
+    out: Path,
+    model: MoleFlow,
+    wanted: list[str],
+    precisions: tuple[Precision, ...],
+    batch: tuple[int, int, int],
+    report: ExportReport,
+) -> None:
+    """Build (or reuse) engines for the backbone, router and wanted tasks' graphs, keyed by
+    graph sha256 + TensorRT version + compute capability + precision."""
+    manifest = load_manifest(out)
+    cfg = model.config
+    image = (cfg.image_size, cfg.image_size, 3)
+    embedding = (cfg.embed_dim, cfg.grid_size, cfg.grid_size)
+    planned: list[tuple[dict[str, dict], str, ArtifactFile, str, tuple[int, ...], Precision]] = []
+    for precision in precisions:
+        graph = manifest.backbone_graphs[precision.value]
+        planned.append((manifest.engines, f"backbone.{precision.value}", graph, "images", image, precision))
+        for task in wanted:
+            entry = manifest.task(task)
+            planned.append((entry.engines, precision.value, entry.graphs[precision.value], "embedding", embedding,
+                            precision))  # fmt: skip
+    assert manifest.router_graph is not None
+    planned.append((manifest.engines, "router", manifest.router_graph, "routing_feature", (manifest.routing_dim,),
+                    Precision.FP32))  # fmt: skip
+
+    def job(graph: ArtifactFile, key: str, name: str, shape: tuple[int, ...], precision: Precision) -> EngineJob:
+        stem = Path(graph.file).with_suffix("").as_posix().replace("/", ".")
+        return EngineJob(out / graph.file, out / "engines" / f"{stem}{key}.engine", name, shape, precision, batch)
+
+    cache = out / TIMING_CACHE
+    trt = import_tensorrt([job(g, "", n, s, p) for _, _, g, n, s, p in planned], cache)
+    builder = EngineBuilder(trt, cache)
+    device = f"trt{builder.version}.sm{compute_capability()}"
+    for engines, slot, graph, name, shape, precision in planned:
+        spec = job(graph, f".{device}.{graph.sha256[:12]}", name, shape, precision)
+        slot_key = f"{slot}/{device}"
+        existing = engines.get(slot_key)
+        relative = spec.engine_path.relative_to(out).as_posix()
+        started = time.perf_counter()
+        built = existing and existing["file"] == relative and spec.engine_path.is_file()
+        if built and file_sha256(spec.engine_path) == existing["sha256"]:
+            report.files.append(ExportedFile(relative, spec.engine_path.stat().st_size, 0.0, True))
+            continue
+        builder.build(spec)
+        engines[slot_key] = {
+            "file": relative,
+            "sha256": file_sha256(spec.engine_path),
+            "graph_sha256": graph.sha256,
+            "precision": precision.value,
+            "tensorrt_version": builder.version,
+            "compute_capability": device.rsplit(".sm", 1)[1],
+            "batch_profile": list(batch),
+        }
+        report.files.append(
+            ExportedFile(relative, spec.engine_path.stat().st_size, time.perf_counter() - started, False)
+        )
+        save_manifest(out, manifest)  # after each engine: a long build interrupted later keeps what it built
+        if existing and existing["file"] != relative:  # built for an older graph: no longer listed
+            (out / existing["file"]).unlink(missing_ok=True)
+    report.manifest = manifest
