@@ -41,7 +41,7 @@ from moleflow_edge.export.manifest import (
     save_manifest,
 )
 from moleflow_edge.export.merge import merge_task
-from moleflow_edge.export.precision import to_fp16, to_int8, unactivated_products
+from moleflow_edge.export.precision import sensitive_products, to_fp16, to_int8
 from moleflow_edge.export.tensorrt_engine import (
     TIMING_CACHE,
     EngineBuilder,
@@ -368,7 +368,7 @@ def _export_graphs(
                 return to_fp16(backbone_fp32())
             assert calib is not None
             fp32 = backbone_fp32()
-            return to_int8(fp32, calib.images(cfg.image_size), nodes_to_exclude=unactivated_products(fp32))
+            return to_int8(fp32, calib.images(cfg.image_size), nodes_to_exclude=sensitive_products(fp32))
 
         old = manifest.backbone_graphs.get(precision.value)
         manifest.backbone_graphs[precision.value] = run.artifact(f"backbone.{precision.value}.onnx", old, source, build)
