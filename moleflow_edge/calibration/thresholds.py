@@ -1,0 +1,354 @@
+"""Score thresholds and routing distance limits from normal images, written into the manifest.
+
+Torch-free: runs on the line PC with the runtime alone (numpy, OpenCV, onnxruntime).
+
+Which images. Per task, the normal images of ``ROOT/<task>/calib/good`` when that folder
+exists (a held-out set the user keeps for this), else ``ROOT/<task>/test/good``. Never
+``train/good``: the flow was fitted to those images, so their scores are optimistically low
+and a threshold set on them gives more false alarms than asked for.
+
+Threshold rule (distribution-free, order statistics). Decision: anomaly when score > t.
+With n normal scores, t = the k-th largest score. For exchangeable normal images a new
+normal image exceeds the k-th largest of n with probability exactly k/(n+1), so
+k = floor(target_fpr * (n+1)) gives an expected FPR <= target_fpr (the conformal quantile).
+k >= 1 needs n >= ceil(1/target_fpr) - 1; we ask for ``min_count`` = ceil(1/target_fpr)
+images (100 at 1 % FPR) and refuse below it. The true FPR of that t is Beta(k, n+1-k)
+distributed; the report gives its 95 % upper bound, so the user sees how loose a small
+sample is. With ``confidence`` set, k is instead the largest with
+P(FPR > target) <= 1 - confidence (a tolerance limit); it needs more images.
+
+Routing limit. Each normal image's squared Mahalanobis distance to its own task's
+prototype; limit = ``limit_margin`` x the largest of them. These images were not used to
+fit the prototype, so their largest distance is an honest 1/(n+1) tail estimate; the margin
+(the config's router_limit_margin, 2.0) leaves room for lighting drift on the line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moleflow_edge.data.mvtec import GOOD, DatasetError, _image_files, test_samples
+from moleflow_edge.export.manifest import Manifest, load_manifest, save_manifest
+from moleflow_edge.preprocess import read_image_bgr, resize_frame
+
+__all__ = [
+    "CALIB_FOLDER",
+    "CalibrationError",
+    "CalibrationReport",
+    "QuantileThreshold",
+    "TaskCalibration",
+    "calibrate",
+    "fpr_upper_bound",
+    "min_normal_count",
+    "threshold_for_fpr",
+]
+
+CALIB_FOLDER = "calib"  # ROOT/<task>/calib/good: held-out normal images, preferred over test/good
+DEFAULT_LIMIT_MARGIN = 2.0  # mirrors MoleFlowConfig.router_limit_margin
+BATCH = 8
+UPPER_BOUND_LEVEL = 0.95
+
+
+class CalibrationError(ValueError):
+    """Too few or missing normal images, or an export that cannot be calibrated; says what to add."""
+
+
+# --- order statistics ----------------------------------------------------------------------------
+def _binom_sf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) >= k), exact, summed in log space."""
+    if k <= 0:
+        return 1.0
+    if k > n or p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    log_fact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
+    j = np.arange(k, n + 1)
+    log_terms = log_fact[n] - log_fact[j] - log_fact[n - j] + j * math.log(p) + (n - j) * math.log1p(-p)
+    return float(min(1.0, np.exp(log_terms).sum()))
+
+
+def _fpr_exceeds(k: int, n: int, target: float) -> float:
+    """P(true FPR of the k-th largest of n normal scores > target); FPR ~ Beta(k, n+1-k).
+
+    P(Beta(k, n+1-k) <= p) = P(Binomial(n, p) >= k).
+    """
+    return 1.0 - _binom_sf(k, n, target)
+
+
+def fpr_upper_bound(k: int, n: int, level: float = UPPER_BOUND_LEVEL) -> float:
+    """The ``level`` quantile of the true FPR of the k-th largest of n normal scores (bisection)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if _binom_sf(k, n, mid) >= level:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def min_normal_count(target_fpr: float, confidence: float | None = None) -> int:
+    """Fewest normal images for which some order statistic meets the rule (k >= 1)."""
+    if not 0.0 < target_fpr < 1.0:
+        raise CalibrationError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    if confidence is None:
+        return math.ceil(1.0 / target_fpr)
+    # k = 1 (the maximum) qualifies when (1 - target)^n <= 1 - confidence
+    return math.ceil(math.log(1.0 - confidence) / math.log(1.0 - target_fpr))
+
+
+@dataclass(frozen=True)
+class QuantileThreshold:
+    """A threshold from n normal scores: the k-th largest, its expected FPR and 95 % FPR bound."""
+
+    threshold: float
+    k: int
+    n: int
+    expected_fpr: float  # k / (n+1)
+    fpr_upper95: float
+    method: str
+
+
+def threshold_for_fpr(
+    scores: np.ndarray, target_fpr: float, *, confidence: float | None = None, min_count: int | None = None
+) -> QuantileThreshold:
+    """Threshold t (anomaly when score > t) with FPR <= ``target_fpr`` on normal scores (n,).
+
+    ``confidence`` None: expected FPR <= target (k = floor(target (n+1))). Otherwise
+    P(FPR > target) <= 1 - confidence. Refuses fewer than ``min_count`` (default: the
+    least n for which the rule can hold) scores.
+    """
+    values = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    n = len(values)
+    needed = min_normal_count(target_fpr, confidence) if min_count is None else int(min_count)
+    needed = max(needed, min_normal_count(target_fpr, confidence))
+    if n < needed:
+        raise CalibrationError(
+            f"{n} normal images cannot support a {target_fpr:g} false-positive rate: need at least {needed} "
+            f"(order-statistic rule, {'expected FPR' if confidence is None else f'{confidence:g} confidence'}); "
+            "add normal images or raise --target-fpr"
+        )
+    if not np.all(np.isfinite(values)):
+        raise CalibrationError("some normal scores are not finite: the export or the images are broken")
+    if confidence is None:
+        k = max(1, math.floor(target_fpr * (n + 1) + 1e-9))
+        method = "conformal order statistic: k-th largest, k = floor(target_fpr*(n+1)), E[FPR] = k/(n+1)"
+    else:
+        k = 1
+        while k < n and _fpr_exceeds(k + 1, n, target_fpr) <= 1.0 - confidence:
+            k += 1
+        method = f"tolerance limit: k-th largest, largest k with P(FPR > target_fpr) <= {1 - confidence:g}"
+    return QuantileThreshold(
+        threshold=float(values[n - k]),
+        k=k,
+        n=n,
+        expected_fpr=k / (n + 1),
+        fpr_upper95=fpr_upper_bound(k, n),
+        method=method,
+    )
+
+
+def f1_optimal(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1) maximising F1 over thresholds at the observed scores (anomaly: score > t)."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
+    best_t, best_f1 = float("nan"), -1.0
+    candidates = np.unique(scores)
+    for t in np.concatenate([[candidates[0] - 1.0], candidates]):
+        _, _, f1 = precision_recall(scores, labels, float(t))
+        if f1 > best_f1:
+            best_t, best_f1 = float(t), f1
+    return best_t, best_f1
+
+
+def precision_recall(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[float, float, float]:
+    predicted = np.asarray(scores) > threshold
+    labels = np.asarray(labels, bool)
+    tp = int(np.sum(predicted & labels))
+    fp = int(np.sum(predicted & ~labels))
+    fn = int(np.sum(~predicted & labels))
+    precision = tp / (tp + fp) if tp + fp else 1.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+# --- scoring through the runtime -----------------------------------------------------------------
+def normal_images(data_root: Path, task: str) -> tuple[list[Path], str]:
+    """The calibration images of ``task`` and the folder they came from (relative to the root)."""
+    held_out = data_root / task / CALIB_FOLDER / GOOD
+    folder = held_out if held_out.is_dir() else data_root / task / "test" / GOOD
+    if not folder.is_dir():
+        raise CalibrationError(
+            f"no normal images for task {task!r}: neither {held_out} nor {folder} exists; "
+            f"put held-out normal images in {held_out}"
+        )
+    return _image_files(folder), folder.relative_to(data_root).as_posix()
+
+
+def score_as_task(runtime: object, files: list[Path], task: str) -> tuple[np.ndarray, np.ndarray]:
+    """Oracle scoring: image scores (n,) under ``task``'s flow, and distances (n,T) to every prototype.
+
+    Calibration knows the product, so it bypasses routing: a normal image misrouted to another
+    task still counts for its own task's threshold. Uses the runtime's backend and engine cache.
+    """
+    backend, engines = runtime._backend, runtime.engines  # type: ignore[attr-defined]
+    size = runtime.image_size  # type: ignore[attr-defined]
+    scores, distances = [], []
+    for start in range(0, len(files), BATCH):
+        chunk = files[start : start + BATCH]
+        images = np.stack([resize_frame(read_image_bgr(f), size) for f in chunk])
+        features = backend.backbone(images)
+        distances.append(runtime._distances(features))  # type: ignore[attr-defined]
+        engine, _ = engines.get(task)
+        _, image = engine.run(features, list(range(len(chunk))))
+        scores.append(np.asarray(image, dtype=np.float64))
+    return np.concatenate(scores), np.concatenate(distances).astype(np.float64)
+
+
+# --- the report ------------------------------------------------------------------------------------
+@dataclass
+class TaskCalibration:
+    task: str
+    source: str  # folder relative to the data root
+    n: int
+    threshold: float
+    k: int
+    expected_fpr: float
+    fpr_upper95: float
+    distance_limit: float
+    max_normal_distance: float
+    routed_to_own_task: float  # fraction of the normal images the router sends to this task
+    defects: int = 0
+    precision: float | None = None  # at the chosen threshold, on test/<defect> + the normal images
+    recall: float | None = None
+    f1: float | None = None
+    f1_optimal_threshold: float | None = None
+    f1_optimal: float | None = None
+
+
+@dataclass
+class CalibrationReport:
+    export_dir: str
+    target_fpr: float
+    precision: str
+    tasks: list[TaskCalibration] = field(default_factory=list)
+    int8_calibration: dict = field(default_factory=dict)  # provenance of the INT8 QDQ scales, from the manifest
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        """Markdown table, one row per task."""
+        lines = [
+            (
+                "| task | source | n | k | threshold | E[FPR] | FPR 95% bound | distance limit | precision "
+                "| recall | F1-opt threshold |"
+            ),
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+
+        def fmt(v: float | None, spec: str = ".3f") -> str:
+            return "-" if v is None else format(v, spec)
+
+        for t in self.tasks:
+            lines.append(
+                f"| {t.task} | {t.source} | {t.n} | {t.k} | {t.threshold:.4g} | {t.expected_fpr:.4f} "
+                f"| {t.fpr_upper95:.4f} | {t.distance_limit:.4g} | {fmt(t.precision)} | {fmt(t.recall)} "
+                f"| {fmt(t.f1_optimal_threshold, '.4g')} |"
+            )
+        return "\n".join(lines)
+
+
+def calibrate(
+    export_dir: str | Path,
+    data_root: str | Path,
+    target_fpr: float = 0.01,
+    min_count: int | None = None,
+    *,
+    confidence: float | None = None,
+    limit_margin: float = DEFAULT_LIMIT_MARGIN,
+    precision: str = "fp32",
+    tasks: list[str] | None = None,
+    threads: int | None = None,
+    write: bool = True,
+) -> CalibrationReport:
+    """Set every task's score threshold and routing distance limit from its normal images.
+
+    Scores go through the runtime (onnxruntime CPU, ``precision`` graphs: calibrate the precision
+    you deploy). Writes threshold, distance_limit and a ``calibration`` dict per task into the
+    manifest atomically; no timestamps, so calibrating twice gives a byte-identical manifest.
+    """
+    from moleflow_edge.runtime import Runtime
+
+    root, data = Path(export_dir), Path(data_root)
+    manifest: Manifest = load_manifest(root, verify=True)
+    chosen = manifest.task_names if tasks is None else list(tasks)
+    needed = max(min_count or 0, min_normal_count(target_fpr, confidence))
+    report = CalibrationReport(str(root), target_fpr, precision, int8_calibration=dict(manifest.int8_calibration))
+    runtime = Runtime.load(
+        root, backend="onnxruntime", precision=precision, threads=threads, providers=["CPUExecutionProvider"]
+    )
+    try:
+        for name in chosen:
+            entry = manifest.task(name)
+            files, source = normal_images(data, name)
+            if len(files) < needed:
+                raise CalibrationError(
+                    f"task {name!r}: {data / source} has {len(files)} normal images; a {target_fpr:g} false-positive "
+                    f"rate needs at least {needed} (ceil(1/target_fpr) for the order-statistic rule). Add held-out "
+                    f"normal images to {data / name / CALIB_FOLDER / GOOD} or raise --target-fpr"
+                )
+            scores, all_distances = score_as_task(runtime, files, name)
+            column = runtime.router.tasks.index(name)
+            distances = all_distances[:, column]
+            rule = threshold_for_fpr(scores, target_fpr, confidence=confidence, min_count=needed)
+            routed = float(np.mean(np.argmin(all_distances, axis=1) == column))
+            limit = float(limit_margin * distances.max())
+            result = TaskCalibration(
+                task=name, source=source, n=rule.n, threshold=rule.threshold, k=rule.k,
+                expected_fpr=rule.expected_fpr, fpr_upper95=rule.fpr_upper95, distance_limit=limit,
+                max_normal_distance=float(distances.max()), routed_to_own_task=routed,
+            )  # fmt: skip
+            _defect_metrics(runtime, data, name, scores, result)
+            report.tasks.append(result)
+            entry.threshold = rule.threshold
+            entry.distance_limit = limit
+            entry.calibration = {
+                "n": rule.n,
+                "k": rule.k,
+                "target_fpr": target_fpr,
+                "expected_fpr": rule.expected_fpr,
+                "fpr_upper95": rule.fpr_upper95,
+                "quantile_method": rule.method,
+                "source": source,
+                "precision": precision,
+                "distance_limit_method": f"{limit_margin:g} x max squared Mahalanobis distance of the same images",
+                "max_normal_distance": result.max_normal_distance,
+            }
+    finally:
+        runtime.close()
+    if write:
+        save_manifest(root, manifest)
+    return report
+
+
+def _defect_metrics(runtime: object, data: Path, task: str, normal: np.ndarray, result: TaskCalibration) -> None:
+    """Precision/recall at the chosen threshold and the F1-optimal threshold, where test/<defect> exists."""
+    try:
+        defects = [s.path for s in test_samples(data, task) if s.label == 1]
+    except DatasetError:
+        return
+    if not defects:
+        return
+    anomalous, _ = score_as_task(runtime, defects, task)
+    scores = np.concatenate([normal, anomalous])
+    labels = np.concatenate([np.zeros(len(normal), bool), np.ones(len(anomalous), bool)])
+    result.defects = len(defects)
+    result.precision, result.recall, result.f1 = precision_recall(scores, labels, result.threshold)
+    result.f1_optimal_threshold, result.f1_optimal = f1_optimal(scores, labels)
+

@@ -1,0 +1,128 @@
+"""Calibration: the order-statistic threshold's FPR, and export -> calibrate -> Runtime.load end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moleflow_edge.calibration import CalibrationError, calibrate, threshold_for_fpr
+from moleflow_edge.calibration.thresholds import fpr_upper_bound, min_normal_count
+from moleflow_edge.export.manifest import load_manifest
+from moleflow_edge.preprocess import read_image_bgr
+from moleflow_edge.runtime import Runtime
+from tests.export_fixture import N_TEST_GOOD, TASKS, build_export
+
+TARGET = 0.1  # the fixture has 24 normal test images per task
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return build_export(tmp_path_factory.getbasetemp() / "calib_bench_export")
+
+
+@pytest.fixture
+def export_copy(built: dict, tmp_path: Path) -> Path:
+    out = tmp_path / "export"
+    shutil.copytree(built["export_dir"], out)
+    return out
+
+
+# --- statistics on synthetic scores --------------------------------------------------------------
+def test_threshold_fpr_on_a_separate_sample_is_within_the_binomial_range() -> None:
+    rng = np.random.default_rng(0)
+    target, n, trials, m = 0.01, 299, 400, 20000
+    fprs, ks = [], set()
+    for _ in range(trials):
+        rule = threshold_for_fpr(rng.gamma(2.0, size=n), target)
+        fprs.append(float(np.mean(rng.gamma(2.0, size=m) > rule.threshold)))
+        ks.add(rule.k)
+    assert ks == {3}  # floor(0.01 * 300)
+    fprs_arr = np.array(fprs)
+    # each trial's true FPR ~ Beta(3, 297): mean 0.01; the held-out estimate adds binomial noise
+    assert abs(fprs_arr.mean() - 0.01) < 0.0015
+    # about 5 % of trials beyond the 95 % bound (400 trials: 20 +- 4.4), hardly any beyond 99.9 %
+    assert 0.02 < np.mean(fprs_arr > fpr_upper_bound(3, n, 0.95)) < 0.09
+    assert np.mean(fprs_arr > fpr_upper_bound(3, n, 0.999) + 3 * np.sqrt(0.03 / m)) < 0.01
+
+
+def test_tolerance_limit_keeps_fpr_below_target_with_confidence() -> None:
+    rng = np.random.default_rng(1)
+    fprs = []
+    for _ in range(300):
+        rule = threshold_for_fpr(rng.normal(size=500), 0.01, confidence=0.9)
+        fprs.append(np.mean(rng.normal(size=20000) > rule.threshold))
+    assert np.mean(np.array(fprs) > 0.01) < 0.15  # at most 10 % of thresholds exceed the target, plus noise
+
+
+def test_too_few_scores_is_refused_with_the_count_needed() -> None:
+    assert min_normal_count(0.01) == 100
+    with pytest.raises(CalibrationError, match="need at least 100"):
+        threshold_for_fpr(np.arange(99.0), 0.01)
+    assert threshold_for_fpr(np.arange(100.0), 0.01).threshold == 99.0  # k = 1: the maximum
+
+
+# --- end to end on a real export -------------------------------------------------------------------
+def test_calibrate_sets_thresholds_the_runtime_uses(built: dict, export_copy: Path) -> None:
+    before = load_manifest(export_copy)
+    assert all(t.threshold is None for t in before.tasks)
+    report = calibrate(export_copy, built["data"], target_fpr=TARGET)
+    manifest = load_manifest(export_copy)  # hashes still verify: only decision fields changed
+    assert [a.sha256 for a in manifest.artifacts()] == [a.sha256 for a in before.artifacts()]
+    assert manifest.int8_calibration and report.int8_calibration == manifest.int8_calibration
+    for entry, row in zip(manifest.tasks, report.tasks):
+        assert entry.threshold == row.threshold and entry.distance_limit == row.distance_limit
+        assert entry.calibration["n"] == N_TEST_GOOD and entry.calibration["source"] == f"{entry.name}/test/good"
+        assert row.k == 2 and row.defects > 0 and row.recall is not None
+    with Runtime.load(export_copy, backend="onnxruntime") as runtime:
+        for task in TASKS:
+            files = sorted((built["data"] / task / "test" / "good").glob("*.png"))
+            results = runtime.infer([read_image_bgr(f) for f in files], with_maps=False)
+            routed = [r for r in results if r.task == task]
+            assert routed and all(r.is_anomaly is not None for r in routed)
+            assert all(r.threshold == manifest.task(task).threshold for r in routed)
+            # k = 2 of 24: exactly one normal image scores above the threshold (when routed home)
+            assert sum(r.is_anomaly for r in routed) <= 1
+
+
+def test_calibrating_twice_gives_an_identical_manifest(built: dict, export_copy: Path) -> None:
+    calibrate(export_copy, built["data"], target_fpr=TARGET)
+    first = (export_copy / "manifest.json").read_bytes()
+    calibrate(export_copy, built["data"], target_fpr=TARGET)
+    assert (export_copy / "manifest.json").read_bytes() == first
+    assert "time" not in json.dumps(json.loads(first)["tasks"][0]["calibration"])
+
+
+def test_too_few_images_is_a_clear_error_and_leaves_the_manifest(built: dict, export_copy: Path) -> None:
+    before = (export_copy / "manifest.json").read_bytes()
+    with pytest.raises(CalibrationError, match=r"has 24 normal images.*at least 100.*calib/good"):
+        calibrate(export_copy, built["data"], target_fpr=0.01)
+    assert (export_copy / "manifest.json").read_bytes() == before
+
+
+def test_held_out_calib_folder_is_preferred(built: dict, export_copy: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(built["data"], data)
+    for task in TASKS:
+        shutil.copytree(data / task / "test" / "good", data / task / "calib" / "good")
+        for extra in sorted((data / task / "test" / "good").glob("*.png"))[:5]:
+            shutil.copy(extra, data / task / "calib" / "good" / f"copy_{extra.name}")
+    report = calibrate(export_copy, data, target_fpr=TARGET, tasks=[TASKS[0]])
+    assert report.tasks[0].source == f"{TASKS[0]}/calib/good" and report.tasks[0].n == N_TEST_GOOD + 5
+
+
+def test_calibration_imports_no_torch() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        import moleflow_edge.calibration
+        assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
