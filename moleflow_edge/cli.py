@@ -110,6 +110,48 @@ def format_eval_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+@app.command()
+def export(
+    model: Path = typer.Option(..., help="Trained model directory."),
+    task: Optional[str] = typer.Option(None, help="Export (or re-export) this task alone."),
+    all_tasks: bool = typer.Option(False, "--all", help="Export every trained task."),
+    out: Path = typer.Option(Path("export"), help="Export directory (created or updated in place)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx, or engine (TensorRT plans built from the ONNX graphs)."),
+    precision: list[str] = typer.Option(["fp32"], help="fp32, fp16 or int8; repeat or comma-separate for several."),
+    calib_data: Optional[Path] = typer.Option(None, help="Dataset root whose normal images calibrate INT8."),
+) -> None:
+    """Merge base + LoRA per task into fused ONNX graphs (and TensorRT engines); update the manifest."""
+    from moleflow_edge.export.exporter import export_model
+    from moleflow_edge.export.tensorrt_engine import TensorRTUnavailable
+
+    if (task is None) == (not all_tasks):
+        fail("give exactly one of --task NAME or --all")
+    precisions = [p.strip() for item in precision for p in item.split(",") if p.strip()]
+    try:
+        report = export_model(model, out, None if all_tasks else [task], precisions, fmt, calib_data)
+    except TensorRTUnavailable as exc:
+        fail(str(exc))
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    typer.echo(report.table())
+
+
+@app.command()
+def run(
+    export_dir: Path = typer.Option(..., "--export", help="Export directory (manifest and graphs)."),
+    source: str = typer.Option(..., help="Image folder, image file, video file, or camera:N."),
+    backend: str = typer.Option("auto", help="auto, onnxruntime, openvino or tensorrt."),
+    precision: str = typer.Option("fp32", help="Which exported precision to run."),
+    save: Optional[Path] = typer.Option(None, help="Write an overlay image per frame here."),
+    show: bool = typer.Option(False, help="Show the overlays in a window."),
+    batch_size: int = typer.Option(1, help="Frames per inference call."),
+) -> None:
+    """Inspect frames: one JSON line per frame on stdout, a summary at the end."""
+    from moleflow_edge.runtime import run_source
+
+    raise typer.Exit(run_source(export_dir, source, backend, save, show, precision=precision, batch_size=batch_size))
+
+
 # the demo trades the papers' sizes for minutes on a laptop CPU; every size is a config field
 DEMO_CONFIG = MoleFlowConfig(image_size=160, num_mole_blocks=4, num_dia_blocks=2, lora_rank=16, lora_alpha=16, batch_size=8)
 

@@ -80,10 +80,10 @@ def train_task(
     store = ModelStore(model_dir)
     if task in store.tasks():
         raise ModelDirError(f"task {task!r} is already trained in {model_dir}; pick a new task name")
-    model = prepare_model(store, config, random_backbone)
+    torch.manual_seed((config or MoleFlowConfig()).seed if not store.tasks() else store.config().seed)
+    model = prepare_model(store, config, random_backbone)  # random init happens here: seeded first
     cfg = model.config
     epochs = epochs or cfg.epochs
-    torch.manual_seed(cfg.seed)
 
     started = time.perf_counter()
     split = load_split(data_root, task, "train", cfg.image_size)

@@ -1,0 +1,69 @@
+"""Training time per task and per epoch on this machine, for three configs.
+
+    python benchmarks/train_bench.py [--epochs 3] [--json OUT]
+
+Configs: the tiny test config, the default EfficientNet-Lite0 config (D capped at 152) and the
+papers' WideResNet-50-2 config (D = 768, M = 6, r = 64). WideResNet weights are not on this
+machine, so its timing uses random backbone weights: the arithmetic, and so the time, is the
+same. Task 0 trains the shared base too and task 1 only its adapters, so both are timed.
+The per-epoch ratio against the tiny config, measured in the same run, is what to compare
+across machines (this one is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+from pathlib import Path
+
+from moleflow_edge.config import MoleFlowConfig
+from moleflow_edge.data.synth import generate
+from moleflow_edge.train import train_task
+
+CONFIGS = {
+    "tiny-test": MoleFlowConfig(
+        image_size=128, embed_dim=64, num_mole_blocks=2, num_dia_blocks=1, lora_rank=8, lora_alpha=8.0, batch_size=8
+    ),
+    "lite0-default": MoleFlowConfig(),
+    "wrn50-papers": MoleFlowConfig(backbone="wide_resnet50_2"),
+}
+IMAGES_PER_TASK = 64  # a small MVTec category has 60-200 training images
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs timed per task")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, config in CONFIGS.items():
+            data = Path(tmp) / f"data{config.image_size}"
+            if not data.exists():
+                generate(data, ["weave", "cap"], seed=0, image_size=config.image_size, n_train=IMAGES_PER_TASK,
+                         n_test_good=1, n_test_defect=1)  # fmt: skip
+            random_backbone = config.backbone == "wide_resnet50_2"
+            for index, task in enumerate(["weave", "cap"]):
+                report = train_task(data, task, Path(tmp) / name, config if index == 0 else None, args.epochs,
+                                    progress=False, random_backbone=random_backbone)  # fmt: skip
+                rows.append({
+                    "config": name, "task_index": index, "images": report.images,
+                    "seconds_per_epoch": report.seconds_per_epoch, "feature_seconds": report.feature_seconds,
+                    "seconds_per_task_60_epochs": report.feature_seconds + 60 * report.seconds_per_epoch,
+                })  # fmt: skip
+    base = {r["task_index"]: r["seconds_per_epoch"] for r in rows if r["config"] == "tiny-test"}
+    print(f"machine: {platform.processor() or platform.machine()}, {platform.system()}; {IMAGES_PER_TASK} images/task")
+    print(f"{'config':<16}{'task':>5}{'s/epoch':>10}{'x tiny':>8}{'features s':>12}{'60-epoch task s':>17}")
+    for r in rows:
+        ratio = r["seconds_per_epoch"] / base[r["task_index"]]
+        print(f"{r['config']:<16}{r['task_index']:>5}{r['seconds_per_epoch']:>10.2f}{ratio:>8.1f}"
+              f"{r['feature_seconds']:>12.1f}{r['seconds_per_task_60_epochs']:>17.0f}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"machine": platform.uname()._asdict(), "results": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Continual training: zero forgetting, routed accuracy, and crash safety of the model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moleflow_edge.anomaly_map import anomaly_map
+from moleflow_edge.data.mvtec import DatasetError, load_split
+from moleflow_edge.evaluate import evaluate
+from moleflow_edge.model_store import SHARED_FILE, ModelDirError, ModelStore
+from moleflow_edge.train import train_task
+from moleflow_edge.config import MoleFlowConfig
+from moleflow_edge.data.synth import generate
+
+SEQUENCE = ["weave", "tiles", "cap"]
+# small, but big enough to separate the synthetic defects of an object category (cap) too
+TINY_CONFIG = MoleFlowConfig(
+    image_size=160, num_mole_blocks=2, num_dia_blocks=1, lora_rank=8, lora_alpha=8.0, epochs=20, batch_size=8, lr=1e-3
+)
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synth160")
+    generate(root, SEQUENCE + ["screw"], seed=0, image_size=160, n_train=30, n_test_good=12, n_test_defect=3)
+    return root
+
+
+def _task0_outputs(model_dir: Path, data: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    model, _ = ModelStore(model_dir).load()
+    split = load_split(data, SEQUENCE[0], "test", TINY_CONFIG.image_size)
+    patch, image = model.score_images(torch.from_numpy(split.images), SEQUENCE[0])
+    maps = np.stack([anomaly_map(p, TINY_CONFIG.image_size, TINY_CONFIG.map_sigma) for p in patch.numpy()])
+    return patch.numpy(), image.numpy(), maps
+
+
+@pytest.fixture(scope="module")
+def sequence_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Train task 0, snapshot everything, then train the later tasks one after another."""
+    model_dir = tmp_path_factory.mktemp("model")
+    train_task(synth_root, SEQUENCE[0], model_dir, TINY_CONFIG, progress=False)
+    store = ModelStore(model_dir)
+    after_task0 = {
+        "shared_bytes": (model_dir / SHARED_FILE).read_bytes(),
+        "task0_bytes": store.task_file(SEQUENCE[0]).read_bytes(),
+        "shared_state": store.load()[0].shared_state_dict(),
+        "outputs": _task0_outputs(model_dir, synth_root),
+    }
+    for task in SEQUENCE[1:]:
+        train_task(synth_root, task, model_dir, progress=False)
+    return {"model_dir": model_dir, "after_task0": after_task0}
+
+
+def test_shared_weights_unchanged_by_later_tasks(sequence_run: dict) -> None:
+    model_dir = sequence_run["model_dir"]
+    before = sequence_run["after_task0"]
+    assert (model_dir / SHARED_FILE).read_bytes() == before["shared_bytes"]
+    assert ModelStore(model_dir).task_file(SEQUENCE[0]).read_bytes() == before["task0_bytes"]
+    model, _ = ModelStore(model_dir).load()
+    assert model.tasks == SEQUENCE
+    after = model.shared_state_dict()
+    assert after.keys() == before["shared_state"].keys()
+    assert all(torch.equal(after[k], before["shared_state"][k]) for k in after)
+
+
+def test_task0_scores_and_maps_bit_identical_after_later_tasks(sequence_run: dict, synth_root: Path) -> None:
+    patch, image, maps = _task0_outputs(sequence_run["model_dir"], synth_root)
+    before_patch, before_image, before_maps = sequence_run["after_task0"]["outputs"]
+    assert np.array_equal(patch, before_patch)
+    assert np.array_equal(image, before_image)
+    assert np.array_equal(maps, before_maps)
+
+
+def test_routed_accuracy_on_three_synthetic_tasks(sequence_run: dict, synth_root: Path) -> None:
+    results = evaluate(synth_root, sequence_run["model_dir"])
+    assert results["mode"]["routing"] == "routed"
+    for task in SEQUENCE:
+        assert results["tasks"][task]["routing_accuracy"] == 1.0, task
+        assert results["tasks"][task]["image_auroc"] >= 0.9, (task, results["tasks"][task])
+    assert results["forgetting"] == {"image_auroc": 0.0, "pixel_auroc": 0.0, "pixel_ap": 0.0}
+
+
+def test_training_is_deterministic_for_a_seed(sequence_run: dict, synth_root: Path, tmp_path: Path) -> None:
+    train_task(synth_root, SEQUENCE[0], tmp_path, TINY_CONFIG, progress=False)
+    assert (tmp_path / SHARED_FILE).read_bytes() == sequence_run["after_task0"]["shared_bytes"]
+
+
+def _snapshot(model_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(model_dir)): p.read_bytes() for p in sorted(model_dir.rglob("*")) if p.is_file()}
+
+
+def test_crash_mid_training_leaves_model_dir_unchanged(
+    sequence_run: dict, synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = tmp_path / "model"
+    train_task(synth_root, SEQUENCE[0], model_dir, TINY_CONFIG, progress=False)
+    before = _snapshot(model_dir)
+    calls = {"n": 0}
+    import moleflow_edge.train as train_module
+
+    real_loss = train_module.flow_loss
+
+    def crash_on_third_step(*args: object) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C or a power cut mid-epoch
+        return real_loss(*args)
+
+    monkeypatch.setattr(train_module, "flow_loss", crash_on_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_task(synth_root, "screw", model_dir, progress=False)
+    assert _snapshot(model_dir) == before
+    assert ModelStore(model_dir).tasks() == [SEQUENCE[0]]
+
+
+def test_crash_between_task_file_and_task_list_keeps_earlier_tasks(
+    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = tmp_path / "model"
+    train_task(synth_root, SEQUENCE[0], model_dir, TINY_CONFIG, progress=False)
+    before_scores = _task0_outputs(model_dir, synth_root)[1]
+    import moleflow_edge.model_store as store_module
+
+    def no_list_update(path: Path, text: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store_module, "write_text_atomic", no_list_update)
+    with pytest.raises(OSError):
+        train_task(synth_root, "screw", model_dir, progress=False)
+    monkeypatch.undo()
+    store = ModelStore(model_dir)
+    assert store.tasks() == [SEQUENCE[0]]  # the orphan task file is ignored
+    assert np.array_equal(_task0_outputs(model_dir, synth_root)[1], before_scores)
+    train_task(synth_root, "screw", model_dir, epochs=1, progress=False)  # and the task can be trained again
+    assert store.tasks() == [SEQUENCE[0], "screw"]
+
+
+def test_train_refuses_a_task_already_trained(sequence_run: dict, synth_root: Path) -> None:
+    with pytest.raises(ModelDirError, match="already trained"):
+        train_task(synth_root, SEQUENCE[1], sequence_run["model_dir"], progress=False)
+
+
+def test_train_names_a_missing_category(synth_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="bolt"):
+        train_task(synth_root, "bolt", tmp_path / "model", TINY_CONFIG, progress=False)
+    assert not (tmp_path / "model" / "tasks.json").exists()
+
+
+def test_load_refuses_a_damaged_task_file(sequence_run: dict, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(sequence_run["model_dir"], copy)
+    ModelStore(copy).task_file(SEQUENCE[1]).write_bytes(b"not safetensors")
+    with pytest.raises(ModelDirError, match=f"{SEQUENCE[1]}.safetensors is damaged"):
+        ModelStore(copy).load()
