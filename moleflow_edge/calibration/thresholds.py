@@ -351,4 +351,3 @@ def _defect_metrics(runtime: object, data: Path, task: str, normal: np.ndarray, 
     result.defects = len(defects)
     result.precision, result.recall, result.f1 = precision_recall(scores, labels, result.threshold)
     result.f1_optimal_threshold, result.f1_optimal = f1_optimal(scores, labels)
-

@@ -1,0 +1,86 @@
+"""bench: the JSON report has every stage, percentile and backend field, and names what it skipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moleflow_edge.bench import BenchError, bench, graph_macs, summary_table
+from moleflow_edge.export.manifest import load_manifest
+from moleflow_edge.runtime.result import STAGES
+from tests.export_fixture import build_export
+
+PERCENTILES = {"p50", "p90", "p99"}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return build_export(tmp_path_factory.getbasetemp() / "calib_bench_export")
+
+
+@pytest.fixture(scope="module")
+def report(built: dict) -> dict:
+    out = bench(
+        built["export_dir"],
+        backends=("torch-eager", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"),
+        precisions=("fp32", "int8"),
+        batches=(1, 2),
+        iters=3,
+        data_root=built["data"],
+        model_dir=None,  # torch-eager must be skipped, with the reason
+        task_counts=(1, 3),
+        printer=None,
+    )
+    return json.loads(json.dumps(out))  # what --json writes
+
+
+def test_every_backend_that_ran_has_every_stage_and_percentile(report: dict) -> None:
+    ran = {(r["backend"], r["precision"]) for r in report["results"]}
+    assert ("onnxruntime-cpu", "fp32") in ran and ("onnxruntime-cpu", "int8") in ran
+    for row in report["results"]:
+        assert set(row) >= {"backend", "precision", "batch", "stages_ms", "end_to_end_ms", "throughput_fps",
+                            "peak_rss_mb", "image_auroc"}  # fmt: skip
+        assert set(row["stages_ms"]) == set(STAGES)
+        for stage in STAGES:
+            assert set(row["stages_ms"][stage]) == PERCENTILES
+        assert set(row["end_to_end_ms"]) == PERCENTILES
+        assert row["end_to_end_ms"]["p50"] <= row["end_to_end_ms"]["p99"]
+        assert row["throughput_fps"] > 0 and row["peak_rss_mb"] > 0 and 0 <= row["image_auroc"] <= 1
+    assert sorted(r["batch"] for r in report["results"] if r["precision"] == "fp32") == [1, 2]
+    assert set(report["machine"]) >= {"cpus", "numpy_matmul_gflops", "int8_dot_product", "onnxruntime"}
+
+
+def test_skipped_backends_are_named_with_a_reason(report: dict) -> None:
+    skipped = {(s["backend"], s["precision"]): s["reason"] for s in report["skipped"]}
+    assert "--model" in skipped[("torch-eager", "fp32")]
+    assert "fp32" in skipped[("torch-eager", "int8")]
+    for backend in ("onnxruntime-cuda", "tensorrt"):
+        ran = any(r["backend"] == backend for r in report["results"])
+        assert ran or skipped[(backend, "fp32")]
+    status = {(s["backend"], s["precision"]): s["status"] for s in report["summary"]}
+    assert status[("torch-eager", "fp32")] == "skipped"
+    assert "skipped" in summary_table(report["summary"])
+
+
+def test_int8_on_a_cpu_without_vnni_is_flagged(report: dict) -> None:
+    rows = [r for r in report["results"] if r["backend"] == "onnxruntime-cpu" and r["precision"] == "int8"]
+    assert bool(rows[0].get("warning")) != report["machine"]["int8_dot_product"]
+
+
+def test_flops_and_task_growth(report: dict, built: dict) -> None:
+    manifest = load_manifest(built["export_dir"])
+    macs = graph_macs(Path(built["export_dir"]) / manifest.backbone_graphs["fp32"].file)
+    assert macs["Conv"] > 0
+    backbone = next(r for r in report["flops"] if r["graph"] == "backbone")
+    assert backbone["gflop"] == pytest.approx(2 * sum(macs.values()) / 1e9, rel=1e-3)
+    assert 0 < backbone["fraction_of_peak"]
+    assert [g["tasks"] for g in report["task_growth"]] == [1, 3]
+    assert all(g["routing_ms_p50"] > 0 and g["engine_load_ms_mean"] > 0 for g in report["task_growth"])
+
+
+def test_auroc_floor_fails_below_it(built: dict) -> None:
+    with pytest.raises(BenchError, match="below the floor"):
+        bench(built["export_dir"], backends=("onnxruntime-cpu",), precisions=("fp32",), batches=(1,), iters=1,
+              data_root=built["data"], auroc_floor=1.01, task_counts=(), printer=None)  # fmt: skip
