@@ -27,7 +27,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STAGES = ("preprocess", "backbone", "routing", "flow", "postprocess")
+from moleflow_edge.bench import TorchPipeline, runtime_pipeline
+from moleflow_edge.runtime.result import STAGES
+
 TASKS = ["weave", "tiles", "screw"]
 
 
@@ -70,76 +72,6 @@ def load_frames(data: Path, count: int, frame_hw: tuple[int, int] | None) -> lis
     if frame_hw is not None:
         frames = [cv2.resize(f, (frame_hw[1], frame_hw[0]), interpolation=cv2.INTER_LINEAR) for f in frames]
     return frames
-
-
-class TorchPipeline:
-    """The eager PyTorch path, stage by stage, as evaluation runs it."""
-
-    def __init__(self, model_dir: Path) -> None:
-        import torch
-
-        from moleflow_edge.model_store import ModelStore
-        from moleflow_edge.router import RouterTable
-
-        self.torch = torch
-        self.model, prototypes = ModelStore(model_dir).load()
-        self.table = RouterTable(self.model.tasks, [prototypes[t] for t in self.model.tasks])
-        self.size = self.model.config.image_size
-
-    def __call__(self, frames: list[np.ndarray]) -> tuple[dict[str, float], list[tuple[str, float | None]]]:
-        from moleflow_edge.anomaly_map import anomaly_map
-        from moleflow_edge.model.embedding import patch_concat
-        from moleflow_edge.preprocess import resize_frame
-        from moleflow_edge.router import UNKNOWN
-
-        torch, model, cfg = self.torch, self.model, self.model.config
-        ms: dict[str, float] = {}
-        with torch.no_grad():
-            t = time.perf_counter()
-            x = torch.from_numpy(np.stack([resize_frame(f, self.size) for f in frames]))
-            ms["preprocess"] = (time.perf_counter() - t) * 1e3
-            t = time.perf_counter()
-            maps = model.backbone_maps(x)
-            routing = model.routing_feature(maps).numpy()
-            embedded = model.embed(patch_concat(maps))
-            ms["backbone"] = (time.perf_counter() - t) * 1e3
-            t = time.perf_counter()
-            tasks = self.table.route(self.table.distances(routing))
-            ms["routing"] = (time.perf_counter() - t) * 1e3
-            t = time.perf_counter()
-            scores: list[float | None] = [None] * len(frames)
-            patches: list[np.ndarray | None] = [None] * len(frames)
-            for task in dict.fromkeys(tasks):
-                if task == UNKNOWN:
-                    continue
-                idx = [i for i, k in enumerate(tasks) if k == task]
-                nll = model.patch_nll(embedded[idx], task)
-                image = model.image_score(nll)
-                for j, i in enumerate(idx):
-                    patches[i], scores[i] = nll[j].numpy(), float(image[j])
-            ms["flow"] = (time.perf_counter() - t) * 1e3
-            t = time.perf_counter()
-            for frame, patch in zip(frames, patches):
-                if patch is not None:
-                    anomaly_map(patch, cfg.image_size, cfg.map_sigma, out_hw=frame.shape[:2])
-            ms["postprocess"] = (time.perf_counter() - t) * 1e3
-        return ms, list(zip(tasks, scores))
-
-
-def runtime_pipeline(runtime: object):  # noqa: ANN201 - returns the same shape of callable as TorchPipeline
-    def run(frames: list[np.ndarray]) -> tuple[dict[str, float], list[tuple[str, float | None]]]:
-        results = runtime.infer(frames)  # type: ignore[attr-defined]
-        first = results[0].timings
-        ms = {
-            "preprocess": sum(r.timings.preprocess for r in results),
-            "backbone": first.backbone,
-            "routing": first.routing,
-            "flow": sum({r.task: r.timings.flow for r in results}.values()),  # one flow call per task group
-            "postprocess": sum(r.timings.postprocess for r in results),
-        }
-        return ms, [(r.task, r.image_score) for r in results]
-
-    return run
 
 
 def measure(engines: dict, frames: list[np.ndarray], batch: int, iters: int, rounds: int = 4) -> dict[str, dict]:
