@@ -518,7 +518,13 @@ def bench(
     chart: str | Path | None = None,
     printer: Callable[[str], None] | None = print,
 ) -> dict:
-    """Benchmark the export; returns {"machine", "results", "skipped", "flops", "task_growth", "table"}.
+    """Benchmark the export; returns the JSON-ready report.
+
+    Keys: machine, export, iters, results (one row per backend x precision x batch: stages_ms and
+    end_to_end_ms as {p50, p90, p99}, throughput_fps, peak_rss_mb, image_auroc, warning where
+    flagged), skipped ({backend, precision, reason}), summary (the printed table's rows), flops,
+    task_growth, chart (the PNG path, or why none was written). ``backends`` defaults to every
+    backend known, so that the missing GPU ones are listed as skipped with the reason.
 
     ``auroc_floor``: raise BenchError when a backend that ran scores below it (a regression check).
     ``chart``: write a PNG of stacked per-stage latency (needs matplotlib; skipped with a note without).
