@@ -152,8 +152,58 @@ def run(
     raise typer.Exit(run_source(export_dir, source, backend, save, show, precision=precision, batch_size=batch_size))
 
 
+@app.command()
+def calibrate(
+    export_dir: Path = typer.Option(..., "--export", help="Export directory whose manifest gets the thresholds."),
+    data: Path = typer.Option(..., help="Dataset root: ROOT/<task>/calib/good if present, else test/good."),
+    target_fpr: float = typer.Option(0.01, help="False-positive rate the score threshold aims at."),
+    precision: str = typer.Option("fp32", help="Precision that will be deployed (its scores are calibrated)."),
+) -> None:
+    """Score thresholds at a target false-positive rate and unknown-product limits, into the manifest."""
+    from moleflow_edge.calibration import calibrate as calibrate_export
+
+    try:
+        report = calibrate_export(export_dir, data, target_fpr, precision=precision)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    typer.echo(report.table())
+
+
+@app.command()
+def bench(
+    export_dir: Path = typer.Option(..., "--export", help="Export directory to benchmark."),
+    backends: Optional[str] = typer.Option(None, help="Comma-separated backends (default: all; missing ones are skipped)."),
+    precisions: str = typer.Option("fp32,int8", help="Comma-separated precisions."),
+    batch: str = typer.Option("1,8", help="Comma-separated batch sizes."),
+    iters: int = typer.Option(30, help="Timed iterations per setting, after warm-up."),
+    data: Optional[Path] = typer.Option(None, help="Dataset root: adds image AUROC per backend."),
+    model: Optional[Path] = typer.Option(None, help="Model directory: adds the PyTorch eager reference."),
+    auroc_floor: Optional[float] = typer.Option(None, help="Fail (exit 1) if any image AUROC is below this."),
+    chart: Optional[Path] = typer.Option(None, help="Write the stacked per-stage latency chart (PNG) here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+) -> None:
+    """Latency per stage, throughput, memory and AUROC per backend and precision, in one table."""
+    from moleflow_edge.bench import BACKENDS, BenchError
+    from moleflow_edge.bench import bench as run_bench
+
+    chosen = tuple(backends.split(",")) if backends else BACKENDS
+    try:
+        report = run_bench(export_dir, chosen, tuple(precisions.split(",")), tuple(int(b) for b in batch.split(",")),
+                           iters, data, model, auroc_floor, chart=chart)  # fmt: skip
+    except BenchError as exc:
+        typer.secho(f"regression: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
 # the demo trades the papers' sizes for minutes on a laptop CPU; every size is a config field
-DEMO_CONFIG = MoleFlowConfig(image_size=160, num_mole_blocks=4, num_dia_blocks=2, lora_rank=16, lora_alpha=16, batch_size=8)
+DEMO_TARGET_FPR = 0.05  # the synthetic test/good folders hold 20 images: enough for 5%, not for 1%
+DEMO_CONFIG = MoleFlowConfig(
+    image_size=160, num_mole_blocks=4, num_dia_blocks=2, lora_rank=16, lora_alpha=16, batch_size=8, lr=1e-3
+)
 
 
 @app.command()
@@ -171,13 +221,25 @@ def demo(
     tasks = ["weave", "screw", "cap"]
     if ModelStore(model).tasks():
         fail(f"{model} already holds a model; remove {out} or pass another --out")
-    generate(data, [*tasks, "tiles"], seed=0, image_size=DEMO_CONFIG.image_size)
+    generate(data, [*tasks, "tiles"], seed=0, image_size=DEMO_CONFIG.image_size, n_test_good=20)
     for task in tasks:
         report = train_task(data, task, model, DEMO_CONFIG, epochs)
         typer.echo(f"trained {task}: {report.seconds_per_epoch:.2f} s/epoch")
     results = evaluate(data, model)
     typer.echo(format_eval_table(results))
     (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    from moleflow_edge.export.exporter import export_model
+
+    from moleflow_edge.bench import bench as run_bench
+    from moleflow_edge.calibration import calibrate as calibrate_export
+
+    export_dir = out / "export"
+    typer.echo(export_model(model, export_dir, None, ["fp32"]).table())
+    typer.echo(calibrate_export(export_dir, data, DEMO_TARGET_FPR).table())
+    report = run_bench(export_dir, precisions=("fp32",), batches=(1, 8), iters=20, data_root=data, model_dir=model,
+                       task_counts=(1, 5, 15), chart=out / "bench.png")  # fmt: skip
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 

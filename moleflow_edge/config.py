@@ -67,7 +67,7 @@ class MoleFlowConfig:
     router_covariance: str = Covariance.LEDOIT_WOLF.value
     router_ridge: float = 1e-5  # lambda_reg of the papers' ridge option
     router_limit_quantile: float = 0.99  # unknown-product limit: this quantile of
-    router_limit_margin: float = 2.0  # leave-one-out training distances, times this margin
+    router_limit_margin: float = 4.0  # 5-fold held-out training distances, times this margin
 
     def __post_init__(self) -> None:
         BackboneName(self.backbone)
