@@ -28,12 +28,16 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moleflow_edge.data.mvtec import GOOD, DatasetError, _image_files, test_samples
 from moleflow_edge.export.manifest import Manifest, load_manifest, save_manifest
 from moleflow_edge.preprocess import read_image_bgr, resize_frame
+
+if TYPE_CHECKING:
+    from moleflow_edge.runtime import Runtime
 
 __all__ = [
     "CALIB_FOLDER",
@@ -190,23 +194,18 @@ def normal_images(data_root: Path, task: str) -> tuple[list[Path], str]:
     return _image_files(folder), folder.relative_to(data_root).as_posix()
 
 
-def score_as_task(runtime: object, files: list[Path], task: str) -> tuple[np.ndarray, np.ndarray]:
+def score_as_task(runtime: Runtime, files: list[Path], task: str) -> tuple[np.ndarray, np.ndarray]:
     """Oracle scoring: image scores (n,) under ``task``'s flow, and distances (n,T) to every prototype.
 
     Calibration knows the product, so it bypasses routing: a normal image misrouted to another
-    task still counts for its own task's threshold. Uses the runtime's backend and engine cache.
+    task still counts for its own task's threshold.
     """
-    backend, engines = runtime._backend, runtime.engines  # type: ignore[attr-defined]
-    size = runtime.image_size  # type: ignore[attr-defined]
     scores, distances = [], []
     for start in range(0, len(files), BATCH):
-        chunk = files[start : start + BATCH]
-        images = np.stack([resize_frame(read_image_bgr(f), size) for f in chunk])
-        features = backend.backbone(images)
-        distances.append(runtime._distances(features))  # type: ignore[attr-defined]
-        engine, _ = engines.get(task)
-        _, image = engine.run(features, list(range(len(chunk))))
-        scores.append(np.asarray(image, dtype=np.float64))
+        images = np.stack([resize_frame(read_image_bgr(f), runtime.image_size) for f in files[start : start + BATCH]])
+        image_scores, image_distances = runtime.score_as(images, task)
+        scores.append(image_scores)
+        distances.append(image_distances)
     return np.concatenate(scores), np.concatenate(distances).astype(np.float64)
 
 

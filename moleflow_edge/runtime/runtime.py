@@ -306,6 +306,14 @@ class Runtime:
                 )
             result.timings.postprocess = _ms(started)
 
+    def score_as(self, resized: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
+        """Oracle scoring for calibration: (B,S,S,3) resized frames -> image scores (B,) under
+        ``task``'s flow, whatever the router says, and distances (B,T) to every prototype."""
+        features = self._backend.backbone(resized)
+        engine, _ = self.engines.get(task)
+        _, image = engine.run(features, list(range(len(resized))))
+        return np.asarray(image, dtype=np.float64), self._distances(features)
+
     def _distances(self, features: FeatureBatch) -> np.ndarray:
         if self._backend.routes_on_device:
             distances = np.asarray(self._backend.distances(features), dtype=np.float32)
