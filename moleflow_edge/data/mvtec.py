@@ -150,14 +150,6 @@ def _read_image(path: Path) -> np.ndarray:
         raise DatasetError(f"{exc}; fix or remove {path}") from exc
 
 
-def load_images(samples: Sequence[Sample], size: int) -> np.ndarray:
-    """Read and resize the samples' images to uint8 BGR ``(N, size, size, 3)``."""
-    images = np.empty((len(samples), size, size, 3), dtype=np.uint8)
-    for i, sample in enumerate(samples):
-        images[i] = resize_frame(_read_image(sample.path), size)
-    return images
-
-
 def _read_mask(mask_path: Path, image_path: Path, image_shape: tuple[int, int]) -> np.ndarray:
     """A mask file as bool ``(H, W)``; it must match its image's ``(H, W)``.
 
