@@ -362,13 +362,11 @@ def _export_graphs(
         source = _hash(manifest.model_sha256, _options(precision, calib and calib.record))
 
         def build(precision: Precision = precision, calib: CalibrationSet | None = calib) -> onnx.ModelProto:
-            if precision is Precision.FP32:
-                return backbone_fp32()
-            if precision is Precision.FP16:
-                return to_fp16(backbone_fp32())
-            assert calib is not None
-            fp32 = backbone_fp32()
-            return to_int8(fp32, calib.images(cfg.image_size), nodes_to_exclude=sensitive_products(fp32))
+            return _graph_in_precision(
+                precision,
+                backbone_fp32,
+                lambda fp32: to_int8(fp32, calib.images(cfg.image_size), nodes_to_exclude=sensitive_products(fp32)),
+            )
 
         old = manifest.backbone_graphs.get(precision.value)
         manifest.backbone_graphs[precision.value] = run.artifact(f"backbone.{precision.value}.onnx", old, source, build)
@@ -389,6 +387,19 @@ def _export_graphs(
         entry = entries.get(task) or TaskEntry(task, distance_limit=prototypes[task].limit)
         entries[task] = _export_task(run, store, model, entry, prototypes[task], precisions, calib_data)
     manifest.tasks = [entries[t] for t in export_tasks]
+
+
+def _graph_in_precision(
+    precision: Precision,
+    fp32: Callable[[], onnx.ModelProto],
+    int8: Callable[[onnx.ModelProto], onnx.ModelProto],
+) -> onnx.ModelProto:
+    """One graph in the asked precision: fp16 and INT8 are both derived from the fp32 graph."""
+    if precision is Precision.FP32:
+        return fp32()
+    if precision is Precision.FP16:
+        return to_fp16(fp32())
+    return int8(fp32())
 
 
 def _export_task(
@@ -417,12 +428,9 @@ def _export_task(
         source = _hash(run.manifest.model_sha256, weights, _options(precision, calib and calib.record))
 
         def build(precision: Precision = precision, calib: CalibrationSet | None = calib) -> onnx.ModelProto:
-            if precision is Precision.FP32:
-                return flow_fp32()
-            if precision is Precision.FP16:
-                return to_fp16(flow_fp32())
-            assert calib is not None
-            return to_int8(flow_fp32(), _embeddings(model, calib.images(cfg.image_size)))
+            return _graph_in_precision(
+                precision, flow_fp32, lambda fp32: to_int8(fp32, _embeddings(model, calib.images(cfg.image_size)))
+            )
 
         old = entry.graphs.get(precision.value)
         replaced |= old is not None and old.source_sha256 != source
