@@ -48,8 +48,11 @@ class Backbone(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
 
     def normalise(self, images_bgr: torch.Tensor) -> torch.Tensor:
-        """(B,S,S,3) uint8 BGR -> (B,3,S,S) float RGB, ImageNet mean/std."""
-        x = images_bgr.permute(0, 3, 1, 2).flip(1).float()
+        """(B,S,S,3) uint8 BGR -> (B,3,S,S) float RGB, ImageNet mean/std.
+
+        Cast first: TensorRT's ONNX parser refuses uint8 on any tensor but a graph input.
+        """
+        x = images_bgr.float().permute(0, 3, 1, 2).flip(1)
         return (x - self.mean) / self.std
 
     def forward(self, images_bgr: torch.Tensor, with_last: bool = False) -> BackboneMaps:
