@@ -26,7 +26,7 @@ from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.mvtec import load_split
 from moleflow_edge.data.synth import generate
 from moleflow_edge.export.exporter import export_model
-from moleflow_edge.export.manifest import Manifest, load_manifest
+from moleflow_edge.contract import Manifest, load_manifest
 from moleflow_edge.export.merge import merge_task
 from moleflow_edge.metrics import auroc
 from moleflow_edge.model.embedding import patch_concat

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moleflow_edge.export.manifest import (
+from moleflow_edge.contract import (
     ArtifactFile,
     Manifest,
     TaskEntry,

@@ -1,6 +1,8 @@
-"""The export manifest: what an export directory holds, how to check it, how to update it.
+"""The export/runtime contract: the manifest, the graphs' input/output names, Precision.
 
-Torch-free: the runtime loads it on a line PC. Layout of an export directory:
+The exporter writes this contract and the runtime reads it, so it lives apart from both and
+imports neither torch nor moleflow_edge.export: the runtime loads it on a line PC. Layout of an
+export directory:
 
     EXPORT/manifest.json
     EXPORT/backbone.<precision>.onnx    uint8 BGR (B,S,S,3) -> embedding (B,D,H,W), routing_feature (B,C)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from moleflow_edge.bench import BenchError, bench, graph_macs, summary_table
-from moleflow_edge.export.manifest import load_manifest
+from moleflow_edge.contract import load_manifest
 from moleflow_edge.runtime.result import STAGES
 from tests.export_fixture import build_export
 

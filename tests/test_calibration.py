@@ -14,7 +14,7 @@ import pytest
 
 from moleflow_edge.calibration import CalibrationError, calibrate, threshold_for_fpr
 from moleflow_edge.calibration.thresholds import fpr_upper_bound, min_normal_count
-from moleflow_edge.export.manifest import load_manifest
+from moleflow_edge.contract import load_manifest
 from moleflow_edge.preprocess import read_image_bgr
 from moleflow_edge.runtime import Runtime
 from tests.export_fixture import N_TEST_GOOD, TASKS, build_export

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from moleflow_edge.anomaly_map import anomaly_map
-from moleflow_edge.export.manifest import ManifestError, load_manifest
+from moleflow_edge.contract import ManifestError, load_manifest
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.preprocess import read_image_bgr, resize_frame
 from moleflow_edge.router import RouterTable
@@ -112,6 +112,8 @@ def test_runtime_imports_and_runs_without_torch(exported: dict, tmp_path: Path) 
         import moleflow_edge.runtime.tensorrt_backend, moleflow_edge.runtime.cuda_memory
         import moleflow_edge.runtime.openvino_backend
         assert not torch_modules(), torch_modules()
+        exporter = sorted(m for m in sys.modules if m.startswith("moleflow_edge.export"))
+        assert not exporter, f"the runtime imports the exporter: {{exporter}}"
         rt = runtime.Runtime.load({str(exported["export_dir"])!r}, backend="onnxruntime")
         results = rt.infer([np.full((100, 120, 3), 128, np.uint8), None])
         assert results[0].error is None and results[1].error is not None

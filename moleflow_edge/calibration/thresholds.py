@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moleflow_edge.data.mvtec import GOOD, DatasetError, _image_files, test_samples
-from moleflow_edge.export.manifest import Manifest, load_manifest, save_manifest
+from moleflow_edge.contract import Manifest, load_manifest, save_manifest
 from moleflow_edge.preprocess import read_image_bgr, resize_frame
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-from moleflow_edge.export.manifest import Precision
+from moleflow_edge.contract import Precision
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import onnx
 import torch
 from torch import nn
 
-from moleflow_edge.export.manifest import DISTANCES, EMBEDDING, IMAGE_SCORE, IMAGES, PATCH_SCORES, ROUTING_FEATURE
+from moleflow_edge.contract import DISTANCES, EMBEDDING, IMAGE_SCORE, IMAGES, PATCH_SCORES, ROUTING_FEATURE
 from moleflow_edge.model.embedding import patch_concat
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.router import RouterTable

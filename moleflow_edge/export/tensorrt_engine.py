@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moleflow_edge.export.manifest import Precision
+from moleflow_edge.contract import Precision
 
 WORKSPACE_BYTES = 1 << 30
 TIMING_CACHE = "engines/timing.cache"

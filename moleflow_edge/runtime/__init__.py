@@ -12,7 +12,7 @@ TensorRT with cuda-python; never torch (tests check it).
         else:                        print(result.task, result.image_score, result.is_anomaly)
 """
 
-from moleflow_edge.export.manifest import ManifestError, Precision
+from moleflow_edge.contract import ManifestError, Precision
 from moleflow_edge.preprocess import FrameError
 from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime.backend import Backend, BackendError, available_backends

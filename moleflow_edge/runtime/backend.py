@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moleflow_edge.export.manifest import ArtifactFile, Manifest, ManifestError, Precision, TaskEntry, file_sha256
+from moleflow_edge.contract import ArtifactFile, Manifest, ManifestError, Precision, TaskEntry, file_sha256
 
 
 class Backend(str, Enum):

@@ -22,7 +22,7 @@ from typing import TextIO
 import cv2
 import numpy as np
 
-from moleflow_edge.export.manifest import ManifestError
+from moleflow_edge.contract import ManifestError
 from moleflow_edge.preprocess import FrameError, read_image_bgr
 from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime.backend import BackendError

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from moleflow_edge.export.manifest import (
+from moleflow_edge.contract import (
     DISTANCES,
     EMBEDDING,
     IMAGE_SCORE,

@@ -16,7 +16,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from moleflow_edge.anomaly_map import anomaly_map
-from moleflow_edge.export.manifest import Manifest, ManifestError, Precision, TaskEntry, load_manifest
+from moleflow_edge.contract import Manifest, ManifestError, Precision, TaskEntry, load_manifest
 from moleflow_edge.preprocess import FrameError, resize_frame
 from moleflow_edge.router import UNKNOWN, Prototype, RouterTable
 from moleflow_edge.runtime.backend import (

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from moleflow_edge.export.manifest import (
+from moleflow_edge.contract import (
     DISTANCES,
     EMBEDDING,
     IMAGE_SCORE,
