@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader (or a crash) never sees half a file. Torch-free."""
+"""Atomic file writes and output checks: a reader (or a crash) never sees half a file. Torch-free."""
 
 from __future__ import annotations
 
@@ -8,13 +8,32 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+class OutputError(ValueError):
+    """An output path that cannot be written; found before any work starts."""
+
+
+def current_umask() -> int:
+    """The process umask (os.umask can only be read by setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename it into place."""
+    """Write through a temporary file in the same folder, then rename it into place.
+
+    The file gets the mode an ordinary write would (0666 less the umask), not mkstemp's 0600,
+    so that a model or export written by one user can be read by the service that runs it;
+    ``write`` may tighten it (private keys do). The data is flushed to disk before the rename.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -23,3 +42,30 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def check_writable(path: str | Path, option: str, *, directory: bool) -> None:
+    """Refuse an output path that cannot be written, before hours of work are spent on it.
+
+    ``directory``: the path is a folder to create or fill (else a file to write). Writes and
+    removes a probe file in the folder that will hold the output (the nearest existing one when
+    the folder does not exist yet), so permissions, read-only mounts and a file in the way are
+    all found; nothing is left behind.
+    """
+    path = Path(path)
+    if path.exists() and directory != path.is_dir():
+        want = "a folder" if directory else "a file"
+        raise OutputError(f"{option} {path}: exists and is not {want}")
+    if not directory and path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"{option} {path}: the file is not writable")
+    folder = path if directory else path.parent
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{option} {path}: {existing} is a file, so {folder} cannot be created")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".moleflow-probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{option} {path}: cannot write in {existing} ({exc.strerror or exc})") from exc

@@ -11,23 +11,37 @@ export directory:
     EXPORT/flow/<task>.<precision>.onnx embedding (B,D,H,W) -> patch_scores (B,H,W), image_score (B,)
     EXPORT/engines/...                  TensorRT plans, where built
 
-Every file is listed with its sha256; ``load_manifest`` refuses a directory whose files do
-not match, so a tampered or half-copied export never runs.
+File names carry a content hash (``flow/<task>.<precision>.<sha16>.onnx``), so a new export
+never overwrites a file the live manifest lists. ``load_manifest`` refuses, with one line per
+problem: a manifest that breaks the schema (types, ranges, required fields, format version), a
+listed path that is absolute, not normalised, or resolves outside the export directory, a file
+whose sha256 differs (damage, a half copy) and, where trusted keys are given, a manifest that is
+not signed by one of them (tampering: the sha256 list alone cannot catch a file replaced
+together with its hash).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import Enum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from moleflow_edge import __version__
 from moleflow_edge.atomic import write_text_atomic
+from moleflow_edge.signing import SignatureError, sign, verify
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+SIGNATURE_FIELD = "signature"  # an Ed25519 signature over the rest of the manifest (see signed_payload)
 
 # graph input/output names: the contract between exporter and runtime
 IMAGES, EMBEDDING, ROUTING_FEATURE = "images", "embedding", "routing_feature"
@@ -130,8 +144,11 @@ class Manifest:
         listed += [ArtifactFile(engine["file"], engine["sha256"]) for engine in engines]
         return listed
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+    def to_json(self, signing_key: Ed25519PrivateKey | None = None) -> str:
+        data = asdict(self)
+        if signing_key is not None:
+            data[SIGNATURE_FIELD] = sign(signed_payload(data), signing_key)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict) -> Manifest:
@@ -149,28 +166,80 @@ class Manifest:
         return cls(**data)
 
 
-def load_manifest(export_dir: str | Path, verify: bool = True) -> Manifest:
-    """Read EXPORT/manifest.json; with ``verify``, check every listed file's sha256."""
+def signed_payload(data: dict) -> bytes:
+    """The bytes a signature covers: the manifest without its signature, as canonical JSON."""
+    unsigned = {k: v for k, v in data.items() if k != SIGNATURE_FIELD}
+    return json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode()
+
+
+def load_manifest(
+    export_dir: str | Path, verify: bool = True, trusted_keys: Sequence[Ed25519PublicKey] | None = None
+) -> Manifest:
+    """Read EXPORT/manifest.json and check its schema and that every path stays inside the export;
+    with ``verify``, check every listed file's sha256; with ``trusted_keys``, refuse a manifest
+    that is not signed by one of them."""
     root = Path(export_dir)
     path = root / MANIFEST_FILE
     if not path.is_file():
         raise ManifestError(f"{path} is missing: {root} is not an export directory (run moleflow-edge export)")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path} is not a manifest (a JSON object is expected)")
+    if trusted_keys is not None:
+        try:
+            verify_signature(data, trusted_keys)
+        except SignatureError as exc:
+            raise ManifestError(f"{path} is refused: {exc}") from exc
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise ManifestError(
-            f"{path} has format version {version}; this toolkit reads version {FORMAT_VERSION}: re-export the model"
+            f"{path} has format version {version!r}; this toolkit reads version {FORMAT_VERSION}: re-export the model"
         )
-    try:
-        manifest = Manifest.from_dict(data)
-    except TypeError as exc:
-        raise ManifestError(f"{path} does not match the manifest format: {exc}") from exc
+    problems = schema_problems(data)
+    if problems:
+        raise ManifestError(f"{path} is refused, {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    manifest = Manifest.from_dict({k: v for k, v in data.items() if k != SIGNATURE_FIELD})
+    check_contained(root, manifest)
     if verify:
         verify_files(root, manifest)
     return manifest
+
+
+def verify_signature(data: dict, trusted_keys: Sequence[Ed25519PublicKey]) -> str:
+    """The id of the trusted key that signed this manifest dict; SignatureError otherwise."""
+    if not trusted_keys:
+        raise SignatureError("no trusted key was given to check its signature against")
+    return verify(signed_payload(data), data.get(SIGNATURE_FIELD), trusted_keys)
+
+
+def check_contained(root: Path, manifest: Manifest) -> None:
+    """Refuse any listed path that is absolute, not normalised (``..``, ``.``, ``//``, ``\\``) or that
+    resolves outside the export directory (a symlink out): the runtime reads only its own files."""
+    inside = root.resolve()
+    for artifact in manifest.artifacts():
+        for name, _ in artifact.paths():
+            pure = PurePosixPath(name)
+            if (
+                not name
+                or "\\" in name
+                or pure.is_absolute()
+                or re.match(r"^[A-Za-z]:", name)
+                or pure.as_posix() != name
+                or any(part in ("..", ".") for part in pure.parts)
+            ):
+                raise ManifestError(
+                    f"manifest entry {name!r} in {root} is not a plain relative path inside the export; "
+                    "the export is refused"
+                )
+            resolved = (root / name).resolve()
+            if inside not in resolved.parents:
+                raise ManifestError(
+                    f"manifest entry {name!r} in {root} resolves to {resolved}, outside the export directory "
+                    "(a symlink out?); the export is refused"
+                )
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:
@@ -188,6 +257,146 @@ def verify_files(root: Path, manifest: Manifest) -> None:
                 )
 
 
-def save_manifest(export_dir: str | Path, manifest: Manifest) -> None:
-    """Replace EXPORT/manifest.json atomically: the old manifest stays valid until the new one is whole."""
-    write_text_atomic(Path(export_dir) / MANIFEST_FILE, manifest.to_json())
+def save_manifest(export_dir: str | Path, manifest: Manifest, signing_key: Ed25519PrivateKey | None = None) -> None:
+    """Replace EXPORT/manifest.json atomically (signed with ``signing_key`` when given): the old
+    manifest stays valid until the new one is whole; this rename is an export's one commit."""
+    write_text_atomic(Path(export_dir) / MANIFEST_FILE, manifest.to_json(signing_key))
+
+
+# --- schema -----------------------------------------------------------------------------------------
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+Check = Callable[[object], str | None]  # a value -> what is wrong with it, or None
+
+
+def _int(low: int) -> Check:
+    def check(v: object) -> str | None:
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= low
+        return None if ok else f"must be an integer >= {low}, got {v!r}"
+
+    return check
+
+
+def _number(low: float, allow_inf: bool = False, optional: bool = False) -> Check:
+    def check(v: object) -> str | None:
+        if v is None and optional:
+            return None
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) and v >= low
+        ok = ok and (allow_inf or math.isfinite(v))  # type: ignore[arg-type]
+        bound = f" >= {low:g}" if math.isfinite(low) else ""
+        kind = f"a {'' if allow_inf else 'finite '}number{bound}{' or null' if optional else ''}"
+        return None if ok else f"must be {kind}, got {v!r}"
+
+    return check
+
+
+def _text(*allowed: str) -> Check:
+    def check(v: object) -> str | None:
+        if not isinstance(v, str) or (allowed and v not in allowed):
+            return f"must be {' or '.join(map(repr, allowed)) if allowed else 'a string'}, got {v!r}"
+        return None
+
+    return check
+
+
+def _dict(v: object) -> str | None:
+    return None if isinstance(v, dict) else f"must be an object, got {type(v).__name__}"
+
+
+def _artifact_problems(where: str, v: object) -> list[str]:
+    if not isinstance(v, dict):
+        return [f"{where}: must be an object with file and sha256, got {v!r}"]
+    problems = [f"{where}: unknown field {k!r}" for k in v if k not in {f.name for f in fields(ArtifactFile)}]
+    for key, required in (("file", True), ("sha256", True), ("source_sha256", False)):
+        if key not in v:
+            problems += [f"{where}: {key} is missing"] if required else []
+        elif not isinstance(v[key], str) or (key == "file" and not v[key]):
+            problems.append(f"{where}.{key}: must be a non-empty string, got {v[key]!r}")
+    if "sha256" in v and isinstance(v["sha256"], str) and not _SHA256.fullmatch(v["sha256"]):
+        problems.append(f"{where}.sha256: must be 64 lowercase hex digits, got {v['sha256']!r}")
+    if v.get("data_file") is not None and not (
+        isinstance(v["data_file"], str) and isinstance(v.get("data_sha256"), str) and _SHA256.fullmatch(v["data_sha256"])
+    ):
+        problems.append(f"{where}: data_file needs a string name and a 64-hex data_sha256")
+    return problems
+
+
+def _graphs_problems(where: str, v: object) -> list[str]:
+    if not isinstance(v, dict):
+        return [f"{where}: must be an object precision -> graph, got {type(v).__name__}"]
+    precisions = {p.value for p in Precision}
+    problems = [f"{where}: unknown precision {k!r} (known: {sorted(precisions)})" for k in v if k not in precisions]
+    return problems + [p for k, a in v.items() for p in _artifact_problems(f"{where}.{k}", a)]
+
+
+def _engines_problems(where: str, v: object) -> list[str]:
+    if not isinstance(v, dict):
+        return [f"{where}: must be an object, got {type(v).__name__}"]
+    problems: list[str] = []
+    for key, engine in v.items():
+        if not isinstance(engine, dict):
+            problems.append(f"{where}[{key!r}]: must be an object, got {engine!r}")
+        else:  # engines carry build details besides file and sha256; only those two are read as paths
+            problems += _artifact_problems(f"{where}[{key!r}]", {"file": engine.get("file"), "sha256": engine.get("sha256")})
+    return problems
+
+
+_TOP: dict[str, Check] = {
+    "backbone": _text(),
+    "image_size": _int(16),
+    "grid": _int(1),
+    "embed_dim": _int(1),
+    "routing_dim": _int(1),
+    "top_k": _int(1),
+    "map_sigma": _number(0.0),
+    "opset": _int(1),
+    "router_pooling": _text(),
+    "input_layout": _text("NHWC"),
+    "input_dtype": _text("uint8"),
+    "channel_order": _text("BGR"),
+    "toolkit_version": _text(),
+    "model_sha256": _text(),
+    "int8_calibration": _dict,
+}
+_TASK: dict[str, Check] = {
+    "distance_limit": _number(0.0, allow_inf=True),
+    "threshold": _number(-math.inf, optional=True),
+    "calibration": _dict,
+}
+
+
+def schema_problems(data: dict) -> list[str]:
+    """Every way ``data`` breaks the manifest schema, one message per problem ([] when it is sound)."""
+    problems: list[str] = []
+    known = {f.name for f in fields(Manifest)} | {SIGNATURE_FIELD}
+    problems += [f"unknown field {k!r}" for k in data if k not in known]
+    required = [f.name for f in fields(Manifest) if f.default is MISSING and f.default_factory is MISSING]
+    problems += [f"{k} is missing" for k in required if k not in data]
+    problems += [f"{k}: {msg}" for k, check in _TOP.items() if k in data and (msg := check(data[k]))]
+    if "backbone_graphs" in data:
+        problems += _graphs_problems("backbone_graphs", data["backbone_graphs"])
+    for key in ("router_file", "router_graph"):
+        if data.get(key) is not None:
+            problems += _artifact_problems(key, data[key])
+    problems += _engines_problems("engines", data.get("engines", {}))
+    tasks = data.get("tasks", [])
+    if not isinstance(tasks, list):
+        return [*problems, f"tasks: must be a list, got {type(tasks).__name__}"]
+    names: list[object] = []
+    task_fields = {f.name for f in fields(TaskEntry)}
+    for i, task in enumerate(tasks):
+        if not isinstance(task, dict):
+            problems.append(f"tasks[{i}]: must be an object, got {task!r}")
+            continue
+        name = task.get("name")
+        where = f"task {name!r}" if isinstance(name, str) else f"tasks[{i}]"
+        if not isinstance(name, str) or not _TASK_NAME.fullmatch(name):
+            problems.append(f"{where}: name must be letters, digits, '_' or '-', got {name!r}")
+        elif name in names:
+            problems.append(f"{where}: listed twice")
+        names.append(name)
+        problems += [f"{where}: unknown field {k!r}" for k in task if k not in task_fields]
+        problems += [f"{where}.{k}: {msg}" for k, check in _TASK.items() if k in task and (msg := check(task[k]))]
+        problems += _graphs_problems(f"{where}.graphs", task.get("graphs", {}))
+        problems += _engines_problems(f"{where}.engines", task.get("engines", {}))
+    return problems

@@ -1,0 +1,53 @@
+"""One writer per model or export folder: a second `train`, `export` or `calibrate` is refused.
+
+An advisory ``fcntl.flock`` on ``<folder>/.lock`` (Linux, Jetson): the kernel drops it when the
+holder exits or is killed, so a crash never leaves a stale lock. The holder's PID is written
+into the file so that the refusal can name it. Torch-free.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from types import TracebackType
+
+from moleflow_edge.atomic import current_umask
+
+LOCK_FILE = ".lock"
+
+
+class FolderLocked(ValueError):
+    """Another process is writing the same folder (a usage error: the CLI prints it without a traceback)."""
+
+
+class FolderLock:
+    """``with FolderLock(folder, "training"):`` holds the folder's write lock, or raises FolderLocked."""
+
+    def __init__(self, folder: str | Path, activity: str) -> None:
+        self.folder = Path(folder)
+        self.activity = activity
+        self._fd: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderLocked(
+                f"{self.folder} is in use by another moleflow-edge process (pid {holder}); "
+                f"{self.activity} refused: run it again when that process has finished"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
