@@ -25,7 +25,7 @@ from moleflow_edge.data.mvtec import Split, load_split
 from moleflow_edge.data.synth import generate
 from moleflow_edge.export import onnx_graphs
 from moleflow_edge.export.exporter import ExportReport, export_model
-from moleflow_edge.export.formats import ExportFormat, check_export_args
+from moleflow_edge.targets import ExportFormat, check_export_args
 from moleflow_edge.contract import MANIFEST_FILE, Manifest, ManifestError, Precision, file_sha256, load_manifest
 from moleflow_edge.export.merge import merge_task
 from moleflow_edge.export.tensorrt_engine import TensorRTUnavailable

@@ -29,7 +29,7 @@ from moleflow_edge import __version__
 from moleflow_edge.config import RouterPooling
 from moleflow_edge.data.mvtec import DatasetError, Sample, load_images, train_samples
 from moleflow_edge.export import onnx_graphs
-from moleflow_edge.export.formats import ExportFormat, check_export_args
+from moleflow_edge.targets import ExportFormat, check_export_args
 from moleflow_edge.contract import (
     MANIFEST_FILE,
     ArtifactFile,

@@ -1,0 +1,142 @@
+"""The one table of deployment targets: where an export can run and what that needs.
+
+Every list of "where a model runs" comes from TARGETS: the CLI's ``--backend`` and
+``bench --backends`` choices, the runtime's ``auto`` order (the table's order, best first),
+the benchmark's rows, ``doctor``'s report and the README's table. Torch-free and free of
+onnxruntime imports, so that the runtime, the CLI and doctor read it before anything heavy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+from moleflow_edge.contract import Precision
+
+
+class Backend(str, Enum):
+    """Inference engines the runtime drives; AUTO tries the table's ``auto`` targets in order."""
+
+    AUTO = "auto"
+    ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
+    TENSORRT = "tensorrt"
+
+
+class ExportFormat(str, Enum):
+    """What ``moleflow-edge export --format`` writes: ONNX graphs, or ONNX graphs plus TensorRT plans."""
+
+    ONNX = "onnx"
+    ENGINE = "engine"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One place an export runs: an engine, its execution provider(s), the device and what to install."""
+
+    name: str
+    backend: Backend
+    providers: tuple[str, ...]  # onnxruntime execution providers in preference order; () for other engines
+    precisions: tuple[Precision, ...]
+    device: str  # "cpu" or "nvidia-gpu"
+    extra: str  # the moleflow-edge extra that installs it
+    export_format: ExportFormat  # what the export directory must hold
+    auto: bool  # tried by backend "auto", in table order
+    needs: str = ""  # what pip cannot install
+
+    @property
+    def provider(self) -> str | None:
+        """The execution provider that defines the target (the others are its fallbacks)."""
+        return self.providers[0] if self.providers else None
+
+    @property
+    def install(self) -> str:
+        return f"pip install 'moleflow-edge[{self.extra}]'" + (f" + {self.needs}" if self.needs else "")
+
+
+ALL = tuple(Precision)
+GPU_ORT = ("CUDAExecutionProvider", "CPUExecutionProvider")
+# Best first: this order is the runtime's "auto" order. OpenVINO is not in it: on the same graphs
+# onnxruntime's CPU provider was faster (benchmarks/README.md, Runtime), so it runs only when asked for.
+TARGETS: tuple[Target, ...] = (
+    Target("tensorrt", Backend.TENSORRT, (), ALL, "nvidia-gpu", "tensorrt", ExportFormat.ENGINE, True,
+           "on a Jetson: TensorRT from JetPack and the [jetson] extra instead"),
+    Target("onnxruntime-tensorrt", Backend.ONNXRUNTIME, ("TensorrtExecutionProvider", *GPU_ORT), ALL, "nvidia-gpu",
+           "gpu", ExportFormat.ONNX, True, "the TensorRT 10 libraries"),
+    Target("onnxruntime-cuda", Backend.ONNXRUNTIME, GPU_ORT, ALL, "nvidia-gpu", "gpu", ExportFormat.ONNX, True,
+           "the CUDA 12 and cuDNN 9 libraries"),
+    Target("onnxruntime-cpu", Backend.ONNXRUNTIME, ("CPUExecutionProvider",), ALL, "cpu", "cpu", ExportFormat.ONNX,
+           True),
+    Target("openvino-cpu", Backend.OPENVINO, (), ALL, "cpu", "openvino", ExportFormat.ONNX, False),
+)  # fmt: skip
+
+TARGET_NAMES: tuple[str, ...] = tuple(t.name for t in TARGETS)
+
+# typer choices: "auto" and every target, straight from the table
+TargetChoice = Enum("TargetChoice", {"AUTO": "auto", **{t.name.upper().replace("-", "_"): t.name for t in TARGETS}},
+                    type=str)  # fmt: skip
+TargetChoice.__doc__ = "A deployment target from the table, or auto."
+
+
+def target(name: str) -> Target:
+    """The table row called ``name``; the error lists the choices."""
+    for row in TARGETS:
+        if row.name == name:
+            return row
+    raise ValueError(f"unknown target {name!r}; choose one of {', '.join(TARGET_NAMES)}")
+
+
+def resolve_backend(choice: str) -> tuple[Backend, tuple[str, ...] | None]:
+    """An engine name ("auto", "onnxruntime", ...) or a target name -> (engine, onnxruntime providers).
+
+    Providers are None where the engine picks its own (an engine name, or AUTO)."""
+    value = getattr(choice, "value", choice)
+    if value in {b.value for b in Backend}:
+        return Backend(value), None
+    if value in TARGET_NAMES:
+        row = target(value)
+        return row.backend, row.providers or None
+    raise ValueError(f"unknown backend {value!r}; choose auto or a target: {', '.join(TARGET_NAMES)}")
+
+
+ONNXRUNTIME_HINT = (
+    "pip install 'moleflow-edge[cpu]' (CPU) or 'moleflow-edge[gpu]' (NVIDIA GPU), not both: "
+    "onnxruntime and onnxruntime-gpu install the same module"
+)
+
+
+def check_export_args(fmt: str, precisions: Iterable[str]) -> tuple[ExportFormat, tuple[Precision, ...]]:
+    """Validate an export format and its precisions; errors name the bad value and the choices."""
+    try:
+        export_format = ExportFormat(fmt)
+    except ValueError:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {[f.value for f in ExportFormat]}") from None
+    chosen: list[Precision] = []
+    for name in precisions:
+        try:
+            precision = Precision(name)
+        except ValueError:
+            raise ValueError(f"unknown precision {name!r}; choose from {[p.value for p in Precision]}") from None
+        if precision not in chosen:
+            chosen.append(precision)
+    if not chosen:
+        raise ValueError("give at least one precision (fp32, fp16 or int8)")
+    return export_format, tuple(chosen)
+
+
+def markdown_table() -> str:
+    """The README's target table, generated here so that a test can hold the README to it."""
+    lines = [
+        "| target | backend | execution provider | precisions | device | install | export format |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in TARGETS:
+        precisions = ", ".join(p.value for p in t.precisions)
+        auto = "" if t.auto else " (not in auto)"
+        needs = f" + {t.needs}" if t.needs else ""
+        lines.append(
+            f"| `{t.name}`{auto} | {t.backend.value} | {t.provider or '-'} | {precisions} | {t.device} "
+            f"| `[{t.extra}]`{needs} | {t.export_format.value} |"
+        )
+    return "\n".join(lines)
