@@ -52,7 +52,7 @@ class Target:
 
     @property
     def install(self) -> str:
-        return f"pip install 'moleflow-edge[{self.extra}]'" + (f" + {self.needs}" if self.needs else "")
+        return f"pip install 'moleflow-edge[{self.extra}]'" + (f", with {self.needs}" if self.needs else "")
 
 
 ALL = tuple(Precision)
@@ -61,7 +61,7 @@ GPU_ORT = ("CUDAExecutionProvider", "CPUExecutionProvider")
 # onnxruntime's CPU provider was faster (benchmarks/README.md, Runtime), so it runs only when asked for.
 TARGETS: tuple[Target, ...] = (
     Target("tensorrt", Backend.TENSORRT, (), ALL, "nvidia-gpu", "tensorrt", ExportFormat.ENGINE, True,
-           "on a Jetson: TensorRT from JetPack and the [jetson] extra instead"),
+           "an NVIDIA GPU (on a Jetson: JetPack's TensorRT and [jetson] instead)"),
     Target("onnxruntime-tensorrt", Backend.ONNXRUNTIME, ("TensorrtExecutionProvider", *GPU_ORT), ALL, "nvidia-gpu",
            "gpu", ExportFormat.ONNX, True, "the TensorRT 10 libraries"),
     Target("onnxruntime-cuda", Backend.ONNXRUNTIME, GPU_ORT, ALL, "nvidia-gpu", "gpu", ExportFormat.ONNX, True,
@@ -134,7 +134,7 @@ def markdown_table() -> str:
     for t in TARGETS:
         precisions = ", ".join(p.value for p in t.precisions)
         auto = "" if t.auto else " (not in auto)"
-        needs = f" + {t.needs}" if t.needs else ""
+        needs = f", with {t.needs}" if t.needs else ""
         lines.append(
             f"| `{t.name}`{auto} | {t.backend.value} | {t.provider or '-'} | {precisions} | {t.device} "
             f"| `[{t.extra}]`{needs} | {t.export_format.value} |"

@@ -1,4 +1,4 @@
-"""Backends: the one list of inference engines, what each must do, and which one "auto" picks.
+"""Backends: what an inference engine must do, and which deployment targets are installed here.
 
 A backend runs three kinds of graph from an export: the shared backbone (once per frame),
 the router (GPU backends; CPU backends route in numpy) and one flow per task. Features
@@ -12,21 +12,12 @@ from __future__ import annotations
 import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 
 from moleflow_edge.contract import ArtifactFile, Manifest, ManifestError, Precision, TaskEntry, file_sha256
-
-
-class Backend(str, Enum):
-    """Inference engines the runtime can drive; AUTO picks the best one installed."""
-
-    AUTO = "auto"
-    ONNXRUNTIME = "onnxruntime"  # TensorRT EP > CUDA EP > CPU EP, whichever onnxruntime build is installed
-    OPENVINO = "openvino"  # CPU line PCs (pip install openvino)
-    TENSORRT = "tensorrt"  # native TensorRT 10 engines via cuda-python (built by export --format engine)
+from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGETS, Backend, Target
 
 
 class BackendError(RuntimeError):
@@ -64,6 +55,7 @@ class GraphBackend(ABC):
     root: Path
     precision: Precision
     device: str = "cpu"  # "cpu" or "cuda:<id>"
+    provider: str | None = None  # the onnxruntime execution provider the sessions got; None for other engines
     routes_on_device: bool = False  # True: distances() runs router graph/engine; False: numpy RouterTable
     max_batch: int | None = None  # engines built for a fixed maximum batch; None = any
 
@@ -99,23 +91,43 @@ def module_available(name: str) -> bool:
         return False
 
 
-def onnxruntime_gpu_providers() -> list[str]:
-    """GPU execution providers this onnxruntime build offers (the CPU wheel offers none)."""
+def onnxruntime_providers() -> list[str]:
+    """Execution providers compiled into the installed onnxruntime build; [] without onnxruntime."""
+    if not module_available("onnxruntime"):
+        return []
     import onnxruntime as ort
 
-    return [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in ort.get_available_providers()]
+    return list(ort.get_available_providers())
+
+
+def not_installed(target: Target) -> str | None:
+    """What this machine lacks to use ``target`` (packages, providers), None when it is installed.
+
+    Installed is not yet working: a GPU, its driver and engines built for it are checked when
+    the backend is created (and reported by ``moleflow-edge doctor``)."""
+    if target.backend is Backend.ONNXRUNTIME:
+        if not module_available("onnxruntime"):
+            return f"onnxruntime is not installed: {ONNXRUNTIME_HINT}"
+        if target.provider not in onnxruntime_providers():
+            return f"this onnxruntime build has no {target.provider}: {target.install}"
+    elif target.backend is Backend.OPENVINO and not module_available("openvino"):
+        return f"OpenVINO is not installed: {target.install}"
+    elif target.backend is Backend.TENSORRT:
+        missing = [m for m, found in (("tensorrt", module_available("tensorrt")), ("cuda-python", cuda_python()))
+                   if not found]  # fmt: skip
+        if missing:
+            return f"{' and '.join(missing)} not installed: {target.install}"
+    return None
+
+
+def cuda_python() -> bool:
+    """cuda-python >= 12.6 installs cuda.bindings, older releases cuda.cudart."""
+    return module_available("cuda.bindings") or module_available("cuda.cudart")
 
 
 def available_backends() -> list[Backend]:
-    """Backends that could be created on this machine, best first (TensorRT engines also need a
-    CUDA device and engines in the export; create_backend checks those)."""
-    found = []
-    if module_available("tensorrt") and (module_available("cuda.bindings") or module_available("cuda.cudart")):
-        found.append(Backend.TENSORRT)
-    found.append(Backend.ONNXRUNTIME)
-    if module_available("openvino"):
-        found.append(Backend.OPENVINO)
-    return found
+    """Engines with at least one installed target here, in the table's order (best first)."""
+    return list(dict.fromkeys(t.backend for t in TARGETS if not_installed(t) is None))
 
 
 def require(module: str, backend: Backend, install: str) -> None:

@@ -19,23 +19,14 @@ from moleflow_edge.anomaly_map import anomaly_map
 from moleflow_edge.contract import Manifest, ManifestError, Precision, TaskEntry, load_manifest
 from moleflow_edge.preprocess import FrameError, resize_frame
 from moleflow_edge.router import UNKNOWN, Prototype, RouterTable
-from moleflow_edge.runtime.backend import (
-    Backend,
-    BackendError,
-    FeatureBatch,
-    GraphBackend,
-    available_backends,
-    onnxruntime_gpu_providers,
-)
+from moleflow_edge.runtime.backend import Backend, BackendError, FeatureBatch, GraphBackend, module_available, not_installed
 from moleflow_edge.runtime.engine_cache import EngineCache, EngineStats
 from moleflow_edge.runtime.result import FrameResult
+from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGET_NAMES, TARGETS, resolve_backend, target
 
 __all__ = ["DEFAULT_MAX_RESIDENT_TASKS", "Runtime", "create_backend", "load_router_table"]
 
 DEFAULT_MAX_RESIDENT_TASKS = 8
-# CPU backends in "auto" order. Measured on the same graphs (benchmarks/README.md, Runtime):
-# onnxruntime's CPU EP is faster than OpenVINO here, so OpenVINO is used only when asked for.
-AUTO_CPU_ORDER = (Backend.ONNXRUNTIME,)
 
 
 def _ms(started: float) -> float:
@@ -67,7 +58,7 @@ def load_router_table(root: Path, manifest: Manifest) -> RouterTable:
 
 
 def create_backend(
-    backend: Backend,
+    backend: Backend | str,
     root: Path,
     manifest: Manifest,
     precision: Precision,
@@ -78,42 +69,52 @@ def create_backend(
     io_binding: bool | None = None,
     trt_cache_dir: Path | None = None,
 ) -> tuple[GraphBackend, list[str]]:
-    """The backend asked for, or under AUTO the best that works here; also why better ones were skipped."""
-    skipped: list[str] = []
+    """The engine or deployment target asked for, or under AUTO the first target of the table
+    (moleflow_edge.targets, best first) that works here; also why the ones before it did not."""
+    kind, target_providers = resolve_backend(backend)
 
-    def onnxruntime() -> GraphBackend:
+    def onnxruntime(chosen: list[str] | None) -> GraphBackend:
+        if not module_available("onnxruntime"):
+            raise BackendError(f"onnxruntime is not installed: {ONNXRUNTIME_HINT}")
         from moleflow_edge.runtime.ort_backend import OrtBackend
 
         cache = trt_cache_dir
-        if cache is None and "TensorrtExecutionProvider" in onnxruntime_gpu_providers():
+        if cache is None and "TensorrtExecutionProvider" in (chosen or []):
             cache = root / "engines" / "ort_trt_cache"
-        return OrtBackend(root, manifest, precision, providers, threads, device_id, io_binding, cache)
+        return OrtBackend(root, manifest, precision, chosen, threads, device_id, io_binding, cache)
 
-    def openvino() -> GraphBackend:
+    def openvino(_: list[str] | None) -> GraphBackend:
         from moleflow_edge.runtime.openvino_backend import OpenVinoBackend
 
         return OpenVinoBackend(root, manifest, precision, threads=threads)
 
-    def tensorrt() -> GraphBackend:
+    def tensorrt(_: list[str] | None) -> GraphBackend:
         from moleflow_edge.runtime.tensorrt_backend import TensorRtBackend
 
         return TensorRtBackend(root, manifest, precision, device_id)
 
     factories = {Backend.ONNXRUNTIME: onnxruntime, Backend.OPENVINO: openvino, Backend.TENSORRT: tensorrt}
-    if backend is not Backend.AUTO:
-        return factories[backend](), skipped
-    candidates: list[Backend] = []
-    if Backend.TENSORRT in available_backends():
-        candidates.append(Backend.TENSORRT)
-    if onnxruntime_gpu_providers():
-        candidates.append(Backend.ONNXRUNTIME)
-    candidates += [b for b in AUTO_CPU_ORDER if b in available_backends() and b not in candidates]
-    for kind in candidates:
-        try:
-            return factories[kind](), skipped
-        except (BackendError, ManifestError) as exc:
-            skipped.append(f"{kind.value}: {exc}")
-    raise BackendError("no backend can run this export here: " + "; ".join(skipped))
+    if kind is not Backend.AUTO:
+        name = getattr(backend, "value", backend)
+        reason = not_installed(target(name)) if name in TARGET_NAMES else None
+        if reason is not None:
+            raise BackendError(f"target {name!r} is not usable here: {reason}")
+        return factories[kind](providers or (list(target_providers) if target_providers else None)), []
+    skipped: list[str] = []
+    for row in (t for t in TARGETS if t.auto):
+        reason = not_installed(row)
+        if reason is None:
+            try:
+                made = factories[row.backend](list(row.providers) or None)
+            except (BackendError, ManifestError) as exc:
+                reason = str(exc)
+            else:
+                if made.provider == row.provider:
+                    return made, skipped
+                made.close()  # e.g. a GPU build of onnxruntime on a machine without a usable GPU
+                reason = f"onnxruntime fell back to {made.provider}"
+        skipped.append(f"{row.name}: {reason}")
+    raise BackendError("no target can run this export here: " + "; ".join(skipped))
 
 
 def _frame_list(frames: object) -> list[object]:
@@ -162,7 +163,7 @@ class Runtime:
         io_binding keeps features in bound device buffers (default: on with a GPU provider).
         """
         root = Path(export_dir)
-        kind = _enum(Backend, backend, "backend")
+        kind, _ = resolve_backend(backend)
         prec = _enum(Precision, precision, "precision")
         manifest = load_manifest(root, verify=True)
         if not manifest.tasks:
@@ -176,7 +177,7 @@ class Runtime:
                     )
         router = load_router_table(root, manifest)
         graphs, skipped = create_backend(
-            kind, root, manifest, prec, threads=threads, device_id=device_id, providers=providers, io_binding=io_binding
+            backend, root, manifest, prec, threads=threads, device_id=device_id, providers=providers, io_binding=io_binding
         )
         budget = None if memory_budget_mb is None else int(memory_budget_mb * 2**20)
         engines = EngineCache(
