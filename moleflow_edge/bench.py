@@ -36,6 +36,7 @@ from moleflow_edge.contract import (
 )
 from moleflow_edge.metrics import auroc
 from moleflow_edge.runtime.result import STAGES
+from moleflow_edge.targets import TARGET_NAMES, ExportFormat, target
 
 __all__ = [
     "BACKENDS",
@@ -50,8 +51,9 @@ __all__ = [
     "task_growth",
 ]
 
-# every backend bench knows; those not installed here are reported as skipped, with the reason
-BACKENDS = ("torch-eager", "onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
+# the PyTorch eager reference and every deployment target of the table (moleflow_edge/targets.py);
+# those that cannot run here are reported as skipped, with the reason
+BACKENDS = ("torch-eager", *TARGET_NAMES)
 PAPER_LATENCY_MS = 15.0  # the per-image latency target the MoLE-Flow edge papers report
 PERCENTILES = (50, 90, 99)
 TASK_COUNTS = (1, 5, 15, 50)
@@ -358,9 +360,8 @@ def _make_pipeline(
     backend: str, precision: str, root: Path, manifest: Manifest, model_dir: Path | None, threads: int | None
 ) -> tuple[Pipeline | None, Callable[[], None], str | None, str | None]:
     """(pipeline, close, skip reason, warning) for one backend and precision."""
-    import onnxruntime
-
-    from moleflow_edge.runtime import Backend, Runtime, available_backends
+    from moleflow_edge.runtime import Runtime
+    from moleflow_edge.runtime.backend import not_installed
 
     def nothing() -> None:
         return None
@@ -377,39 +378,21 @@ def _make_pipeline(
         except ImportError:
             return None, nothing, "torch is not installed (pip install moleflow-edge[train])", None
         return TorchPipeline(model_dir), nothing, None, None
-    providers = {
-        "onnxruntime-cpu": "CPUExecutionProvider",
-        "onnxruntime-cuda": "CUDAExecutionProvider",
-        "onnxruntime-tensorrt": "TensorrtExecutionProvider",
-    }
-    warning = None
-    if backend in providers:
-        provider = providers[backend]
-        if provider not in onnxruntime.get_available_providers():
-            return (
-                None,
-                nothing,
-                f"onnxruntime has no {provider} here (install onnxruntime-gpu, needs an NVIDIA GPU)",
-                None,
-            )
-        if backend == "onnxruntime-cpu" and precision == "int8" and not has_int8_dot_product():
-            warning = (
-                "CPU without VNNI/dot-product: onnxruntime's fused u8s8 INT8 kernels saturate 16-bit sums, "
-                "so these INT8 scores are wrong as well as slow (benchmarks/README.md); deploy fp32 here"
-            )
-        runtime = Runtime.load(root, Backend.ONNXRUNTIME, precision, threads=threads, providers=[provider])
-    elif backend == "openvino-cpu":
-        if Backend.OPENVINO not in available_backends():
-            return None, nothing, "OpenVINO is not installed (pip install openvino)", None
-        runtime = Runtime.load(root, Backend.OPENVINO, precision, threads=threads)
-    elif backend == "tensorrt":
-        if Backend.TENSORRT not in available_backends():
-            return None, nothing, "TensorRT with cuda-python is not installed or there is no NVIDIA GPU", None
-        if not manifest.engines:
-            return None, nothing, "the export has no TensorRT engines (export --format engine on the target GPU)", None
-        runtime = Runtime.load(root, Backend.TENSORRT, precision)
-    else:
+    if backend not in TARGET_NAMES:
         return None, nothing, f"unknown backend; choose from {', '.join(BACKENDS)}", None
+    row = target(backend)
+    reason = not_installed(row)
+    if reason is not None:
+        return None, nothing, reason, None
+    if row.export_format is ExportFormat.ENGINE and not manifest.engines:
+        return None, nothing, "the export has no TensorRT engines (export --format engine on the target GPU)", None
+    warning = None
+    if row.name == "onnxruntime-cpu" and precision == "int8" and not has_int8_dot_product():
+        warning = (
+            "CPU without VNNI/dot-product: onnxruntime's fused u8s8 INT8 kernels saturate 16-bit sums, "
+            "so these INT8 scores are wrong as well as slow (benchmarks/README.md); deploy fp32 here"
+        )
+    runtime = Runtime.load(root, row.name, precision, threads=threads)
     return runtime_pipeline(runtime), runtime.close, None, warning
 
 

@@ -19,7 +19,14 @@ from moleflow_edge.anomaly_map import anomaly_map
 from moleflow_edge.contract import Manifest, ManifestError, Precision, TaskEntry, load_manifest
 from moleflow_edge.preprocess import FrameError, resize_frame
 from moleflow_edge.router import UNKNOWN, Prototype, RouterTable
-from moleflow_edge.runtime.backend import Backend, BackendError, FeatureBatch, GraphBackend, module_available, not_installed
+from moleflow_edge.runtime.backend import (
+    Backend,
+    BackendError,
+    FeatureBatch,
+    GraphBackend,
+    module_available,
+    not_installed,
+)
 from moleflow_edge.runtime.engine_cache import EngineCache, EngineStats
 from moleflow_edge.runtime.result import FrameResult
 from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGET_NAMES, TARGETS, resolve_backend, target
@@ -177,7 +184,8 @@ class Runtime:
                     )
         router = load_router_table(root, manifest)
         graphs, skipped = create_backend(
-            backend, root, manifest, prec, threads=threads, device_id=device_id, providers=providers, io_binding=io_binding
+            backend, root, manifest, prec, threads=threads, device_id=device_id, providers=providers,
+            io_binding=io_binding,
         )
         budget = None if memory_budget_mb is None else int(memory_budget_mb * 2**20)
         engines = EngineCache(
