@@ -4,28 +4,31 @@ Incremental and crash-safe:
   * every graph records ``source_sha256`` (weights it was made from + export options); a graph
     whose source and file are unchanged is skipped, so re-exporting is a no-op and adding a
     task rebuilds neither the backbone nor any other task;
-  * new files are built in a staging folder inside the export directory, renamed into place
-    only once everything built, and the manifest is written last: an export that fails or is
-    interrupted while building leaves the previous export exactly as it was.
+  * new files are built in a staging folder and committed under new content-addressed names
+    (export/commit.py): the manifest swap is the one commit, so an export that fails or is
+    killed at any moment leaves the previous export or the new one, never neither;
+  * one exporter (or calibration) at a time per export directory (locking.FolderLock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
-import shutil
+import logging
 import time
-import uuid
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import torch
 
 from moleflow_edge import __version__
+from moleflow_edge.atomic import check_writable
 from moleflow_edge.config import RouterPooling
 from moleflow_edge.data.mvtec import DatasetError, Sample, load_images, train_samples
 from moleflow_edge.export import onnx_graphs
@@ -40,6 +43,7 @@ from moleflow_edge.contract import (
     load_manifest,
     save_manifest,
 )
+from moleflow_edge.export.commit import Staging, commit_export, content_name, remove_stale_staging
 from moleflow_edge.export.merge import merge_task
 from moleflow_edge.export.precision import sensitive_products, to_fp16, to_int8
 from moleflow_edge.export.tensorrt_engine import (
@@ -51,9 +55,14 @@ from moleflow_edge.export.tensorrt_engine import (
 )
 from moleflow_edge.export.trt_compat import check_tensorrt_compat
 from moleflow_edge.features import extract_features
+from moleflow_edge.locking import FolderLock
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import CONFIG_FILE, SHARED_FILE, ModelStore
 from moleflow_edge.router import Prototype, RouterTable
+from moleflow_edge.signing import load_private_key
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 CALIB_LIMIT = 256  # images per INT8 calibration set, evenly spread over the sorted file list
 DEFAULT_BATCH_PROFILE = (1, 1, 8)
@@ -166,32 +175,7 @@ def calibration_set(root: str | Path, tasks: Sequence[str], limit: int = CALIB_L
     return CalibrationSet(root, tuple(files))
 
 
-# --- staging ----------------------------------------------------------------------------------------
-
-
-class _Staging:
-    """New files go to EXPORT/.staging-<id>/<relative path> and are renamed into place on commit."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.dir = out / f".staging-{uuid.uuid4().hex[:12]}"
-        self.files: list[str] = []
-
-    def path(self, relative: str) -> Path:
-        path = self.dir / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.files.append(relative)
-        return path
-
-    def commit(self) -> None:
-        for relative in self.files:
-            target = self.out / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.dir / relative, target)
-        self.discard()
-
-    def discard(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+# --- the run --------------------------------------------------------------------------------------
 
 
 def _intact(out: Path, artifact: ArtifactFile | None, source: str) -> bool:
@@ -202,13 +186,12 @@ def _intact(out: Path, artifact: ArtifactFile | None, source: str) -> bool:
 
 
 class _Run:
-    """One export run: the previous manifest, the one being built, staging, and the report."""
+    """One export run: the manifest being built, staging, and the report."""
 
-    def __init__(self, out: Path, previous: Manifest | None, manifest: Manifest) -> None:
+    def __init__(self, out: Path, manifest: Manifest) -> None:
         self.out = out
-        self.previous = previous
         self.manifest = manifest
-        self.staging = _Staging(out)
+        self.staging = Staging(out)
         self.report = ExportReport(out, manifest)
 
     def artifact(
@@ -230,31 +213,20 @@ class _Run:
             if not compat.ok:
                 raise ExportError(f"{relative} would not load in TensorRT: {'; '.join(compat.problems)}")
             data = onnx_graphs.save_onnx(made, path)
-            if data is not None:
-                self.staging.files.append(f"{relative}.data")
-        artifact = ArtifactFile(
-            relative,
-            file_sha256(path),
-            source,
-            f"{relative}.data" if data else None,
-            file_sha256(data) if data else None,
-        )
-        size = sum((self.staging.dir / name).stat().st_size for name, _ in artifact.paths())
+        sha = file_sha256(path)
+        artifact = ArtifactFile(content_name(relative, sha), sha, source)
+        self.staging.keep(path, artifact.file)
+        size = path.stat().st_size
+        if data is not None:  # named inside the graph, so it keeps its run-unique name
+            artifact.data_file, artifact.data_sha256 = self.staging.final_name(data), file_sha256(data)
+            self.staging.keep(data, artifact.data_file)
+            size += data.stat().st_size
         self.report.files.append(ExportedFile(relative, size, time.perf_counter() - started, False))
         return artifact
 
-    def commit(self) -> None:
-        """Rename the staged files into place, write the manifest, then delete files no longer listed."""
-        self.staging.commit()
-        save_manifest(self.out, self.manifest)
-        if self.previous is None:
-            return
-        keep = {name for artifact in self.manifest.artifacts() for name, _ in artifact.paths()}
-        for artifact in self.previous.artifacts():
-            for name, _ in artifact.paths():
-                if name not in keep and (self.out / name).is_file():
-                    (self.out / name).unlink()
-                    self.report.removed.append(name)
+    def commit(self, signing_key: Ed25519PrivateKey | None) -> None:
+        """Move the staged files in, swap the manifest, sweep files no longer listed."""
+        self.report.removed += commit_export(self.staging, self.manifest, signing_key)
 
 
 # --- the export -----------------------------------------------------------------------------------
@@ -268,19 +240,23 @@ def export_model(
     fmt: str = "onnx",
     calib_data: str | Path | None = None,
     batch_profile: tuple[int, int, int] = DEFAULT_BATCH_PROFILE,
+    sign: str | Path | None = None,
 ) -> ExportReport:
     """Export ``tasks`` (None = every trained task) of a model directory into ``out_dir``.
 
     Writes the shared backbone graph and each task's fused flow graph per precision, and the
     router over every task in the export. ``fmt="engine"`` then builds TensorRT engines from
     those graphs (on the target GPU). INT8 needs ``calib_data``: a dataset root in the MVTec
-    layout whose <task>/train/good images calibrate the QDQ graphs.
+    layout whose <task>/train/good images calibrate the QDQ graphs. ``sign``: an Ed25519
+    private key file (moleflow-edge keygen) that signs the manifest.
     """
     export_format, chosen = check_export_args(fmt, precisions)
     if Precision.INT8 in chosen and calib_data is None:
         raise ExportError("int8 export needs calibration images: pass --calib-data ROOT (<task>/train/good inside)")
     if not 1 <= batch_profile[0] <= batch_profile[1] <= batch_profile[2]:
         raise ExportError(f"batch profile must be min <= opt <= max, all >= 1; got {batch_profile}")
+    check_writable(out_dir, "--out", directory=True)
+    signing_key = None if sign is None else load_private_key(sign)
     store = ModelStore(model_dir)
     trained = store.tasks()
     wanted = list(trained if tasks is None else dict.fromkeys(tasks))
@@ -289,33 +265,52 @@ def export_model(
         raise ExportError(f"tasks {unknown} are not trained in {model_dir} (trained: {trained})")
     model, prototypes = store.load()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    identity = model_identity(store, model)
+    with FolderLock(out, "export"):
+        remove_stale_staging(out)
+        identity = model_identity(store, model)
+        previous = load_manifest(out, verify=False) if (out / MANIFEST_FILE).is_file() else None
+        manifest = _new_manifest(model, identity)
+        if previous is not None and previous.model_sha256 == identity:
+            manifest.backbone_graphs = dict(previous.backbone_graphs)
+            manifest.int8_calibration = dict(previous.int8_calibration)
+            manifest.engines = dict(previous.engines)
+            manifest.router_file, manifest.router_graph = previous.router_file, previous.router_graph
+            manifest.tasks = [TaskEntry(**vars(t)) for t in previous.tasks]
+        missing = [t.name for t in manifest.tasks if t.name not in trained]
+        if missing:
+            raise ExportError(f"{out} holds tasks {missing} that {model_dir} lacks; export into a new --out folder")
+        export_tasks = [t for t in trained if t in wanted or t in manifest.task_names]
 
-    previous = load_manifest(out, verify=False) if (out / MANIFEST_FILE).is_file() else None
-    same_model = previous is not None and previous.model_sha256 == identity
-    manifest = _new_manifest(model, identity)
-    if same_model:
-        assert previous is not None
-        manifest.backbone_graphs = dict(previous.backbone_graphs)
-        manifest.int8_calibration = dict(previous.int8_calibration)
-        manifest.engines = dict(previous.engines)
-        manifest.router_file, manifest.router_graph = previous.router_file, previous.router_graph
-        manifest.tasks = [TaskEntry(**vars(t)) for t in previous.tasks]
-    missing = [t.name for t in manifest.tasks if t.name not in trained]
-    if missing:
-        raise ExportError(f"{out} holds tasks {missing} that {model_dir} lacks; export into a new --out folder")
-    export_tasks = [t for t in trained if t in wanted or t in manifest.task_names]
-
-    run = _Run(out, previous, manifest)
-    try:
-        _export_graphs(run, store, model, prototypes, wanted, export_tasks, chosen, calib_data)
-        run.commit()
-    finally:
-        run.staging.discard()
-    if export_format is ExportFormat.ENGINE:
-        _export_engines(out, model, wanted, chosen, batch_profile, run.report)
+        run = _Run(out, manifest)
+        try:
+            with _quiet_third_party():
+                _export_graphs(run, store, model, prototypes, wanted, export_tasks, chosen, calib_data)
+            run.commit(signing_key)
+        finally:
+            run.staging.discard()
+        if export_format is ExportFormat.ENGINE:
+            _export_engines(out, model, wanted, chosen, batch_profile, run.report)
+            if signing_key is not None:  # the engine builder saves the manifest unsigned as it goes
+                save_manifest(out, run.report.manifest, signing_key)
     return run.report
+
+
+@contextlib.contextmanager
+def _quiet_third_party() -> Iterator[None]:
+    """Silence torch/onnx export chatter (tracer, deprecation and dynamo-exporter notes): it says
+    nothing to the user, who takes it for problems. The exporter's own checks still raise."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"(torch|onnx|onnxscript|onnxruntime|copyreg)(\.|$)")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def _new_manifest(model: MoleFlow, identity: str) -> Manifest:
