@@ -47,11 +47,14 @@ from moleflow_edge.export.commit import Staging, commit_export, content_name, re
 from moleflow_edge.export.merge import merge_task
 from moleflow_edge.export.precision import sensitive_products, to_fp16, to_int8
 from moleflow_edge.export.tensorrt_engine import (
-    TIMING_CACHE,
+    TRTEXEC_TIMING_CACHE,
+    WORKSPACE_BYTES,
     EngineBuilder,
     EngineJob,
-    compute_capability,
+    build_record,
+    build_target,
     import_tensorrt,
+    reusable,
 )
 from moleflow_edge.export.trt_compat import check_tensorrt_compat
 from moleflow_edge.features import extract_features
@@ -59,13 +62,13 @@ from moleflow_edge.locking import FolderLock
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import CONFIG_FILE, SHARED_FILE, ModelStore
 from moleflow_edge.router import Prototype, RouterTable
+from moleflow_edge.runtime.trt_api import DEFAULT_BATCH_PROFILE
 from moleflow_edge.signing import load_private_key
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 CALIB_LIMIT = 256  # images per INT8 calibration set, evenly spread over the sorted file list
-DEFAULT_BATCH_PROFILE = (1, 1, 8)
 ROUTER_WEIGHTS, ROUTER_GRAPH = "router.safetensors", "router.onnx"
 
 
@@ -466,8 +469,10 @@ def _export_engines(
     batch: tuple[int, int, int],
     report: ExportReport,
 ) -> None:
-    """Build (or reuse) engines for the backbone, router and wanted tasks' graphs, keyed by
-    graph sha256 + TensorRT version + compute capability + precision."""
+    """Build (or reuse) engines for the backbone, router and wanted tasks' graphs. An engine is
+    reused only when its build record (graph sha256, precision, batch profile, workspace, TensorRT
+    version, GPU) is unchanged; its file name carries a hash of that record, so a rebuilt engine
+    never overwrites the one the manifest still lists."""
     manifest = load_manifest(out)
     cfg = model.config
     image = (cfg.image_size, cfg.image_size, 3)
@@ -484,38 +489,29 @@ def _export_engines(
     planned.append((manifest.engines, "router", manifest.router_graph, "routing_feature", (manifest.routing_dim,),
                     Precision.FP32))  # fmt: skip
 
-    def job(graph: ArtifactFile, key: str, name: str, shape: tuple[int, ...], precision: Precision) -> EngineJob:
+    def job(graph: ArtifactFile, tag: str, name: str, shape: tuple[int, ...], precision: Precision) -> EngineJob:
         stem = Path(graph.file).with_suffix("").as_posix().replace("/", ".")
-        return EngineJob(out / graph.file, out / "engines" / f"{stem}{key}.engine", name, shape, precision, batch)
+        return EngineJob(out / graph.file, out / "engines" / f"{stem}{tag}.engine", name, shape, precision, batch)
 
-    cache = out / TIMING_CACHE
-    trt = import_tensorrt([job(g, "", n, s, p) for _, _, g, n, s, p in planned], cache)
-    builder = EngineBuilder(trt, cache)
-    device = f"trt{builder.version}.sm{compute_capability()}"
+    trt = import_tensorrt([job(g, "", n, s, p) for _, _, g, n, s, p in planned], out / TRTEXEC_TIMING_CACHE)
+    target = build_target(trt)
+    builder = EngineBuilder(trt, out / target.timing_cache, WORKSPACE_BYTES)
     for engines, slot, graph, name, shape, precision in planned:
-        spec = job(graph, f".{device}.{graph.sha256[:12]}", name, shape, precision)
-        slot_key = f"{slot}/{device}"
+        record = build_record(graph.sha256, precision, batch, WORKSPACE_BYTES, target)
+        spec = job(graph, f".{target.device}.{_hash(record)[:12]}", name, shape, precision)
+        slot_key = f"{slot}/{target.device}"
         existing = engines.get(slot_key)
         relative = spec.engine_path.relative_to(out).as_posix()
-        started = time.perf_counter()
-        built = existing and existing["file"] == relative and spec.engine_path.is_file()
-        if built and file_sha256(spec.engine_path) == existing["sha256"]:
-            report.files.append(ExportedFile(relative, spec.engine_path.stat().st_size, 0.0, True))
+        if existing is not None and reusable(out, existing, record):
+            report.files.append(ExportedFile(existing["file"], (out / existing["file"]).stat().st_size, 0.0, True))
             continue
+        started = time.perf_counter()
         builder.build(spec)
-        engines[slot_key] = {
-            "file": relative,
-            "sha256": file_sha256(spec.engine_path),
-            "graph_sha256": graph.sha256,
-            "precision": precision.value,
-            "tensorrt_version": builder.version,
-            "compute_capability": device.rsplit(".sm", 1)[1],
-            "batch_profile": list(batch),
-        }
+        engines[slot_key] = {"file": relative, "sha256": file_sha256(spec.engine_path), **record}
         report.files.append(
             ExportedFile(relative, spec.engine_path.stat().st_size, time.perf_counter() - started, False)
         )
         save_manifest(out, manifest)  # after each engine: a long build interrupted later keeps what it built
-        if existing and existing["file"] != relative:  # built for an older graph: no longer listed
+        if existing and existing["file"] != relative:  # built from another record: no longer listed
             (out / existing["file"]).unlink(missing_ok=True)
     report.manifest = manifest

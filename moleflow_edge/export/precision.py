@@ -169,6 +169,9 @@ def to_int8(proto: onnx.ModelProto, calibration: np.ndarray, nodes_to_exclude: S
                 "ActivationSymmetric": True,
                 "WeightSymmetric": True,
                 "CalibStridedMinMax": 1,
+                # biases stay float: onnxruntime would store them as int32 behind a DequantizeLinear, and
+                # TensorRT dequantizes only int8/fp8/int4 (onnx-tensorrt's QuantDequantLinearHelper)
+                "QuantizeBias": False,
                 # Q/DQ on the inputs of each product only, where TensorRT wants them: a quantized conv
                 # output before ReLU6 gets the symmetric range of the raw output (+-180 in the stem), so
                 # ReLU6's [0, 6] is left with a handful of levels (measured: embedding error 45%).

@@ -1,27 +1,36 @@
 """TensorRT engines from the exported ONNX graphs (optional: needs tensorrt and cuda-python).
 
-Written against the TensorRT 10 Python API and kept working on TensorRT 11, which removed
-the FP16/INT8 builder flags and INT8 calibrators: INT8 comes from the explicit QDQ graph and
-FP16 from the fp16 graph, and a precision flag is set only where the enum still has it.
-Engines are plain plan files (no custom header, so trtexec and DeepStream load them); what
-they were built from lives in the manifest. UNVERIFIED here: no TensorRT on the dev machines.
+Built the same way on TensorRT 10 and 11 (runtime/trt_api.py tells them apart): a strongly typed
+network, so every graph builds at the precision it carries (fp16 weights and casts, INT8 as
+explicit QDQ) and no precision flag is ever set. Engines are plain plan files (no custom
+header, so trtexec and DeepStream load them); what they were built from lives in the manifest,
+and an engine is reused only when everything that shapes it is unchanged (``build_record``).
+Timing caches are kept per GPU generation, TensorRT and CUDA version; one TensorRT rejects is
+replaced by an empty one, with a warning. UNVERIFIED: no TensorRT on the development machines.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moleflow_edge.contract import Precision
+from moleflow_edge.atomic import write_atomic
+from moleflow_edge.contract import Precision, file_sha256
+from moleflow_edge.runtime import trt_api
 
 WORKSPACE_BYTES = 1 << 30
-TIMING_CACHE = "engines/timing.cache"
+TRTEXEC_TIMING_CACHE = "engines/timing/trtexec.cache"
 
 
 class TensorRTUnavailable(ImportError):
     """tensorrt or cuda-python is missing; the message carries the trtexec commands to run instead."""
+
+
+class TimingCacheRejected(UserWarning):
+    """TensorRT refused a saved timing cache (another TensorRT, CUDA or GPU wrote it)."""
 
 
 @dataclass(frozen=True)
@@ -39,16 +48,75 @@ class EngineJob:
         return (batch, *self.sample_shape)
 
 
-def trtexec_command(job: EngineJob, timing_cache: Path) -> str:
-    """The trtexec line that builds the same engine (e.g. on a Jetson, where the Python API may be absent)."""
+@dataclass(frozen=True)
+class BuildTarget:
+    """Where engines are built: TensorRT version, GPU compute capability ("87"), CUDA runtime ("12.6")."""
+
+    trt_version: str
+    capability: str
+    cuda_version: str
+
+    @property
+    def device(self) -> str:
+        return trt_api.device_key(self.trt_version, self.capability)
+
+    @property
+    def timing_cache(self) -> str:
+        return trt_api.timing_cache_file(self.trt_version, self.capability, self.cuda_version)
+
+
+def build_target(trt: Any, device_id: int = 0) -> BuildTarget:
+    """This machine's TensorRT version, the GPU's compute capability and the CUDA runtime version."""
+    from moleflow_edge.runtime import cuda_memory as cm
+
+    if not cm.cuda_available():
+        raise TensorRTUnavailable("building TensorRT engines needs cuda-python: pip install 'cuda-python>=12'")
+    if cm.device_count() == 0:
+        raise RuntimeError("no CUDA device is visible; engines must be built on the GPU that runs them")
+    runtime = int(cm.check_cuda(cm.cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"))  # 12060 = 12.6
+    cuda = f"{runtime // 1000}.{runtime % 1000 // 10}"
+    return BuildTarget(str(trt.__version__), cm.compute_capability(device_id), cuda)
+
+
+def build_record(
+    graph_sha256: str, precision: Precision, batch: tuple[int, int, int], workspace_bytes: int, target: BuildTarget
+) -> dict[str, object]:
+    """Everything that changes an engine; the manifest keeps it beside the engine's file and hash."""
+    return {
+        "graph_sha256": graph_sha256,
+        "precision": precision.value,
+        "batch_profile": list(batch),
+        "workspace_bytes": workspace_bytes,
+        "tensorrt_version": target.trt_version,
+        "compute_capability": target.capability,
+    }
+
+
+def reusable(out: Path, entry: dict | None, record: dict[str, object]) -> bool:
+    """True when ``entry`` (a manifest engine entry) was built from ``record`` and its file is intact."""
+    if entry is None or any(entry.get(key) != value for key, value in record.items()):
+        return False
+    path = out / entry["file"]
+    return path.is_file() and file_sha256(path) == entry["sha256"]
+
+
+def trtexec_command(
+    job: EngineJob, timing_cache: Path, trt_major: int | None = None, workspace_bytes: int = WORKSPACE_BYTES
+) -> str:
+    """The trtexec line that builds the same engine (e.g. on a Jetson, where the Python API may be absent).
+
+    No --fp16/--int8 (TensorRT 11's trtexec has neither): the graph carries its precision, and
+    --stronglyTyped makes TensorRT 10 honour it (``trt_major`` None: the target's version is unknown).
+    """
 
     def dims(batch: int) -> str:
         return f"{job.input_name}:" + "x".join(str(d) for d in job.shape(batch))
 
-    flags = {Precision.FP32: "", Precision.FP16: " --fp16", Precision.INT8: " --int8"}[job.precision]
     return (
         f"trtexec --onnx={job.onnx_path} --saveEngine={job.engine_path} --timingCacheFile={timing_cache} "
-        f"--minShapes={dims(job.batch[0])} --optShapes={dims(job.batch[1])} --maxShapes={dims(job.batch[2])}{flags}"
+        f"--memPoolSize=workspace:{workspace_bytes >> 20} "
+        f"--minShapes={dims(job.batch[0])} --optShapes={dims(job.batch[1])} --maxShapes={dims(job.batch[2])}"
+        + trt_api.trtexec_typing_flag(trt_major)
     )
 
 
@@ -62,68 +130,61 @@ def import_tensorrt(jobs: Sequence[EngineJob], timing_cache: Path) -> Any:
             "building TensorRT engines needs the tensorrt Python package and cuda-python on the target GPU: "
             "pip install 'moleflow-edge[tensorrt]' (on a Jetson, tensorrt comes with JetPack 6: "
             "apt install python3-libnvinfer; pip install cuda-python). "
-            "The ONNX graphs are exported; to build the engines with trtexec instead, run on the device:\n" + lines
+            "The ONNX graphs are exported; to build the engines with trtexec instead, run on the device "
+            "(TensorRT 10; on TensorRT 11 drop --stronglyTyped, which is always on there):\n" + lines
         ) from exc
     return tensorrt
 
 
-def compute_capability() -> str:
-    """The GPU's compute capability as "87" (Orin), "89", ...: engines only run where they were built."""
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError as exc:
-            raise TensorRTUnavailable(
-                "reading the GPU's compute capability needs cuda-python: pip install cuda-python"
-            ) from exc
-    err, device = cudart.cudaGetDevice()
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise RuntimeError(f"no CUDA device available ({err}); engines must be built on the GPU that runs them")
-    err, props = cudart.cudaGetDeviceProperties(device)
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise RuntimeError(f"cudaGetDeviceProperties failed: {err}")
-    return f"{props.major}{props.minor}"
-
-
 class EngineBuilder:
-    """Builds plan files with one shared timing cache, so later builds (new tasks) reuse layer timings."""
+    """Builds plan files with one timing cache per build target, so later builds (new tasks) reuse timings."""
 
     def __init__(self, trt: Any, timing_cache: Path, workspace_bytes: int = WORKSPACE_BYTES) -> None:
+        trt_api.require_supported(trt)
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.builder = trt.Builder(self.logger)
         self.timing_cache_path = timing_cache
         self.workspace_bytes = workspace_bytes
 
-    @property
-    def version(self) -> str:
-        return str(self.trt.__version__)
-
     def build(self, job: EngineJob) -> None:
         """Parse ``job.onnx_path`` and write the serialized engine to ``job.engine_path``."""
         trt = self.trt
-        network = self.builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+        network = self.builder.create_network(trt_api.network_flags(trt))
         parser = trt.OnnxParser(network, self.logger)
         if not parser.parse_from_file(str(job.onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise RuntimeError(f"TensorRT could not parse {job.onnx_path}: {errors}")
         config = self.builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
-        flag = {Precision.FP16: "FP16", Precision.INT8: "INT8"}.get(job.precision)
-        if flag and hasattr(trt.BuilderFlag, flag):  # TensorRT 11 dropped them: the graph's types decide
-            config.set_flag(getattr(trt.BuilderFlag, flag))
-        cached = self.timing_cache_path.read_bytes() if self.timing_cache_path.is_file() else b""
-        cache = config.create_timing_cache(cached)
-        config.set_timing_cache(cache, False)
+        self._attach_timing_cache(config)
         profile = self.builder.create_optimization_profile()
         profile.set_shape(job.input_name, job.shape(job.batch[0]), job.shape(job.batch[1]), job.shape(job.batch[2]))
         config.add_optimization_profile(profile)
         plan = self.builder.build_serialized_network(network, config)
         if plan is None:
             raise RuntimeError(f"TensorRT failed to build an engine from {job.onnx_path} (see the log above)")
-        job.engine_path.parent.mkdir(parents=True, exist_ok=True)
-        job.engine_path.write_bytes(bytes(plan))
-        self.timing_cache_path.parent.mkdir(parents=True, exist_ok=True)
-        self.timing_cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        write_atomic(job.engine_path, lambda tmp: tmp.write_bytes(bytes(plan)))
+        cache = bytes(config.get_timing_cache().serialize())
+        write_atomic(self.timing_cache_path, lambda tmp: tmp.write_bytes(cache))
+
+    def _attach_timing_cache(self, config: Any) -> None:
+        """Load the saved cache; if TensorRT rejects it (set_timing_cache returns False, or no cache
+        comes back), warn and start an empty one, which the next write replaces it with."""
+        path = self.timing_cache_path
+        saved = path.read_bytes() if path.is_file() else b""
+        if saved:
+            try:
+                cache = config.create_timing_cache(saved)
+            except RuntimeError:
+                cache = None
+            if cache is not None and config.set_timing_cache(cache, False):
+                return
+            warnings.warn(
+                f"TensorRT rejected the timing cache {path} (written by another TensorRT, CUDA or GPU, or damaged); "
+                "building without it, and a new cache will replace it",
+                TimingCacheRejected,
+                stacklevel=3,
+            )
+        if not config.set_timing_cache(config.create_timing_cache(b""), False):
+            raise RuntimeError("TensorRT refused an empty timing cache; cannot build engines with this TensorRT")

@@ -26,6 +26,7 @@ from moleflow_edge.contract import (
     Precision,
     TaskEntry,
 )
+from moleflow_edge.runtime import trt_api
 from moleflow_edge.runtime.backend import (
     Backend,
     BackendError,
@@ -85,6 +86,26 @@ def choose_providers(
         else:
             chosen.append(name)
     return chosen
+
+
+def trt_profile_options(input_name: str, sample_shape: tuple[int, ...], batch: tuple[int, int, int]) -> dict:
+    """TensorRT provider profile for one graph's input, min/opt/max over the batch axis: one engine
+    serves every batch size the runtime's per-task grouping makes, instead of a rebuild per new size."""
+
+    def shape(size: int) -> str:
+        return f"{input_name}:" + "x".join(str(d) for d in (size, *sample_shape))
+
+    low, opt, high = batch
+    return {"trt_profile_min_shapes": shape(low), "trt_profile_opt_shapes": shape(opt),
+            "trt_profile_max_shapes": shape(high)}  # fmt: skip
+
+
+def with_trt_profile(providers: list[str | tuple[str, dict]], profile: dict) -> list[str | tuple[str, dict]]:
+    """``providers`` with ``profile`` added to the TensorRT provider's options (others unchanged)."""
+    return [
+        (entry[0], {**entry[1], **profile}) if isinstance(entry, tuple) and entry[0] == GPU_PROVIDERS[0] else entry
+        for entry in providers
+    ]
 
 
 def _contiguous_runs(rows: list[int]) -> list[tuple[int, int]]:
@@ -167,11 +188,17 @@ class OrtBackend(GraphBackend):
         self._providers = choose_providers(providers, precision, device_id, trt_cache_dir)
         self._explicit = providers is not None
         self.fallback: str | None = None
-        self._backbone = self._session(read_verified(root, backbone_graph(manifest, precision)))
+        size, grid = manifest.image_size, manifest.grid
+        self._samples = {IMAGES: (size, size, 3), EMBEDDING: (manifest.embed_dim, grid, grid),
+                         ROUTING_FEATURE: (manifest.routing_dim,)}  # fmt: skip
+        self._batch = trt_api.batch_profile(manifest, precision)
+        self._backbone = self._session(read_verified(root, backbone_graph(manifest, precision)), IMAGES)
         active = self._backbone.get_providers()
         on_gpu = active[0] in GPU_PROVIDERS  # a GPU build on a machine without a GPU falls back to CPU
         self.device = f"cuda:{device_id}" if on_gpu else "cpu"
         self.provider = active[0]
+        if self.provider == GPU_PROVIDERS[0]:  # keep batches inside the TensorRT profile
+            self.max_batch = self._batch[2]
         self.bind_device = "cuda" if on_gpu else "cpu"
         self.bound = on_gpu if io_binding is None else io_binding
         self._buffers: dict[tuple[str, int], ort.OrtValue] = {}
@@ -184,18 +211,19 @@ class OrtBackend(GraphBackend):
             )
         self._router: ort.InferenceSession | None = None
         if self.bound and manifest.router_graph is not None:
-            self._router = self._session(read_verified(root, manifest.router_graph))
+            self._router = self._session(read_verified(root, manifest.router_graph), ROUTING_FEATURE)
             self.routes_on_device = True
 
-    def _session(self, path: Path) -> ort.InferenceSession:
+    def _session(self, path: Path, input_name: str) -> ort.InferenceSession:
+        profile = trt_profile_options(input_name, self._samples[input_name], self._batch)
         try:
-            return ort.InferenceSession(str(path), self._options, providers=self._providers)
+            return ort.InferenceSession(str(path), self._options, providers=with_trt_profile(self._providers, profile))
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             if self._providers != ["CPUExecutionProvider"] and not self._explicit:
                 # a GPU build on a machine whose GPU or driver is missing: carry on on the CPU
                 self.fallback = f"GPU providers failed ({exc}); using the CPU"
                 self._providers = ["CPUExecutionProvider"]
-                return self._session(path)
+                return self._session(path, input_name)
             raise BackendError(f"onnxruntime cannot load {path}: {exc}") from exc
 
     def describe(self) -> str:
@@ -241,7 +269,7 @@ class OrtBackend(GraphBackend):
 
     def load_flow(self, entry: TaskEntry) -> FlowEngine:
         artifact = graph_for(entry, self.precision)
-        session = self._session(read_verified(self.root, artifact))
+        session = self._session(read_verified(self.root, artifact), EMBEDDING)
         return OrtFlow(self, entry.name, session, artifact_bytes(self.root, artifact))
 
     def close(self) -> None:

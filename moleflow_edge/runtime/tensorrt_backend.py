@@ -7,8 +7,10 @@ engine's largest batch and reused. The embedding never leaves the device: a task
 engine reads the backbone's output buffer in place (or a gathered copy of its rows, made
 device-to-device); only distances and scores are copied back, into pinned memory.
 
-UNVERIFIED: written against the TensorRT 10 Python API and cuda-python without a GPU to run
-it on (the development machine has none). Optional: needs tensorrt and cuda-python.
+The TensorRT 10/11 differences (device memory size, tensor types) go through trt_api, which
+the tests exercise with fake modules of either shape. UNVERIFIED: written against the TensorRT
+10 and 11 Python APIs and cuda-python without a GPU to run it on (the development machine has
+none). Optional: needs tensorrt and cuda-python.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from moleflow_edge.contract import (
     Precision,
     TaskEntry,
 )
+from moleflow_edge.runtime import trt_api
 from moleflow_edge.runtime.backend import Backend, BackendError, FeatureBatch, FlowEngine, GraphBackend, require
 
 
@@ -40,7 +43,7 @@ def engine_key(slot: str, trt_version: str, capability: str) -> str:
     slot is "backbone.<precision>" or "router" in Manifest.engines, "<precision>" in TaskEntry.engines:
     an engine runs only under the TensorRT version and on the GPU generation it was built for.
     """
-    return f"{slot}/trt{trt_version}.sm{capability}"
+    return f"{slot}/{trt_api.device_key(trt_version, capability)}"
 
 
 def find_engine(engines: dict[str, dict], slot: str, trt_version: str, capability: str) -> dict | None:
@@ -79,7 +82,7 @@ class TrtEngine:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
-        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.dtypes = {n: trt_api.numpy_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
         self.tails = {n: tuple(int(d) for d in self.engine.get_tensor_shape(n))[1:] for n in names}
         first = self.inputs[0]
         leading = int(self.engine.get_tensor_shape(first)[0])
@@ -91,8 +94,7 @@ class TrtEngine:
 
     @property
     def device_bytes(self) -> int:
-        size = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
-        return int(size) + sum(b.nbytes for b in self.buffers.values())
+        return trt_api.device_memory_bytes(self.engine) + sum(b.nbytes for b in self.buffers.values())
 
     def execute(self, batch: int, inputs: dict[str, int]) -> None:
         """Queue one run on the stream: set input shapes and every tensor address, execute_async_v3."""
@@ -165,6 +167,10 @@ class TensorRtBackend(GraphBackend):
             raise BackendError("backend 'tensorrt' needs a CUDA device; none is visible to this process")
         import tensorrt as trt
 
+        try:
+            trt_api.require_supported(trt)
+        except trt_api.TensorRTVersionError as exc:
+            raise BackendError(str(exc)) from exc
         cm.set_device(device_id)
         self.root, self.manifest, self.precision = root, manifest, precision
         self.device = f"cuda:{device_id}"
