@@ -23,3 +23,13 @@ def anomaly_map(
     if out_hw is not None and out_hw != (image_size, image_size):
         smooth = cv2.resize(smooth, (out_hw[1], out_hw[0]), interpolation=cv2.INTER_LINEAR)
     return smooth
+
+
+def capped_shape(hw: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """(height, width) scaled down, aspect kept, so that the longer side is at most ``max_side``:
+    one huge frame must not cost gigabytes of map. None keeps the size."""
+    height, width = int(hw[0]), int(hw[1])
+    if max_side is None or max(height, width) <= max_side:
+        return height, width
+    scale = max_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))

@@ -49,7 +49,8 @@ class FrameResult:
     frame itself was bad (``error`` says why). distances: squared Mahalanobis distance to every
     task prototype. image_score: mean of the top-K patch scores (None unless routed to a task).
     is_anomaly: image_score > the task's calibrated threshold (None when not calibrated).
-    anomaly_map: (H,W) float32 at the frame's own resolution; patch_scores: (grid, grid).
+    anomaly_map: (H,W) float32 at the frame's own resolution, its longer side capped at the
+    runtime's max_map_side (2048 px by default); patch_scores: (grid, grid).
     """
 
     index: int

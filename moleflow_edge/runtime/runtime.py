@@ -10,12 +10,13 @@ back in input order, each with its anomaly map at the frame's own resolution.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
-from moleflow_edge.anomaly_map import anomaly_map
+from moleflow_edge.anomaly_map import anomaly_map, capped_shape
 from moleflow_edge.contract import Manifest, ManifestError, Precision, TaskEntry, load_manifest
 from moleflow_edge.preprocess import FrameError, resize_frame
 from moleflow_edge.router import UNKNOWN, Prototype, RouterTable
@@ -29,11 +30,14 @@ from moleflow_edge.runtime.backend import (
 )
 from moleflow_edge.runtime.engine_cache import EngineCache, EngineStats
 from moleflow_edge.runtime.result import FrameResult
+from moleflow_edge.signing import load_public_keys
 from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGET_NAMES, TARGETS, resolve_backend, target
 
 __all__ = ["DEFAULT_MAX_RESIDENT_TASKS", "Runtime", "create_backend", "load_router_table"]
 
 DEFAULT_MAX_RESIDENT_TASKS = 8
+# longest side of an anomaly map in pixels: a 20000x20000 frame would otherwise get a 1.6 GB map
+DEFAULT_MAX_MAP_SIDE = 2048
 
 
 def _ms(started: float) -> float:
@@ -146,6 +150,8 @@ class Runtime:
         self._backend = backend
         self._entries = {entry.name: entry for entry in manifest.tasks}
         self.skipped_backends: list[str] = []
+        self.max_map_side: int | None = DEFAULT_MAX_MAP_SIDE
+        self.load_failures: dict[str, str] = {}  # task -> why its flow graph could not be loaded or run
 
     @classmethod
     def load(
@@ -161,18 +167,27 @@ class Runtime:
         providers: list[str] | None = None,
         io_binding: bool | None = None,
         preload: bool = False,
+        trusted_keys: Sequence[str | Path] | None = None,
+        max_map_side: int | None = DEFAULT_MAX_MAP_SIDE,
     ) -> Runtime:
-        """Check the export (manifest, every file's sha256), pick the backend, load the backbone and router.
+        """Check the export (schema, paths, every file's sha256 and, with ``trusted_keys``, the
+        manifest's signature), pick the backend, load the backbone and router.
 
         Task engines load lazily, on the first frame routed to them, and stay resident up to
         ``max_resident_tasks`` engines and ``memory_budget_mb`` (least recently used leave first);
-        ``preload`` loads them now instead. ``providers`` and ``io_binding`` tune onnxruntime:
-        io_binding keeps features in bound device buffers (default: on with a GPU provider).
+        ``preload`` loads them now instead (``check_graphs`` loads every one once, to find a graph
+        that cannot load before the first frame). ``trusted_keys``: public key files; an
+        unsigned or wrongly signed export is then refused. ``max_map_side`` caps the anomaly map's
+        longest side (None: the frame's own size). ``providers`` and ``io_binding`` tune
+        onnxruntime: io_binding keeps features in bound device buffers (default: on with a GPU provider).
         """
         root = Path(export_dir)
         kind, _ = resolve_backend(backend)
         prec = _enum(Precision, precision, "precision")
-        manifest = load_manifest(root, verify=True)
+        if max_map_side is not None and max_map_side < 1:
+            raise ValueError(f"max_map_side must be >= 1 pixel or None, got {max_map_side}")
+        keys = None if trusted_keys is None else load_public_keys(trusted_keys)
+        manifest = load_manifest(root, verify=True, trusted_keys=keys)
         if not manifest.tasks:
             raise ManifestError(f"{root} holds no task: export at least one with moleflow-edge export")
         if kind is not Backend.TENSORRT:
@@ -196,10 +211,37 @@ class Runtime:
         )
         runtime = cls(root, manifest, graphs, router, engines)
         runtime.skipped_backends = skipped
+        runtime.max_map_side = max_map_side
         if preload:
             for task in manifest.task_names[: max_resident_tasks or None]:
                 engines.get(task)
         return runtime
+
+    def check_graphs(self) -> None:
+        """Load every task's flow graph once (the resident cap still applies), so that a graph
+        the backend cannot load is found before the first frame, not frame by frame."""
+        for task in self.tasks:
+            try:
+                self.engines.get(task)
+            except (BackendError, ManifestError, OSError) as exc:
+                self.load_failures[task] = str(exc)
+        if self.load_failures:
+            raise BackendError(
+                "flow graphs that cannot be loaded: " + "; ".join(f"{t}: {why}" for t, why in self.load_failures.items())
+            )
+
+    @property
+    def uncalibrated(self) -> list[str]:
+        """Tasks without a score threshold: their frames get a score but is_anomaly None."""
+        return [entry.name for entry in self.manifest.tasks if entry.threshold is None]
+
+    def task_status(self) -> dict[str, str]:
+        """Per task: 'calibrated (<method>)' or 'uncalibrated', for run's start-up lines."""
+        status = {}
+        for entry in self.manifest.tasks:
+            method = entry.calibration.get("method") or entry.calibration.get("quantile_method") or "threshold set"
+            status[entry.name] = "uncalibrated" if entry.threshold is None else f"calibrated ({method})"
+        return status
 
     # --- what was loaded ---------------------------------------------------------------------------
     @property
@@ -288,6 +330,7 @@ class Runtime:
                 engine, load_seconds = self.engines.get(task)
                 patch, image = engine.run(features, members)
             except (BackendError, ManifestError, OSError) as exc:  # that task's frames fail, the rest go on
+                self.load_failures[task] = str(exc)
                 for k in members:
                     results[k].error = f"task {task!r}: {exc}"
                 continue
@@ -311,7 +354,7 @@ class Runtime:
                     result.patch_scores,
                     m.image_size,
                     m.map_sigma,
-                    out_hw=result.frame_shape[:2],  # type: ignore[index]
+                    out_hw=capped_shape(result.frame_shape[:2], self.max_map_side),  # type: ignore[index]
                 )
             result.timings.postprocess = _ms(started)
 
