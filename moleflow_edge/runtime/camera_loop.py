@@ -27,7 +27,8 @@ from moleflow_edge.preprocess import FrameError, read_image_bgr
 from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime.backend import BackendError
 from moleflow_edge.runtime.result import STAGES, FrameResult
-from moleflow_edge.runtime.runtime import DEFAULT_MAX_RESIDENT_TASKS, Runtime
+from moleflow_edge.atomic import check_writable
+from moleflow_edge.runtime.runtime import DEFAULT_MAX_MAP_SIDE, DEFAULT_MAX_RESIDENT_TASKS, Runtime
 
 EXIT_OK = 0
 EXIT_LOAD_ERROR = 1  # the export cannot be loaded (missing, tampered, no backend)
@@ -269,6 +270,8 @@ class LoopStats:
             "frames_per_s": round(processed / wall, 2) if wall > 0 else None,
             "backend": None if runtime is None else runtime.description,
             "engines": None if runtime is None else runtime.engine_stats.as_dict(),
+            "calibration": None if runtime is None else runtime.task_status(),
+            "failed_tasks": None if runtime is None else runtime.load_failures,
             "interrupted": self.interrupted,
             "exit_code": exit_code,
         }
@@ -311,6 +314,9 @@ def run_source(
     retry_delay_s: float = 0.5,
     err: TextIO | None = None,
     runtime: Runtime | None = None,
+    check: bool = False,
+    trusted_keys: list[str | Path] | None = None,
+    max_map_side: int | None = DEFAULT_MAX_MAP_SIDE,
 ) -> int:
     """Run every frame of ``source`` (folder, image, video, camera:N) and return the exit code.
 
@@ -324,19 +330,40 @@ def run_source(
     err = sys.stderr if err is None else err
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if save_dir is not None:
+        check_writable(save_dir, "--save", directory=True)
     stats = LoopStats()
     code = EXIT_OK
     owned = runtime is None
     try:
         if runtime is None:
             runtime = Runtime.load(
-                export_dir, backend, precision, max_resident_tasks=max_resident_tasks, memory_budget_mb=memory_budget_mb
+                export_dir, backend, precision, max_resident_tasks=max_resident_tasks, memory_budget_mb=memory_budget_mb,
+                trusted_keys=trusted_keys, max_map_side=max_map_side,
             )
     except (ManifestError, BackendError, ValueError, OSError) as exc:
         print(f"error: cannot load the export {export_dir}: {exc}", file=err)
         summary = stats.summary(None, EXIT_LOAD_ERROR)
         print(json.dumps({"summary": summary}), file=out, flush=True)
         return EXIT_LOAD_ERROR
+
+    for task, status in runtime.task_status().items():
+        print(f"task {task}: {status}", file=err)
+    if runtime.uncalibrated:
+        print(
+            f"warning: {', '.join(runtime.uncalibrated)} not calibrated: frames get a score but no decision "
+            "(is_anomaly null); run moleflow-edge calibrate --export DIR --data ROOT",
+            file=err,
+        )
+    if check:
+        try:
+            runtime.check_graphs()
+        except BackendError as exc:
+            print(f"error: --check: {exc}", file=err)
+            print(json.dumps({"summary": stats.summary(runtime, EXIT_BACKEND_ERROR)}), file=out, flush=True)
+            if owned:
+                runtime.close()
+            return EXIT_BACKEND_ERROR
 
     save = Path(save_dir) if save_dir is not None else None
     if save is not None:
@@ -407,6 +434,9 @@ def run_source(
         if viewer is not None:
             viewer.close()
 
+    if runtime.load_failures and code == EXIT_OK:  # some frames ran, but a listed graph is broken
+        print(f"error: flow graphs failed: {runtime.load_failures}", file=err)
+        code = EXIT_BACKEND_ERROR
     summary = stats.summary(runtime, code)
     emit({"summary": summary})
     print(_human_summary(summary), file=err)
