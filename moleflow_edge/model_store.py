@@ -103,6 +103,8 @@ class ModelStore:
         state[ROUTER_PREFIX + "mean"] = torch.from_numpy(prototype.mean)
         state[ROUTER_PREFIX + "whitener"] = torch.from_numpy(prototype.whitener)
         state[ROUTER_PREFIX + "limit"] = torch.tensor(prototype.limit, dtype=torch.float64)
+        if prototype.images is not None:
+            state[ROUTER_PREFIX + "images"] = torch.tensor(prototype.images, dtype=torch.int64)
         write_atomic(self.task_file(task), lambda tmp: save_file(state, str(tmp)))
         write_text_atomic(self.root / TASK_LIST_FILE, json.dumps({"tasks": [*tasks, task]}, indent=2) + "\n")
 
@@ -122,6 +124,7 @@ def _prototype_from(state: dict[str, torch.Tensor], path: Path) -> Prototype:
             mean=state[ROUTER_PREFIX + "mean"].numpy().astype(np.float32),
             whitener=state[ROUTER_PREFIX + "whitener"].numpy().astype(np.float32),
             limit=float(state[ROUTER_PREFIX + "limit"]),
+            images=int(state[ROUTER_PREFIX + "images"]) if ROUTER_PREFIX + "images" in state else None,
         )
     except KeyError as exc:
         raise ModelDirError(f"{path} has no router prototype ({exc})") from exc

@@ -2,10 +2,28 @@
 
 Torch-free (numpy only): training fits prototypes with it, and the runtime computes the
 same distances, so both sides route identically.
+
+Few images. A product may be learned from as few as ``MIN_IMAGES`` good images. Three rules
+keep its prototype and its unknown-product limit well defined down to two images:
+
+- Covariance: Ledoit-Wolf shrinkage towards a scaled identity whose scale (mean variance per
+  channel) comes from all the task's images, with at least ``PRIOR_IMAGES / (PRIOR_IMAGES + n - 1)``
+  of the weight on that target (the target counts as two images' worth of evidence). Ledoit-Wolf's
+  own estimate is 0 at two images (the two centred samples are mirror images, so the sample
+  covariance looks error-free), which would leave a singular rank-1 covariance.
+- Limit folds: ``min(LIMIT_FOLDS, n)`` folds, so leave-one-out below five images. Every fold
+  shrinks towards the same target, because a single held-out-of image has no spread of its own.
+- Widening: below ``FEW_IMAGES`` images the limit is multiplied by ``ln(FEW_IMAGES + 1) / ln(n + 1)``.
+  The largest of n held-out distances estimates only their n/(n+1) quantile; for an exponential
+  tail a quantile grows with ln(1 / (1 - p)), so this is how much farther the 10/11 quantile lies
+  than the n/(n+1) one. Measured on 9 products (4 synthetic, 5 real), the typical new normal image
+  lands 2.1x, 1.7x, 1.5x nearer the limit with 2, 3, 4 images than with 10; the rule gives 2.18,
+  1.73, 1.49.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,42 +31,60 @@ import numpy as np
 from moleflow_edge.config import Covariance
 
 UNKNOWN = "unknown"
-LIMIT_FOLDS = 5
+MIN_IMAGES = 2  # a mean and a spread need two images
+LIMIT_FOLDS = 5  # held-out folds for the limit; leave-one-out below this many images
+FEW_IMAGES = 10  # below this a product is "few-image": its limit is widened
+PRIOR_IMAGES = 2  # weight of the shrinkage target, in images
 
 
 @dataclass(frozen=True)
 class Prototype:
-    """One task's routing prototype: mean (C,), whitener W (C,C) with precision P = W^T W, distance limit."""
+    """One task's routing prototype: mean (C,), whitener W (C,C) with precision P = W^T W, distance limit.
+
+    ``images`` is how many training images it was fitted on (None where not recorded: export router
+    files and task files written before it was), so reports can say when a limit rests on few images.
+    """
 
     mean: np.ndarray
     whitener: np.ndarray
     limit: float
+    images: int | None = None
 
 
-def ledoit_wolf(centered: np.ndarray) -> np.ndarray:
-    """Ledoit-Wolf shrinkage covariance of centred samples (N,C) towards a scaled identity.
+def ledoit_wolf(centered: np.ndarray, target: np.ndarray | None = None, min_shrink: float = 0.0) -> np.ndarray:
+    """Ledoit-Wolf shrinkage covariance of centred samples (N,C) towards ``target`` (C,C).
 
-    With 50-200 images and 100-2000 channels the sample covariance is singular; shrinkage keeps
-    the distances meaningful where the papers' tiny ridge does not.
+    The target defaults to a scaled identity of the samples' mean variance. With 50-200 images and
+    100-2000 channels the sample covariance is singular; shrinkage keeps the distances meaningful
+    where the papers' tiny ridge does not. ``min_shrink`` floors the weight on the target.
     """
     n, c = centered.shape
     sample = centered.T @ centered / n
-    mu = np.trace(sample) / c
-    target = mu * np.eye(c)
+    if target is None:
+        target = np.trace(sample) / c * np.eye(c)
     delta = np.sum((sample - target) ** 2) / c
     squares = centered**2
     beta = (np.sum(squares.T @ squares) / n - np.sum(sample**2)) / (c * n)
     shrink = 0.0 if delta == 0 else min(max(beta / delta, 0.0), 1.0)
+    shrink = max(shrink, min_shrink)
     return shrink * target + (1.0 - shrink) * sample
 
 
-def _mean_and_whitener(features: np.ndarray, covariance: str, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+def limit_widening(images: int) -> float:
+    """Factor on the unknown-product limit of a task fitted on ``images`` images (1 from FEW_IMAGES on)."""
+    return max(1.0, math.log(FEW_IMAGES + 1) / math.log(images + 1))
+
+
+def _mean_and_whitener(
+    features: np.ndarray, covariance: str, ridge: float, target: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     mean = features.mean(axis=0)
     centered = features - mean
+    n = len(features)
     if Covariance(covariance) is Covariance.LEDOIT_WOLF:
-        cov = ledoit_wolf(centered)
+        cov = ledoit_wolf(centered, target, PRIOR_IMAGES / (PRIOR_IMAGES + n - 1))
     else:
-        cov = centered.T @ centered / max(len(features) - 1, 1) + ridge * np.eye(features.shape[1])
+        cov = centered.T @ centered / max(n - 1, 1) + ridge * np.eye(features.shape[1])
     precision = np.linalg.inv(cov)
     precision = 0.5 * (precision + precision.T)
     return mean, np.linalg.cholesky(precision).T
@@ -57,23 +93,29 @@ def _mean_and_whitener(features: np.ndarray, covariance: str, ridge: float) -> t
 def fit_prototype(
     features: np.ndarray, covariance: str, ridge: float, limit_quantile: float, limit_margin: float
 ) -> Prototype:
-    """Prototype from a task's pooled training features (N,C).
+    """Prototype from a task's pooled training features (N,C), N >= MIN_IMAGES.
 
-    The unknown-product limit is ``limit_margin`` times the ``limit_quantile`` of held-out
-    distances (5-fold: each fold scored by a prototype fitted without it), because in-sample
+    The unknown-product limit is ``limit_margin`` x ``limit_widening(N)`` x the ``limit_quantile``
+    of held-out distances (each fold scored by a prototype fitted without it), because in-sample
     distances understate how far a new normal image of the product lands.
     """
     feats = np.asarray(features, dtype=np.float64)
-    if feats.ndim != 2 or len(feats) < LIMIT_FOLDS:
-        raise ValueError(f"a router prototype needs at least {LIMIT_FOLDS} training images, got {len(feats)}")
-    mean, whitener = _mean_and_whitener(feats, covariance, ridge)
-    folds = np.arange(len(feats)) % LIMIT_FOLDS
+    if feats.ndim != 2 or len(feats) < MIN_IMAGES:
+        raise ValueError(f"a router prototype needs at least {MIN_IMAGES} training images, got {len(feats)}")
+    n, c = feats.shape
+    spread = np.sum((feats - feats.mean(axis=0)) ** 2) / (n * c)  # mean variance per channel
+    if spread <= 1e-12 * np.mean(feats**2):
+        raise ValueError(f"the {n} training images give identical router features: add distinct good images")
+    target = spread * np.eye(c)
+    mean, whitener = _mean_and_whitener(feats, covariance, ridge, target)
+    k = min(LIMIT_FOLDS, n)
+    folds = np.arange(n) % k
     held_out = []
-    for fold in range(LIMIT_FOLDS):
-        fold_mean, fold_whitener = _mean_and_whitener(feats[folds != fold], covariance, ridge)
+    for fold in range(k):
+        fold_mean, fold_whitener = _mean_and_whitener(feats[folds != fold], covariance, ridge, target)
         held_out.append(np.sum(((feats[folds == fold] - fold_mean) @ fold_whitener.T) ** 2, axis=1))
-    limit = float(np.quantile(np.concatenate(held_out), limit_quantile) * limit_margin)
-    return Prototype(np.ascontiguousarray(mean, np.float32), np.ascontiguousarray(whitener, np.float32), limit)
+    limit = float(np.quantile(np.concatenate(held_out), limit_quantile) * limit_margin * limit_widening(n))
+    return Prototype(np.ascontiguousarray(mean, np.float32), np.ascontiguousarray(whitener, np.float32), limit, n)
 
 
 class RouterTable:
