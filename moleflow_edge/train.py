@@ -21,9 +21,10 @@ from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.mvtec import load_split
 from moleflow_edge.features import extract_features
 from moleflow_edge.model.loss import flow_loss
-from moleflow_edge.model.mole_flow import MoleFlow, check_task_name
+from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import ModelDirError, ModelStore
 from moleflow_edge.router import fit_prototype
+from moleflow_edge.task_check import check_new_task
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,8 @@ def train_task(
     random_backbone: bool = False,
 ) -> TrainReport:
     """Train ``task`` from ROOT/<task>/train/good and add it to the model directory."""
-    check_task_name(task)
+    check_new_task(data_root, task, model_dir)  # every refusal before any backbone or training work
     store = ModelStore(model_dir)
-    if task in store.tasks():
-        raise ModelDirError(f"task {task!r} is already trained in {model_dir}; pick a new task name")
     torch.manual_seed((config or MoleFlowConfig()).seed if not store.tasks() else store.config().seed)
     model = prepare_model(store, config, random_backbone)  # random init happens here: seeded first
     cfg = model.config
