@@ -11,11 +11,16 @@ Threshold rule (distribution-free, order statistics). Decision: anomaly when sco
 With n normal scores, t = the k-th largest score. For exchangeable normal images a new
 normal image exceeds the k-th largest of n with probability exactly k/(n+1), so
 k = floor(target_fpr * (n+1)) gives an expected FPR <= target_fpr (the conformal quantile).
-k >= 1 needs n >= ceil(1/target_fpr) - 1; we ask for ``min_count`` = ceil(1/target_fpr)
-images (100 at 1 % FPR) and refuse below it. The true FPR of that t is Beta(k, n+1-k)
-distributed; the report gives its 95 % upper bound, so the user sees how loose a small
-sample is. With ``confidence`` set, k is instead the largest with
-P(FPR > target) <= 1 - confidence (a tolerance limit); it needs more images.
+k >= 1 needs n >= ceil(1/target_fpr) - 1; the rule asks for ceil(1/target_fpr) images (100
+at 1 % FPR). The true FPR of that t is Beta(k, n+1-k) distributed; the report gives its 95 %
+upper bound, so the user sees how loose a small sample is. With ``confidence`` set, k is
+instead the largest with P(FPR > target) <= 1 - confidence (a tolerance limit); it needs more.
+
+Real-size data (MVTec-style test/good folders hold 20-60 normal images) often has fewer normals
+than the requested rate needs. ``calibrate`` then still sets a usable threshold by the tightest
+rate the data supports: t = the largest normal score (k = 1), whose expected FPR is 1/(n+1)
+(0.09 with 10 images), and it says so: the method, the rate reached, its 95 % bound, and how
+many images the requested rate would need. Below ``MIN_NORMALS`` images it refuses.
 
 Routing limit. Each normal image's squared Mahalanobis distance to its own task's
 prototype; limit = ``limit_margin`` x the largest of them. These images were not used to
@@ -25,6 +30,7 @@ fit the prototype, so their largest distance is an honest 1/(n+1) tail estimate;
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,8 +39,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moleflow_edge.data.mvtec import GOOD, DatasetError, _image_files, test_samples
-from moleflow_edge.contract import Manifest, load_manifest, save_manifest
+from moleflow_edge.contract import MANIFEST_FILE, SIGNATURE_FIELD, Manifest, load_manifest, save_manifest
+from moleflow_edge.locking import FolderLock
 from moleflow_edge.preprocess import read_image_bgr, resize_frame
+from moleflow_edge.signing import load_private_key
 
 if TYPE_CHECKING:
     from moleflow_edge.runtime import Runtime
@@ -55,6 +63,7 @@ CALIB_FOLDER = "calib"  # ROOT/<task>/calib/good: held-out normal images, prefer
 DEFAULT_LIMIT_MARGIN = 2.0  # mirrors MoleFlowConfig.router_limit_margin
 BATCH = 8
 UPPER_BOUND_LEVEL = 0.95
+MIN_NORMALS = 5  # fewer normal images give no threshold worth deploying (E[FPR] of the maximum: 1/6)
 
 
 class CalibrationError(ValueError):
@@ -116,6 +125,7 @@ class QuantileThreshold:
     expected_fpr: float  # k / (n+1)
     fpr_upper95: float
     method: str
+    target_met: bool = True  # False: too few images for the requested rate; the tightest supported one is used
 
 
 def threshold_for_fpr(
@@ -181,6 +191,28 @@ def precision_recall(scores: np.ndarray, labels: np.ndarray, threshold: float) -
     return precision, recall, f1
 
 
+def supported_threshold(scores: np.ndarray, target_fpr: float, *, confidence: float | None = None) -> QuantileThreshold:
+    """The rule's threshold where the n scores support ``target_fpr``; otherwise the tightest rate
+    they do support: the largest normal score, E[FPR] = 1/(n+1), with ``target_met`` False."""
+    n = len(np.ravel(scores))
+    needed = min_normal_count(target_fpr, confidence)
+    if n >= needed:
+        return threshold_for_fpr(scores, target_fpr, confidence=confidence)
+    if n < MIN_NORMALS:
+        raise CalibrationError(
+            f"{n} normal images are too few to calibrate (at least {MIN_NORMALS}; {needed} for a {target_fpr:g} "
+            "false-positive rate)"
+        )
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(values)):
+        raise CalibrationError("some normal scores are not finite: the export or the images are broken")
+    method = (
+        f"tightest rate the data supports: the largest of {n} normal scores, E[FPR] = 1/(n+1) = "
+        f"{1 / (n + 1):.3f} (the requested {target_fpr:g} needs {needed} normal images)"
+    )
+    return QuantileThreshold(float(values.max()), 1, n, 1 / (n + 1), fpr_upper_bound(1, n), method, False)
+
+
 # --- scoring through the runtime -----------------------------------------------------------------
 def normal_images(data_root: Path, task: str) -> tuple[list[Path], str]:
     """The calibration images of ``task`` and the folder they came from (relative to the root)."""
@@ -228,6 +260,8 @@ class TaskCalibration:
     f1: float | None = None
     f1_optimal_threshold: float | None = None
     f1_optimal: float | None = None
+    method: str = ""  # how the threshold was made
+    target_met: bool = True
 
 
 @dataclass
@@ -260,6 +294,9 @@ class CalibrationReport:
                 f"| {t.fpr_upper95:.4f} | {t.distance_limit:.4g} | {fmt(t.precision)} | {fmt(t.recall)} "
                 f"| {fmt(t.f1_optimal_threshold, '.4g')} |"
             )
+        for t in self.tasks:  # how each threshold was made, and how certain it is
+            note = "" if t.target_met else f"target {self.target_fpr:g} NOT reached: "
+            lines.append(f"{t.task}: {note}{t.method}; 95% bound on its FPR {t.fpr_upper95:.3f}")
         return "\n".join(lines)
 
 
@@ -275,9 +312,13 @@ def calibrate(
     tasks: list[str] | None = None,
     threads: int | None = None,
     write: bool = True,
+    sign: str | Path | None = None,
 ) -> CalibrationReport:
     """Set every task's score threshold and routing distance limit from its normal images.
 
+    Too few images for ``target_fpr`` give the tightest rate the data supports (see the module
+    docstring); fewer than ``min_count`` (default MIN_NORMALS) images are refused. ``sign``: the
+    private key file that signs the calibrated manifest (required when the export was signed).
     Scores go through the runtime (onnxruntime CPU, ``precision`` graphs: calibrate the precision
     you deploy). Writes threshold, distance_limit and a ``calibration`` dict per task into the
     manifest atomically; no timestamps, so calibrating twice gives a byte-identical manifest.
@@ -286,8 +327,16 @@ def calibrate(
 
     root, data = Path(export_dir), Path(data_root)
     manifest: Manifest = load_manifest(root, verify=True)
+    original = (root / MANIFEST_FILE).read_bytes()
+    signing_key = None if sign is None else load_private_key(sign)
+    if write and signing_key is None and json.loads(original).get(SIGNATURE_FIELD) is not None:
+        raise CalibrationError(
+            f"{root} is signed: pass --sign KEYFILE so that the calibrated manifest is signed again "
+            "(an unsigned one would be refused wherever trusted keys are configured)"
+        )
     chosen = manifest.task_names if tasks is None else list(tasks)
-    needed = max(min_count or 0, min_normal_count(target_fpr, confidence))
+    min_normal_count(target_fpr, confidence)  # checks the rate before any image is scored
+    needed = max(min_count or 0, MIN_NORMALS)
     report = CalibrationReport(str(root), target_fpr, precision, int8_calibration=dict(manifest.int8_calibration))
     runtime = Runtime.load(
         root, backend="onnxruntime", precision=precision, threads=threads, providers=["CPUExecutionProvider"]
@@ -298,20 +347,20 @@ def calibrate(
             files, source = normal_images(data, name)
             if len(files) < needed:
                 raise CalibrationError(
-                    f"task {name!r}: {data / source} has {len(files)} normal images; a {target_fpr:g} false-positive "
-                    f"rate needs at least {needed} (ceil(1/target_fpr) for the order-statistic rule). Add held-out "
-                    f"normal images to {data / name / CALIB_FOLDER / GOOD} or raise --target-fpr"
+                    f"task {name!r}: {data / source} has {len(files)} normal images; calibration needs at least "
+                    f"{needed}. Add held-out normal images to {data / name / CALIB_FOLDER / GOOD}"
                 )
             scores, all_distances = score_as_task(runtime, files, name)
             column = runtime.router.tasks.index(name)
             distances = all_distances[:, column]
-            rule = threshold_for_fpr(scores, target_fpr, confidence=confidence, min_count=needed)
+            rule = supported_threshold(scores, target_fpr, confidence=confidence)
             routed = float(np.mean(np.argmin(all_distances, axis=1) == column))
             limit = float(limit_margin * distances.max())
             result = TaskCalibration(
                 task=name, source=source, n=rule.n, threshold=rule.threshold, k=rule.k,
                 expected_fpr=rule.expected_fpr, fpr_upper95=rule.fpr_upper95, distance_limit=limit,
                 max_normal_distance=float(distances.max()), routed_to_own_task=routed,
+                method=rule.method, target_met=rule.target_met,
             )  # fmt: skip
             _defect_metrics(runtime, data, name, scores, result)
             report.tasks.append(result)
@@ -324,6 +373,7 @@ def calibrate(
                 "expected_fpr": rule.expected_fpr,
                 "fpr_upper95": rule.fpr_upper95,
                 "quantile_method": rule.method,
+                "target_met": rule.target_met,
                 "source": source,
                 "precision": precision,
                 "distance_limit_method": f"{limit_margin:g} x max squared Mahalanobis distance of the same images",
@@ -332,7 +382,10 @@ def calibrate(
     finally:
         runtime.close()
     if write:
-        save_manifest(root, manifest)
+        with FolderLock(root, "calibration"):  # scoring took a while: refuse to overwrite a newer export
+            if (root / MANIFEST_FILE).read_bytes() != original:
+                raise CalibrationError(f"{root / MANIFEST_FILE} changed while calibrating (a new export?); run it again")
+            save_manifest(root, manifest, signing_key)
     return report
 
 
