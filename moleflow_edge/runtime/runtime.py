@@ -236,11 +236,19 @@ class Runtime:
         return [entry.name for entry in self.manifest.tasks if entry.threshold is None]
 
     def task_status(self) -> dict[str, str]:
-        """Per task: 'calibrated (<method>)' or 'uncalibrated', for run's start-up lines."""
+        """Per task: 'uncalibrated', or 'calibrated' with the expected false-positive rate and
+        whether the requested one was reached, for run's start-up lines and summary."""
         status = {}
         for entry in self.manifest.tasks:
-            method = entry.calibration.get("method") or entry.calibration.get("quantile_method") or "threshold set"
-            status[entry.name] = "uncalibrated" if entry.threshold is None else f"calibrated ({method})"
+            cal = entry.calibration
+            if entry.threshold is None:
+                status[entry.name] = "uncalibrated"
+                continue
+            fpr, n, target = cal.get("expected_fpr"), cal.get("n"), cal.get("target_fpr")
+            text = "calibrated" if not isinstance(fpr, float) else f"calibrated on {n} images, expected FPR {fpr:.3g}"
+            if cal.get("target_met") is False:
+                text += f" (the requested {target} needs more normal images)"
+            status[entry.name] = text
         return status
 
     # --- what was loaded ---------------------------------------------------------------------------
