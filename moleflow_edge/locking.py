@@ -8,11 +8,17 @@ into the file so that the refusal can name it. Torch-free.
 from __future__ import annotations
 
 import fcntl
+import functools
+import inspect
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
-from moleflow_edge.atomic import current_umask
+from moleflow_edge.atomic import check_writable, current_umask
+
+F = TypeVar("F", bound=Callable[..., object])
 
 LOCK_FILE = ".lock"
 
@@ -30,6 +36,7 @@ class FolderLock:
         self._fd: int | None = None
 
     def __enter__(self) -> FolderLock:
+        check_writable(self.folder, f"{self.activity} folder", directory=True)
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
@@ -51,3 +58,22 @@ class FolderLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+
+def locks_folder(argument: str, activity: str) -> Callable[[F], F]:
+    """Decorator: hold ``FolderLock`` on the folder passed as ``argument`` for the whole call, so
+    that e.g. two trainings into one model folder cannot interleave (one would train on a shared
+    base the other then throws away)."""
+
+    def wrap(function: F) -> F:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def locked(*args: object, **kwargs: object) -> object:
+            folder = signature.bind(*args, **kwargs).arguments[argument]
+            with FolderLock(folder, activity):  # type: ignore[arg-type]
+                return function(*args, **kwargs)
+
+        return locked  # type: ignore[return-value]
+
+    return wrap

@@ -20,6 +20,7 @@ from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.mvtec import load_split
 from moleflow_edge.features import extract_features
+from moleflow_edge.locking import locks_folder
 from moleflow_edge.model.loss import flow_loss
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import ModelDirError, ModelStore
@@ -67,6 +68,7 @@ def _architecture(config: MoleFlowConfig) -> tuple[object, ...]:
     )  # fmt: skip
 
 
+@locks_folder("model_dir", "training")
 def train_task(
     data_root: str | Path,
     task: str,
@@ -78,6 +80,8 @@ def train_task(
 ) -> TrainReport:
     """Train ``task`` from ROOT/<task>/train/good and add it to the model directory."""
     check_new_task(data_root, task, model_dir)  # every refusal before any backbone or training work
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}: nothing was trained")
     store = ModelStore(model_dir)
     torch.manual_seed((config or MoleFlowConfig()).seed if not store.tasks() else store.config().seed)
     model = prepare_model(store, config, random_backbone)  # random init happens here: seeded first
