@@ -63,7 +63,8 @@ def check_writable(path: str | Path, option: str, *, directory: bool) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise OutputError(f"{option} {path}: {existing} is a file, so {folder} cannot be created")
+        where = "" if existing == folder else f", so {folder} cannot be created"
+        raise OutputError(f"{option} {path}: {existing} is a file, not a folder{where}")
     try:
         with tempfile.TemporaryFile(dir=existing, prefix=".moleflow-probe-"):
             pass

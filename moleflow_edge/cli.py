@@ -30,6 +30,28 @@ def fail(message: str) -> None:
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
+def writable(path: Optional[Path], option: str, *, directory: bool = False) -> None:
+    """Fail before any work when an output path cannot be written (not after an hour of eval)."""
+    from moleflow_edge.atomic import check_writable
+
+    if path is not None:
+        try:
+            check_writable(path, option, directory=directory)
+        except ValueError as exc:
+            fail(str(exc))
+
+
+def positive_ints(text: str, option: str) -> tuple[int, ...]:
+    """'1,8' -> (1, 8); anything else (0, -1, 'x') is a clear error."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        fail(f"{option} takes comma-separated whole numbers >= 1, got {text!r}")
+    return values
+
+
 @app.command()
 def synth(
     out: Path = typer.Option(..., help="Dataset root to write (MVTec AD layout)."),
@@ -65,7 +87,7 @@ def train(
     config: Optional[Path] = typer.Option(None, help="Config JSON (first task only; later tasks reuse the model's)."),
     backbone: Optional[BackboneName] = typer.Option(None, help="Backbone (first task only)."),
     image_size: Optional[int] = typer.Option(None, help="Input size, a multiple of 16 (first task only)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs for this task (default: the config's)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs for this task (default: the config's)."),
 ) -> None:
     """Learn one product as a new task without touching earlier tasks."""
     from moleflow_edge.train import train_task
@@ -91,6 +113,7 @@ def eval_command(
     """Image AUROC, pixel AUROC, pixel AP, routing accuracy and forgetting, task by task."""
     from moleflow_edge.evaluate import evaluate
 
+    writable(json_out, "--json")
     try:
         results = evaluate(data, model, tasks.split(",") if tasks else None, oracle)
     except USER_ERRORS as exc:
@@ -119,6 +142,7 @@ def export(
     fmt: str = typer.Option("onnx", "--format", help="onnx, or engine (TensorRT plans built from the ONNX graphs)."),
     precision: list[str] = typer.Option(["fp32"], help="fp32, fp16 or int8; repeat or comma-separate for several."),
     calib_data: Optional[Path] = typer.Option(None, help="Dataset root whose normal images calibrate INT8."),
+    sign: Optional[Path] = typer.Option(None, help="Ed25519 private key file (moleflow-edge keygen) that signs the manifest."),
 ) -> None:
     """Merge base + LoRA per task into fused ONNX graphs (and TensorRT engines); update the manifest."""
     from moleflow_edge.export.exporter import export_model
@@ -128,7 +152,7 @@ def export(
         fail("give exactly one of --task NAME or --all")
     precisions = [p.strip() for item in precision for p in item.split(",") if p.strip()]
     try:
-        report = export_model(model, out, None if all_tasks else [task], precisions, fmt, calib_data)
+        report = export_model(model, out, None if all_tasks else [task], precisions, fmt, calib_data, sign=sign)
     except TensorRTUnavailable as exc:
         fail(str(exc))
     except USER_ERRORS as exc:
@@ -144,12 +168,22 @@ def run(
     precision: str = typer.Option("fp32", help="Which exported precision to run."),
     save: Optional[Path] = typer.Option(None, help="Write an overlay image per frame here."),
     show: bool = typer.Option(False, help="Show the overlays in a window."),
-    batch_size: int = typer.Option(1, help="Frames per inference call."),
+    batch_size: int = typer.Option(1, min=1, help="Frames per inference call."),
+    check: bool = typer.Option(False, help="Load every task's graph before the first frame; exit 4 if one fails."),
+    trusted_key: Optional[list[Path]] = typer.Option(
+        None, help="Public key file (repeatable): refuse exports not signed by one of these keys."
+    ),
+    map_size: int = typer.Option(2048, min=1, help="Longest side of the anomaly map in pixels (caps huge frames)."),
 ) -> None:
     """Inspect frames: one JSON line per frame on stdout, a summary at the end."""
     from moleflow_edge.runtime import run_source
 
-    raise typer.Exit(run_source(export_dir, source, backend, save, show, precision=precision, batch_size=batch_size))
+    try:
+        code = run_source(export_dir, source, backend, save, show, precision=precision, batch_size=batch_size,
+                          check=check, trusted_keys=trusted_key, max_map_side=map_size)  # fmt: skip
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -158,12 +192,13 @@ def calibrate(
     data: Path = typer.Option(..., help="Dataset root: ROOT/<task>/calib/good if present, else test/good."),
     target_fpr: float = typer.Option(0.01, help="False-positive rate the score threshold aims at."),
     precision: str = typer.Option("fp32", help="Precision that will be deployed (its scores are calibrated)."),
+    sign: Optional[Path] = typer.Option(None, help="Private key that signs the calibrated manifest (signed exports)."),
 ) -> None:
     """Score thresholds at a target false-positive rate and unknown-product limits, into the manifest."""
     from moleflow_edge.calibration import calibrate as calibrate_export
 
     try:
-        report = calibrate_export(export_dir, data, target_fpr, precision=precision)
+        report = calibrate_export(export_dir, data, target_fpr, precision=precision, sign=sign)
     except USER_ERRORS as exc:
         fail(str(exc))
     typer.echo(report.table())
@@ -175,7 +210,7 @@ def bench(
     backends: Optional[str] = typer.Option(None, help="Comma-separated backends (default: all; missing ones are skipped)."),
     precisions: str = typer.Option("fp32,int8", help="Comma-separated precisions."),
     batch: str = typer.Option("1,8", help="Comma-separated batch sizes."),
-    iters: int = typer.Option(30, help="Timed iterations per setting, after warm-up."),
+    iters: int = typer.Option(30, min=1, help="Timed iterations per setting, after warm-up."),
     data: Optional[Path] = typer.Option(None, help="Dataset root: adds image AUROC per backend."),
     model: Optional[Path] = typer.Option(None, help="Model directory: adds the PyTorch eager reference."),
     auroc_floor: Optional[float] = typer.Option(None, help="Fail (exit 1) if any image AUROC is below this."),
@@ -187,8 +222,9 @@ def bench(
     from moleflow_edge.bench import bench as run_bench
 
     chosen = tuple(backends.split(",")) if backends else BACKENDS
+    writable(json_out, "--json")
     try:
-        report = run_bench(export_dir, chosen, tuple(precisions.split(",")), tuple(int(b) for b in batch.split(",")),
+        report = run_bench(export_dir, chosen, tuple(precisions.split(",")), positive_ints(batch, "--batch"),
                            iters, data, model, auroc_floor, chart=chart)  # fmt: skip
     except BenchError as exc:
         typer.secho(f"regression: {exc}", fg=typer.colors.RED, err=True)
@@ -197,6 +233,20 @@ def bench(
         fail(str(exc))
     if json_out:
         json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+@app.command()
+def keygen(
+    out: Path = typer.Option(..., help="Private key file to write; the public key goes beside it as OUT.pub."),
+) -> None:
+    """Make an Ed25519 key pair: export --sign OUT on the build machine, run --trusted-key OUT.pub on the line."""
+    from moleflow_edge.signing import generate_keypair
+
+    try:
+        private, public = generate_keypair(out)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    typer.echo(f"private key {private} (keep it off the line PCs); public key {public} (copy it to them)")
 
 
 # the demo trades the papers' sizes for minutes on a laptop CPU; every size is a config field
