@@ -16,8 +16,9 @@ from moleflow_edge.contract import ManifestError, Precision
 from moleflow_edge.preprocess import FrameError
 from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime.backend import Backend, BackendError, available_backends
-from moleflow_edge.runtime.camera_loop import render_overlay, run_source
+from moleflow_edge.runtime.camera_loop import run_source
 from moleflow_edge.runtime.engine_cache import EngineStats
+from moleflow_edge.runtime.overlay import render_overlay
 from moleflow_edge.runtime.result import FrameResult, StageTimings
 from moleflow_edge.runtime.runtime import Runtime
 

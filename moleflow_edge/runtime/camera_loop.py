@@ -1,20 +1,20 @@
-"""`moleflow-edge run`: a folder, an image, a video or a camera through the runtime, one JSON line per frame.
+"""`moleflow-edge run`: a folder, an image, a video, a camera, a stream URL or a GStreamer pipeline
+through the runtime, one JSON line per frame.
 
 stdout gets one JSON object per frame (source, task, score, decision, latency per stage in
 ms), or {"error": ...} for a frame that could not be read or processed, and a last line
-{"summary": {...}}; stderr gets the same summary for people. A camera that stops
-delivering frames is reopened a few times, then the loop exits non-zero; Ctrl-C ends it
-with the summary.
+{"summary": {...}}; stderr gets the same summary for people. A camera or stream that stops
+delivering frames is reopened a bounded number of times, then the loop exits non-zero;
+Ctrl-C ends it with the summary.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -26,21 +26,24 @@ from moleflow_edge.contract import ManifestError
 from moleflow_edge.preprocess import FrameError, read_image_bgr
 from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime.backend import BackendError
+from moleflow_edge.runtime.overlay import Viewer, render_overlay, write_png
 from moleflow_edge.runtime.result import STAGES, FrameResult
 from moleflow_edge.atomic import check_writable
 from moleflow_edge.runtime.runtime import DEFAULT_MAX_MAP_SIDE, DEFAULT_MAX_RESIDENT_TASKS, Runtime
+from moleflow_edge.runtime.video_io import is_pipeline, is_stream_url, redact, unsupported
 
 EXIT_OK = 0
 EXIT_LOAD_ERROR = 1  # the export cannot be loaded (missing, tampered, no backend)
 EXIT_SOURCE_ERROR = 2  # the source cannot be opened or holds no image
-EXIT_CAMERA_LOST = 3  # a camera stopped delivering frames and did not come back
+EXIT_CAMERA_LOST = 3  # a camera or stream stopped delivering frames and did not come back
 EXIT_BACKEND_ERROR = 4  # the inference engine failed mid-run (device lost, out of memory)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), after the summary
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pbm", ".pgm", ".ppm", ".jp2"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm"})
 CAMERA = re.compile(r"camera:(\d+)")
-WINDOW = "moleflow-edge"
+# a stalled stream (connected, no frames) must not block a read forever: OpenCV's FFmpeg timeouts
+STREAM_TIMEOUT_MS = 5000
 
 
 class SourceError(RuntimeError):
@@ -48,7 +51,7 @@ class SourceError(RuntimeError):
 
 
 class CameraLost(SourceError):
-    """A camera stopped delivering frames and reopening it did not help."""
+    """A camera or stream stopped delivering frames and reopening it did not help."""
 
 
 @dataclass
@@ -64,18 +67,37 @@ class SourceFrame:
 
 
 def open_capture(source: int | str) -> cv2.VideoCapture:
-    """A cv2.VideoCapture for a camera index or a video file (tests replace this)."""
+    """A cv2.VideoCapture for a camera index, a video file, a stream URL or a GStreamer pipeline
+    (tests replace this)."""
+    if isinstance(source, str) and is_stream_url(source):
+        timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC]
+        return cv2.VideoCapture(source, cv2.CAP_FFMPEG, [*timeouts, STREAM_TIMEOUT_MS])
+    if isinstance(source, str) and is_pipeline(source) and not Path(source).exists():
+        return cv2.VideoCapture(source, cv2.CAP_GSTREAMER)
     return cv2.VideoCapture(source)
 
 
-def iter_source(source: str, camera_retries: int = 5, retry_delay_s: float = 0.5) -> Iterator[SourceFrame]:
-    """Frames of a folder (images, recursively, sorted), an image file, a video file or camera:N."""
-    match = CAMERA.fullmatch(source.strip())
+def iter_source(
+    source: str, retries: int = 5, retry_delay_s: float = 0.5, warn: Callable[[str], None] | None = None
+) -> Iterator[SourceFrame]:
+    """Frames of a folder (images, recursively, sorted), an image file, a video file, camera:N, a stream
+    URL (rtsp://, http://, ...) or a GStreamer pipeline ending in appsink. Live sources that stop are
+    reopened up to ``retries`` times, ``retry_delay_s`` apart; ``warn`` hears about each reconnection."""
+    text = source.strip()
+    match = CAMERA.fullmatch(text)
     if match:
-        yield from _camera_frames(int(match.group(1)), camera_retries, retry_delay_s)
+        camera = int(match.group(1))
+        yield from _live_frames(camera, f"camera {camera}", f"camera:{camera}", retries, retry_delay_s, warn)
         return
     path = Path(source)
-    if path.is_dir():
+    if is_stream_url(text) or (is_pipeline(text) and not path.exists()):
+        why = unsupported(text)
+        if why is not None:
+            raise SourceError(f"cannot read {redact(text)}: {why}")
+        name = redact(text) if is_stream_url(text) else "gstreamer"
+        label = f"stream {name}" if is_stream_url(text) else "the GStreamer pipeline"
+        yield from _live_frames(text, label, name, retries, retry_delay_s, warn)
+    elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise SourceError(f"{path} holds no image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -86,7 +108,10 @@ def iter_source(source: str, camera_retries: int = 5, retry_delay_s: float = 0.5
     elif path.is_file():
         yield _read_file(0, path)
     else:
-        raise SourceError(f"source {source!r} is not a folder, an image file, a video file or camera:N")
+        raise SourceError(
+            f"source {source!r} is not a folder, an image file, a video file, camera:N, a stream URL "
+            "(rtsp://, http://, ...) or a GStreamer pipeline (... ! appsink)"
+        )
 
 
 def _read_file(index: int, path: Path) -> SourceFrame:
@@ -115,10 +140,16 @@ def _video_frames(path: Path) -> Iterator[SourceFrame]:
         capture.release()
 
 
-def _camera_frames(camera: int, retries: int, delay_s: float) -> Iterator[SourceFrame]:
-    capture = open_capture(camera)
+def _live_frames(
+    source: int | str, label: str, name: str, retries: int, delay_s: float, warn: Callable[[str], None] | None
+) -> Iterator[SourceFrame]:
+    """A camera, stream or pipeline: a failed read reopens the source (a camera that dropped off the
+    bus, an IP camera that rebooted, a network hiccup), up to ``retries`` times in a row."""
+    capture = open_capture(source)
     if not capture.isOpened():
-        raise SourceError(f"cannot open camera {camera}: check the cable and that no other program holds it")
+        hint = "check the cable and that no other program holds it" if isinstance(source, int) else (
+            "check the address, the network and that the camera is streaming")  # fmt: skip
+        raise SourceError(f"cannot open {label}: {hint}")
     index, failures = 0, 0
     try:
         while True:
@@ -126,94 +157,22 @@ def _camera_frames(camera: int, retries: int, delay_s: float) -> Iterator[Source
             ok, frame = capture.read()
             if ok and frame is not None:
                 failures = 0
-                yield SourceFrame(
-                    index, f"camera:{camera}#{index}", frame, read_ms=(time.perf_counter() - started) * 1e3
-                )
+                yield SourceFrame(index, f"{name}#{index}", frame, read_ms=(time.perf_counter() - started) * 1e3)
                 index += 1
                 continue
             failures += 1
             if failures > retries:
                 raise CameraLost(
-                    f"camera {camera} stopped delivering frames after frame {index}: "
+                    f"{label} stopped delivering frames after frame {index}: "
                     f"reopened it {retries} times over {retries * delay_s:.1f} s without a frame"
                 )
+            if warn is not None:
+                warn(f"{label} delivered no frame after frame {index}; reopening it ({failures}/{retries})")
             time.sleep(delay_s)
             capture.release()
-            capture = open_capture(camera)  # a camera that dropped off the bus needs reopening
+            capture = open_capture(source)
     finally:
         capture.release()
-
-
-# --- overlays ------------------------------------------------------------------------------------
-def render_overlay(frame: np.ndarray, result: FrameResult, alpha: float = 0.45) -> np.ndarray:
-    """The frame with its anomaly heat map blended in and task, score and decision written on it.
-
-    The colour scale runs from the map's minimum to max(map maximum, threshold), so that a
-    normal frame of a calibrated task stays cool and a defect turns hot.
-    """
-    image = frame.copy()
-    if result.anomaly_map is not None:
-        heat = result.anomaly_map
-        low = float(heat.min())
-        high = max(float(heat.max()), result.threshold if result.threshold is not None else -np.inf)
-        scaled = np.clip((heat - low) / max(high - low, 1e-6) * 255.0, 0, 255).astype(np.uint8)
-        colour = cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
-        image = cv2.addWeighted(colour, alpha, image, 1.0 - alpha, 0.0)
-    if result.error is not None:
-        text, colour_bgr = "error", (0, 0, 255)
-    elif result.task == UNKNOWN:
-        text, colour_bgr = "unknown product", (0, 200, 255)
-    else:
-        verdict = {True: "ANOMALY", False: "ok", None: "uncalibrated"}[result.is_anomaly]
-        text = f"{result.task}  score {result.image_score:.2f}  {verdict}"
-        colour_bgr = (0, 0, 255) if result.is_anomaly else (0, 255, 0)
-    scale = max(0.4, min(image.shape[:2]) / 500.0)
-    origin = (8, int(24 * scale) + 6)
-    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
-    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, colour_bgr, 1, cv2.LINE_AA)
-    return image
-
-
-def _write_png(path: Path, image: np.ndarray) -> None:
-    ok, data = cv2.imencode(".png", image)
-    if not ok:
-        raise OSError(f"cannot encode overlay {path}")
-    data.tofile(str(path))  # numpy writes the bytes: non-ASCII paths work everywhere
-
-
-class _Viewer:
-    """A cv2 window, switched off with one warning where there is no display or no GUI build."""
-
-    def __init__(self, err: TextIO) -> None:
-        self.err = err
-        self.enabled = True
-        self.used = False
-        if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-            self._disable("no display (DISPLAY is not set)")
-
-    def _disable(self, why: str) -> None:
-        if self.enabled:
-            print(f"warning: --show ignored: {why}", file=self.err)
-        self.enabled = False
-
-    def show(self, image: np.ndarray) -> bool:
-        """Show a frame; False when the user pressed q or Esc."""
-        if not self.enabled:
-            return True
-        try:
-            cv2.imshow(WINDOW, image)
-            self.used = True
-            return (cv2.waitKey(1) & 0xFF) not in (ord("q"), 27)
-        except cv2.error as exc:  # opencv-python-headless has no window support
-            self._disable(f"OpenCV cannot open a window ({str(exc).strip().splitlines()[-1]})")
-            return True
-
-    def close(self) -> None:
-        if self.used:
-            try:
-                cv2.destroyAllWindows()
-            except cv2.error:
-                pass
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -318,11 +277,12 @@ def run_source(
     trusted_keys: list[str | Path] | None = None,
     max_map_side: int | None = DEFAULT_MAX_MAP_SIDE,
 ) -> int:
-    """Run every frame of ``source`` (folder, image, video, camera:N) and return the exit code.
+    """Run every frame of ``source`` (folder, image, video, camera:N, stream URL, GStreamer pipeline)
+    and return the exit code.
 
     One JSON line per frame to ``out`` (stdout), overlays to ``save_dir`` when given, a cv2
     window with ``show``; a final {"summary": ...} line, also written for people to ``err``.
-    Exit codes: 0 done, 1 export not loadable, 2 source not readable, 3 camera lost, 4 backend failed
+    Exit codes: 0 done, 1 export not loadable, 2 source not readable, 3 camera or stream lost, 4 backend failed
     mid-run, 130 Ctrl-C (after the summary). Frames that fail alone are error lines, not exit codes.
     ``runtime`` reuses a loaded Runtime (then export_dir, backend, precision and the engine caps are unused).
     """
@@ -368,7 +328,7 @@ def run_source(
     save = Path(save_dir) if save_dir is not None else None
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
-    viewer = _Viewer(err) if show else None
+    viewer = Viewer(err) if show else None
 
     def emit(line: dict) -> None:
         out.write(json.dumps(line) + "\n")
@@ -393,7 +353,7 @@ def run_source(
                 if save is not None:
                     target = save / f"{item.index:06d}_{_safe(item.stem)}.png"
                     try:
-                        _write_png(target, overlay)
+                        write_png(target, overlay)
                         line["overlay"] = str(target)
                     except OSError as exc:  # a full disk costs the overlay, not the inspection
                         line["overlay_error"] = str(exc)
@@ -404,7 +364,7 @@ def run_source(
 
     pending: list[SourceFrame] = []
     try:
-        for item in iter_source(source, camera_retries, retry_delay_s):
+        for item in iter_source(source, camera_retries, retry_delay_s, lambda m: print(f"warning: {m}", file=err)):
             if max_frames is not None and stats.frames + len(pending) >= max_frames:
                 break
             if item.error is not None:

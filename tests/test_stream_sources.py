@@ -1,0 +1,180 @@
+"""run --source with live sources: an MJPEG stream served over HTTP on localhost (dropped, stalled,
+refused), GStreamer pipelines (refused clearly where OpenCV lacks GStreamer), and the parsing behind them."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from moleflow_edge.runtime import Runtime, camera_loop, run_source
+from moleflow_edge.runtime.video_io import has_backend, is_pipeline, is_stream_url, redact, unsupported, video_io
+from tests.export_fixture import TASKS, build_export
+
+BUILD_WITH_GSTREAMER = """
+  Video I/O:
+    DC1394:                      NO
+    FFMPEG:                      NO
+    GStreamer:                   YES (1.20.3)
+    v4l/v4l2:                    YES (linux/videodev2.h)
+"""
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return build_export(tmp_path_factory.getbasetemp() / "calib_bench_export")
+
+
+@pytest.fixture(scope="module")
+def jpegs(built: dict) -> list[tuple[str, bytes]]:
+    """(true task, JPEG bytes) for normal test images of every exported task, alternating tasks."""
+    per_task = [sorted((Path(built["data"]) / t / "test" / "good").glob("*.png"))[:4] for t in TASKS]
+    out = []
+    for row in zip(*per_task):
+        for task, path in zip(TASKS, row):
+            ok, data = cv2.imencode(".jpg", cv2.imread(str(path)), [cv2.IMWRITE_JPEG_QUALITY, 95])
+            assert ok
+            out.append((task, data.tobytes()))
+    return out
+
+
+class MjpegServer:
+    """An IP camera on 127.0.0.1: connection k sends plan[k] frames as multipart/x-mixed-replace, then
+    drops (or, with ``stall_s``, holds the connection silent first); connections beyond the plan get 503."""
+
+    def __init__(self, jpegs: list[bytes], plan: list[int], stall_s: float = 0.0) -> None:
+        self.connections = 0
+        frames = iter(jpegs * 10)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                k, server.connections = server.connections, server.connections + 1
+                if k >= len(plan):
+                    self.send_error(503, "camera offline")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                for _ in range(plan[k]):
+                    data = next(frames)
+                    self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(data))
+                    self.wfile.write(data + b"\r\n")
+                    self.wfile.flush()
+                time.sleep(stall_s)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def url(self, credentials: str = "") -> str:
+        return f"http://{credentials}127.0.0.1:{self.httpd.server_address[1]}/line1.mjpg"
+
+    def __enter__(self) -> MjpegServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runtime(built: dict) -> Iterator[Runtime]:
+    rt = Runtime.load(built["export_dir"], "onnxruntime-cpu")
+    yield rt
+    rt.close()
+
+
+def test_stream_that_drops_is_reconnected_then_reported_lost(runtime: Runtime, jpegs: list) -> None:
+    # ffmpeg probes the first frames before it opens a stream, so each connection sends more than a few
+    plan = [24, 16]
+    with MjpegServer([data for _, data in jpegs], plan) as server:
+        out, err = io.StringIO(), io.StringIO()
+        code = run_source("unused", server.url("operator:s3cret@"), out=out, err=err, runtime=runtime,
+                          camera_retries=2, retry_delay_s=0.05, batch_size=4)  # fmt: skip
+    lines = _lines(out.getvalue())
+    frames, summary = lines[:-1], lines[-1]["summary"]
+    assert code == camera_loop.EXIT_CAMERA_LOST and summary["exit_code"] == code
+    assert summary["processed"] == sum(plan) and [f["frame"] for f in frames] == list(range(sum(plan)))
+    assert server.connections == 1 + 1 + 2  # first open, one reconnection that worked, two that got 503
+    assert "reopening it (1/2)" in err.getvalue() and "stopped delivering frames after frame 40" in err.getvalue()
+    assert "s3cret" not in out.getvalue() + err.getvalue() and "operator:***@" in frames[0]["source"]
+    # every frame is routed to the product it shows and scored as the runtime scores the decoded JPEG
+    expected = [task for task, _ in jpegs] * 10
+    assert [f["task"] for f in frames] == expected[: sum(plan)]
+    direct = runtime.infer([cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR) for _, d in jpegs])
+    for line, reference in zip(frames, direct):
+        assert line["score"] == pytest.approx(reference.image_score, rel=0.02)
+
+
+def test_stalled_stream_times_out_instead_of_hanging(
+    runtime: Runtime, jpegs: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(camera_loop, "STREAM_TIMEOUT_MS", 400)
+    with MjpegServer([data for _, data in jpegs], [24], stall_s=20.0) as server:
+        out, err = io.StringIO(), io.StringIO()
+        started = time.perf_counter()
+        code = run_source("unused", server.url(), out=out, err=err, runtime=runtime, camera_retries=1,
+                          retry_delay_s=0.05)  # fmt: skip
+        elapsed = time.perf_counter() - started
+    assert code == camera_loop.EXIT_CAMERA_LOST and _lines(out.getvalue())[-1]["summary"]["processed"] == 24
+    assert elapsed < 10.0, f"a silent stream held the loop for {elapsed:.1f} s"
+
+
+def test_stream_that_never_answers_is_a_source_error(runtime: Runtime) -> None:
+    with MjpegServer([], []) as server:
+        err = io.StringIO()
+        code = run_source("unused", server.url(), out=io.StringIO(), err=err, runtime=runtime)
+    assert code == camera_loop.EXIT_SOURCE_ERROR and "cannot open stream http://127.0.0.1" in err.getvalue()
+
+
+def test_gstreamer_pipeline_runs_or_is_refused_naming_gstreamer(runtime: Runtime) -> None:
+    pipeline = "videotestsrc num-buffers=30 ! video/x-raw,width=160,height=120 ! videoconvert ! appsink"
+    out, err = io.StringIO(), io.StringIO()
+    code = run_source("unused", pipeline, out=out, err=err, runtime=runtime, camera_retries=0, retry_delay_s=0)
+    summary = _lines(out.getvalue())[-1]["summary"]
+    if has_backend("GStreamer"):  # an OpenCV built with GStreamer (JetPack's, a distribution's) reads it
+        assert summary["processed"] == 30 and code == camera_loop.EXIT_CAMERA_LOST
+    else:  # the PyPI wheels: refused before opening, naming what is missing
+        assert code == camera_loop.EXIT_SOURCE_ERROR and summary["frames"] == 0
+        assert "no GStreamer support" in err.getvalue() and "Jetson" in err.getvalue()
+
+
+def test_pipeline_without_appsink_is_refused() -> None:
+    with pytest.raises(camera_loop.SourceError, match="must end in appsink"):
+        next(camera_loop.iter_source("nvarguscamerasrc ! nvvidconv ! autovideosink"))
+
+
+def test_source_strings_are_classified() -> None:
+    assert is_stream_url("rtsp://10.0.0.5:554/stream1") and is_stream_url("HTTP://cam/mjpg")
+    assert not is_stream_url("camera:0") and not is_stream_url("/data/line1.mp4")
+    assert is_pipeline("nvarguscamerasrc ! video/x-raw(memory:NVMM) ! nvvidconv ! appsink drop=1")
+    assert not is_pipeline("rtsp://cam/a!b")
+    assert redact("rtsp://admin:hunter2@10.0.0.5/live") == "rtsp://admin:***@10.0.0.5/live"
+    assert redact("rtsp://10.0.0.5/live") == "rtsp://10.0.0.5/live"
+
+
+def test_build_information_decides_what_can_be_read() -> None:
+    assert video_io(BUILD_WITH_GSTREAMER)["GStreamer"] == "YES (1.20.3)"
+    pipeline = "v4l2src ! videoconvert ! appsink"
+    assert unsupported(pipeline, BUILD_WITH_GSTREAMER) is None
+    assert "FFmpeg" in unsupported("rtsp://cam/live", BUILD_WITH_GSTREAMER)
+    assert "GStreamer" in unsupported(pipeline, BUILD_WITH_GSTREAMER.replace("YES (1.20.3)", "NO"))
+    # this machine's own build, as doctor reports it
+    assert set(video_io()) >= {"FFMPEG", "GStreamer"}
