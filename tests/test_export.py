@@ -8,8 +8,6 @@ each test checks one observation of that history.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +24,8 @@ from moleflow_edge.data.synth import generate
 from moleflow_edge.export import onnx_graphs
 from moleflow_edge.export.exporter import ExportReport, export_model
 from moleflow_edge.targets import ExportFormat, check_export_args
-from moleflow_edge.contract import MANIFEST_FILE, Manifest, ManifestError, Precision, file_sha256, load_manifest
+from moleflow_edge.contract import Manifest, ManifestError, Precision, file_sha256, load_manifest
 from moleflow_edge.export.merge import merge_task
-from moleflow_edge.export.tensorrt_engine import TensorRTUnavailable
 from moleflow_edge.export.trt_compat import check_tensorrt_compat
 from moleflow_edge.metrics import auroc
 from moleflow_edge.model.embedding import patch_concat
@@ -206,22 +203,6 @@ def test_every_exported_graph_passes_the_tensorrt_check(history: History) -> Non
         assert report.ok, (path.name, report.problems)
 
 
-def test_tensorrt_check_flags_unsupported_ops_dynamic_dims_and_int64_activations() -> None:
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "n"])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "n"])
-    shape = onnx.helper.make_tensor_value_info("shape", onnx.TensorProto.INT64, [2])
-    nodes = [
-        onnx.helper.make_node("Det", ["x"], ["d"]),  # not in TensorRT's parser
-        onnx.helper.make_node("Shape", ["x"], ["shape"]),  # int64 computed from the input
-        onnx.helper.make_node("Relu", ["x"], ["y"]),
-    ]
-    graph = onnx.helper.make_graph(nodes, "bad", [x], [y, shape])
-    report = check_tensorrt_compat(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]))
-    assert not report.ok
-    text = "\n".join(report.problems)
-    assert "op Det" in text and "axis 1 is dynamic" in text and "shape: int64 activation" in text
-
-
 # --- parity with PyTorch ------------------------------------------------------------------------------
 
 
@@ -365,22 +346,3 @@ def test_int8_without_calibration_data_is_refused(trained: Trained, tmp_path: Pa
 def test_unknown_task_is_refused(trained: Trained, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"tasks \['cable'\] are not trained"):
         export_model(trained.model_dir, tmp_path / "out", tasks=["cable"])
-
-
-def test_engine_export_without_tensorrt_says_what_to_install_and_gives_trtexec_lines(
-    history: History, trained: Trained, tmp_path: Path
-) -> None:
-    if importlib.util.find_spec("tensorrt") is not None:
-        pytest.skip("tensorrt is installed here: the engine path builds instead of failing")
-    out = tmp_path / "out"
-    shutil.copytree(history.out, out)
-    with pytest.raises(TensorRTUnavailable) as caught:
-        export_model(trained.model_dir, out, precisions=("fp32", "fp16"), fmt="engine")
-    message = str(caught.value)
-    assert "pip install 'moleflow-edge[tensorrt]'" in message
-    assert f"trtexec --onnx={out / 'backbone.fp32.onnx'} --saveEngine=" in message
-    assert "--minShapes=images:1x128x128x3 --optShapes=images:1x128x128x3 --maxShapes=images:8x128x128x3" in message
-    assert "--minShapes=embedding:1x64x8x8" in message and "--fp16" in message
-    assert "--timingCacheFile=" in message
-    assert json.loads((out / MANIFEST_FILE).read_text())["engines"] == {}  # graphs intact, no engine recorded
-    load_manifest(out)
