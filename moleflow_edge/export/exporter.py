@@ -204,7 +204,8 @@ class _Run:
         started = time.perf_counter()
         if _intact(self.out, old, source):
             assert old is not None
-            self.report.files.append(ExportedFile(relative, (self.out / relative).stat().st_size, 0.0, True))
+            size = sum((self.out / name).stat().st_size for name, _ in old.paths())
+            self.report.files.append(ExportedFile(relative, size, 0.0, True))
             return old
         made = build()
         path = self.staging.path(relative)
