@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from moleflow_edge.config import BackboneName, MoleFlowConfig
+from moleflow_edge.router import FEW_IMAGES, limit_widening
 
 app = typer.Typer(
     help="Train, export and run MoLE-Flow continual anomaly detection on the factory floor.",
@@ -50,6 +51,19 @@ def positive_ints(text: str, option: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         fail(f"{option} takes comma-separated whole numbers >= 1, got {text!r}")
     return values
+
+
+def few_images_note(task: str, images: int | None) -> str | None:
+    """What learning ``task`` from few good images means for its limit and threshold; None otherwise."""
+    if images is None or images >= FEW_IMAGES:
+        return None
+    return (
+        f"note: {task} was learned from only {images} good images (few: under {FEW_IMAGES}). Its unknown-product limit "
+        f"rests on {images} held-out distances and is widened x{limit_widening(images):.2f} for that, so a look-alike "
+        f"product may pass as {task}; its flow has seen little normal variation, so expect normal parts to score "
+        f"higher than for a well-covered product. Set its score threshold and limit with `calibrate` on held-out "
+        f"good images (ROOT/{task}/calib/good) before trusting its decisions."
+    )
 
 
 @app.command()
@@ -100,6 +114,8 @@ def train(
         f"trained {report.task}: {report.images} images, {report.epochs} epochs, "
         f"{report.seconds_per_epoch:.2f} s/epoch, features {report.feature_seconds:.1f} s, final loss {report.final_loss:.4f}"
     )
+    if note := few_images_note(report.task, report.images):
+        typer.echo(note)
 
 
 @app.command("eval")
@@ -119,6 +135,9 @@ def eval_command(
     except USER_ERRORS as exc:
         fail(str(exc))
     typer.echo(format_eval_table(results))
+    for name, metrics in results["tasks"].items():
+        if note := few_images_note(name, metrics["train_images"]):
+            typer.echo(note)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2) + "\n")
 
@@ -202,6 +221,12 @@ def calibrate(
     except USER_ERRORS as exc:
         fail(str(exc))
     typer.echo(report.table())
+    for t in report.tasks:
+        if t.train_images is not None and t.train_images < FEW_IMAGES:
+            typer.echo(
+                f"note: {t.task} was learned from only {t.train_images} good images; its threshold and limit now "
+                f"come from the {t.n} held-out images above and replace its widened training-time limit"
+            )
 
 
 @app.command()

@@ -87,7 +87,7 @@ def evaluate(
             for name, before, after in zip(METRICS, then, final):
                 forgetting[name].append(before - after)
 
-    per_task = {t: asdict(m) for t, m in results.items()}
+    per_task = {t: {**asdict(m), "train_images": prototypes[t].images} for t, m in results.items()}
     mean = {k: float(np.mean([m[k] for m in per_task.values()])) for k in asdict(next(iter(results.values())))}
     return {
         "tasks": per_task,

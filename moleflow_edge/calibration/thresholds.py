@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from moleflow_edge.data.mvtec import GOOD, DatasetError, _image_files, test_samples
+from moleflow_edge.data.mvtec import GOOD, DatasetError, _image_files, test_samples, train_samples
 from moleflow_edge.contract import MANIFEST_FILE, SIGNATURE_FIELD, Manifest, load_manifest, save_manifest
 from moleflow_edge.locking import FolderLock
 from moleflow_edge.preprocess import read_image_bgr, resize_frame
@@ -262,6 +262,7 @@ class TaskCalibration:
     f1_optimal: float | None = None
     method: str = ""  # how the threshold was made
     target_met: bool = True
+    train_images: int | None = None  # good images in ROOT/<task>/train/good, which the task was learned from
 
 
 @dataclass
@@ -361,6 +362,7 @@ def calibrate(
                 expected_fpr=rule.expected_fpr, fpr_upper95=rule.fpr_upper95, distance_limit=limit,
                 max_normal_distance=float(distances.max()), routed_to_own_task=routed,
                 method=rule.method, target_met=rule.target_met,
+                train_images=_train_images(data, name),
             )  # fmt: skip
             _defect_metrics(runtime, data, name, scores, result)
             report.tasks.append(result)
@@ -387,6 +389,14 @@ def calibrate(
                 raise CalibrationError(f"{root / MANIFEST_FILE} changed while calibrating (a new export?); run it again")
             save_manifest(root, manifest, signing_key)
     return report
+
+
+def _train_images(data: Path, task: str) -> int | None:
+    """How many good images ``task`` was learned from, counted in the data root (None without train/good)."""
+    try:
+        return len(train_samples(data, task))
+    except DatasetError:
+        return None
 
 
 def _defect_metrics(runtime: object, data: Path, task: str, normal: np.ndarray, result: TaskCalibration) -> None:
