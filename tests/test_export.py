@@ -292,7 +292,7 @@ def test_router_weights_are_readable_without_torch(history: History, trained: Tr
     from safetensors.numpy import load_file
 
     _, prototypes = ModelStore(trained.model_dir).load()
-    tensors = load_file(str(history.out / "router.safetensors"))
+    tensors = load_file(str(history.out / load_manifest(history.out).router_file.file))  # type: ignore[union-attr]
     for task in TASKS:
         np.testing.assert_array_equal(tensors[f"{task}.mean"], prototypes[task].mean)
         np.testing.assert_array_equal(tensors[f"{task}.whitener"], prototypes[task].whitener)
@@ -301,9 +301,9 @@ def test_router_weights_are_readable_without_torch(history: History, trained: Tr
 def test_tampered_file_is_refused_with_a_clear_message(history: History, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(history.out, copy)
-    target = copy / "flow" / f"{LAST}.fp32.onnx"
+    target = copy / load_manifest(copy).task(LAST).graphs["fp32"].file
     target.write_bytes(target.read_bytes()[:-1] + b"\0")
-    with pytest.raises(ManifestError, match=rf"{LAST}\.fp32\.onnx does not match the manifest"):
+    with pytest.raises(ManifestError, match=rf"{LAST}\.fp32\.[0-9a-f]{{16}}\.onnx does not match the manifest"):
         load_manifest(copy)
 
 
@@ -314,12 +314,15 @@ def test_missing_graph_is_rebuilt_alone_and_a_graph_over_the_size_cap_gets_a_lis
     external data, which the manifest lists and hashes like the graph itself."""
     out = tmp_path / "out"
     shutil.copytree(history.out, out)
-    (out / "flow" / f"{LAST}.fp32.onnx").unlink()
+    (out / load_manifest(out, verify=False).task(LAST).graphs["fp32"].file).unlink()
     monkeypatch.setattr(onnx_graphs, "MAX_PROTO_BYTES", 0)
     report = export_model(trained.model_dir, out, tasks=[LAST])
     assert [f.file for f in report.written] == [f"flow/{LAST}.fp32.onnx"]
     graph = load_manifest(out).task(LAST).graphs["fp32"]
-    assert graph.data_file == f"flow/{LAST}.fp32.onnx.data" and (out / graph.data_file).is_file()
+    # content-addressed graph; its weights file keeps the run-unique name written inside the graph
+    assert graph.file == f"flow/{LAST}.fp32.{graph.sha256[:16]}.onnx"
+    assert graph.data_file.startswith(f"flow/{LAST}.fp32.") and graph.data_file.endswith(".onnx.data")
+    assert (out / graph.data_file).is_file()
     patch = _session(out / graph.file).run(None, {"embedding": np.zeros((1, 64, 8, 8), np.float32)})[0]
     assert patch.shape == (1, 8, 8)
     (out / graph.data_file).write_bytes(b"tampered")
