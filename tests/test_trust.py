@@ -29,7 +29,7 @@ from moleflow_edge.cli import app
 from moleflow_edge.contract import MANIFEST_FILE, ManifestError, file_sha256, load_manifest, save_manifest
 from moleflow_edge.locking import FolderLock, FolderLocked
 from moleflow_edge.preprocess import read_image_bgr
-from moleflow_edge.runtime import BackendError, Runtime, run_source
+from moleflow_edge.runtime import BackendError, Runtime, render_overlay, run_source
 from moleflow_edge.signing import generate_keypair, load_private_key, load_public_keys
 from tests.export_fixture import TASKS, build_export
 
@@ -349,5 +349,6 @@ def test_a_huge_frame_gets_a_capped_map(built: dict) -> None:
         result = runtime.infer_one(huge)
         assert result.error is None and result.anomaly_map is not None
         assert result.anomaly_map.shape == (2048, 1280)  # longest side capped, aspect kept
+        assert render_overlay(huge, result).shape == huge.shape  # the overlay still covers the frame
         runtime.max_map_side = None
         assert runtime.infer_one(frame).anomaly_map.shape == frame.shape[:2]

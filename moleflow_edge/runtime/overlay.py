@@ -29,6 +29,8 @@ def render_overlay(frame: np.ndarray, result: FrameResult, alpha: float = 0.45) 
         high = max(float(heat.max()), result.threshold if result.threshold is not None else -np.inf)
         scaled = np.clip((heat - low) / max(high - low, 1e-6) * 255.0, 0, 255).astype(np.uint8)
         colour = cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
+        if colour.shape[:2] != image.shape[:2]:  # the runtime caps a huge frame's map (max_map_side)
+            colour = cv2.resize(colour, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
         image = cv2.addWeighted(colour, alpha, image, 1.0 - alpha, 0.0)
     if result.error is not None:
         text, colour_bgr = "error", (0, 0, 255)
