@@ -7,12 +7,14 @@ fast on a line PC that has only the runtime installed.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from moleflow_edge.config import BackboneName, MoleFlowConfig
+from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGET_NAMES, ExportFormat, TargetChoice
 from moleflow_edge.router import FEW_IMAGES, limit_widening
 
 app = typer.Typer(
@@ -158,7 +160,9 @@ def export(
     task: Optional[str] = typer.Option(None, help="Export (or re-export) this task alone."),
     all_tasks: bool = typer.Option(False, "--all", help="Export every trained task."),
     out: Path = typer.Option(Path("export"), help="Export directory (created or updated in place)."),
-    fmt: str = typer.Option("onnx", "--format", help="onnx, or engine (TensorRT plans built from the ONNX graphs)."),
+    fmt: ExportFormat = typer.Option(
+        ExportFormat.ONNX, "--format", help="onnx: graphs every target runs; engine: also TensorRT plans for this GPU."
+    ),
     precision: list[str] = typer.Option(["fp32"], help="fp32, fp16 or int8; repeat or comma-separate for several."),
     calib_data: Optional[Path] = typer.Option(None, help="Dataset root whose normal images calibrate INT8."),
     sign: Optional[Path] = typer.Option(None, help="Ed25519 private key file (moleflow-edge keygen) that signs the manifest."),
@@ -171,7 +175,7 @@ def export(
         fail("give exactly one of --task NAME or --all")
     precisions = [p.strip() for item in precision for p in item.split(",") if p.strip()]
     try:
-        report = export_model(model, out, None if all_tasks else [task], precisions, fmt, calib_data, sign=sign)
+        report = export_model(model, out, None if all_tasks else [task], precisions, fmt.value, calib_data, sign=sign)
     except TensorRTUnavailable as exc:
         fail(str(exc))
     except USER_ERRORS as exc:
@@ -182,8 +186,13 @@ def export(
 @app.command()
 def run(
     export_dir: Path = typer.Option(..., "--export", help="Export directory (manifest and graphs)."),
-    source: str = typer.Option(..., help="Image folder, image file, video file, or camera:N."),
-    backend: str = typer.Option("auto", help="auto, onnxruntime, openvino or tensorrt."),
+    source: str = typer.Option(
+        ..., help="Image folder, image file, video file, camera:N, a stream URL (rtsp://, http://) or a GStreamer "
+        "pipeline ending in appsink."
+    ),
+    backend: TargetChoice = typer.Option(
+        "auto", help="Deployment target (README, Deployment targets); auto tries them best first."
+    ),
     precision: str = typer.Option("fp32", help="Which exported precision to run."),
     save: Optional[Path] = typer.Option(None, help="Write an overlay image per frame here."),
     show: bool = typer.Option(False, help="Show the overlays in a window."),
@@ -193,13 +202,16 @@ def run(
         None, help="Public key file (repeatable): refuse exports not signed by one of these keys."
     ),
     map_size: int = typer.Option(2048, min=1, help="Longest side of the anomaly map in pixels (caps huge frames)."),
+    retries: int = typer.Option(5, min=0, help="Times a camera or stream that stops is reopened before exit 3."),
+    retry_delay: float = typer.Option(2.0, min=0.0, help="Seconds between reopening attempts."),
 ) -> None:
     """Inspect frames: one JSON line per frame on stdout, a summary at the end."""
     from moleflow_edge.runtime import run_source
 
     try:
-        code = run_source(export_dir, source, backend, save, show, precision=precision, batch_size=batch_size,
-                          check=check, trusted_keys=trusted_key, max_map_side=map_size)  # fmt: skip
+        code = run_source(export_dir, source, backend.value, save, show, precision=precision, batch_size=batch_size,
+                          check=check, trusted_keys=trusted_key, max_map_side=map_size, camera_retries=retries,
+                          retry_delay_s=retry_delay)  # fmt: skip
     except USER_ERRORS as exc:
         fail(str(exc))
     raise typer.Exit(code)
@@ -232,7 +244,10 @@ def calibrate(
 @app.command()
 def bench(
     export_dir: Path = typer.Option(..., "--export", help="Export directory to benchmark."),
-    backends: Optional[str] = typer.Option(None, help="Comma-separated backends (default: all; missing ones are skipped)."),
+    backends: Optional[str] = typer.Option(
+        None, help=f"Comma-separated, from torch-eager, {', '.join(TARGET_NAMES)} (default: all; those missing "
+        "here are skipped)."
+    ),
     precisions: str = typer.Option("fp32,int8", help="Comma-separated precisions."),
     batch: str = typer.Option("1,8", help="Comma-separated batch sizes."),
     iters: int = typer.Option(30, min=1, help="Timed iterations per setting, after warm-up."),
@@ -246,7 +261,9 @@ def bench(
     from moleflow_edge.bench import BACKENDS, BenchError
     from moleflow_edge.bench import bench as run_bench
 
-    chosen = tuple(backends.split(",")) if backends else BACKENDS
+    chosen = tuple(b.strip() for b in backends.split(",")) if backends else BACKENDS
+    if unknown := [b for b in chosen if b not in BACKENDS]:
+        fail(f"unknown backend {', '.join(unknown)} in --backends; choose from {', '.join(BACKENDS)}")
     writable(json_out, "--json")
     try:
         report = run_bench(export_dir, chosen, tuple(precisions.split(",")), positive_ints(batch, "--batch"),
@@ -319,5 +336,44 @@ def demo(
 
 
 
+@app.command()
+def doctor(
+    export_dir: Optional[Path] = typer.Option(None, "--export", help="Export directory: which targets run it here."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON, for scripts."),
+) -> None:
+    """What this machine can run: platform, Python, numpy/OpenCV builds, onnxruntime, OpenVINO, TensorRT,
+    CUDA, GPU, torch, cameras and every deployment target; exit 1 when something is wrong."""
+    from moleflow_edge.doctor import diagnose, format_report
+
+    report = diagnose(export_dir)
+    typer.echo(json.dumps(report, indent=2) if json_out else format_report(report))
+    raise typer.Exit(0 if report["ok"] else 1)
+
+
+# a module a command needs but the installed extras lack -> what to install
+MISSING_MODULES = {
+    "cv2": "pip install 'moleflow-edge[cpu]' (or [gpu]); on a Jetson, JetPack's OpenCV (README, Jetson)",
+    "onnxruntime": ONNXRUNTIME_HINT,
+    "torch": "pip install torch==2.13.0, then pip install 'moleflow-edge[train,cpu]'",
+    "onnx": "pip install 'moleflow-edge[train,cpu]'",
+    "onnxscript": "pip install 'moleflow-edge[train,cpu]'",
+    "matplotlib": "pip install 'moleflow-edge[bench]'",
+    "cryptography": "pip install 'moleflow-edge[sign]'",
+}
+
+
+def main() -> None:
+    """The console script: the app, with a missing optional package turned into what to install."""
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        module = (exc.name or "").split(".")[0]
+        if module not in MISSING_MODULES:
+            raise
+        typer.secho(f"error: {module} is not installed: {MISSING_MODULES[module]}; "
+                    "`moleflow-edge doctor` shows what is", fg=typer.colors.RED, err=True)  # fmt: skip
+        sys.exit(2)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

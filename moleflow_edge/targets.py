@@ -1,13 +1,16 @@
-"""The one table of deployment targets: where an export can run and what that needs.
+"""The one table of deployment targets: where an export can run, what that needs, and whether
+this machine has it installed.
 
 Every list of "where a model runs" comes from TARGETS: the CLI's ``--backend`` and
 ``bench --backends`` choices, the runtime's ``auto`` order (the table's order, best first),
-the benchmark's rows, ``doctor``'s report and the README's table. Torch-free and free of
-onnxruntime imports, so that the runtime, the CLI and doctor read it before anything heavy.
+the benchmark's rows, ``doctor``'s report and the README's table. Torch-free, and it imports
+no engine until asked whether one is installed, so that the runtime, the CLI and doctor read it
+first (doctor also where OpenCV or onnxruntime is missing).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -140,3 +143,45 @@ def markdown_table() -> str:
             f"| `[{t.extra}]`{needs} | {t.export_format.value} |"
         )
     return "\n".join(lines)
+
+
+def module_available(name: str) -> bool:
+    """True when ``name`` can be imported, without importing it (and so without its import cost)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def onnxruntime_providers() -> list[str]:
+    """Execution providers compiled into the installed onnxruntime build; [] without onnxruntime."""
+    if not module_available("onnxruntime"):
+        return []
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def not_installed(target: Target) -> str | None:
+    """What this machine lacks to use ``target`` (packages, providers), None when it is installed.
+
+    Installed is not yet working: a GPU, its driver and engines built for it are checked when
+    the backend is created (and reported by ``moleflow-edge doctor``)."""
+    if target.backend is Backend.ONNXRUNTIME:
+        if not module_available("onnxruntime"):
+            return f"onnxruntime is not installed: {ONNXRUNTIME_HINT}"
+        if target.provider not in onnxruntime_providers():
+            return f"this onnxruntime build has no {target.provider}: {target.install}"
+    elif target.backend is Backend.OPENVINO and not module_available("openvino"):
+        return f"OpenVINO is not installed: {target.install}"
+    elif target.backend is Backend.TENSORRT:
+        missing = [m for m, found in (("tensorrt", module_available("tensorrt")), ("cuda-python", cuda_python()))
+                   if not found]  # fmt: skip
+        if missing:
+            return f"{' and '.join(missing)} not installed: {target.install}"
+    return None
+
+
+def cuda_python() -> bool:
+    """cuda-python >= 12.6 installs cuda.bindings, older releases cuda.cudart."""
+    return module_available("cuda.bindings") or module_available("cuda.cudart")

@@ -9,7 +9,6 @@ return to the host.
 
 from __future__ import annotations
 
-import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from moleflow_edge.contract import ArtifactFile, Manifest, ManifestError, Precision, TaskEntry, file_sha256
-from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGETS, Backend, Target
+from moleflow_edge.targets import TARGETS, Backend, module_available, not_installed
 
 
 class BackendError(RuntimeError):
@@ -83,48 +82,6 @@ class GraphBackend(ABC):
 
 
 # --- what is installed -----------------------------------------------------------------------------
-def module_available(name: str) -> bool:
-    """True when ``name`` can be imported, without importing it (and so without its import cost)."""
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def onnxruntime_providers() -> list[str]:
-    """Execution providers compiled into the installed onnxruntime build; [] without onnxruntime."""
-    if not module_available("onnxruntime"):
-        return []
-    import onnxruntime as ort
-
-    return list(ort.get_available_providers())
-
-
-def not_installed(target: Target) -> str | None:
-    """What this machine lacks to use ``target`` (packages, providers), None when it is installed.
-
-    Installed is not yet working: a GPU, its driver and engines built for it are checked when
-    the backend is created (and reported by ``moleflow-edge doctor``)."""
-    if target.backend is Backend.ONNXRUNTIME:
-        if not module_available("onnxruntime"):
-            return f"onnxruntime is not installed: {ONNXRUNTIME_HINT}"
-        if target.provider not in onnxruntime_providers():
-            return f"this onnxruntime build has no {target.provider}: {target.install}"
-    elif target.backend is Backend.OPENVINO and not module_available("openvino"):
-        return f"OpenVINO is not installed: {target.install}"
-    elif target.backend is Backend.TENSORRT:
-        missing = [m for m, found in (("tensorrt", module_available("tensorrt")), ("cuda-python", cuda_python()))
-                   if not found]  # fmt: skip
-        if missing:
-            return f"{' and '.join(missing)} not installed: {target.install}"
-    return None
-
-
-def cuda_python() -> bool:
-    """cuda-python >= 12.6 installs cuda.bindings, older releases cuda.cudart."""
-    return module_available("cuda.bindings") or module_available("cuda.cudart")
-
-
 def available_backends() -> list[Backend]:
     """Engines with at least one installed target here, in the table's order (best first)."""
     return list(dict.fromkeys(t.backend for t in TARGETS if not_installed(t) is None))
