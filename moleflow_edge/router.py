@@ -10,15 +10,15 @@ keep its prototype and its unknown-product limit well defined down to two images
   channel) comes from all the task's images, with at least ``PRIOR_IMAGES / (PRIOR_IMAGES + n - 1)``
   of the weight on that target (the target counts as two images' worth of evidence). Ledoit-Wolf's
   own estimate is 0 at two images (the two centred samples are mirror images, so the sample
-  covariance looks error-free), which would leave a singular rank-1 covariance.
+  covariance looks free of error), which would leave a singular rank-1 covariance.
 - Limit folds: ``min(LIMIT_FOLDS, n)`` folds, so leave-one-out below five images. Every fold
-  shrinks towards the same target, because a single held-out-of image has no spread of its own.
+  shrinks towards the same target, because a fold fitted on one image has no spread of its own.
 - Widening: below ``FEW_IMAGES`` images the limit is multiplied by ``ln(FEW_IMAGES + 1) / ln(n + 1)``.
   The largest of n held-out distances estimates only their n/(n+1) quantile; for an exponential
   tail a quantile grows with ln(1 / (1 - p)), so this is how much farther the 10/11 quantile lies
-  than the n/(n+1) one. Measured on 9 products (4 synthetic, 5 real), the typical new normal image
-  lands 2.1x, 1.7x, 1.5x nearer the limit with 2, 3, 4 images than with 10; the rule gives 2.18,
-  1.73, 1.49.
+  than the n/(n+1) one. Measured on 9 products (4 synthetic, 5 real; median over image subsets),
+  the farthest new normal image reaches 2.1x, 1.7x, 1.5x as far towards the unwidened limit with
+  2, 3, 4 images as with 10; the rule gives 2.18, 1.73, 1.49.
 
 Shrinking a new task towards the pooled covariance of the earlier tasks instead was measured
 too (93 runs: 2-4 images after 2-3 other products): no better (worst new normal at 0.90 of the
