@@ -29,7 +29,6 @@ from moleflow_edge.export.exporter import export_model
 from moleflow_edge.contract import Manifest, load_manifest
 from moleflow_edge.export.merge import merge_task
 from moleflow_edge.metrics import auroc
-from moleflow_edge.model.embedding import patch_concat
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.train import train_task
@@ -131,11 +130,11 @@ def latency_rows(
     batch = len(images)
     x = torch.from_numpy(images)
     maps = model.backbone_maps(x)
-    embedded = model.embed(patch_concat(maps))
+    embedded = model.embed(model.patch_concat(maps))
     emb, feature = embedded.numpy(), model.routing_feature(maps).numpy()
     merged = merge_task(model, task)
     calls: dict[str, Callable[[], object]] = {
-        "eager backbone": lambda: model.embed(patch_concat(model.backbone_maps(x))),
+        "eager backbone": lambda: model.embed(model.patch_concat(model.backbone_maps(x))),
         "eager flow": lambda: model.patch_nll(embedded, task),
         "eager merged flow": lambda: merged(embedded),
     }

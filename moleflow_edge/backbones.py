@@ -20,6 +20,7 @@ from moleflow_edge.config import BackboneName
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+GAIN_TARGET = 0.45 * 255.0  # mean grey level every frame is scaled to when gain normalisation is on
 
 
 class WeightsError(FileNotFoundError):
@@ -41,6 +42,7 @@ class Backbone(nn.Module):
     channels8: int
     channels16: int
     channels_last: int
+    gain_normalise: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,6 +55,8 @@ class Backbone(nn.Module):
         Cast first: TensorRT's ONNX parser refuses uint8 on any tensor but a graph input.
         """
         x = images_bgr.float().permute(0, 3, 1, 2).flip(1)
+        if self.gain_normalise:  # a global exposure change becomes (up to clipping) no change at all
+            x = x * (GAIN_TARGET / x.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1.0))
         return (x - self.mean) / self.std
 
     def forward(self, images_bgr: torch.Tensor, with_last: bool = False) -> BackboneMaps:
@@ -179,9 +183,12 @@ BACKBONES: dict[BackboneName, type[EfficientNetLite0] | type[WideResNet50_2]] = 
 }
 
 
-def build_backbone(name: str, image_size: int, weights: str | None = None, random_init: bool = False) -> Backbone:
+def build_backbone(
+    name: str, image_size: int, weights: str | None = None, random_init: bool = False, gain_normalise: bool = False
+) -> Backbone:
     """Build a frozen backbone in eval mode; random_init exists only for tests."""
     backbone = BACKBONES[BackboneName(name)](image_size, weights, random_init)
+    backbone.gain_normalise = gain_normalise
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)

@@ -87,7 +87,6 @@ class TorchPipeline:
 
     def __call__(self, frames: list[np.ndarray]) -> tuple[dict[str, float], list[tuple[str, float | None]]]:
         from moleflow_edge.anomaly_map import anomaly_map
-        from moleflow_edge.model.embedding import patch_concat
         from moleflow_edge.preprocess import resize_frame
         from moleflow_edge.router import UNKNOWN
 
@@ -100,7 +99,7 @@ class TorchPipeline:
             t = time.perf_counter()
             maps = model.backbone_maps(x)
             routing = model.routing_feature(maps).numpy()
-            embedded = model.embed(patch_concat(maps))
+            embedded = model.embed(model.patch_concat(maps))
             ms["backbone"] = (time.perf_counter() - t) * 1e3
             t = time.perf_counter()
             tasks = self.table.route(self.table.distances(routing))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -53,6 +53,22 @@ def positive_ints(text: str, option: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         fail(f"{option} takes comma-separated whole numbers >= 1, got {text!r}")
     return values
+
+
+DEVICE_OPTION_HELP = "auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N."
+
+
+def chosen_device(spec: str, use: Callable[[str], str]):  # noqa: ANN201 - a torch.device; torch is imported lazily
+    """Resolve --device before any work and print the choice and what it is used for (``use`` gets
+    the device type, "cpu" or "cuda")."""
+    from moleflow_edge.device import DeviceError, describe, resolve_device
+
+    try:
+        device = resolve_device(spec)
+    except DeviceError as exc:
+        fail(str(exc))
+    typer.echo(f"device: {describe(device)} ({use(device.type)})", err=True)
+    return device
 
 
 def few_images_note(task: str, images: int | None) -> str | None:
@@ -103,18 +119,22 @@ def train(
     config: Optional[Path] = typer.Option(None, help="Config JSON (first task only; later tasks reuse the model's)."),
     backbone: Optional[BackboneName] = typer.Option(None, help="Backbone (first task only)."),
     image_size: Optional[int] = typer.Option(None, help="Input size, a multiple of 16 (first task only)."),
-    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs for this task (default: the config's)."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Most optimiser steps for this task (default: the config's max_steps)."),
+    device: str = typer.Option("auto", help=DEVICE_OPTION_HELP),
+    amp: bool = typer.Option(True, help="On CUDA, float16 autocast for the backbone and flow subnets (loss float32)."),
 ) -> None:
     """Learn one product as a new task without touching earlier tasks."""
     from moleflow_edge.train import train_task
 
+    where = chosen_device(device, lambda kind: "training, " + ("float16 mixed precision" if amp and kind == "cuda" else "float32"))
     try:
-        report = train_task(data, task, model, _config(config, backbone, image_size), epochs)
+        report = train_task(data, task, model, _config(config, backbone, image_size), steps, device=where, amp=amp)
     except USER_ERRORS as exc:
         fail(str(exc))
     typer.echo(
-        f"trained {report.task}: {report.images} images, {report.epochs} epochs, "
-        f"{report.seconds_per_epoch:.2f} s/epoch, features {report.feature_seconds:.1f} s, final loss {report.final_loss:.4f}"
+        f"trained {report.task}: {report.images} images ({report.holdout_images} held out to decide when to stop), "
+        f"{report.steps} steps, kept step {report.best_step}, {report.train_seconds:.1f} s, "
+        f"features {report.feature_seconds:.1f} s, loss {report.final_loss:.4f}"
     )
     if note := few_images_note(report.task, report.images):
         typer.echo(note)
@@ -127,13 +147,15 @@ def eval_command(
     tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks to evaluate (default: all)."),
     oracle: bool = typer.Option(False, help="Give each image its true task instead of routing it."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+    device: str = typer.Option("auto", help=DEVICE_OPTION_HELP),
 ) -> None:
     """Image AUROC, pixel AUROC, pixel AP, routing accuracy and forgetting, task by task."""
     from moleflow_edge.evaluate import evaluate
 
     writable(json_out, "--json")
+    where = chosen_device(device, lambda _: "evaluation, float32")
     try:
-        results = evaluate(data, model, tasks.split(",") if tasks else None, oracle)
+        results = evaluate(data, model, tasks.split(",") if tasks else None, oracle, device=where)
     except USER_ERRORS as exc:
         fail(str(exc))
     typer.echo(format_eval_table(results))
@@ -146,11 +168,11 @@ def eval_command(
 
 def format_eval_table(results: dict) -> str:
     """A plain table of the eval results, one row per task plus the mean and forgetting."""
-    names = ["image_auroc", "pixel_auroc", "pixel_ap", "routing_accuracy"]
+    names = ["image_auroc", "pixel_auroc", "pixel_ap", "aupro", "routing_accuracy"]
     lines = [f"{'task':<16}" + "".join(f"{n:>18}" for n in names)]
     for task, metrics in [*results["tasks"].items(), ("mean", results["mean"])]:
         lines.append(f"{task:<16}" + "".join(f"{metrics[n]:>18.4f}" for n in names))
-    lines.append(f"{'forgetting':<16}" + "".join(f"{results['forgetting'].get(n, 0.0):>18.4f}" for n in names[:3]))
+    lines.append(f"{'forgetting':<16}" + "".join(f"{results['forgetting'].get(n, 0.0):>18.4f}" for n in names[:4]))
     return "\n".join(lines)
 
 
@@ -166,6 +188,9 @@ def export(
     precision: list[str] = typer.Option(["fp32"], help="fp32, fp16 or int8; repeat or comma-separate for several."),
     calib_data: Optional[Path] = typer.Option(None, help="Dataset root whose normal images calibrate INT8."),
     sign: Optional[Path] = typer.Option(None, help="Ed25519 private key file (moleflow-edge keygen) that signs the manifest."),
+    device: str = typer.Option(
+        "auto", help=f"GPU that builds TensorRT engines: {DEVICE_OPTION_HELP} ONNX graphs are traced on the CPU."
+    ),
 ) -> None:
     """Merge base + LoRA per task into fused ONNX graphs (and TensorRT engines); update the manifest."""
     from moleflow_edge.export.exporter import export_model
@@ -173,9 +198,14 @@ def export(
 
     if (task is None) == (not all_tasks):
         fail("give exactly one of --task NAME or --all")
+    engines = fmt is ExportFormat.ENGINE
+    where = chosen_device(device, lambda _: "builds the TensorRT engines" if engines else "unused: ONNX graphs are traced on the CPU")
+    if engines and where.type != "cuda":
+        fail(f"--format engine builds TensorRT engines on the GPU that will run them; --device {device} gave the CPU")
     precisions = [p.strip() for item in precision for p in item.split(",") if p.strip()]
     try:
-        report = export_model(model, out, None if all_tasks else [task], precisions, fmt.value, calib_data, sign=sign)
+        report = export_model(model, out, None if all_tasks else [task], precisions, fmt.value, calib_data, sign=sign,
+                              device_id=where.index or 0)  # fmt: skip
     except TensorRTUnavailable as exc:
         fail(str(exc))
     except USER_ERRORS as exc:
@@ -301,7 +331,7 @@ DEMO_CONFIG = MoleFlowConfig(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), help="Folder for the synthetic data, model and export."),
-    epochs: int = typer.Option(20, help="Epochs per task."),
+    steps: int = typer.Option(120, help="Most optimiser steps per task."),
 ) -> None:
     """Synthetic data -> train 3 tasks one after another -> eval (-> export -> calibrate -> bench)."""
     from moleflow_edge.data.synth import generate
@@ -315,8 +345,8 @@ def demo(
         fail(f"{model} already holds a model; remove {out} or pass another --out")
     generate(data, [*tasks, "tiles"], seed=0, image_size=DEMO_CONFIG.image_size, n_test_good=20)
     for task in tasks:
-        report = train_task(data, task, model, DEMO_CONFIG, epochs)
-        typer.echo(f"trained {task}: {report.seconds_per_epoch:.2f} s/epoch")
+        report = train_task(data, task, model, DEMO_CONFIG, steps)
+        typer.echo(f"trained {task}: {report.steps} steps (kept {report.best_step}) in {report.train_seconds:.1f} s")
     results = evaluate(data, model)
     typer.echo(format_eval_table(results))
     (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")

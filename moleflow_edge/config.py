@@ -20,6 +20,24 @@ class BackboneName(str, Enum):
     WIDE_RESNET50_2 = "wide_resnet50_2"
 
 
+class PatchStride(int, Enum):
+    """Patch grid: stride 16 (14x14 at 224 px, the papers') or stride 8 (28x28, finer maps)."""
+
+    COARSE = 16
+    FINE = 8
+
+
+class AnomalyScore(str, Enum):
+    """Patch score: the full -log p (nll), or its latent part 0.5 ||z||^2 alone (latent, as FastFlow).
+
+    The log-det term rewards simple, low-texture patches whatever the product: a dark crack can
+    get a higher likelihood than the normal surface around it.
+    """
+
+    NLL = "nll"
+    LATENT = "latent"
+
+
 class RouterPooling(str, Enum):
     """Which backbone map the router pools: stride 16 (free) or the last layer (papers)."""
 
@@ -41,6 +59,8 @@ class MoleFlowConfig:
     backbone: str = BackboneName.EFFICIENTNET_LITE0.value
     backbone_weights: str | None = None  # local weight file; None = the backbone's offline default
     image_size: int = 224  # input size (224 in the papers)
+    patch_stride: int = PatchStride.COARSE.value  # patch grid: 16 (papers) or 8 (4x finer maps)
+    gain_normalise: bool = True  # divide out each frame's mean brightness inside the backbone graph
     embed_dim: int = 768  # D; capped at the backbone's channel count
     num_mole_blocks: int = 6  # M
     num_dia_blocks: int = 2  # N
@@ -49,7 +69,9 @@ class MoleFlowConfig:
     hidden_ratio: float = 1.0  # subnet hidden width = hidden_ratio * D
     clamp: float = 1.9  # soft clamp c
     scale_context_kernel: int = 5  # scale-context depthwise kernel
+    positional_encoding: bool = True  # add the fixed 2D sinusoidal encoding to the embedding
     top_k: int = 3  # K for the image score
+    anomaly_score: str = AnomalyScore.LATENT.value  # latent (0.5 ||z||^2) or nll (-log p, the papers')
     map_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels
     # loss
     lambda_tail: float = 0.7  # tail-aware loss weight
@@ -60,7 +82,13 @@ class MoleFlowConfig:
     weight_decay: float = 0.01
     dia_lr_factor: float = 0.5  # DIA parameters at half the learning rate
     batch_size: int = 16
-    epochs: int = 60
+    max_steps: int = 600  # optimiser steps per task at most; held-out stopping usually ends sooner
+    holdout_fraction: float = 0.2  # training images held out to decide when to stop (0: run max_steps)
+    eval_every: int = 25  # steps between held-out checks
+    patience: int = 4  # held-out checks without improvement before stopping; the best step is kept
+    feature_noise: float = 0.0  # std of Gaussian noise on the whitened features while training
+    augment_copies: int = 4  # photometric variants per training image (gain, contrast, gamma)
+    augment_strength: float = 0.2  # variants draw gain, contrast and gamma from [1 - s, 1 + s]
     seed: int = 0
     # router
     router_pooling: str = RouterPooling.STRIDE16.value
@@ -75,7 +103,14 @@ class MoleFlowConfig:
         Covariance(self.router_covariance)
         if self.image_size % 16 or self.image_size < 32:
             raise ValueError(f"image_size must be a multiple of 16 and >= 32, got {self.image_size}")
-        for name in ("embed_dim", "num_mole_blocks", "lora_rank", "top_k", "batch_size", "epochs"):
+        PatchStride(self.patch_stride)
+        AnomalyScore(self.anomaly_score)
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        for name in ("feature_noise", "augment_copies", "augment_strength"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config field {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("embed_dim", "num_mole_blocks", "lora_rank", "top_k", "batch_size", "max_steps", "eval_every", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config field {name} must be >= 1, got {getattr(self, name)}")
         if self.embed_dim % 2:
@@ -83,8 +118,8 @@ class MoleFlowConfig:
 
     @property
     def grid_size(self) -> int:
-        """Side of the patch grid (stride 16)."""
-        return self.image_size // 16
+        """Side of the patch grid."""
+        return self.image_size // self.patch_stride
 
     def with_overrides(self, **overrides: object) -> MoleFlowConfig:
         """A copy with the given fields replaced (None values are ignored)."""

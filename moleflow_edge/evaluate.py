@@ -15,13 +15,15 @@ import torch
 
 from moleflow_edge.anomaly_map import anomaly_map
 from moleflow_edge.data.mvtec import Split, load_split
-from moleflow_edge.features import extract_features
-from moleflow_edge.metrics import auroc, average_precision
+from moleflow_edge.device import names_batch_on_oom, resolve_device
+from moleflow_edge.features import FEATURE_BATCH, extract_features
+from moleflow_edge.metrics import aupro, auroc, average_precision
+from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.router import RouterTable
 
-METRICS = ("image_auroc", "pixel_auroc", "pixel_ap")
+METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class TaskMetrics:
     image_auroc: float
     pixel_auroc: float
     pixel_ap: float
+    aupro: float
     routing_accuracy: float
 
 
@@ -40,24 +43,57 @@ def score_with_tasks(
     patch = np.zeros((len(assigned), *concat.shape[2:]), dtype=np.float32)
     for task in sorted(set(assigned)):
         idx = [i for i, t in enumerate(assigned) if t == task]
-        patch[idx] = model.patch_nll(model.embed(concat[idx]), task).numpy()
+        patch[idx] = model.patch_nll(model.embed(concat[idx]), task).cpu().numpy()
     image = model.image_score(torch.from_numpy(patch)).numpy()
     return patch, image
 
 
-def split_metrics(model: MoleFlow, split: Split, patch: np.ndarray, image: np.ndarray) -> tuple[float, float, float]:
-    """Image AUROC, pixel AUROC and pixel AP of one test split."""
-    cfg = model.config
-    maps = np.stack([anomaly_map(p, cfg.image_size, cfg.map_sigma) for p in patch])
-    return auroc(split.labels, image), auroc(split.masks, maps), average_precision(split.masks, maps)
+@torch.no_grad()
+def route_and_score(
+    model: MoleFlow, table: RouterTable, images_bgr: np.ndarray
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(N,S,S,3) uint8 images -> nearest task per image, patch scores (N,H,W), image scores (N,)."""
+    features = extract_features(model, images_bgr)
+    assigned = [table.tasks[i] for i in np.argmin(table.distances(features.routing), axis=1)]
+    return (assigned, *score_with_tasks(model, features.concat, assigned))
 
 
+def split_metrics(split: Split, maps: np.ndarray, image: np.ndarray) -> tuple[float, float, float, float]:
+    """Image AUROC, pixel AUROC, pixel AP and AUPRO of one test split, from (N,S,S) maps and (N,) scores."""
+    return (
+        auroc(split.labels, image),
+        auroc(split.masks, maps),
+        average_precision(split.masks, maps),
+        aupro(split.masks, maps),
+    )
+
+
+def anomaly_maps(patch: np.ndarray, config: MoleFlowConfig) -> np.ndarray:
+    """(N,H,W) patch scores -> (N,S,S) smoothed maps at the input size."""
+    return np.stack([anomaly_map(p, config.image_size, config.map_sigma) for p in patch])
+
+
+def _metrics(model: MoleFlow, split: Split, concat: torch.Tensor, assigned: list[str]) -> tuple[float, ...]:
+    patch, image = score_with_tasks(model, concat, assigned)
+    return split_metrics(split, anomaly_maps(patch, model.config), image)
+
+
+@names_batch_on_oom(
+    f"evaluating (the backbone runs {FEATURE_BATCH} images at a time, a task's flow its whole test split at once)",
+    lambda _: "the number of test images per task",
+)
 def evaluate(
-    data_root: str | Path, model_dir: str | Path, tasks: list[str] | None = None, oracle: bool = False
+    data_root: str | Path,
+    model_dir: str | Path,
+    tasks: list[str] | None = None,
+    oracle: bool = False,
+    device: str | torch.device = "cpu",
 ) -> dict[str, dict]:
-    """Per-task and mean metrics plus the forgetting measure, in the eval --json shape."""
+    """Per-task and mean metrics plus the forgetting measure, in the eval --json shape; float32 on ``device``."""
+    device = resolve_device(device)
     store = ModelStore(model_dir)
     model, prototypes = store.load()
+    model.to(device)
     order = model.tasks
     wanted = order if tasks is None else tasks
     unknown = [t for t in wanted if t not in order]
@@ -73,7 +109,7 @@ def evaluate(
         distances = table.distances(features.routing)
         routed = [order[i] for i in np.argmin(distances, axis=1)]
         assigned = [task] * len(routed) if oracle else routed
-        final = split_metrics(model, split, *score_with_tasks(model, features.concat, assigned))
+        final = _metrics(model, split, features.concat, assigned)
         results[task] = TaskMetrics(*final, float(np.mean([r == task for r in routed])))
         position = order.index(task)
         if position < len(order) - 1:  # an earlier task: compare with the model right after it was learned
@@ -82,7 +118,7 @@ def evaluate(
             then = (  # the same assignment scores bit-identically: no need to run it again
                 final
                 if then_assigned == assigned
-                else split_metrics(model, split, *score_with_tasks(model, features.concat, then_assigned))
+                else _metrics(model, split, features.concat, then_assigned)
             )
             for name, before, after in zip(METRICS, then, final):
                 forgetting[name].append(before - after)

@@ -8,18 +8,20 @@ leaves the directory exactly as it was.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from moleflow_edge.augment import photometric_variants
 from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.mvtec import load_split
-from moleflow_edge.features import extract_features
+from moleflow_edge.device import amp_dtype, autocast, names_batch_on_oom, resolve_device
+from moleflow_edge.features import FEATURE_BATCH, extract_features
 from moleflow_edge.locking import locks_folder
 from moleflow_edge.model.loss import flow_loss
 from moleflow_edge.model.mole_flow import MoleFlow
@@ -34,14 +36,12 @@ class TrainReport:
 
     task: str
     images: int
-    epochs: int
+    steps: int  # optimiser steps run
+    best_step: int  # the step whose weights were kept (held-out loss lowest)
+    holdout_images: int
     feature_seconds: float
     train_seconds: float
-    final_loss: float
-
-    @property
-    def seconds_per_epoch(self) -> float:
-        return self.train_seconds / self.epochs
+    final_loss: float  # held-out loss at best_step, or the last training loss without a hold-out
 
 
 def prepare_model(store: ModelStore, config: MoleFlowConfig | None, random_backbone: bool = False) -> MoleFlow:
@@ -55,7 +55,9 @@ def prepare_model(store: ModelStore, config: MoleFlowConfig | None, random_backb
             )
         return model
     config = config or MoleFlowConfig()
-    backbone = build_backbone(config.backbone, config.image_size, config.backbone_weights, random_backbone)
+    backbone = build_backbone(
+        config.backbone, config.image_size, config.backbone_weights, random_backbone, config.gain_normalise
+    )
     config = config.with_overrides(embed_dim=min(config.embed_dim, backbone.channels8 + backbone.channels16))
     return MoleFlow(config, backbone)
 
@@ -64,74 +66,160 @@ def _architecture(config: MoleFlowConfig) -> tuple[object, ...]:
     """Fields that shape the shared weights; everything else may change between tasks."""
     return (
         config.backbone, config.image_size, config.num_mole_blocks, config.num_dia_blocks, config.lora_rank,
-        config.hidden_ratio, config.scale_context_kernel, config.router_pooling,
+        config.hidden_ratio, config.scale_context_kernel, config.router_pooling, config.patch_stride,
+        config.gain_normalise, config.positional_encoding,
     )  # fmt: skip
 
 
+def holdout_split(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held-out) image indices; at least one image each side once there are 3 or more."""
+    held = 0 if fraction == 0 or count < 3 else min(count - 2, max(1, round(fraction * count)))
+    order = np.random.default_rng(seed).permutation(count)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def training_features(model: MoleFlow, images: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """(V,N,Ccat,G,G) patch features of the images and their photometric variants (V = copies + 1),
+    and (N,C) router features of the originals: the backbone runs once per variant, never per step."""
+    cfg = model.config
+    original = extract_features(model, images)
+    variants = photometric_variants(images, cfg.augment_copies, cfg.augment_strength, cfg.seed)
+    concat = [original.concat] + [extract_features(model, v).concat for v in variants]
+    return torch.stack(concat), original.routing
+
+
+def amp_flow(
+    model: MoleFlow, batch: torch.Tensor, task: str, noise: float, device: torch.device, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embedding and flow subnets under autocast (``dtype`` None: float32); z (B,D,H,W) and log-det
+    (B,H,W) come back float32, so the loss and its log-det term are always computed in float32."""
+    with autocast(device, dtype):
+        z, log_det = model.flow(model.embed(batch), task, noise)
+    return z.float(), log_det.float()
+
+
+def _batch_hint(arguments: dict[str, object]) -> str:
+    """Which batch size to lower after CUDA ran out of memory while training this call's task."""
+    store = ModelStore(arguments["model_dir"])  # type: ignore[arg-type]
+    if store.tasks():
+        return (f"batch_size in {store.root / 'config.json'} (now {store.config().batch_size}; every later task "
+                f"uses the model directory's config)")  # fmt: skip
+    config = arguments["config"] or MoleFlowConfig()
+    return f"batch_size in the --config JSON (now {config.batch_size})"  # type: ignore[union-attr]
+
+
+@names_batch_on_oom(f"training (flow steps, or the backbone on {FEATURE_BATCH} images at a time)", _batch_hint)
 @locks_folder("model_dir", "training")
 def train_task(
     data_root: str | Path,
     task: str,
     model_dir: str | Path,
     config: MoleFlowConfig | None = None,
-    epochs: int | None = None,
+    steps: int | None = None,
     progress: bool = True,
     random_backbone: bool = False,
+    device: str | torch.device = "cpu",
+    amp: bool = True,
 ) -> TrainReport:
-    """Train ``task`` from ROOT/<task>/train/good and add it to the model directory."""
+    """Train ``task`` from ROOT/<task>/train/good and add it to the model directory.
+
+    Runs at most ``steps`` (default: the config's max_steps) optimiser steps on a cosine schedule,
+    checks the loss on held-out training images every ``eval_every`` steps, stops after
+    ``patience`` checks without improvement and keeps the weights of the best check.
+    ``device``: auto, cpu, cuda or cuda:N; on CUDA ``amp`` runs the backbone and flow subnets under
+    float16 autocast with a GradScaler. The saved model is CPU tensors whatever the device.
+    """
     check_new_task(data_root, task, model_dir)  # every refusal before any backbone or training work
-    if epochs is not None and epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}: nothing was trained")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}: nothing was trained")
+    device = resolve_device(device)
     store = ModelStore(model_dir)
     torch.manual_seed((config or MoleFlowConfig()).seed if not store.tasks() else store.config().seed)
-    model = prepare_model(store, config, random_backbone)  # random init happens here: seeded first
+    model = prepare_model(store, config, random_backbone).to(device)  # random init here: seeded first
     cfg = model.config
-    epochs = epochs or cfg.epochs
+    max_steps = steps or cfg.max_steps
 
     started = time.perf_counter()
     split = load_split(data_root, task, "train", cfg.image_size)
-    features = extract_features(model, split.images)
+    precision = amp_dtype(device, amp)
+    with autocast(device, precision):
+        concat, routing = training_features(model, split.images)
     feature_seconds = time.perf_counter() - started
+    fit, held = holdout_split(len(split.images), cfg.holdout_fraction, cfg.seed)
 
     first_task = not model.tasks
     model.add_task(task)
+    model.to(device)  # the new task's parameters too
     for p in model.shared_parameters():
         p.requires_grad_(first_task)
     own, dia = model.task_parameters(task)
     main_group = (model.shared_parameters() if first_task else []) + own
+    trained = main_group + dia
     optimizer = torch.optim.AdamW(
         [{"params": main_group, "lr": cfg.lr}, {"params": dia, "lr": cfg.lr * cfg.dia_lr_factor}],
         weight_decay=cfg.weight_decay,
     )
-    steps_per_epoch = math.ceil(len(split.images) / cfg.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision is torch.float16)
     generator = torch.Generator().manual_seed(cfg.seed)
+    held = torch.from_numpy(held).to(device)
+
+    def held_out_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            loss = flow_loss(*amp_flow(model, concat[0, held], task, 0.0, device, precision), cfg).item()
+        model.train()
+        model.backbone.eval()
+        return loss
 
     model.train()
     model.backbone.eval()
     started = time.perf_counter()
-    bar = tqdm(range(epochs), desc=f"train {task}", unit="epoch", disable=not progress)
-    loss_value = float("nan")
-    for _ in bar:
-        order = torch.randperm(len(split.images), generator=generator)
-        for start in range(0, len(order), cfg.batch_size):
-            batch = features.concat[order[start : start + cfg.batch_size]]
-            loss = flow_loss(*model.flow(model.embed(batch), task), cfg)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training {task!r} diverged (loss {loss.item()}); lower --lr in the config")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_value = loss.item()
-        bar.set_postfix(loss=f"{loss_value:.4f}")
+    best_loss, best_step, best_weights, since_best = float("inf"), 0, None, 0
+    loss_value, step, order = float("nan"), 0, torch.empty(0, dtype=torch.long)
+    bar = tqdm(total=max_steps, desc=f"train {task}", unit="step", disable=not progress)
+    while step < max_steps:
+        if len(order) == 0:
+            order = torch.from_numpy(fit)[torch.randperm(len(fit), generator=generator)]
+        index, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        variant = torch.randint(0, concat.shape[0], (len(index),), generator=generator)
+        batch = concat[variant.to(device), index.to(device)]
+        loss = flow_loss(*amp_flow(model, batch, task, cfg.feature_noise, device, precision), cfg)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training {task!r} diverged (loss {loss.item()}); lower lr in the config")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        schedule.step()
+        step += 1
+        loss_value = loss.item()
+        bar.update(1)
+        if len(held) and (step % cfg.eval_every == 0 or step == max_steps):
+            current = held_out_loss()
+            bar.set_postfix(loss=f"{loss_value:.4f}", held_out=f"{current:.4f}")
+            if current < best_loss:
+                best_loss, best_step, since_best = current, step, 0
+                best_weights = [p.detach().clone() for p in trained]
+            else:
+                since_best += 1
+                if since_best >= cfg.patience:
+                    break
+    bar.close()
+    if best_weights is not None:
+        with torch.no_grad():
+            for p, kept in zip(trained, best_weights):
+                p.copy_(kept)
     train_seconds = time.perf_counter() - started
-    model.eval()
+    model.eval().cpu()  # saved as CPU tensors whatever the training device
     for p in model.parameters():
         p.requires_grad_(False)
 
     prototype = fit_prototype(
-        features.routing, cfg.router_covariance, cfg.router_ridge, cfg.router_limit_quantile, cfg.router_limit_margin
+        routing, cfg.router_covariance, cfg.router_ridge, cfg.router_limit_quantile, cfg.router_limit_margin
     )
     store.save_task(model, task, prototype)
-    return TrainReport(task, len(split.images), epochs, feature_seconds, train_seconds, loss_value)
+    final = best_loss if best_weights is not None else loss_value
+    return TrainReport(
+        task, len(split.images), step, best_step or step, len(held), feature_seconds, train_seconds, final
+    )

@@ -13,7 +13,7 @@ SYNTH_CATEGORIES = ["weave", "tiles", "screw", "cap"]
 # small enough for CI on two CPU cores, big enough to separate the synthetic defects
 TINY_CONFIG = MoleFlowConfig(
     image_size=128, embed_dim=64, num_mole_blocks=2, num_dia_blocks=1, lora_rank=8, lora_alpha=8.0,
-    epochs=12, batch_size=8,
+    max_steps=48, batch_size=8, augment_copies=0,
 )  # fmt: skip
 
 

@@ -26,7 +26,7 @@ def build_export(base: Path) -> dict:
     data, model_dir, export_dir = base / "data", base / "model", base / "export"
     generate(data, TASKS, seed=1, image_size=128, n_train=30, n_test_good=N_TEST_GOOD, n_test_defect=3)
     for task in TASKS:
-        train_task(data, task, model_dir, TINY_CONFIG, epochs=3, progress=False)
+        train_task(data, task, model_dir, TINY_CONFIG, steps=12, progress=False)
     export_model(model_dir, export_dir, precisions=("fp32", "int8"), calib_data=data)
     _BUILT[base] = {"data": data, "model_dir": model_dir, "export_dir": export_dir}
     return _BUILT[base]

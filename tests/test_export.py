@@ -28,7 +28,6 @@ from moleflow_edge.contract import Manifest, ManifestError, Precision, file_sha2
 from moleflow_edge.export.merge import merge_task
 from moleflow_edge.export.trt_compat import check_tensorrt_compat
 from moleflow_edge.metrics import auroc
-from moleflow_edge.model.embedding import patch_concat
 from moleflow_edge.model.lora import LoRALinear
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import ModelStore
@@ -45,7 +44,7 @@ CONFIG = MoleFlowConfig(
     num_dia_blocks=1,
     lora_rank=8,
     lora_alpha=8,
-    epochs=15,
+    max_steps=60,
     batch_size=8,
 )
 
@@ -151,7 +150,7 @@ def test_merged_flow_equals_the_model_with_its_adapters(trained: Trained) -> Non
     model = trained.model
     images = torch.from_numpy(trained.tests["screw"].images)
     with torch.no_grad():
-        embedded = model.embed(patch_concat(model.backbone_maps(images)))
+        embedded = model.embed(model.patch_concat(model.backbone_maps(images)))
         for task in TASKS:
             reference = model.patch_nll(embedded, task)
             patch, image = merge_task(model, task)(embedded)
@@ -215,7 +214,7 @@ def test_fp32_graphs_reproduce_pytorch_scores_routing_and_auroc(history: History
     for task, split in trained.tests.items():
         with torch.no_grad():
             maps = model.backbone_maps(torch.from_numpy(split.images))
-            reference_patch = model.patch_nll(model.embed(patch_concat(maps)), task)
+            reference_patch = model.patch_nll(model.embed(model.patch_concat(maps)), task)
             reference_image = model.image_score(reference_patch)
             torch_routing = model.routing_feature(maps).numpy()
         patch, image, routing = _scores(history.out, manifest, "fp32", task, split.images)

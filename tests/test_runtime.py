@@ -39,7 +39,7 @@ def exported(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     work = tmp_path_factory.mktemp("runtime")
     model_dir, export_dir = work / "model", work / "export"
     for task in TRAINED:
-        train_task(synth_root, task, model_dir, TINY_CONFIG, epochs=3, progress=False)
+        train_task(synth_root, task, model_dir, TINY_CONFIG, steps=12, progress=False)
     export_model(model_dir, export_dir)
     return {"model_dir": model_dir, "export_dir": export_dir, "work": work}
 

@@ -331,7 +331,7 @@ def test_trtexec_lines_carry_no_precision_flags_and_type_strongly_only_before_11
 def _engine_export(out: Path, built: dict, batch: tuple[int, int, int], target: BuildTarget) -> exporter.ExportReport:
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "tensorrt", FakeTensorRT(target.trt_version, True, True))
-        patch.setattr(exporter, "build_target", lambda trt: target)
+        patch.setattr(exporter, "build_target", lambda trt, device_id: target)
         return export_model(built["model_dir"], out, precisions=["fp32"], fmt="engine", batch_profile=batch)
 
 

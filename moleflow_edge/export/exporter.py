@@ -245,6 +245,7 @@ def export_model(
     calib_data: str | Path | None = None,
     batch_profile: tuple[int, int, int] = DEFAULT_BATCH_PROFILE,
     sign: str | Path | None = None,
+    device_id: int = 0,
 ) -> ExportReport:
     """Export ``tasks`` (None = every trained task) of a model directory into ``out_dir``.
 
@@ -252,7 +253,9 @@ def export_model(
     router over every task in the export. ``fmt="engine"`` then builds TensorRT engines from
     those graphs (on the target GPU). INT8 needs ``calib_data``: a dataset root in the MVTec
     layout whose <task>/train/good images calibrate the QDQ graphs. ``sign``: an Ed25519
-    private key file (moleflow-edge keygen) that signs the manifest.
+    private key file (moleflow-edge keygen) that signs the manifest. ``device_id``: the GPU that
+    builds the engines. The ONNX graphs are always traced on the CPU, so a model exports to the
+    same bytes whichever device trained it or runs the export.
     """
     export_format, chosen = check_export_args(fmt, precisions)
     if Precision.INT8 in chosen and calib_data is None:
@@ -293,7 +296,7 @@ def export_model(
         finally:
             run.staging.discard()
         if export_format is ExportFormat.ENGINE:
-            _export_engines(out, model, wanted, chosen, batch_profile, run.report)
+            _export_engines(out, model, wanted, chosen, batch_profile, run.report, device_id)
             if signing_key is not None:  # the engine builder saves the manifest unsigned as it goes
                 save_manifest(out, run.report.manifest, signing_key)
     return run.report
@@ -469,6 +472,7 @@ def _export_engines(
     precisions: tuple[Precision, ...],
     batch: tuple[int, int, int],
     report: ExportReport,
+    device_id: int = 0,
 ) -> None:
     """Build (or reuse) engines for the backbone, router and wanted tasks' graphs. An engine is
     reused only when its build record (graph sha256, precision, batch profile, workspace, TensorRT
@@ -495,7 +499,7 @@ def _export_engines(
         return EngineJob(out / graph.file, out / "engines" / f"{stem}{tag}.engine", name, shape, precision, batch)
 
     trt = import_tensorrt([job(g, "", n, s, p) for _, _, g, n, s, p in planned], out / TRTEXEC_TIMING_CACHE)
-    target = build_target(trt)
+    target = build_target(trt, device_id)
     builder = EngineBuilder(trt, out / target.timing_cache, WORKSPACE_BYTES)
     for engines, slot, graph, name, shape, precision in planned:
         record = build_record(graph.sha256, precision, batch, WORKSPACE_BYTES, target)

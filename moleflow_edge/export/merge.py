@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moleflow_edge.config import AnomalyScore
 from moleflow_edge.model.coupling import AffineCoupling, MoLESubnet
 from moleflow_edge.model.mole_flow import MoleFlow, top_k_mean
 
@@ -34,6 +35,7 @@ class MergedFlow(nn.Module):
         blocks: list[AffineCoupling],
         nll_offset: float,
         top_k: int,
+        with_log_det: bool = True,
     ) -> None:
         super().__init__()
         self.register_buffer("norm_scale", norm_scale.detach().clone())
@@ -42,6 +44,7 @@ class MergedFlow(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.nll_offset = nll_offset
         self.top_k = top_k
+        self.with_log_det = with_log_det
 
     def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = F.layer_norm(embedding.permute(0, 2, 3, 1), self.norm_scale.shape, self.norm_scale, self.norm_shift, 1e-5)
@@ -50,7 +53,9 @@ class MergedFlow(nn.Module):
         for block in self.blocks[1:]:
             x, block_log_det = block(x)
             log_det = log_det + block_log_det
-        patch_scores = 0.5 * x.pow(2).sum(dim=1) + self.nll_offset - log_det
+        patch_scores = 0.5 * x.pow(2).sum(dim=1)
+        if self.with_log_det:
+            patch_scores = patch_scores + self.nll_offset - log_det
         return patch_scores, top_k_mean(patch_scores, self.top_k)
 
 
@@ -92,7 +97,8 @@ def merge_task(model: MoleFlow, task: str) -> MergedFlow:
     blocks += [copy.deepcopy(block) for block in parts.dia]
     offset = 0.5 * dim * math.log(2 * math.pi) - float(gamma.detach().double().log().sum())
     merged = MergedFlow(
-        gamma, beta, merged_mixer(model.mixer.conv, parts.mixer_gate), blocks, offset, model.config.top_k
+        gamma, beta, merged_mixer(model.mixer.conv, parts.mixer_gate), blocks, offset, model.config.top_k,
+        model.config.anomaly_score == AnomalyScore.NLL.value,
     )
     merged.eval()
     for p in merged.parameters():

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from moleflow_edge.contract import DISTANCES, EMBEDDING, IMAGE_SCORE, IMAGES, PATCH_SCORES, ROUTING_FEATURE
-from moleflow_edge.model.embedding import patch_concat
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.router import RouterTable
 
@@ -41,7 +40,7 @@ class BackboneGraph(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.model.backbone_maps(images)
-        return self.model.embed(patch_concat(maps)), self.model.routing_feature(maps)
+        return self.model.embed(self.model.patch_concat(maps)), self.model.routing_feature(maps)
 
 
 class RouterGraph(nn.Module):

@@ -66,13 +66,15 @@ class BuildTarget:
 
 
 def build_target(trt: Any, device_id: int = 0) -> BuildTarget:
-    """This machine's TensorRT version, the GPU's compute capability and the CUDA runtime version."""
+    """This machine's TensorRT version, the GPU's compute capability and the CUDA runtime version;
+    makes ``device_id`` the current GPU, the one TensorRT builds on."""
     from moleflow_edge.runtime import cuda_memory as cm
 
     if not cm.cuda_available():
         raise TensorRTUnavailable("building TensorRT engines needs cuda-python: pip install 'cuda-python>=12'")
     if cm.device_count() == 0:
         raise RuntimeError("no CUDA device is visible; engines must be built on the GPU that runs them")
+    cm.set_device(device_id)
     runtime = int(cm.check_cuda(cm.cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"))  # 12060 = 12.6
     cuda = f"{runtime // 1000}.{runtime % 1000 // 10}"
     return BuildTarget(str(trt.__version__), cm.compute_capability(device_id), cuda)

@@ -11,12 +11,18 @@ from torch import nn
 from moleflow_edge.backbones import BackboneMaps
 
 
-def patch_concat(maps: BackboneMaps) -> torch.Tensor:
-    """Parameter-free PatchCore step: 3x3 local average on both maps, stride-8 map pooled to the
-    stride-16 grid, concatenated. (B,C8,2H,2W),(B,C16,H,W) -> (B,C8+C16,H,W)."""
+def patch_concat(maps: BackboneMaps, stride: int) -> torch.Tensor:
+    """Parameter-free PatchCore step: 3x3 local average on both maps, brought to one grid, concatenated.
+
+    stride 16: the stride-8 map is pooled down, (B,C8,2H,2W),(B,C16,H,W) -> (B,C8+C16,H,W);
+    stride 8: the stride-16 map is upsampled (bilinear), a 4x finer grid for small defects.
+    """
     f8 = F.avg_pool2d(maps.stride8, 3, 1, 1)
     f16 = F.avg_pool2d(maps.stride16, 3, 1, 1)
-    f8 = F.avg_pool2d(f8, 2, 2)
+    if stride == 16:
+        f8 = F.avg_pool2d(f8, 2, 2)
+    else:
+        f16 = F.interpolate(f16, size=f8.shape[2:], mode="bilinear", align_corners=False)
     return torch.cat([f8, f16], dim=1)
 
 
@@ -53,10 +59,11 @@ class FeatureEmbedder(nn.Module):
     Shared by all tasks; the scale context is trained with task 0 and then frozen.
     """
 
-    def __init__(self, concat_channels: int, dim: int, grid: int, context_kernel: int) -> None:
+    def __init__(self, concat_channels: int, dim: int, grid: int, context_kernel: int, position: bool = True) -> None:
         super().__init__()
         self.register_buffer("pool", channel_pool_matrix(concat_channels, dim), persistent=False)
-        self.register_buffer("position", sinusoidal_encoding(dim, grid, grid)[None], persistent=False)
+        encoding = sinusoidal_encoding(dim, grid, grid)[None]
+        self.register_buffer("position", encoding if position else torch.zeros_like(encoding), persistent=False)
         self.context_proj = nn.Conv2d(concat_channels, dim, 1)
         self.context_dw = nn.Conv2d(dim, dim, context_kernel, padding=context_kernel // 2, groups=dim)
         nn.init.zeros_(self.context_dw.weight)  # starts as F0 + PE; the context is learned from there

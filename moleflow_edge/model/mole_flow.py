@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from moleflow_edge.backbones import Backbone, BackboneMaps
-from moleflow_edge.config import MoleFlowConfig, RouterPooling
+from moleflow_edge.config import AnomalyScore, MoleFlowConfig, RouterPooling
 from moleflow_edge.model.adapters import SpatialContextMixer, WhiteningAdapter
 from moleflow_edge.model.coupling import AffineCoupling, DIASubnet, MoLESubnet
 from moleflow_edge.model.embedding import FeatureEmbedder, patch_concat
@@ -71,7 +71,9 @@ class MoleFlow(nn.Module):
         dim, half = config.embed_dim, config.embed_dim // 2
         hidden = max(2, round(config.hidden_ratio * dim))
         concat = backbone.channels8 + backbone.channels16
-        self.embedder = FeatureEmbedder(concat, dim, config.grid_size, config.scale_context_kernel)
+        self.embedder = FeatureEmbedder(
+            concat, dim, config.grid_size, config.scale_context_kernel, config.positional_encoding
+        )
         self.mixer = SpatialContextMixer(dim)
         self.mole_blocks = nn.ModuleList(
             AffineCoupling(MoLESubnet(half, hidden, config.lora_rank, config.lora_alpha), config.clamp, swap=i % 2 == 1)
@@ -110,17 +112,27 @@ class MoleFlow(nn.Module):
         assert source is not None
         return source.mean(dim=(2, 3))
 
+    def patch_concat(self, maps: BackboneMaps) -> torch.Tensor:
+        """Backbone maps -> (B,Ccat,G,G) patch features on the config's grid."""
+        return patch_concat(maps, self.config.patch_stride)
+
     def embed(self, concat: torch.Tensor) -> torch.Tensor:
         """(B,Ccat,H,W) patch concat -> (B,D,H,W) shared embedding."""
         return self.embedder(concat)
 
     # --- flow ---------------------------------------------------------------------------------
-    def flow(self, embedded: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,D,H,W) embedding -> latent z (B,D,H,W) and total log|det J| (B,H,W) under task's adapters."""
+    def flow(self, embedded: torch.Tensor, task: str, noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,D,H,W) embedding -> latent z (B,D,H,W) and total log|det J| (B,H,W) under task's adapters.
+
+        ``noise`` (training only) adds N(0, noise^2) to the whitened features: the flow then
+        learns a smoothed density and stops fitting the exact training patches.
+        """
         parts = self.per_task[task]
         for layer in self.lora_layers():
             layer.active = task
         x, log_det = parts.whitening(embedded)
+        if noise > 0:
+            x = x + noise * torch.randn_like(x)
         x = self.mixer(x, parts.mixer_gate)
         for block in [*self.mole_blocks, *parts.dia]:
             x, block_log_det = block(x)
@@ -128,8 +140,11 @@ class MoleFlow(nn.Module):
         return x, log_det
 
     def patch_nll(self, embedded: torch.Tensor, task: str) -> torch.Tensor:
-        """Per-patch anomaly score -log p, (B,H,W)."""
-        return nll_from_latent(*self.flow(embedded, task))
+        """Per-patch anomaly score (B,H,W): -log p, or 0.5 ||z||^2 when the config says latent."""
+        z, log_det = self.flow(embedded, task)
+        if self.config.anomaly_score == AnomalyScore.LATENT.value:
+            return 0.5 * z.pow(2).sum(dim=1)
+        return nll_from_latent(z, log_det)
 
     def image_score(self, patch_scores: torch.Tensor) -> torch.Tensor:
         return top_k_mean(patch_scores, self.config.top_k)
@@ -137,7 +152,7 @@ class MoleFlow(nn.Module):
     @torch.no_grad()
     def score_images(self, images_bgr: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Convenience for eval and parity checks: uint8 batch -> (patch scores (B,H,W), image scores (B,))."""
-        nll = self.patch_nll(self.embed(patch_concat(self.backbone_maps(images_bgr))), task)
+        nll = self.patch_nll(self.embed(self.patch_concat(self.backbone_maps(images_bgr))), task)
         return nll, self.image_score(nll)
 
     # --- parameter groups and state ---------------------------------------------------------------

@@ -1,0 +1,191 @@
+"""Accuracy on real products: one continual model against two reference detectors, same features.
+
+Learns every product of an MVTec-layout root in sequence as ONE continual model, evaluates it
+routed (as deployed), and in the same run scores the same products with two references that
+see identical backbone features on the identical patch grid:
+  knn       nearest neighbour over every training patch (PatchCore without coreset), image
+            score = max patch distance;
+  gaussian  one Ledoit-Wolf Gaussian over every training patch, Mahalanobis distance per patch.
+Per product: image AUROC, pixel AUROC, pixel AP, AUPRO, routing accuracy, forgetting and the
+exposure score (AUROC of test/good against the same images x0.9 and x1.1: 0.5 = unaffected,
+above 0.5 = brighter or darker good parts look more anomalous). Products with fewer than
+SMOKE_IMAGES training images are reported but stay out of the means.
+
+    python benchmarks/accuracy_bench.py --data ../shared/data/real-dev [--config cfg.json] [--out runs/acc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moleflow_edge.config import MoleFlowConfig
+from moleflow_edge.data.mvtec import list_categories, load_split
+from moleflow_edge.evaluate import anomaly_maps, evaluate, route_and_score
+from moleflow_edge.features import extract_features
+from moleflow_edge.metrics import auroc
+from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model_store import ModelStore
+from moleflow_edge.router import RouterTable, ledoit_wolf
+from moleflow_edge.train import train_task
+
+SMOKE_IMAGES = 10  # fewer training images than this: a smoke test, out of the means
+GAINS = (0.9, 1.1)
+METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
+QUERY_CHUNK = 4096
+
+
+def with_gain(images: np.ndarray, gain: float) -> np.ndarray:
+    """Every pixel times ``gain``, rounded and clipped like a camera's exposure change."""
+    return np.clip(np.rint(images.astype(np.float32) * gain), 0, 255).astype(np.uint8)
+
+
+def patches(concat: torch.Tensor) -> torch.Tensor:
+    """(N,C,H,W) -> (N*H*W, C) patch vectors."""
+    return concat.permute(0, 2, 3, 1).reshape(-1, concat.shape[1])
+
+
+class KnnReference:
+    """Distance to the nearest training patch (full memory bank)."""
+
+    def __init__(self, train_concat: torch.Tensor) -> None:
+        self.bank = patches(train_concat).float()
+
+    def patch_scores(self, concat: torch.Tensor) -> np.ndarray:
+        queries = patches(concat).float()
+        out = [torch.cdist(q, self.bank).min(dim=1).values for q in queries.split(QUERY_CHUNK)]
+        return torch.cat(out).reshape(concat.shape[0], *concat.shape[2:]).numpy()
+
+
+class GaussianReference:
+    """Mahalanobis distance to one Ledoit-Wolf Gaussian of all training patches."""
+
+    def __init__(self, train_concat: torch.Tensor) -> None:
+        bank = patches(train_concat).double().numpy()
+        self.mean = bank.mean(axis=0)
+        precision = np.linalg.inv(ledoit_wolf(bank - self.mean))
+        self.whitener = torch.from_numpy(np.linalg.cholesky(0.5 * (precision + precision.T)))
+
+    def patch_scores(self, concat: torch.Tensor) -> np.ndarray:
+        centred = patches(concat).double() - torch.from_numpy(self.mean)
+        dist = (centred @ self.whitener).pow(2).sum(dim=1).sqrt()
+        return dist.reshape(concat.shape[0], *concat.shape[2:]).float().numpy()
+
+
+def exposure(score_fn, good: np.ndarray) -> dict[str, float]:
+    """AUROC of the good images against themselves at each gain (label 1 = changed)."""
+    base = score_fn(good)
+    labels = np.r_[np.zeros(len(good)), np.ones(len(good))]
+    return {f"x{g}": auroc(labels, np.r_[base, score_fn(with_gain(good, g))]) for g in GAINS}
+
+
+def reference_results(model: MoleFlow, root: Path, product: str) -> dict[str, dict[str, float]]:
+    """Both references on one product, on the model's own features and grid."""
+    from moleflow_edge.evaluate import split_metrics
+
+    cfg = model.config
+    train = extract_features(model, load_split(root, product, "train", cfg.image_size).images).concat
+    test = load_split(root, product, "test", cfg.image_size)
+    test_concat = extract_features(model, test.images).concat
+    good = test.images[~test.labels.astype(bool)]
+    results = {}
+    for name, ref in (("knn", KnnReference(train)), ("gaussian", GaussianReference(train))):
+        patch = ref.patch_scores(test_concat)
+        metrics = split_metrics(test, anomaly_maps(patch, cfg), patch.reshape(len(patch), -1).max(axis=1))
+        score = lambda imgs: ref.patch_scores(extract_features(model, imgs).concat).reshape(len(imgs), -1).max(1)  # noqa: E731
+        results[name] = {**dict(zip(METRICS, metrics)), **exposure(score, good)}
+    return results
+
+
+def model_exposure(model: MoleFlow, table: RouterTable, root: Path, product: str) -> dict[str, float]:
+    test = load_split(root, product, "test", model.config.image_size)
+    good = test.images[~test.labels.astype(bool)]
+    return exposure(lambda imgs: route_and_score(model, table, imgs)[2], good)
+
+
+def means(rows: dict[str, dict[str, float]], products: list[str]) -> dict[str, float]:
+    keys = rows[products[0]].keys()
+    return {k: float(np.mean([rows[p][k] for p in products])) for k in keys}
+
+
+def run(root: Path, out: Path, config: MoleFlowConfig, products: list[str], device: str = "cpu") -> dict:
+    model_dir = out / "model"
+    if ModelStore(model_dir).tasks():
+        raise SystemExit(f"{model_dir} already holds a model: pass a fresh --out")
+    train_info = {}
+    for i, product in enumerate(products):
+        print(f"[{i + 1}/{len(products)}] learning {product}", flush=True)
+        report = train_task(root, product, model_dir, config, device=device)
+        train_info[product] = {"images": report.images, "steps": report.steps, "train_seconds": report.train_seconds}
+    print("evaluating (routed)", flush=True)
+    evaluated = evaluate(root, model_dir)
+    model, prototypes = ModelStore(model_dir).load()
+    table = RouterTable(model.tasks, [prototypes[t] for t in model.tasks])
+    rows: dict[str, dict] = {}
+    for product in products:
+        print(f"references and exposure: {product}", flush=True)
+        flow = {**evaluated["tasks"][product], **model_exposure(model, table, root, product)}
+        rows[product] = {"flow": flow, **reference_results(model, root, product), "train": train_info[product]}
+    counted = [p for p in products if train_info[p]["images"] >= SMOKE_IMAGES]
+    summary = {
+        name: means({p: rows[p][name] for p in counted}, counted) for name in ("flow", "knn", "gaussian")
+    }
+    for name in summary:
+        gains = [rows[p][name][f"x{g}"] for p in counted for g in GAINS]
+        summary[name]["exposure_mean"], summary[name]["exposure_max"] = float(np.mean(gains)), float(np.max(gains))
+    return {
+        "data": str(root),
+        "config": json.loads(json.dumps(model.config.__dict__)),
+        "products": rows,
+        "mean_over": counted,
+        "mean": summary,
+        "forgetting": evaluated["forgetting"],
+    }
+
+
+def markdown(result: dict) -> str:
+    cols = [*METRICS, "x0.9", "x1.1"]
+    lines = ["| product | detector | " + " | ".join(cols) + " | routing |", "|---|---|" + "---:|" * (len(cols) + 1)]
+    for product, row in result["products"].items():
+        for name in ("flow", "knn", "gaussian"):
+            cells = " | ".join(f"{row[name][c]:.3f}" for c in cols)
+            routing = f"{row['flow']['routing_accuracy']:.3f}" if name == "flow" else "-"
+            lines.append(f"| {product} | {name} | {cells} | {routing} |")
+    for name, m in result["mean"].items():
+        cells = " | ".join(f"{m[c]:.3f}" for c in METRICS)
+        lines.append(
+            f"| **mean** | {name} | {cells} | mean {m['exposure_mean']:.3f} | max {m['exposure_max']:.3f} | "
+            + (f"{m['routing_accuracy']:.3f} |" if name == "flow" else "- |")
+        )
+    forgetting = ", ".join(f"{k} {v:.3f}" for k, v in result["forgetting"].items())
+    return "\n".join(lines) + f"\n\nmeans over {', '.join(result['mean_over'])}; forgetting: {forgetting}\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="MVTec-layout root: every category is learned")
+    parser.add_argument("--config", type=Path, help="MoleFlowConfig JSON (default: the default config)")
+    parser.add_argument("--products", help="comma-separated subset, in learning order (default: all, sorted)")
+    parser.add_argument("--out", type=Path, default=Path("runs/accuracy"), help="fresh folder for model and results")
+    parser.add_argument("--device", default="cpu", help="training device: cpu, cuda or cuda:N")
+    args = parser.parse_args()
+    config = MoleFlowConfig.from_json(args.config) if args.config else MoleFlowConfig()
+    products = args.products.split(",") if args.products else list_categories(args.data)
+    started = time.perf_counter()
+    result = run(args.data, args.out, config, products, args.device)
+    result["seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (args.out / "accuracy.md").write_text(table)
+    print(table)
+    print(f"wrote {args.out / 'accuracy.json'} and accuracy.md ({result['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Config options the real-products work added: grid, gain normalisation, patch score, variants, stopping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moleflow_edge.augment import photometric_variants
+from moleflow_edge.backbones import build_backbone
+from moleflow_edge.config import MoleFlowConfig
+from moleflow_edge.export.merge import merge_task
+from moleflow_edge.model.mole_flow import MoleFlow, nll_from_latent
+from moleflow_edge.train import holdout_split, train_task
+
+from conftest import TINY_CONFIG
+
+
+def _model(**overrides: object) -> MoleFlow:
+    cfg = TINY_CONFIG.with_overrides(image_size=64, **overrides)
+    backbone = build_backbone(cfg.backbone, cfg.image_size, random_init=True, gain_normalise=cfg.gain_normalise)
+    torch.manual_seed(0)
+    model = MoleFlow(cfg, backbone)
+    model.add_task("a")
+    with torch.no_grad():  # non-zero adapters, so that the flow is not the identity
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def _images(seed: int = 0, high: int = 200) -> np.ndarray:
+    return np.random.default_rng(seed).integers(20, high, (2, 64, 64, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("stride,grid", [(16, 4), (8, 8)])
+def test_patch_grid_follows_the_stride(stride: int, grid: int) -> None:
+    model = _model(patch_stride=stride)
+    patch, image = model.score_images(torch.from_numpy(_images()), "a")
+    assert model.config.grid_size == grid
+    assert patch.shape == (2, grid, grid) and image.shape == (2,)
+
+
+def test_gain_normalisation_makes_a_global_exposure_change_nearly_invisible() -> None:
+    frames = _images(high=200)  # no pixel clips at x1.1
+    darker = np.rint(frames * 0.9).astype(np.uint8)
+    brighter = np.rint(frames * 1.1).astype(np.uint8)
+    for gain_normalise, expect_close in ((True, True), (False, False)):
+        backbone = build_backbone("efficientnet_lite0", 64, random_init=True, gain_normalise=gain_normalise)
+        x = backbone.normalise(torch.from_numpy(frames))
+        for changed in (darker, brighter):
+            diff = (backbone.normalise(torch.from_numpy(changed)) - x).abs().max().item()
+            assert (diff < 0.05) is expect_close, (gain_normalise, diff)  # 0.05: uint8 rounding of a 0.45 std
+
+
+@pytest.mark.parametrize("score", ["latent", "nll"])
+def test_merged_flow_scores_like_the_model_for_both_patch_scores(score: str) -> None:
+    model = _model(anomaly_score=score)
+    embedded = model.embed(model.patch_concat(model.backbone_maps(torch.from_numpy(_images()))))
+    z, log_det = model.flow(embedded, "a")
+    expected = 0.5 * z.pow(2).sum(dim=1) if score == "latent" else nll_from_latent(z, log_det)
+    merged_patch, _ = merge_task(model, "a")(embedded)
+    assert torch.allclose(model.patch_nll(embedded, "a"), expected)
+    assert torch.allclose(merged_patch, expected, rtol=1e-4, atol=1e-3)
+    assert not torch.allclose(0.5 * z.pow(2).sum(dim=1), nll_from_latent(z, log_det), atol=1e-2)
+
+
+def test_photometric_variants_are_seeded_bounded_and_different() -> None:
+    images = _images()
+    a = photometric_variants(images, 3, 0.2, seed=1)
+    assert a.shape == (3, *images.shape) and a.dtype == np.uint8
+    assert np.array_equal(a, photometric_variants(images, 3, 0.2, seed=1))
+    assert not np.array_equal(a, photometric_variants(images, 3, 0.2, seed=2))
+    ratio = a.astype(float).mean(axis=(2, 3, 4)) / images.astype(float).mean(axis=(1, 2, 3))
+    assert np.all((ratio > 0.6) & (ratio < 1.5)) and not np.allclose(ratio, 1.0, atol=0.01)
+    assert np.array_equal(photometric_variants(images, 2, 0.0, seed=0)[0], images)  # strength 0: unchanged
+
+
+@pytest.mark.parametrize("count,fraction,held", [(2, 0.2, 0), (3, 0.2, 1), (10, 0.2, 2), (60, 0.2, 12), (60, 0.0, 0)])
+def test_holdout_split_sizes(count: int, fraction: float, held: int) -> None:
+    fit, out = holdout_split(count, fraction, seed=0)
+    assert len(out) == held and len(fit) == count - held
+    assert sorted([*fit, *out]) == list(range(count))
+
+
+def test_training_stops_on_held_out_loss_and_keeps_the_best_step(synth_root: Path, tmp_path: Path) -> None:
+    config = MoleFlowConfig(**{**TINY_CONFIG.__dict__, "lr": 3e-2, "eval_every": 2, "patience": 2})
+    report = train_task(synth_root, "weave", tmp_path / "m", config, steps=200, progress=False, random_backbone=True)
+    assert report.holdout_images == 6
+    assert report.steps < 200  # a learning rate this high stops improving the held-out loss early
+    assert report.best_step <= report.steps - 2 * config.eval_every
+    assert report.best_step % config.eval_every == 0
