@@ -121,7 +121,10 @@ def train(
     image_size: Optional[int] = typer.Option(None, help="Input size, a multiple of 16 (first task only)."),
     steps: Optional[int] = typer.Option(None, min=1, help="Most optimiser steps for this task (default: the config's max_steps)."),
     device: str = typer.Option("auto", help=DEVICE_OPTION_HELP),
-    amp: bool = typer.Option(True, help="On CUDA, float16 autocast for the backbone and flow subnets (loss float32)."),
+    amp: bool = typer.Option(
+        False, help="On CUDA, float16 autocast for the backbone and flow subnets, loss in float32 (measured slower "
+        "than float32 on an H100 at the papers' sizes: benchmarks/README.md, GPU check)."
+    ),
 ) -> None:
     """Learn one product as a new task without touching earlier tasks."""
     from moleflow_edge.train import train_task

@@ -119,7 +119,7 @@ def train_task(
     progress: bool = True,
     random_backbone: bool = False,
     device: str | torch.device = "cpu",
-    amp: bool = True,
+    amp: bool = False,
 ) -> TrainReport:
     """Train ``task`` from ROOT/<task>/train/good and add it to the model directory.
 
@@ -127,7 +127,8 @@ def train_task(
     checks the loss on held-out training images every ``eval_every`` steps, stops after
     ``patience`` checks without improvement and keeps the weights of the best check.
     ``device``: auto, cpu, cuda or cuda:N; on CUDA ``amp`` runs the backbone and flow subnets under
-    float16 autocast with a GradScaler. The saved model is CPU tensors whatever the device.
+    float16 autocast with a GradScaler (off by default: on an H100 it made a full-size step 1.9x
+    slower, benchmarks/README.md). The saved model is CPU tensors whatever the device.
     """
     check_new_task(data_root, task, model_dir)  # every refusal before any backbone or training work
     if steps is not None and steps < 1:
