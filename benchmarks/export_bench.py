@@ -135,7 +135,7 @@ def latency_rows(
     merged = merge_task(model, task)
     calls: dict[str, Callable[[], object]] = {
         "eager backbone": lambda: model.embed(model.patch_concat(model.backbone_maps(x))),
-        "eager flow": lambda: model.patch_nll(embedded, task),
+        "eager flow": lambda: model.patch_scores(embedded, task),
         "eager merged flow": lambda: merged(embedded),
     }
     for precision in PRECISIONS:

@@ -169,7 +169,7 @@ def stage_functions(model, router) -> dict[str, Callable[[torch.Tensor], object]
         return router(pair[1]).argmin(dim=1)
 
     def flow(pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        patch = model.patch_nll(pair[0], "product")
+        patch = model.patch_scores(pair[0], "product")
         return patch, model.image_score(patch)
 
     return {"backbone_embed": backbone_embed, "routing": routing, "flow": flow}

@@ -111,10 +111,10 @@ class TorchPipeline:
                 if task == UNKNOWN:
                     continue
                 idx = [i for i, k in enumerate(tasks) if k == task]
-                nll = model.patch_nll(embedded[idx], task)
-                image = model.image_score(nll)
+                patch = model.patch_scores(embedded[idx], task)
+                image = model.image_score(patch)
                 for j, i in enumerate(idx):
-                    patches[i], scores[i] = nll[j].numpy(), float(image[j])
+                    patches[i], scores[i] = patch[j].numpy(), float(image[j])
             ms["flow"] = (time.perf_counter() - t) * 1e3
             t = time.perf_counter()
             for frame, patch in zip(frames, patches):

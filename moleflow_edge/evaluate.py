@@ -43,7 +43,7 @@ def score_with_tasks(
     patch = np.zeros((len(assigned), *concat.shape[2:]), dtype=np.float32)
     for task in sorted(set(assigned)):
         idx = [i for i, t in enumerate(assigned) if t == task]
-        patch[idx] = model.patch_nll(model.embed(concat[idx]), task).cpu().numpy()
+        patch[idx] = model.patch_scores(model.embed(concat[idx]), task).cpu().numpy()
     image = model.image_score(torch.from_numpy(patch)).numpy()
     return patch, image
 

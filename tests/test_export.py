@@ -152,7 +152,7 @@ def test_merged_flow_equals_the_model_with_its_adapters(trained: Trained) -> Non
     with torch.no_grad():
         embedded = model.embed(model.patch_concat(model.backbone_maps(images)))
         for task in TASKS:
-            reference = model.patch_nll(embedded, task)
+            reference = model.patch_scores(embedded, task)
             patch, image = merge_task(model, task)(embedded)
             assert torch.allclose(patch, reference, rtol=1e-5, atol=0)
             assert torch.allclose(image, model.image_score(reference), rtol=1e-5, atol=0)
@@ -214,7 +214,7 @@ def test_fp32_graphs_reproduce_pytorch_scores_routing_and_auroc(history: History
     for task, split in trained.tests.items():
         with torch.no_grad():
             maps = model.backbone_maps(torch.from_numpy(split.images))
-            reference_patch = model.patch_nll(model.embed(model.patch_concat(maps)), task)
+            reference_patch = model.patch_scores(model.embed(model.patch_concat(maps)), task)
             reference_image = model.image_score(reference_patch)
             torch_routing = model.routing_feature(maps).numpy()
         patch, image, routing = _scores(history.out, manifest, "fp32", task, split.images)

@@ -9,22 +9,20 @@ depthwise conv, and every constant term of -log p a single offset.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moleflow_edge.config import AnomalyScore
 from moleflow_edge.model.coupling import AffineCoupling, MoLESubnet
-from moleflow_edge.model.mole_flow import MoleFlow, top_k_mean
+from moleflow_edge.model.mole_flow import MoleFlow, score_patches, top_k_mean
 
 
 class MergedFlow(nn.Module):
     """One task's fused flow: embedding (B,D,H,W) -> patch_scores (B,H,W), image_score (B,).
 
-    ``nll_offset`` collects the constants of -log p: (D/2) log 2 pi minus the whitening
-    adapter's log-det sum(log gamma), which does not depend on the input.
+    ``whitening_log_det`` is the whitening adapter's log-det sum(log gamma): with gamma folded
+    into the LayerNorm it no longer depends on the input, so it is one constant.
     """
 
     def __init__(
@@ -33,18 +31,18 @@ class MergedFlow(nn.Module):
         norm_shift: torch.Tensor,
         mixer: nn.Conv2d,
         blocks: list[AffineCoupling],
-        nll_offset: float,
+        whitening_log_det: float,
         top_k: int,
-        with_log_det: bool = True,
+        score: str,
     ) -> None:
         super().__init__()
         self.register_buffer("norm_scale", norm_scale.detach().clone())
         self.register_buffer("norm_shift", norm_shift.detach().clone())
         self.mixer = mixer
         self.blocks = nn.ModuleList(blocks)
-        self.nll_offset = nll_offset
+        self.whitening_log_det = whitening_log_det
         self.top_k = top_k
-        self.with_log_det = with_log_det
+        self.score = score
 
     def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = F.layer_norm(embedding.permute(0, 2, 3, 1), self.norm_scale.shape, self.norm_scale, self.norm_shift, 1e-5)
@@ -53,9 +51,7 @@ class MergedFlow(nn.Module):
         for block in self.blocks[1:]:
             x, block_log_det = block(x)
             log_det = log_det + block_log_det
-        patch_scores = 0.5 * x.pow(2).sum(dim=1)
-        if self.with_log_det:
-            patch_scores = patch_scores + self.nll_offset - log_det
+        patch_scores = score_patches(x, log_det + self.whitening_log_det, self.score)
         return patch_scores, top_k_mean(patch_scores, self.top_k)
 
 
@@ -90,15 +86,13 @@ def merge_task(model: MoleFlow, task: str) -> MergedFlow:
         raise KeyError(f"task {task!r} is not in the model (tasks: {model.tasks})")
     parts = model.per_task[task]
     gamma, beta = parts.whitening.gamma_beta()
-    dim = model.config.embed_dim
     blocks = [
         AffineCoupling(merged_mole_subnet(block.subnet, task), block.clamp, block.swap) for block in model.mole_blocks
     ]
     blocks += [copy.deepcopy(block) for block in parts.dia]
-    offset = 0.5 * dim * math.log(2 * math.pi) - float(gamma.detach().double().log().sum())
     merged = MergedFlow(
-        gamma, beta, merged_mixer(model.mixer.conv, parts.mixer_gate), blocks, offset, model.config.top_k,
-        model.config.anomaly_score == AnomalyScore.NLL.value,
+        gamma, beta, merged_mixer(model.mixer.conv, parts.mixer_gate), blocks,
+        float(gamma.detach().double().log().sum()), model.config.top_k, model.config.anomaly_score,
     )
     merged.eval()
     for p in merged.parameters():

@@ -56,6 +56,14 @@ def nll_from_latent(z: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
     return 0.5 * z.pow(2).sum(dim=1) + 0.5 * dim * math.log(2 * math.pi) - log_det
 
 
+def score_patches(z: torch.Tensor, log_det: torch.Tensor, score: str) -> torch.Tensor:
+    """The one definition of a patch's anomaly score, eager and exported alike: z (B,D,H,W) and
+    log|det J| (B,H,W) -> (B,H,W), -log p for ``nll`` or 0.5 ||z||^2 for ``latent``."""
+    if score == AnomalyScore.LATENT.value:
+        return 0.5 * z.pow(2).sum(dim=1)
+    return nll_from_latent(z, log_det)
+
+
 def top_k_mean(patch_scores: torch.Tensor, k: int) -> torch.Tensor:
     """Image score: mean of the K highest patch scores, (B,H,W) -> (B,)."""
     return patch_scores.flatten(1).topk(k, dim=1).values.mean(dim=1)
@@ -139,12 +147,9 @@ class MoleFlow(nn.Module):
             log_det = log_det + block_log_det
         return x, log_det
 
-    def patch_nll(self, embedded: torch.Tensor, task: str) -> torch.Tensor:
-        """Per-patch anomaly score (B,H,W): -log p, or 0.5 ||z||^2 when the config says latent."""
-        z, log_det = self.flow(embedded, task)
-        if self.config.anomaly_score == AnomalyScore.LATENT.value:
-            return 0.5 * z.pow(2).sum(dim=1)
-        return nll_from_latent(z, log_det)
+    def patch_scores(self, embedded: torch.Tensor, task: str) -> torch.Tensor:
+        """Per-patch anomaly score (B,H,W) under task's adapters, as the config's anomaly_score says."""
+        return score_patches(*self.flow(embedded, task), self.config.anomaly_score)
 
     def image_score(self, patch_scores: torch.Tensor) -> torch.Tensor:
         return top_k_mean(patch_scores, self.config.top_k)
@@ -152,8 +157,8 @@ class MoleFlow(nn.Module):
     @torch.no_grad()
     def score_images(self, images_bgr: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Convenience for eval and parity checks: uint8 batch -> (patch scores (B,H,W), image scores (B,))."""
-        nll = self.patch_nll(self.embed(self.patch_concat(self.backbone_maps(images_bgr))), task)
-        return nll, self.image_score(nll)
+        patch = self.patch_scores(self.embed(self.patch_concat(self.backbone_maps(images_bgr))), task)
+        return patch, self.image_score(patch)
 
     # --- parameter groups and state ---------------------------------------------------------------
     def shared_state_dict(self) -> dict[str, torch.Tensor]:
