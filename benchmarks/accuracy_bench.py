@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 
 from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.mvtec import list_categories, load_split
-from moleflow_edge.evaluate import anomaly_maps, evaluate, route_and_score
+from moleflow_edge.evaluate import anomaly_maps, evaluate, score_with_tasks, split_metrics
 from moleflow_edge.features import extract_features
 from moleflow_edge.metrics import auroc
 from moleflow_edge.model.mole_flow import MoleFlow
@@ -48,6 +49,11 @@ def with_gain(images: np.ndarray, gain: float) -> np.ndarray:
 def patches(concat: torch.Tensor) -> torch.Tensor:
     """(N,C,H,W) -> (N*H*W, C) patch vectors."""
     return concat.permute(0, 2, 3, 1).reshape(-1, concat.shape[1])
+
+
+def max_patch(patch: np.ndarray) -> np.ndarray:
+    """The references' image score: (N,H,W) patch scores -> (N,) maximum."""
+    return patch.reshape(len(patch), -1).max(axis=1)
 
 
 class KnnReference:
@@ -77,35 +83,33 @@ class GaussianReference:
         return dist.reshape(concat.shape[0], *concat.shape[2:]).float().numpy()
 
 
-def exposure(score_fn, good: np.ndarray) -> dict[str, float]:
-    """AUROC of the good images against themselves at each gain (label 1 = changed)."""
-    base = score_fn(good)
-    labels = np.r_[np.zeros(len(good)), np.ones(len(good))]
-    return {f"x{g}": auroc(labels, np.r_[base, score_fn(with_gain(good, g))]) for g in GAINS}
+def exposure(scores: dict[float, np.ndarray]) -> dict[str, float]:
+    """AUROC of the good images' scores at each gain against gain 1 (label 1 = changed)."""
+    base = scores[1.0]
+    labels = np.r_[np.zeros(len(base)), np.ones(len(base))]
+    return {f"x{g}": auroc(labels, np.r_[base, scores[g]]) for g in GAINS}
 
 
-def reference_results(model: MoleFlow, root: Path, product: str) -> dict[str, dict[str, float]]:
-    """Both references on one product, on the model's own features and grid."""
-    from moleflow_edge.evaluate import split_metrics
+def product_results(model: MoleFlow, table: RouterTable, root: Path, product: str) -> dict[str, dict[str, float]]:
+    """Exposure of the flow, and both references' metrics and exposure, on one product.
 
+    The backbone runs once per image set (train, test, and the good test images at each gain);
+    the flow and both references score the same features.
+    """
     cfg = model.config
     train = extract_features(model, load_split(root, product, "train", cfg.image_size).images).concat
     test = load_split(root, product, "test", cfg.image_size)
     test_concat = extract_features(model, test.images).concat
     good = test.images[~test.labels.astype(bool)]
-    results = {}
+    at_gain = {g: extract_features(model, with_gain(good, g)) for g in (1.0, *GAINS)}
+    flow = {g: score_with_tasks(model, f.concat, table.nearest(table.distances(f.routing)))[1] for g, f in at_gain.items()}
+    results = {"flow": exposure(flow)}
     for name, ref in (("knn", KnnReference(train)), ("gaussian", GaussianReference(train))):
         patch = ref.patch_scores(test_concat)
-        metrics = split_metrics(test, anomaly_maps(patch, cfg), patch.reshape(len(patch), -1).max(axis=1))
-        score = lambda imgs: ref.patch_scores(extract_features(model, imgs).concat).reshape(len(imgs), -1).max(1)  # noqa: E731
-        results[name] = {**dict(zip(METRICS, metrics)), **exposure(score, good)}
+        metrics = split_metrics(test, anomaly_maps(patch, cfg), max_patch(patch))
+        gains = {g: max_patch(ref.patch_scores(f.concat)) for g, f in at_gain.items()}
+        results[name] = {**dict(zip(METRICS, metrics)), **exposure(gains)}
     return results
-
-
-def model_exposure(model: MoleFlow, table: RouterTable, root: Path, product: str) -> dict[str, float]:
-    test = load_split(root, product, "test", model.config.image_size)
-    good = test.images[~test.labels.astype(bool)]
-    return exposure(lambda imgs: route_and_score(model, table, imgs)[2], good)
 
 
 def means(rows: dict[str, dict[str, float]], products: list[str]) -> dict[str, float]:
@@ -129,18 +133,21 @@ def run(root: Path, out: Path, config: MoleFlowConfig, products: list[str], devi
     rows: dict[str, dict] = {}
     for product in products:
         print(f"references and exposure: {product}", flush=True)
-        flow = {**evaluated["tasks"][product], **model_exposure(model, table, root, product)}
-        rows[product] = {"flow": flow, **reference_results(model, root, product), "train": train_info[product]}
+        row = product_results(model, table, root, product)
+        row["flow"] = {**evaluated["tasks"][product], **row["flow"]}
+        rows[product] = {**row, "train": train_info[product]}
     counted = [p for p in products if train_info[p]["images"] >= SMOKE_IMAGES]
-    summary = {
-        name: means({p: rows[p][name] for p in counted}, counted) for name in ("flow", "knn", "gaussian")
-    }
-    for name in summary:
+    summary = {}
+    for name in ("flow", "knn", "gaussian"):
         gains = [rows[p][name][f"x{g}"] for p in counted for g in GAINS]
-        summary[name]["exposure_mean"], summary[name]["exposure_max"] = float(np.mean(gains)), float(np.max(gains))
+        summary[name] = {
+            **means({p: rows[p][name] for p in counted}, counted),
+            "exposure_mean": float(np.mean(gains)),
+            "exposure_max": float(np.max(gains)),
+        }
     return {
         "data": str(root),
-        "config": json.loads(json.dumps(model.config.__dict__)),
+        "config": asdict(model.config),
         "products": rows,
         "mean_over": counted,
         "mean": summary,

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from moleflow_edge.anomaly_map import anomaly_map
+from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.mvtec import Split, load_split
 from moleflow_edge.device import names_batch_on_oom, resolve_device
 from moleflow_edge.features import FEATURE_BATCH, extract_features
 from moleflow_edge.metrics import aupro, auroc, average_precision
-from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.router import RouterTable
@@ -46,16 +46,6 @@ def score_with_tasks(
         patch[idx] = model.patch_scores(model.embed(concat[idx]), task).cpu().numpy()
     image = model.image_score(torch.from_numpy(patch)).numpy()
     return patch, image
-
-
-@torch.no_grad()
-def route_and_score(
-    model: MoleFlow, table: RouterTable, images_bgr: np.ndarray
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(N,S,S,3) uint8 images -> nearest task per image, patch scores (N,H,W), image scores (N,)."""
-    features = extract_features(model, images_bgr)
-    assigned = [table.tasks[i] for i in np.argmin(table.distances(features.routing), axis=1)]
-    return (assigned, *score_with_tasks(model, features.concat, assigned))
 
 
 def split_metrics(split: Split, maps: np.ndarray, image: np.ndarray) -> tuple[float, float, float, float]:
@@ -107,13 +97,13 @@ def evaluate(
         split = load_split(data_root, task, "test", model.config.image_size)
         features = extract_features(model, split.images)
         distances = table.distances(features.routing)
-        routed = [order[i] for i in np.argmin(distances, axis=1)]
+        routed = table.nearest(distances)
         assigned = [task] * len(routed) if oracle else routed
         final = _metrics(model, split, features.concat, assigned)
         results[task] = TaskMetrics(*final, float(np.mean([r == task for r in routed])))
         position = order.index(task)
         if position < len(order) - 1:  # an earlier task: compare with the model right after it was learned
-            then_routed = [order[i] for i in np.argmin(distances[:, : position + 1], axis=1)]
+            then_routed = table.nearest(distances, position + 1)
             then_assigned = [task] * len(routed) if oracle else then_routed
             then = (  # the same assignment scores bit-identically: no need to run it again
                 final

@@ -140,6 +140,11 @@ class RouterTable:
         projected = (np.asarray(features, dtype=np.float32) @ self.stacked).reshape(len(features), *self.shift.shape)
         return np.sum((projected - self.shift) ** 2, axis=2)
 
+    def nearest(self, distances: np.ndarray, known: int | None = None) -> list[str]:
+        """Nearest of the first ``known`` tasks (all by default) per frame, no limit applied: what
+        eval scores, and, with ``known``, the router as it was right after an earlier task."""
+        return [self.tasks[i] for i in np.argmin(distances[:, :known], axis=1)]
+
     def route(self, distances: np.ndarray) -> list[str]:
         """Nearest task per frame, or UNKNOWN where even the nearest is beyond its limit."""
         nearest = np.argmin(distances, axis=1)

@@ -1,0 +1,39 @@
+"""The accuracy benchmark runs on a product root it has never seen and reports every figure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from moleflow_edge.data.synth import generate
+
+from conftest import TINY_CONFIG
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_accuracy_bench_on_an_unseen_root(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    generate(root, ["weave"], seed=3, image_size=96, n_train=12, n_test_good=6, n_test_defect=2)
+    generate(root, ["cap"], seed=4, image_size=96, n_train=4, n_test_good=4, n_test_defect=2)  # a smoke product
+    config = tmp_path / "config.json"
+    TINY_CONFIG.with_overrides(image_size=96, max_steps=8, augment_copies=1).to_json(config)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "accuracy_bench.py"), "--data", str(root), "--config", str(config),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "accuracy.json").read_text())
+    assert set(result["products"]) == {"cap", "weave"}
+    assert result["mean_over"] == ["weave"]  # 4 training images: reported, out of the means
+    for row in result["products"].values():
+        for name in ("flow", "knn", "gaussian"):
+            for key in ("image_auroc", "pixel_auroc", "pixel_ap", "aupro", "x0.9", "x1.1"):
+                assert 0.0 <= row[name][key] <= 1.0, (name, key, row[name])
+        assert row["flow"]["routing_accuracy"] == 1.0
+    assert result["mean"]["knn"]["image_auroc"] == result["products"]["weave"]["knn"]["image_auroc"]
+    assert "| cap | knn |" in (out / "accuracy.md").read_text()
