@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.synth import generate
+from tests.export_fixture import build_export
 
 SYNTH_CATEGORIES = ["weave", "tiles", "screw", "cap"]
 # small enough for CI on two CPU cores, big enough to separate the synthetic defects
@@ -22,3 +24,17 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     generate(root, SYNTH_CATEGORIES, seed=0, image_size=128, n_train=30, n_test_good=8, n_test_defect=3)
     return root
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One small trained + exported model (fp32 and int8) for every test that needs an export."""
+    return build_export(tmp_path_factory.getbasetemp() / "calib_bench_export")
+
+
+@pytest.fixture
+def export_copy(built: dict, tmp_path: Path) -> Path:
+    """A private copy of the shared export, for tests that change it."""
+    out = tmp_path / "export"
+    shutil.copytree(built["export_dir"], out)
+    return out

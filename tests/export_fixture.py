@@ -1,7 +1,7 @@
 """One small trained + exported model (fp32 and int8) shared by the calibration and bench tests.
 
-Built once per test session (cached by path), so test_calibration.py and test_bench.py pay
-for one training run between them.
+Built once per test session by conftest's ``built`` fixture, so every test file that needs an
+export pays for one training run between them.
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ from moleflow_edge.data.synth import generate
 
 TASKS = ["weave", "tiles"]
 N_TEST_GOOD = 24  # enough normal images for a 10 % FPR threshold (needs ceil(1/0.1) = 10)
-_BUILT: dict[Path, dict] = {}
 
 
 def build_export(base: Path) -> dict:
     """data root, model dir and export dir under ``base`` (fp32 + int8 graphs)."""
-    if base in _BUILT:
-        return _BUILT[base]
     from moleflow_edge.export.exporter import export_model
     from moleflow_edge.train import train_task
     from tests.conftest import TINY_CONFIG
@@ -28,5 +25,4 @@ def build_export(base: Path) -> dict:
     for task in TASKS:
         train_task(data, task, model_dir, TINY_CONFIG, steps=12, progress=False)
     export_model(model_dir, export_dir, precisions=("fp32", "int8"), calib_data=data)
-    _BUILT[base] = {"data": data, "model_dir": model_dir, "export_dir": export_dir}
-    return _BUILT[base]
+    return {"data": data, "model_dir": model_dir, "export_dir": export_dir}

@@ -10,14 +10,8 @@ import pytest
 from moleflow_edge.bench import BenchError, bench, graph_macs, summary_table
 from moleflow_edge.contract import load_manifest
 from moleflow_edge.runtime.result import STAGES
-from tests.export_fixture import build_export
 
 PERCENTILES = {"p50", "p90", "p99"}
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return build_export(tmp_path_factory.getbasetemp() / "calib_bench_export")
 
 
 @pytest.fixture(scope="module")

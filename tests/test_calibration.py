@@ -17,21 +17,9 @@ from moleflow_edge.calibration.thresholds import fpr_upper_bound, min_normal_cou
 from moleflow_edge.contract import load_manifest
 from moleflow_edge.preprocess import read_image_bgr
 from moleflow_edge.runtime import Runtime
-from tests.export_fixture import N_TEST_GOOD, TASKS, build_export
+from tests.export_fixture import N_TEST_GOOD, TASKS
 
 TARGET = 0.1  # the fixture has 24 normal test images per task
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return build_export(tmp_path_factory.getbasetemp() / "calib_bench_export")
-
-
-@pytest.fixture
-def export_copy(built: dict, tmp_path: Path) -> Path:
-    out = tmp_path / "export"
-    shutil.copytree(built["export_dir"], out)
-    return out
 
 
 # --- statistics on synthetic scores --------------------------------------------------------------

@@ -21,14 +21,8 @@ import pytest
 
 from moleflow_edge.contract import load_manifest
 from moleflow_edge.targets import TARGET_NAMES, not_installed, target
-from tests.export_fixture import build_export
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return build_export(tmp_path_factory.getbasetemp() / "calib_bench_export")
 
 
 def doctor(*args: str, env: dict[str, str] | None = None) -> tuple[int, dict]:

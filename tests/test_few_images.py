@@ -27,7 +27,6 @@ from moleflow_edge.model_store import ModelDirError, ModelStore
 from moleflow_edge.router import FEW_IMAGES, UNKNOWN, RouterTable, fit_prototype, limit_widening
 from moleflow_edge.train import train_task
 from tests.conftest import TINY_CONFIG
-from tests.export_fixture import build_export
 
 EARLIER = ["weave", "tiles"]
 FEW = "cap"  # the product learned from a handful of images
@@ -180,8 +179,7 @@ def test_eval_reports_training_images_per_task(learned: dict, tmp_path: Path) ->
     assert f"{EARLIER[0]} was learned" not in out
 
 
-def test_calibrate_reports_few_training_images_per_task(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
-    built = build_export(tmp_path_factory.getbasetemp() / "calib_bench_export")
+def test_calibrate_reports_few_training_images_per_task(built: dict, tmp_path: Path) -> None:
     export_dir, data = tmp_path / "export", tmp_path / "data"
     shutil.copytree(built["export_dir"], export_dir)
     shutil.copytree(built["data"], data)  # calibrate counts training images in the data root it is given

@@ -17,7 +17,7 @@ import pytest
 
 from moleflow_edge.runtime import Runtime, camera_loop, run_source
 from moleflow_edge.runtime.video_io import has_backend, is_pipeline, is_stream_url, redact, unsupported, video_io
-from tests.export_fixture import TASKS, build_export
+from tests.export_fixture import TASKS
 
 BUILD_WITH_GSTREAMER = """
   Video I/O:
@@ -26,11 +26,6 @@ BUILD_WITH_GSTREAMER = """
     GStreamer:                   YES (1.20.3)
     v4l/v4l2:                    YES (linux/videodev2.h)
 """
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return build_export(tmp_path_factory.getbasetemp() / "calib_bench_export")
 
 
 @pytest.fixture(scope="module")

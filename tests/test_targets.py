@@ -24,14 +24,8 @@ from moleflow_edge.targets import (
     resolve_backend,
     target,
 )
-from tests.export_fixture import build_export
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return build_export(tmp_path_factory.getbasetemp() / "calib_bench_export")
 
 
 def _choices(*args: str) -> list[str]:

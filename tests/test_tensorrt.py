@@ -39,12 +39,7 @@ from moleflow_edge.export.trt_compat import check_tensorrt_compat
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.runtime import trt_api
 from moleflow_edge.runtime.ort_backend import OrtBackend, trt_profile_options, with_trt_profile
-from tests.export_fixture import TASKS, build_export
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return build_export(tmp_path_factory.getbasetemp() / "calib_bench_export")
+from tests.export_fixture import TASKS
 
 
 def _model(nodes: list, inputs: list, outputs: list, initializers: list | None = None) -> onnx.ModelProto:

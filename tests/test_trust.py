@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -31,21 +30,9 @@ from moleflow_edge.locking import FolderLock, FolderLocked
 from moleflow_edge.preprocess import read_image_bgr
 from moleflow_edge.runtime import BackendError, Runtime, render_overlay, run_source
 from moleflow_edge.signing import generate_keypair, load_private_key, load_public_keys
-from tests.export_fixture import TASKS, build_export
+from tests.export_fixture import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return build_export(tmp_path_factory.getbasetemp() / "calib_bench_export")
-
-
-@pytest.fixture
-def export_copy(built: dict, tmp_path: Path) -> Path:
-    out = tmp_path / "export"
-    shutil.copytree(built["export_dir"], out)
-    return out
 
 
 def _edit_manifest(export_dir: Path, change: object) -> None:
