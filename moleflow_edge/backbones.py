@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moleflow_edge.config import BackboneName
+from moleflow_edge.config import BackboneName, MoleFlowConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -183,12 +183,11 @@ BACKBONES: dict[BackboneName, type[EfficientNetLite0] | type[WideResNet50_2]] = 
 }
 
 
-def build_backbone(
-    name: str, image_size: int, weights: str | None = None, random_init: bool = False, gain_normalise: bool = False
-) -> Backbone:
-    """Build a frozen backbone in eval mode; random_init exists only for tests."""
-    backbone = BACKBONES[BackboneName(name)](image_size, weights, random_init)
-    backbone.gain_normalise = gain_normalise
+def build_backbone(config: MoleFlowConfig, random_init: bool = False) -> Backbone:
+    """The frozen backbone (eval mode) that ``config`` names, at its input size, weights and gain
+    normalisation; random_init exists only for tests."""
+    backbone = BACKBONES[BackboneName(config.backbone)](config.image_size, config.backbone_weights, random_init)
+    backbone.gain_normalise = config.gain_normalise
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)

@@ -70,9 +70,7 @@ class ModelStore:
         if unknown:
             raise ModelDirError(f"tasks {unknown} are not in {self.root} (trained: {trained})")
         config = self.config()
-        model = MoleFlow(config, build_backbone(
-            config.backbone, config.image_size, config.backbone_weights, random_backbone, config.gain_normalise
-        ))
+        model = MoleFlow(config, build_backbone(config, random_backbone))
         state = self._read(self.root / SHARED_FILE)
         prototypes = {}
         for task in trained:  # every task in order, so that later tasks start from the same task-0 values

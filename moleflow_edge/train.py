@@ -55,9 +55,7 @@ def prepare_model(store: ModelStore, config: MoleFlowConfig | None, random_backb
             )
         return model
     config = config or MoleFlowConfig()
-    backbone = build_backbone(
-        config.backbone, config.image_size, config.backbone_weights, random_backbone, config.gain_normalise
-    )
+    backbone = build_backbone(config, random_backbone)
     config = config.with_overrides(embed_dim=min(config.embed_dim, backbone.channels8 + backbone.channels16))
     return MoleFlow(config, backbone)
 

@@ -20,7 +20,7 @@ from conftest import TINY_CONFIG
 
 def _model(**overrides: object) -> MoleFlow:
     cfg = TINY_CONFIG.with_overrides(image_size=64, **overrides)
-    backbone = build_backbone(cfg.backbone, cfg.image_size, random_init=True, gain_normalise=cfg.gain_normalise)
+    backbone = build_backbone(cfg, random_init=True)
     torch.manual_seed(0)
     model = MoleFlow(cfg, backbone)
     model.add_task("a")
@@ -47,7 +47,7 @@ def test_gain_normalisation_makes_a_global_exposure_change_nearly_invisible() ->
     darker = np.rint(frames * 0.9).astype(np.uint8)
     brighter = np.rint(frames * 1.1).astype(np.uint8)
     for gain_normalise, expect_close in ((True, True), (False, False)):
-        backbone = build_backbone("efficientnet_lite0", 64, random_init=True, gain_normalise=gain_normalise)
+        backbone = build_backbone(MoleFlowConfig(image_size=64, gain_normalise=gain_normalise), random_init=True)
         x = backbone.normalise(torch.from_numpy(frames))
         for changed in (darker, brighter):
             diff = (backbone.normalise(torch.from_numpy(changed)) - x).abs().max().item()
