@@ -175,7 +175,8 @@ def format_eval_table(results: dict) -> str:
     lines = [f"{'task':<16}" + "".join(f"{n:>18}" for n in names)]
     for task, metrics in [*results["tasks"].items(), ("mean", results["mean"])]:
         lines.append(f"{task:<16}" + "".join(f"{metrics[n]:>18.4f}" for n in names))
-    lines.append(f"{'forgetting':<16}" + "".join(f"{results['forgetting'].get(n, 0.0):>18.4f}" for n in names[:4]))
+    forgetting = results["forgetting"]
+    lines.append(f"{'forgetting':<16}" + "".join(f"{forgetting[n]:>18.4f}" for n in names if n in forgetting))
     return "\n".join(lines)
 
 
