@@ -38,6 +38,13 @@ class AnomalyScore(str, Enum):
     LATENT = "latent"
 
 
+class Whitening(str, Enum):
+    """The per-task whitening adapter: per-patch LayerNorm (papers) or a fitted Mahalanobis whitener."""
+
+    LAYERNORM = "layernorm"
+    MAHALANOBIS = "mahalanobis"
+
+
 class RouterPooling(str, Enum):
     """Which backbone map the router pools: stride 16 (free) or the last layer (papers)."""
 
@@ -70,6 +77,7 @@ class MoleFlowConfig:
     clamp: float = 1.9  # soft clamp c
     scale_context_kernel: int = 5  # scale-context depthwise kernel
     positional_encoding: bool = True  # add the fixed 2D sinusoidal encoding to the embedding
+    whitening: str = Whitening.LAYERNORM.value  # per-task whitening adapter: layernorm (papers') or mahalanobis
     top_k: int = 3  # K for the image score
     anomaly_score: str = AnomalyScore.LATENT.value  # latent (0.5 ||z||^2) or nll (-log p, the papers')
     map_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels
@@ -105,6 +113,7 @@ class MoleFlowConfig:
             raise ValueError(f"image_size must be a multiple of 16 and >= 32, got {self.image_size}")
         PatchStride(self.patch_stride)
         AnomalyScore(self.anomaly_score)
+        Whitening(self.whitening)
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         for name in ("feature_noise", "augment_copies", "augment_strength"):

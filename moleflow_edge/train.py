@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from moleflow_edge.augment import photometric_variants
 from moleflow_edge.backbones import build_backbone
-from moleflow_edge.config import MoleFlowConfig
+from moleflow_edge.config import MoleFlowConfig, Whitening
 from moleflow_edge.data.mvtec import load_split
 from moleflow_edge.device import amp_dtype, autocast, names_batch_on_oom, resolve_device
 from moleflow_edge.features import FEATURE_BATCH, extract_features
@@ -65,7 +65,7 @@ def _architecture(config: MoleFlowConfig) -> tuple[object, ...]:
     return (
         config.backbone, config.image_size, config.num_mole_blocks, config.num_dia_blocks, config.lora_rank,
         config.hidden_ratio, config.scale_context_kernel, config.router_pooling, config.patch_stride,
-        config.gain_normalise, config.positional_encoding,
+        config.gain_normalise, config.positional_encoding, config.whitening,
     )  # fmt: skip
 
 
@@ -149,6 +149,9 @@ def train_task(
     first_task = not model.tasks
     model.add_task(task)
     model.to(device)  # the new task's parameters too
+    if cfg.whitening == Whitening.MAHALANOBIS.value:  # on every training variant of the fit images
+        with torch.no_grad():
+            model.per_task[task].whitening.fit(model.embed(concat[:, torch.from_numpy(fit).to(device)].flatten(0, 1)))
     for p in model.shared_parameters():
         p.requires_grad_(first_task)
     own, dia = model.task_parameters(task)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moleflow_edge.model.adapters import WhiteningAdapter
+from moleflow_edge.router import ledoit_wolf
 from moleflow_edge.model.coupling import AffineCoupling, DIASubnet, MoLESubnet
 from moleflow_edge.model.lora import LoRALinear
 
@@ -72,8 +73,25 @@ def test_mole_block_log_det_matches_full_map_jacobian(swap: bool) -> None:
     assert torch.allclose(log_det.sum(), torch.linalg.slogdet(jac)[1], atol=1e-6)
 
 
+def test_mahalanobis_whitening_log_det_matches_patch_jacobian_and_whitens_its_fit_data() -> None:
+    wa = WhiteningAdapter(DIM, "mahalanobis").double()
+    scales = torch.linspace(0.5, 4.0, DIM, dtype=torch.float64)[None, :, None, None]
+    fit_data = torch.randn(40, DIM, GRID, GRID, dtype=torch.float64) * scales + 2.0
+    wa.fit(fit_data)
+    whitened = wa.normalise(fit_data).permute(0, 2, 3, 1).reshape(-1, DIM)
+    assert whitened.mean(dim=0).abs().max() < 1e-6
+    patches = fit_data.permute(0, 2, 3, 1).reshape(-1, DIM).numpy()
+    covariance = torch.from_numpy(ledoit_wolf(patches - patches.mean(axis=0)))  # the estimate it whitens
+    assert torch.allclose(wa.whitener @ covariance @ wa.whitener.T, torch.eye(DIM, dtype=torch.float64), atol=1e-8)
+    _randomise(wa)
+    patch = torch.randn(DIM, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: wa(v.view(1, DIM, 1, 1))[0].reshape(DIM), patch)
+    _, log_det = wa(patch.view(1, DIM, 1, 1))
+    assert torch.allclose(log_det.reshape(()), torch.linalg.slogdet(jac)[1], atol=1e-8)
+
+
 def test_whitening_adapter_log_det_is_log_gamma_and_batch_independent() -> None:
-    wa = WhiteningAdapter(DIM).double()
+    wa = WhiteningAdapter(DIM, "layernorm").double()
     _randomise(wa)
     x = torch.randn(3, DIM, GRID, GRID, dtype=torch.float64)
     out, log_det = wa(x)

@@ -54,9 +54,12 @@ def test_gain_normalisation_makes_a_global_exposure_change_nearly_invisible() ->
             assert (diff < 0.05) is expect_close, (gain_normalise, diff)  # 0.05: uint8 rounding of a 0.45 std
 
 
+@pytest.mark.parametrize("whitening", ["layernorm", "mahalanobis"])
 @pytest.mark.parametrize("score", ["latent", "nll"])
-def test_merged_flow_scores_like_the_model_for_both_patch_scores(score: str) -> None:
-    model = _model(anomaly_score=score)
+def test_merged_flow_scores_like_the_model_for_both_patch_scores(score: str, whitening: str) -> None:
+    model = _model(anomaly_score=score, whitening=whitening)
+    if whitening == "mahalanobis":
+        model.per_task["a"].whitening.fit(model.embed(model.patch_concat(model.backbone_maps(torch.from_numpy(_images(1))))))
     embedded = model.embed(model.patch_concat(model.backbone_maps(torch.from_numpy(_images()))))
     z, log_det = model.flow(embedded, "a")
     expected = 0.5 * z.pow(2).sum(dim=1) if score == "latent" else nll_from_latent(z, log_det)

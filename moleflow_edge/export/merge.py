@@ -2,7 +2,7 @@
 
 The exported per-task graph must not pay for continual learning at inference: every LoRA
 update is folded into its coupling linear (W = W_base + (alpha/r) B_t A_t, b = b_base + b_t),
-the whitening adapter becomes a LayerNorm with constant scale/shift, the mixer gate one
+the whitening adapter becomes one constant op (a LayerNorm or a 1x1 conv), the mixer gate one
 depthwise conv, and every constant term of -log p a single offset.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moleflow_edge.model.coupling import AffineCoupling, MoLESubnet
@@ -21,14 +20,13 @@ from moleflow_edge.model.mole_flow import MoleFlow, score_patches, top_k_mean
 class MergedFlow(nn.Module):
     """One task's fused flow: embedding (B,D,H,W) -> patch_scores (B,H,W), image_score (B,).
 
-    ``whitening_log_det`` is the whitening adapter's log-det sum(log gamma): with gamma folded
-    into the LayerNorm it no longer depends on the input, so it is one constant.
+    ``whitening`` is the whitening adapter folded into one constant op; its log-det does not
+    depend on the input, so it is one constant, ``whitening_log_det``.
     """
 
     def __init__(
         self,
-        norm_scale: torch.Tensor,
-        norm_shift: torch.Tensor,
+        whitening: nn.Module,
         mixer: nn.Conv2d,
         blocks: list[AffineCoupling],
         whitening_log_det: float,
@@ -36,8 +34,7 @@ class MergedFlow(nn.Module):
         score: str,
     ) -> None:
         super().__init__()
-        self.register_buffer("norm_scale", norm_scale.detach().clone())
-        self.register_buffer("norm_shift", norm_shift.detach().clone())
+        self.whitening = whitening
         self.mixer = mixer
         self.blocks = nn.ModuleList(blocks)
         self.whitening_log_det = whitening_log_det
@@ -45,8 +42,7 @@ class MergedFlow(nn.Module):
         self.score = score
 
     def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = F.layer_norm(embedding.permute(0, 2, 3, 1), self.norm_scale.shape, self.norm_scale, self.norm_shift, 1e-5)
-        x = self.mixer(x.permute(0, 3, 1, 2))
+        x = self.mixer(self.whitening(embedding))
         x, log_det = self.blocks[0](x)
         for block in self.blocks[1:]:
             x, block_log_det = block(x)
@@ -85,14 +81,13 @@ def merge_task(model: MoleFlow, task: str) -> MergedFlow:
     if task not in model.per_task:
         raise KeyError(f"task {task!r} is not in the model (tasks: {model.tasks})")
     parts = model.per_task[task]
-    gamma, beta = parts.whitening.gamma_beta()
     blocks = [
         AffineCoupling(merged_mole_subnet(block.subnet, task), block.clamp, block.swap) for block in model.mole_blocks
     ]
     blocks += [copy.deepcopy(block) for block in parts.dia]
     merged = MergedFlow(
-        gamma, beta, merged_mixer(model.mixer.conv, parts.mixer_gate), blocks,
-        float(gamma.detach().double().log().sum()), model.config.top_k, model.config.anomaly_score,
+        parts.whitening.merged(), merged_mixer(model.mixer.conv, parts.mixer_gate), blocks,
+        float(parts.whitening.constant_log_det().detach()), model.config.top_k, model.config.anomaly_score,
     )
     merged.eval()
     for p in merged.parameters():

@@ -2,35 +2,91 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moleflow_edge.config import Whitening
+from moleflow_edge.router import ledoit_wolf
 
 WA_GAMMA_INIT = -0.7  # g_raw at task 0: gamma = 0.5 + 1.5 sigmoid(-0.7), about 1
 
 
 class WhiteningAdapter(nn.Module):
-    """Affine-free LayerNorm over channels per patch, then gamma_t x + beta_t.
+    """Per-task whitening, then gamma_t x + beta_t; gamma in [0.5, 2], beta in [-2, 2] by construction.
 
-    gamma in [0.5, 2] and beta in [-2, 2] by construction, so no task can collapse or blow up
-    the features it hands to the shared flow. Per-patch: a result never depends on the batch.
+    ``layernorm`` (the papers'): affine-free LayerNorm over each patch's channels. It discards
+    each patch's mean and scale, which is what locates a gain-normalised tyre's defects.
+    ``mahalanobis``: W_t (x - mu_t) with mu_t and W_t (W^T W = inverse Ledoit-Wolf covariance)
+    fitted once on the task's training patches, so an untrained flow already scores like the
+    Gaussian reference. Both are per patch: a result never depends on the batch.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, mode: str) -> None:
         super().__init__()
+        self.mode = Whitening(mode)
         self.g_raw = nn.Parameter(torch.full((dim,), WA_GAMMA_INIT))
         self.b_raw = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("centre", torch.zeros(dim))
+        self.register_buffer("whitener", torch.eye(dim))
+
+    @torch.no_grad()
+    def fit(self, embedded: torch.Tensor) -> None:
+        """Mahalanobis mode: centre and whitener from a task's (N,D,H,W) training embeddings."""
+        patches = embedded.permute(0, 2, 3, 1).reshape(-1, embedded.shape[1]).double().cpu().numpy()
+        mean = patches.mean(axis=0)
+        precision = np.linalg.inv(ledoit_wolf(patches - mean))
+        whitener = np.linalg.cholesky(0.5 * (precision + precision.T)).T
+        self.centre.copy_(torch.from_numpy(mean))
+        self.whitener.copy_(torch.from_numpy(whitener))
 
     def gamma_beta(self) -> tuple[torch.Tensor, torch.Tensor]:
         return 0.5 + 1.5 * torch.sigmoid(self.g_raw), 2.0 * torch.tanh(self.b_raw)
 
+    def constant_log_det(self) -> torch.Tensor:
+        """log|det| of the whole adapter, the same for every patch, in float64: sum log gamma
+        (+ log|det W| in Mahalanobis mode)."""
+        gamma, _ = self.gamma_beta()
+        log_det = gamma.double().log().sum()
+        if self.mode is Whitening.MAHALANOBIS:
+            log_det = log_det + torch.linalg.slogdet(self.whitener.double())[1]
+        return log_det
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,D,H,W) -> whitened (B,D,H,W), before gamma and beta."""
+        if self.mode is Whitening.LAYERNORM:
+            return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=1e-5).permute(0, 3, 1, 2)
+        return torch.einsum("dc,bchw->bdhw", self.whitener, x - self.centre[:, None, None])
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,D,H,W) -> whitened map and its log|det| per patch (sum log gamma), (B,H,W)."""
+        """(B,D,H,W) -> whitened map and its log|det| per patch, (B,H,W)."""
         gamma, beta = self.gamma_beta()
-        normed = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=1e-5).permute(0, 3, 1, 2)
-        out = normed * gamma[:, None, None] + beta[:, None, None]
-        log_det = gamma.log().sum().expand(x.shape[0], x.shape[2], x.shape[3])
-        return out, log_det
+        out = self.normalise(x) * gamma[:, None, None] + beta[:, None, None]
+        return out, self.constant_log_det().to(out.dtype).expand(x.shape[0], x.shape[2], x.shape[3])
+
+    def merged(self) -> nn.Module:
+        """The adapter as one constant op for export: a LayerNorm with scale/shift, or a 1x1 conv."""
+        gamma, beta = (t.detach() for t in self.gamma_beta())
+        if self.mode is Whitening.LAYERNORM:
+            return ChannelLayerNorm(gamma, beta)
+        conv = nn.Conv2d(len(gamma), len(gamma), 1)
+        with torch.no_grad():
+            conv.weight.copy_((gamma[:, None] * self.whitener)[:, :, None, None])
+            conv.bias.copy_(beta - gamma * (self.whitener @ self.centre))
+        return conv
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of each patch of a (B,D,H,W) map, with a constant scale/shift."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.clone())
+        self.register_buffer("shift", shift.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.scale.shape, self.scale, self.shift, 1e-5).permute(0, 3, 1, 2)
 
 
 class SpatialContextMixer(nn.Module):

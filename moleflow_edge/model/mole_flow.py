@@ -40,10 +40,10 @@ def task_of_key(key: str) -> str | None:
 class TaskParts(nn.Module):
     """Everything one task owns besides its LoRA adapters: WA, SCM gate, DIA blocks."""
 
-    def __init__(self, dim: int, num_dia: int, clamp: float, first_swap: bool) -> None:
+    def __init__(self, dim: int, num_dia: int, clamp: float, first_swap: bool, whitening: str) -> None:
         super().__init__()
         half = dim // 2
-        self.whitening = WhiteningAdapter(dim)
+        self.whitening = WhiteningAdapter(dim, whitening)
         self.mixer_gate = nn.Parameter(torch.zeros(()))  # theta_t, a = sigmoid(theta_t) = 0.5 at start
         self.dia = nn.ModuleList(
             AffineCoupling(DIASubnet(half, half), clamp, swap=(i % 2 == 1) ^ first_swap) for i in range(num_dia)
@@ -102,7 +102,9 @@ class MoleFlow(nn.Module):
         if task in self.per_task:
             raise ValueError(f"task {task!r} already exists")
         cfg = self.config
-        parts = TaskParts(cfg.embed_dim, cfg.num_dia_blocks, cfg.clamp, first_swap=cfg.num_mole_blocks % 2 == 1)
+        parts = TaskParts(
+            cfg.embed_dim, cfg.num_dia_blocks, cfg.clamp, cfg.num_mole_blocks % 2 == 1, cfg.whitening
+        )
         if self.tasks:
             parts.whitening.load_state_dict(self.per_task[self.tasks[0]].whitening.state_dict())
         self.per_task[task] = parts
