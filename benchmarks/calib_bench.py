@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from moleflow_edge.bench import bench
+from moleflow_edge.bench.run import bench
 from moleflow_edge.calibration import CalibrationError, calibrate
 from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.synth import generate

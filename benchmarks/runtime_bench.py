@@ -25,9 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moleflow_edge.bench import TorchPipeline, runtime_pipeline
+from moleflow_edge.bench.pipelines import TorchPipeline, runtime_pipeline
 from moleflow_edge.runtime.result import STAGES
 
 TASKS = ["weave", "tiles", "screw"]

@@ -292,8 +292,9 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
 ) -> None:
     """Latency per stage, throughput, memory and AUROC per backend and precision, in one table."""
-    from moleflow_edge.bench import BACKENDS, BenchError
-    from moleflow_edge.bench import bench as run_bench
+    from moleflow_edge.bench.pipelines import BACKENDS
+    from moleflow_edge.bench.run import BenchError
+    from moleflow_edge.bench.run import bench as run_bench
 
     chosen = tuple(b.strip() for b in backends.split(",")) if backends else BACKENDS
     if unknown := [b for b in chosen if b not in BACKENDS]:
@@ -357,7 +358,7 @@ def demo(
 
     from moleflow_edge.export.exporter import export_model
 
-    from moleflow_edge.bench import bench as run_bench
+    from moleflow_edge.bench.run import bench as run_bench
     from moleflow_edge.calibration import calibrate as calibrate_export
 
     export_dir = out / "export"

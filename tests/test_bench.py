@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from moleflow_edge.bench import BenchError, bench, graph_macs, summary_table
+from moleflow_edge.bench.graph_cost import graph_macs
+from moleflow_edge.bench.run import BenchError, bench
+from moleflow_edge.bench.tables import summary_table
 from moleflow_edge.contract import load_manifest
 from moleflow_edge.runtime.result import STAGES
 

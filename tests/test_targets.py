@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from moleflow_edge.bench import BACKENDS
+from moleflow_edge.bench.pipelines import BACKENDS
 from moleflow_edge.cli import app
 from moleflow_edge.runtime import BackendError, Runtime
 from moleflow_edge.targets import (

@@ -226,7 +226,7 @@ def test_atomic_writes_follow_the_umask(tmp_path: Path, umask: int) -> None:
 
 # --- 6. bench times the flow ---------------------------------------------------------------------------
 def test_bench_without_data_times_the_flow(built: dict) -> None:
-    from moleflow_edge.bench import bench
+    from moleflow_edge.bench.run import bench
 
     report = bench(built["export_dir"], ("onnxruntime-cpu",), ("fp32",), (1, 4), iters=3, task_counts=(), printer=None)
     assert report["results"] and "lifted" in report["frames"]

@@ -1,0 +1,146 @@
+"""The pipelines under test, and which one a backend name makes.
+
+A pipeline takes a list of BGR frames (H,W,3 uint8) and returns the milliseconds of each stage
+of that call and (task, image score) per frame. The backends are the PyTorch eager reference and
+every deployment target of the table (moleflow_edge/targets.py); one that cannot run here comes
+back with the reason instead of a pipeline. benchmarks/runtime_bench.py times the same pipelines.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from moleflow_edge.bench.machine import has_int8_dot_product
+from moleflow_edge.contract import Manifest
+from moleflow_edge.targets import TARGET_NAMES, ExportFormat, not_installed, target
+
+EAGER = "torch-eager"  # the trained model in PyTorch: the reference every target is held to
+BACKENDS = (EAGER, *TARGET_NAMES)
+
+Pipeline = Callable[[list[np.ndarray]], tuple[dict[str, float], list[tuple[str, float | None]]]]
+
+
+class TorchPipeline:
+    """The eager PyTorch path, stage by stage, as evaluation runs it."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+
+        from moleflow_edge.model_store import ModelStore
+        from moleflow_edge.router import RouterTable
+
+        self.torch = torch
+        self.model, prototypes = ModelStore(model_dir).load()
+        self.table = RouterTable(self.model.tasks, [prototypes[t] for t in self.model.tasks])
+        self.size = self.model.config.image_size
+
+    def __call__(self, frames: list[np.ndarray]) -> tuple[dict[str, float], list[tuple[str, float | None]]]:
+        from moleflow_edge.anomaly_map import anomaly_map
+        from moleflow_edge.preprocess import resize_frame
+        from moleflow_edge.router import UNKNOWN
+
+        torch, model, cfg = self.torch, self.model, self.model.config
+        ms: dict[str, float] = {}
+        with torch.no_grad():
+            t = time.perf_counter()
+            x = torch.from_numpy(np.stack([resize_frame(f, self.size) for f in frames]))
+            ms["preprocess"] = (time.perf_counter() - t) * 1e3
+            t = time.perf_counter()
+            maps = model.backbone_maps(x)
+            routing = model.routing_feature(maps).numpy()
+            embedded = model.embed(model.patch_concat(maps))
+            ms["backbone"] = (time.perf_counter() - t) * 1e3
+            t = time.perf_counter()
+            tasks = self.table.route(self.table.distances(routing))
+            ms["routing"] = (time.perf_counter() - t) * 1e3
+            t = time.perf_counter()
+            scores: list[float | None] = [None] * len(frames)
+            patches: list[np.ndarray | None] = [None] * len(frames)
+            for task in dict.fromkeys(tasks):
+                if task == UNKNOWN:
+                    continue
+                idx = [i for i, k in enumerate(tasks) if k == task]
+                patch = model.patch_scores(embedded[idx], task)
+                image = model.image_score(patch)
+                for j, i in enumerate(idx):
+                    patches[i], scores[i] = patch[j].numpy(), float(image[j])
+            ms["flow"] = (time.perf_counter() - t) * 1e3
+            t = time.perf_counter()
+            for frame, patch in zip(frames, patches):
+                if patch is not None:
+                    anomaly_map(patch, cfg.image_size, cfg.map_sigma, out_hw=frame.shape[:2])
+            ms["postprocess"] = (time.perf_counter() - t) * 1e3
+        return ms, list(zip(tasks, scores))
+
+
+def runtime_pipeline(runtime: object) -> Pipeline:
+    """A Runtime as a pipeline: per-call stage milliseconds (batch stages once, per-frame ones summed)."""
+
+    def run(frames: list[np.ndarray]) -> tuple[dict[str, float], list[tuple[str, float | None]]]:
+        results = runtime.infer(frames)  # type: ignore[attr-defined]
+        first = results[0].timings
+        ms = {
+            "preprocess": sum(r.timings.preprocess for r in results),
+            "backbone": first.backbone,
+            "routing": first.routing,
+            "flow": sum({r.task: r.timings.flow for r in results}.values()),  # one flow call per task group
+            "postprocess": sum(r.timings.postprocess for r in results),
+        }
+        return ms, [(r.task, r.image_score) for r in results]
+
+    return run
+
+
+def make_pipeline(
+    backend: str,
+    precision: str,
+    root: Path,
+    manifest: Manifest,
+    model_dir: Path | None,
+    threads: int | None,
+    route_all: bool = False,
+) -> tuple[Pipeline | None, Callable[[], None], str | None, str | None]:
+    """(pipeline, close, skip reason, warning) for one backend and precision. ``route_all`` lifts
+    every task's unknown-product limit, so that frames of no known product still reach a flow."""
+    from moleflow_edge.runtime import Runtime
+
+    def nothing() -> None:
+        return None
+
+    if precision not in manifest.backbone_graphs and backend != EAGER:
+        return None, nothing, f"the export has no {precision} graphs (export with --precision {precision})", None
+    if backend == EAGER:
+        if precision != "fp32":
+            return None, nothing, "torch eager runs the trained fp32 weights only", None
+        if model_dir is None:
+            return None, nothing, "needs the model directory (--model DIR)", None
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return None, nothing, "torch is not installed (pip install moleflow-edge[train])", None
+        eager = TorchPipeline(model_dir)
+        if route_all:
+            eager.table.limits[:] = np.inf
+        return eager, nothing, None, None
+    if backend not in TARGET_NAMES:
+        return None, nothing, f"unknown backend; choose from {', '.join(BACKENDS)}", None
+    row = target(backend)
+    reason = not_installed(row)
+    if reason is not None:
+        return None, nothing, reason, None
+    if row.export_format is ExportFormat.ENGINE and not manifest.engines:
+        return None, nothing, "the export has no TensorRT engines (export --format engine on the target GPU)", None
+    warning = None
+    if row.name == "onnxruntime-cpu" and precision == "int8" and not has_int8_dot_product():
+        warning = (
+            "CPU without VNNI/dot-product: onnxruntime's fused u8s8 INT8 kernels saturate 16-bit sums, "
+            "so these INT8 scores are wrong as well as slow (benchmarks/README.md); deploy fp32 here"
+        )
+    runtime = Runtime.load(root, row.name, precision, threads=threads)
+    if route_all:
+        runtime.router.limits[:] = np.inf
+    return runtime_pipeline(runtime), runtime.close, None, warning

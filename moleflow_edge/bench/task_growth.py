@@ -1,0 +1,77 @@
+"""How routing time, memory and load times grow with the number of tasks in an export.
+
+Synthetic: each count is a copy of the export whose tasks all use the first task's fp32 flow
+graph, with prototypes perturbed from its own, so the router is what grows and no model is
+trained for it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from moleflow_edge.bench.machine import rss_mb
+from moleflow_edge.contract import TaskEntry, file_sha256, load_manifest, save_manifest
+
+TASK_COUNTS = (1, 5, 15, 50)
+
+
+def task_growth(export_dir: str | Path, counts: Sequence[int] = TASK_COUNTS, iters: int = 50) -> list[dict]:
+    """Routing time, memory and load times for exports of 1, 5, 15, 50 tasks (one row per count)."""
+    from safetensors.numpy import load_file, save_file
+
+    from moleflow_edge.runtime import Backend, Runtime
+
+    root = Path(export_dir)
+    manifest = load_manifest(root)
+    base = manifest.tasks[0]
+    prototypes = load_file(str(root / manifest.router_file.file))  # type: ignore[union-attr]
+    mean, whitener = prototypes[f"{base.name}.mean"], prototypes[f"{base.name}.whitener"]
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_tasks_") as tmp:
+        for count in counts:
+            work = Path(tmp) / str(count)
+            shutil.copytree(root, work, ignore=shutil.ignore_patterns("engines"))
+            m = load_manifest(work, verify=False)
+            names = [f"task{i:03d}" for i in range(count)]
+            tensors = {}
+            for i, name in enumerate(names):
+                tensors[f"{name}.mean"] = (mean + 0.1 * i * rng.standard_normal(mean.shape)).astype(np.float32)
+                tensors[f"{name}.whitener"] = whitener
+            save_file(tensors, str(work / m.router_file.file))  # type: ignore[union-attr]
+            m.router_file.sha256 = file_sha256(work / m.router_file.file)  # type: ignore[union-attr]
+            m.engines = {}
+            m.tasks = [TaskEntry(name=n, graphs={"fp32": base.graphs["fp32"]}, distance_limit=1e30) for n in names]
+            save_manifest(work, m)
+            before = rss_mb()
+            started = time.perf_counter()
+            runtime = Runtime.load(work, Backend.ONNXRUNTIME, "fp32", max_resident_tasks=None)
+            load_ms = (time.perf_counter() - started) * 1e3
+            engine_ms = []
+            for name in names:
+                engine_ms.append(runtime.engines.get(name)[1] * 1e3)
+            features = rng.standard_normal((8, m.routing_dim)).astype(np.float32)
+            routing = []
+            for _ in range(iters):
+                started = time.perf_counter()
+                runtime.router.route(runtime.router.distances(features[:1]))
+                routing.append((time.perf_counter() - started) * 1e3)
+            rows.append(
+                {
+                    "tasks": count,
+                    "runtime_load_ms": round(load_ms, 2),
+                    "engine_load_ms_mean": round(float(np.mean(engine_ms)), 3),
+                    "all_engines_load_ms": round(float(np.sum(engine_ms)), 2),
+                    "routing_ms_p50": round(float(np.median(routing)), 4),
+                    "rss_increase_mb": round(rss_mb() - before, 1),
+                    "router_mb": round((work / m.router_file.file).stat().st_size / 2**20, 2),  # type: ignore[union-attr]
+                }
+            )
+            runtime.close()
+    return rows
