@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -256,9 +257,6 @@ def runtime_section(work: Path) -> dict[str, object]:
     from moleflow_edge.runtime.backend import FeatureBatch
     from moleflow_edge.runtime.tensorrt_backend import TensorRtBackend
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tensorrt_check import tensorrt_section
-
     if not cm.cuda_available():
         return {"status": "skipped", "reason": "cuda-python is not installed"}
     checks: dict[str, object] = {"devices": cm.device_count(), "compute_capability": cm.compute_capability(0)}
@@ -319,8 +317,20 @@ def runtime_section(work: Path) -> dict[str, object]:
         if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(providers)
         else f"skipped: onnxruntime {ort.__version__} has only {providers} (install onnxruntime-gpu)"
     )
-    checks["tensorrt"] = tensorrt_section(work / "tensorrt")
+    checks["tensorrt"] = tensorrt_check(work)
     return {"status": "measured", **checks}
+
+
+def tensorrt_check(work: Path) -> dict[str, object]:
+    """benchmarks/tensorrt_check.py's result, run as a program of its own: the benchmark scripts
+    import the installed package only, never each other (and TensorRT gets a fresh process)."""
+    out = work / "tensorrt.json"
+    script = Path(__file__).with_name("tensorrt_check.py")
+    done = subprocess.run([sys.executable, str(script), "--work", str(work / "tensorrt"), "--json", str(out)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        return {"status": "failed", "error": "\n".join(done.stderr.strip().splitlines()[-3:])}
+    return json.loads(out.read_text())
 
 
 # --- (d) results ----------------------------------------------------------------------------------

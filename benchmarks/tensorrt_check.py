@@ -5,7 +5,8 @@ with a small config, exports them with ``--format engine`` in every precision, r
 precision through the runtime's native TensorRT backend at batch 1 and at the batch profile's
 maximum, compares image scores and routing with onnxruntime on the CPU (same precision, and
 fp32), and reports per-stage milliseconds (median over the timed runs). Elsewhere it says why,
-measures nothing and exits 0. ``tensorrt_section`` is the TensorRT part of benchmarks/gpu_check.py.
+measures nothing and exits 0. benchmarks/gpu_check.py runs this script (with --json) for its
+TensorRT part.
 
     python benchmarks/tensorrt_check.py [--work DIR] [--json OUT] [--iters N]
 """
