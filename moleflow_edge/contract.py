@@ -97,6 +97,9 @@ class TaskEntry:
     distance_limit: float = float("inf")  # routing: farther than this from every prototype -> unknown
     threshold: float | None = None  # image-score decision threshold, set by calibrate
     calibration: dict = field(default_factory=dict)  # how threshold and limit were obtained
+    # precision -> image AUROC that calibrate measured with that precision's graphs (normal + defect
+    # images): what latency-target engine selection ranks precisions by
+    image_auroc: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -341,6 +344,16 @@ def _engines_problems(where: str, v: object) -> list[str]:
     return problems
 
 
+def _auroc_by_precision(v: object) -> str | None:
+    precisions = {p.value for p in Precision}
+
+    def score(x: object) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x <= 1.0
+
+    ok = isinstance(v, dict) and all(k in precisions and score(x) for k, x in v.items())
+    return None if ok else f"must map precisions ({', '.join(sorted(precisions))}) to numbers in [0, 1], got {v!r}"
+
+
 _TOP: dict[str, Check] = {
     "backbone": _text(),
     "image_size": _int(16),
@@ -362,6 +375,7 @@ _TASK: dict[str, Check] = {
     "distance_limit": _number(0.0, allow_inf=True),
     "threshold": _number(-math.inf, optional=True),
     "calibration": _dict,
+    "image_auroc": _auroc_by_precision,
 }
 
 

@@ -41,6 +41,7 @@ import numpy as np
 from moleflow_edge.data.mvtec import GOOD, DatasetError, _image_files, test_samples, train_samples
 from moleflow_edge.contract import MANIFEST_FILE, SIGNATURE_FIELD, Manifest, load_manifest, save_manifest
 from moleflow_edge.locking import FolderLock
+from moleflow_edge.metrics import auroc
 from moleflow_edge.preprocess import read_image_bgr, resize_frame
 from moleflow_edge.signing import load_private_key
 
@@ -260,6 +261,7 @@ class TaskCalibration:
     f1: float | None = None
     f1_optimal_threshold: float | None = None
     f1_optimal: float | None = None
+    image_auroc: float | None = None  # normal vs test/<defect> images, at the calibrated precision
     method: str = ""  # how the threshold was made
     target_met: bool = True
     train_images: int | None = None  # good images in ROOT/<task>/train/good, which the task was learned from
@@ -297,7 +299,8 @@ class CalibrationReport:
             )
         for t in self.tasks:  # how each threshold was made, and how certain it is
             note = "" if t.target_met else f"target {self.target_fpr:g} NOT reached: "
-            lines.append(f"{t.task}: {note}{t.method}; 95% bound on its FPR {t.fpr_upper95:.3f}")
+            auc = "" if t.image_auroc is None else f"; image AUROC {t.image_auroc:.4f} at {self.precision}"
+            lines.append(f"{t.task}: {note}{t.method}; 95% bound on its FPR {t.fpr_upper95:.3f}{auc}")
         return "\n".join(lines)
 
 
@@ -321,8 +324,9 @@ def calibrate(
     docstring); fewer than ``min_count`` (default MIN_NORMALS) images are refused. ``sign``: the
     private key file that signs the calibrated manifest (required when the export was signed).
     Scores go through the runtime (onnxruntime CPU, ``precision`` graphs: calibrate the precision
-    you deploy). Writes threshold, distance_limit and a ``calibration`` dict per task into the
-    manifest atomically; no timestamps, so calibrating twice gives a byte-identical manifest.
+    you deploy). Writes threshold, distance_limit, a ``calibration`` dict and, where defect images
+    exist, that precision's image AUROC per task into the manifest atomically; no timestamps, so
+    calibrating twice gives a byte-identical manifest.
     """
     from moleflow_edge.runtime import Runtime
 
@@ -381,6 +385,10 @@ def calibrate(
                 "distance_limit_method": f"{limit_margin:g} x max squared Mahalanobis distance of the same images",
                 "max_normal_distance": result.max_normal_distance,
             }
+            if result.image_auroc is None:  # no defect images now: an older figure for this precision would mislead
+                entry.image_auroc.pop(runtime.precision.value, None)
+            else:
+                entry.image_auroc[runtime.precision.value] = result.image_auroc
     finally:
         runtime.close()
     if write:
@@ -400,7 +408,8 @@ def _train_images(data: Path, task: str) -> int | None:
 
 
 def _defect_metrics(runtime: object, data: Path, task: str, normal: np.ndarray, result: TaskCalibration) -> None:
-    """Precision/recall at the chosen threshold and the F1-optimal threshold, where test/<defect> exists."""
+    """Precision/recall at the chosen threshold, the F1-optimal threshold and the image AUROC (which
+    latency-target engine selection ranks precisions by), where test/<defect> exists."""
     try:
         defects = [s.path for s in test_samples(data, task) if s.label == 1]
     except DatasetError:
@@ -413,3 +422,4 @@ def _defect_metrics(runtime: object, data: Path, task: str, normal: np.ndarray, 
     result.defects = len(defects)
     result.precision, result.recall, result.f1 = precision_recall(scores, labels, result.threshold)
     result.f1_optimal_threshold, result.f1_optimal = f1_optimal(scores, labels)
+    result.image_auroc = auroc(labels, scores)

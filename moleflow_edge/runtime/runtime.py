@@ -261,6 +261,15 @@ class Runtime:
         return self._backend.kind
 
     @property
+    def precision(self) -> Precision:
+        return self._backend.precision
+
+    @property
+    def provider(self) -> str | None:
+        """The onnxruntime execution provider the sessions got; None for other engines."""
+        return self._backend.provider
+
+    @property
     def device(self) -> str:
         return self._backend.device
 
