@@ -227,7 +227,13 @@ def run(
     backend: TargetChoice = typer.Option(
         "auto", help="Deployment target (README, Deployment targets); auto tries them best first."
     ),
-    precision: str = typer.Option("fp32", help="Which exported precision to run."),
+    precision: Optional[str] = typer.Option(
+        None, help="Which exported precision to run (default fp32; with --latency-target, the one to time, else all)."
+    ),
+    latency_target: Optional[float] = typer.Option(
+        None, help="Milliseconds per frame at batch 1: time the export's precisions and targets here (cached in "
+        "EXPORT/engines/) and run the most accurate one that meets it; says which and why."
+    ),
     save: Optional[Path] = typer.Option(None, help="Write an overlay image per frame here."),
     show: bool = typer.Option(False, help="Show the overlays in a window."),
     batch_size: int = typer.Option(1, min=1, help="Frames per inference call."),
@@ -245,7 +251,7 @@ def run(
     try:
         code = run_source(export_dir, source, backend.value, save, show, precision=precision, batch_size=batch_size,
                           check=check, trusted_keys=trusted_key, max_map_side=map_size, camera_retries=retries,
-                          retry_delay_s=retry_delay)  # fmt: skip
+                          retry_delay_s=retry_delay, latency_target_ms=latency_target)  # fmt: skip
     except USER_ERRORS as exc:
         fail(str(exc))
     raise typer.Exit(code)

@@ -14,6 +14,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from moleflow_edge.contract import ManifestError
 from moleflow_edge.preprocess import FrameError, read_image_bgr
 from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime.backend import BackendError
+from moleflow_edge.runtime.engine_select import LatencyTargetWarning, check_target_ms
 from moleflow_edge.runtime.overlay import Viewer, render_overlay, write_png
 from moleflow_edge.runtime.result import STAGES, FrameResult
 from moleflow_edge.atomic import check_writable
@@ -228,6 +230,8 @@ class LoopStats:
             "wall_s": round(wall, 3),
             "frames_per_s": round(processed / wall, 2) if wall > 0 else None,
             "backend": None if runtime is None else runtime.description,
+            "precision": None if runtime is None else runtime.precision.value,
+            "latency_target": None if runtime is None or runtime.engine_choice is None else runtime.engine_choice.as_dict(),
             "engines": None if runtime is None else runtime.engine_stats.as_dict(),
             "calibration": None if runtime is None else runtime.task_status(),
             "failed_tasks": None if runtime is None else runtime.load_failures,
@@ -264,7 +268,7 @@ def run_source(
     show: bool = False,
     out: TextIO | None = None,
     *,
-    precision: str = "fp32",
+    precision: str | None = None,
     max_resident_tasks: int | None = DEFAULT_MAX_RESIDENT_TASKS,
     memory_budget_mb: float | None = None,
     batch_size: int = 1,
@@ -276,6 +280,7 @@ def run_source(
     check: bool = False,
     trusted_keys: list[str | Path] | None = None,
     max_map_side: int | None = DEFAULT_MAX_MAP_SIDE,
+    latency_target_ms: float | None = None,
 ) -> int:
     """Run every frame of ``source`` (folder, image, video, camera:N, stream URL, GStreamer pipeline)
     and return the exit code.
@@ -285,11 +290,14 @@ def run_source(
     Exit codes: 0 done, 1 export not loadable, 2 source not readable, 3 camera or stream lost, 4 backend failed
     mid-run, 130 Ctrl-C (after the summary). Frames that fail alone are error lines, not exit codes.
     ``runtime`` reuses a loaded Runtime (then export_dir, backend, precision and the engine caps are unused).
+    ``latency_target_ms`` picks the precision and target (Runtime.load) and says which, and why, on ``err``.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if latency_target_ms is not None:
+        check_target_ms(latency_target_ms)
     if save_dir is not None:
         check_writable(save_dir, "--save", directory=True)
     stats = LoopStats()
@@ -297,16 +305,22 @@ def run_source(
     owned = runtime is None
     try:
         if runtime is None:
-            runtime = Runtime.load(
-                export_dir, backend, precision, max_resident_tasks=max_resident_tasks, memory_budget_mb=memory_budget_mb,
-                trusted_keys=trusted_keys, max_map_side=max_map_side,
-            )
+            with warnings.catch_warnings():  # a missed target is said once, below, as a warning line
+                warnings.simplefilter("ignore", LatencyTargetWarning)
+                runtime = Runtime.load(
+                    export_dir, backend, precision, max_resident_tasks=max_resident_tasks,
+                    memory_budget_mb=memory_budget_mb, trusted_keys=trusted_keys, max_map_side=max_map_side,
+                    latency_target_ms=latency_target_ms,
+                )  # fmt: skip
     except (ManifestError, BackendError, ValueError, OSError) as exc:
         print(f"error: cannot load the export {export_dir}: {exc}", file=err)
         summary = stats.summary(None, EXIT_LOAD_ERROR)
         print(json.dumps({"summary": summary}), file=out, flush=True)
         return EXIT_LOAD_ERROR
 
+    choice = runtime.engine_choice
+    if choice is not None:
+        print(("" if choice.met else "warning: ") + choice.summary(), file=err)
     for task, status in runtime.task_status().items():
         print(f"task {task}: {status}", file=err)
     if runtime.uncalibrated:

@@ -10,7 +10,8 @@ back in input order, each with its anomaly map at the frame's own resolution.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from moleflow_edge.runtime.backend import (
     not_installed,
 )
 from moleflow_edge.runtime.engine_cache import EngineCache, EngineStats
+from moleflow_edge.runtime.engine_select import Candidate, EngineChoice, LatencyTargetWarning, select_engine
 from moleflow_edge.runtime.result import FrameResult
 from moleflow_edge.signing import load_public_keys
 from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGET_NAMES, TARGETS, resolve_backend, target
@@ -152,13 +154,14 @@ class Runtime:
         self.skipped_backends: list[str] = []
         self.max_map_side: int | None = DEFAULT_MAX_MAP_SIDE
         self.load_failures: dict[str, str] = {}  # task -> why its flow graph could not be loaded or run
+        self.engine_choice: EngineChoice | None = None  # what a latency target chose, and why
 
     @classmethod
     def load(
         cls,
         export_dir: str | Path,
         backend: Backend | str = Backend.AUTO,
-        precision: Precision | str = Precision.FP32,
+        precision: Precision | str | None = None,
         max_resident_tasks: int | None = DEFAULT_MAX_RESIDENT_TASKS,
         memory_budget_mb: float | None = None,
         *,
@@ -169,6 +172,8 @@ class Runtime:
         preload: bool = False,
         trusted_keys: Sequence[str | Path] | None = None,
         max_map_side: int | None = DEFAULT_MAX_MAP_SIDE,
+        latency_target_ms: float | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> Runtime:
         """Check the export (schema, paths, every file's sha256 and, with ``trusted_keys``, the
         manifest's signature), pick the backend, load the backbone and router.
@@ -180,16 +185,41 @@ class Runtime:
         unsigned or wrongly signed export is then refused. ``max_map_side`` caps the anomaly map's
         longest side (None: the frame's own size). ``providers`` and ``io_binding`` tune
         onnxruntime: io_binding keeps features in bound device buffers (default: on with a GPU provider).
+        ``precision``: fp32 when not given.
+
+        ``latency_target_ms``: time every precision and target of ``backend`` (auto: all installed)
+        that the export holds, or every target at ``precision`` when given, and load the most accurate
+        one that meets it at batch 1 (runtime/engine_select.py; timings cached in EXPORT/engines/).
+        ``engine_choice`` says what was chosen and why; a LatencyTargetWarning when nothing meets it.
+        ``clock`` is what the timing reads (tests pass a fake one).
         """
         root = Path(export_dir)
         kind, _ = resolve_backend(backend)
-        prec = _enum(Precision, precision, "precision")
+        prec = Precision.FP32 if precision is None else _enum(Precision, precision, "precision")
+        if latency_target_ms is not None and providers is not None:
+            raise ValueError("providers and latency_target_ms cannot be combined: each timed target has its own")
         if max_map_side is not None and max_map_side < 1:
             raise ValueError(f"max_map_side must be >= 1 pixel or None, got {max_map_side}")
         keys = None if trusted_keys is None else load_public_keys(trusted_keys)
         manifest = load_manifest(root, verify=True, trusted_keys=keys)
         if not manifest.tasks:
             raise ManifestError(f"{root} holds no task: export at least one with moleflow-edge export")
+        choice = None
+        if latency_target_ms is not None:
+
+            def open_candidate(candidate: Candidate) -> Runtime:
+                return cls.load(
+                    root, candidate.target.name, candidate.precision, max_resident_tasks=1, threads=threads,
+                    device_id=device_id, io_binding=io_binding, trusted_keys=trusted_keys,
+                )  # fmt: skip
+
+            choice = select_engine(
+                root, manifest, latency_target_ms, open_candidate, backend=backend,
+                precision=None if precision is None else prec, clock=clock,
+            )  # fmt: skip
+            backend, prec, kind = choice.chosen.target.name, choice.chosen.precision, choice.chosen.target.backend
+            if not choice.met:
+                warnings.warn(choice.summary(), LatencyTargetWarning, stacklevel=2)
         if kind is not Backend.TENSORRT:
             for entry in manifest.tasks:
                 if prec.value not in entry.graphs:
@@ -211,6 +241,7 @@ class Runtime:
         )
         runtime = cls(root, manifest, graphs, router, engines)
         runtime.skipped_backends = skipped
+        runtime.engine_choice = choice
         runtime.max_map_side = max_map_side
         if preload:
             for task in manifest.task_names[: max_resident_tasks or None]:
