@@ -22,7 +22,8 @@ from moleflow_edge.config import MoleFlowConfig, Whitening
 from moleflow_edge.data.mvtec import Split, load_split
 from moleflow_edge.data.synth import generate
 from moleflow_edge.export import onnx_graphs
-from moleflow_edge.export.exporter import ExportReport, export_model
+from moleflow_edge.export.artifacts import ExportReport
+from moleflow_edge.export.exporter import export_model
 from moleflow_edge.targets import ExportFormat, check_export_args
 from moleflow_edge.contract import Manifest, ManifestError, Precision, file_sha256, load_manifest
 from moleflow_edge.export.merge import merge_task

@@ -24,7 +24,8 @@ from onnx import TensorProto, helper
 
 from moleflow_edge.backbones import Backbone
 from moleflow_edge.contract import Precision, load_manifest
-from moleflow_edge.export import exporter, onnx_graphs
+from moleflow_edge.export import onnx_graphs, tensorrt_engine
+from moleflow_edge.export.artifacts import ExportReport
 from moleflow_edge.export.exporter import export_model
 from moleflow_edge.export.precision import to_fp16, to_int8
 from moleflow_edge.export.tensorrt_engine import (
@@ -323,10 +324,10 @@ def test_trtexec_lines_carry_no_precision_flags_and_type_strongly_only_before_11
 # --- engines through the real exporter, with the fake TensorRT ---------------------------------------------
 
 
-def _engine_export(out: Path, built: dict, batch: tuple[int, int, int], target: BuildTarget) -> exporter.ExportReport:
+def _engine_export(out: Path, built: dict, batch: tuple[int, int, int], target: BuildTarget) -> ExportReport:
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "tensorrt", FakeTensorRT(target.trt_version, True, True))
-        patch.setattr(exporter, "build_target", lambda trt, device_id: target)
+        patch.setattr(tensorrt_engine, "build_target", lambda trt, device_id: target)
         return export_model(built["model_dir"], out, precisions=["fp32"], fmt="engine", batch_profile=batch)
 
 
@@ -351,7 +352,7 @@ def test_engines_are_reused_only_while_nothing_that_shapes_them_changed(built: d
     assert trt_api.batch_profile(manifest, Precision.FP32) == (1, 4, 16)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(exporter, "WORKSPACE_BYTES", 1 << 29)
+        patch.setattr(tensorrt_engine, "WORKSPACE_BYTES", 1 << 29)
         smaller = _engine_export(out, built, (1, 4, 16), orin)
     assert len([f for f in smaller.written if f.file.endswith(".engine")]) == len(engines)
 

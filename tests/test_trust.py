@@ -163,7 +163,7 @@ KILLER = textwrap.dedent(
         armed[0] = True
         return real_commit(*args, **kwargs)
 
-    exporter.commit_export = commit_armed
+    commit.commit_export = commit_armed
     exporter.export_model(sys.argv[1], sys.argv[2], precisions=("fp32", "fp16"))
     print("steps", count[0])
     """

@@ -7,17 +7,26 @@ graph records inside itself. So nothing the live manifest points to is ever over
 and the one atomic rename of manifest.json is the commit: a kill at any moment leaves either
 the previous export or the new one loadable. Files no manifest lists and staging folders left
 by killed runs are swept after the commit (and stale staging folders before a run starts).
+ExportRun is one run on top of that: each artifact reused while intact, else built, checked and
+staged, and a report of both.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from moleflow_edge.contract import MANIFEST_FILE, Manifest, save_manifest
+import onnx
+
+from moleflow_edge.contract import MANIFEST_FILE, ArtifactFile, Manifest, file_sha256, save_manifest
+from moleflow_edge.export import onnx_graphs
+from moleflow_edge.export.artifacts import ExportedFile, ExportError, ExportReport
+from moleflow_edge.export.trt_compat import check_tensorrt_compat
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -59,6 +68,58 @@ class Staging:
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _intact(out: Path, artifact: ArtifactFile | None, source: str) -> bool:
+    """True when ``artifact`` was made from ``source`` and its files on disk still match their hashes."""
+    if artifact is None or artifact.source_sha256 != source:
+        return False
+    return all((out / name).is_file() and file_sha256(out / name) == sha for name, sha in artifact.paths())
+
+
+class ExportRun:
+    """One export run: the manifest being built, staging, and the report."""
+
+    def __init__(self, out: Path, manifest: Manifest) -> None:
+        self.out = out
+        self.manifest = manifest
+        self.staging = Staging(out)
+        self.report = ExportReport(out, manifest)
+
+    def artifact(
+        self, relative: str, old: ArtifactFile | None, source: str, build: Callable[[], onnx.ModelProto | bytes]
+    ) -> ArtifactFile:
+        """Reuse ``old`` if it is intact and from the same source, else build, check and stage the file."""
+        started = time.perf_counter()
+        if _intact(self.out, old, source):
+            assert old is not None
+            size = sum((self.out / name).stat().st_size for name, _ in old.paths())
+            self.report.files.append(ExportedFile(relative, size, 0.0, True))
+            return old
+        made = build()
+        path = self.staging.path(relative)
+        data = None
+        if isinstance(made, bytes):
+            path.write_bytes(made)
+        else:
+            compat = check_tensorrt_compat(made)
+            if not compat.ok:
+                raise ExportError(f"{relative} would not load in TensorRT: {'; '.join(compat.problems)}")
+            data = onnx_graphs.save_onnx(made, path)
+        sha = file_sha256(path)
+        artifact = ArtifactFile(content_name(relative, sha), sha, source)
+        self.staging.keep(path, artifact.file)
+        size = path.stat().st_size
+        if data is not None:  # named inside the graph, so it keeps its run-unique name
+            artifact.data_file, artifact.data_sha256 = self.staging.final_name(data), file_sha256(data)
+            self.staging.keep(data, artifact.data_file)
+            size += data.stat().st_size
+        self.report.files.append(ExportedFile(relative, size, time.perf_counter() - started, False))
+        return artifact
+
+    def commit(self, signing_key: Ed25519PrivateKey | None) -> None:
+        """Move the staged files in, swap the manifest, sweep files no longer listed."""
+        self.report.removed += commit_export(self.staging, self.manifest, signing_key)
 
 
 def commit_export(staging: Staging, manifest: Manifest, signing_key: Ed25519PrivateKey | None = None) -> list[str]:

@@ -8,6 +8,7 @@ Incremental and crash-safe:
     (export/commit.py): the manifest swap is the one commit, so an export that fails or is
     killed at any moment leaves the previous export or the new one, never neither;
   * one exporter (or calibration) at a time per export directory (locking.FolderLock).
+  * ``fmt="engine"`` then builds TensorRT engines from the committed graphs (tensorrt_engine.py).
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ import contextlib
 import hashlib
 import json
 import logging
-import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -30,9 +29,6 @@ import torch
 from moleflow_edge import __version__
 from moleflow_edge.atomic import check_writable
 from moleflow_edge.config import RouterPooling
-from moleflow_edge.data.mvtec import DatasetError, Sample, load_images, train_samples
-from moleflow_edge.export import onnx_graphs
-from moleflow_edge.targets import ExportFormat, check_export_args
 from moleflow_edge.contract import (
     MANIFEST_FILE,
     ArtifactFile,
@@ -43,20 +39,13 @@ from moleflow_edge.contract import (
     load_manifest,
     save_manifest,
 )
-from moleflow_edge.export.commit import Staging, commit_export, content_name, remove_stale_staging
+from moleflow_edge.data.mvtec import DatasetError, Sample, load_images, train_samples
+from moleflow_edge.export import onnx_graphs
+from moleflow_edge.export.artifacts import ExportError, ExportReport, source_hash
+from moleflow_edge.export.commit import ExportRun, remove_stale_staging
 from moleflow_edge.export.merge import merge_task
 from moleflow_edge.export.precision import sensitive_products, to_fp16, to_int8
-from moleflow_edge.export.tensorrt_engine import (
-    TRTEXEC_TIMING_CACHE,
-    WORKSPACE_BYTES,
-    EngineBuilder,
-    EngineJob,
-    build_record,
-    build_target,
-    import_tensorrt,
-    reusable,
-)
-from moleflow_edge.export.trt_compat import check_tensorrt_compat
+from moleflow_edge.export.tensorrt_engine import export_engines
 from moleflow_edge.features import extract_features
 from moleflow_edge.locking import FolderLock
 from moleflow_edge.model.mole_flow import MoleFlow
@@ -64,63 +53,10 @@ from moleflow_edge.model_store import CONFIG_FILE, SHARED_FILE, ModelStore
 from moleflow_edge.router import Prototype, RouterTable
 from moleflow_edge.runtime.trt_api import DEFAULT_BATCH_PROFILE
 from moleflow_edge.signing import load_private_key
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from moleflow_edge.targets import ExportFormat, check_export_args
 
 CALIB_LIMIT = 256  # images per INT8 calibration set, evenly spread over the sorted file list
 ROUTER_WEIGHTS, ROUTER_GRAPH = "router.safetensors", "router.onnx"
-
-
-class ExportError(ValueError):
-    """An export that cannot be made as asked; the message names the argument or file at fault."""
-
-
-@dataclass(frozen=True)
-class ExportedFile:
-    """One artifact of an export run: its size, the seconds spent on it, and whether it was reused."""
-
-    file: str
-    bytes: int
-    seconds: float
-    skipped: bool
-
-
-@dataclass
-class ExportReport:
-    """What an export run wrote (or found up to date) and what it removed."""
-
-    out_dir: Path
-    manifest: Manifest
-    files: list[ExportedFile] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-
-    @property
-    def written(self) -> list[ExportedFile]:
-        return [f for f in self.files if not f.skipped]
-
-    def table(self) -> str:
-        """One line per file: what the CLI prints."""
-        lines = [f"{'file':<40} {'MiB':>8} {'s':>7}  status"]
-        for f in self.files:
-            status = "up to date" if f.skipped else "written"
-            lines.append(f"{f.file:<40} {f.bytes / 2**20:>8.2f} {f.seconds:>7.1f}  {status}")
-        lines += [f"{name:<40} {'':>8} {'':>7}  removed" for name in self.removed]
-        return "\n".join(lines)
-
-
-def _hash(*parts: object) -> str:
-    """sha256 over bytes, str, numpy arrays and JSON-able values, in order."""
-    digest = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, bytes):
-            data = part
-        elif isinstance(part, np.ndarray):
-            data = np.ascontiguousarray(part).tobytes() + str((part.dtype, part.shape)).encode()
-        else:
-            data = json.dumps(part, sort_keys=True).encode()
-        digest.update(hashlib.sha256(data).digest())
-    return digest.hexdigest()
 
 
 def model_identity(store: ModelStore, model: MoleFlow) -> str:
@@ -128,7 +64,7 @@ def model_identity(store: ModelStore, model: MoleFlow) -> str:
     backbone = [
         t.detach().contiguous().numpy() for _, t in sorted(model.backbone.state_dict().items(), key=lambda kv: kv[0])
     ]
-    return _hash((store.root / CONFIG_FILE).read_bytes(), file_sha256(store.root / SHARED_FILE), *backbone)
+    return source_hash((store.root / CONFIG_FILE).read_bytes(), file_sha256(store.root / SHARED_FILE), *backbone)
 
 
 def _options(precision: Precision, calibration: str | None = None) -> dict[str, object]:
@@ -176,61 +112,6 @@ def calibration_set(root: str | Path, tasks: Sequence[str], limit: int = CALIB_L
     if len(files) > limit:
         files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
     return CalibrationSet(root, tuple(files))
-
-
-# --- the run --------------------------------------------------------------------------------------
-
-
-def _intact(out: Path, artifact: ArtifactFile | None, source: str) -> bool:
-    """True when ``artifact`` was made from ``source`` and its files on disk still match their hashes."""
-    if artifact is None or artifact.source_sha256 != source:
-        return False
-    return all((out / name).is_file() and file_sha256(out / name) == sha for name, sha in artifact.paths())
-
-
-class _Run:
-    """One export run: the manifest being built, staging, and the report."""
-
-    def __init__(self, out: Path, manifest: Manifest) -> None:
-        self.out = out
-        self.manifest = manifest
-        self.staging = Staging(out)
-        self.report = ExportReport(out, manifest)
-
-    def artifact(
-        self, relative: str, old: ArtifactFile | None, source: str, build: Callable[[], onnx.ModelProto | bytes]
-    ) -> ArtifactFile:
-        """Reuse ``old`` if it is intact and from the same source, else build, check and stage the file."""
-        started = time.perf_counter()
-        if _intact(self.out, old, source):
-            assert old is not None
-            size = sum((self.out / name).stat().st_size for name, _ in old.paths())
-            self.report.files.append(ExportedFile(relative, size, 0.0, True))
-            return old
-        made = build()
-        path = self.staging.path(relative)
-        data = None
-        if isinstance(made, bytes):
-            path.write_bytes(made)
-        else:
-            compat = check_tensorrt_compat(made)
-            if not compat.ok:
-                raise ExportError(f"{relative} would not load in TensorRT: {'; '.join(compat.problems)}")
-            data = onnx_graphs.save_onnx(made, path)
-        sha = file_sha256(path)
-        artifact = ArtifactFile(content_name(relative, sha), sha, source)
-        self.staging.keep(path, artifact.file)
-        size = path.stat().st_size
-        if data is not None:  # named inside the graph, so it keeps its run-unique name
-            artifact.data_file, artifact.data_sha256 = self.staging.final_name(data), file_sha256(data)
-            self.staging.keep(data, artifact.data_file)
-            size += data.stat().st_size
-        self.report.files.append(ExportedFile(relative, size, time.perf_counter() - started, False))
-        return artifact
-
-    def commit(self, signing_key: Ed25519PrivateKey | None) -> None:
-        """Move the staged files in, swap the manifest, sweep files no longer listed."""
-        self.report.removed += commit_export(self.staging, self.manifest, signing_key)
 
 
 # --- the export -----------------------------------------------------------------------------------
@@ -288,7 +169,7 @@ def export_model(
             raise ExportError(f"{out} holds tasks {missing} that {model_dir} lacks; export into a new --out folder")
         export_tasks = [t for t in trained if t in wanted or t in manifest.task_names]
 
-        run = _Run(out, manifest)
+        run = ExportRun(out, manifest)
         try:
             with _quiet_third_party():
                 _export_graphs(run, store, model, prototypes, wanted, export_tasks, chosen, calib_data)
@@ -296,7 +177,7 @@ def export_model(
         finally:
             run.staging.discard()
         if export_format is ExportFormat.ENGINE:
-            _export_engines(out, model, wanted, chosen, batch_profile, run.report, device_id)
+            export_engines(out, wanted, chosen, batch_profile, run.report, device_id)
             if signing_key is not None:  # the engine builder saves the manifest unsigned as it goes
                 save_manifest(out, run.report.manifest, signing_key)
     return run.report
@@ -339,7 +220,7 @@ def _new_manifest(model: MoleFlow, identity: str) -> Manifest:
 
 
 def _export_graphs(
-    run: _Run,
+    run: ExportRun,
     store: ModelStore,
     model: MoleFlow,
     prototypes: dict[str, Prototype],
@@ -361,7 +242,7 @@ def _export_graphs(
     backbone_calib = calibration_set(calib_data, export_tasks) if int8 and calib_data else None
     for precision in precisions:
         calib = backbone_calib if precision is Precision.INT8 else None
-        source = _hash(manifest.model_sha256, _options(precision, calib and calib.record))
+        source = source_hash(manifest.model_sha256, _options(precision, calib and calib.record))
 
         def build(precision: Precision = precision, calib: CalibrationSet | None = calib) -> onnx.ModelProto:
             return _graph_in_precision(
@@ -376,7 +257,7 @@ def _export_graphs(
             manifest.int8_calibration["backbone"] = calib.record
 
     table = RouterTable(export_tasks, [prototypes[t] for t in export_tasks])
-    router_source = _hash(export_tasks, table.stacked, table.shift, _options(Precision.FP32))
+    router_source = source_hash(export_tasks, table.stacked, table.shift, _options(Precision.FP32))
     manifest.router_file = run.artifact(
         ROUTER_WEIGHTS, manifest.router_file, router_source, lambda: _router_weights(export_tasks, prototypes)
     )
@@ -405,7 +286,7 @@ def _graph_in_precision(
 
 
 def _export_task(
-    run: _Run,
+    run: ExportRun,
     store: ModelStore,
     model: MoleFlow,
     entry: TaskEntry,
@@ -427,7 +308,7 @@ def _export_task(
     replaced = False
     for precision in precisions:
         calib = calibration_set(calib_data, [entry.name]) if precision is Precision.INT8 and calib_data else None
-        source = _hash(run.manifest.model_sha256, weights, _options(precision, calib and calib.record))
+        source = source_hash(run.manifest.model_sha256, weights, _options(precision, calib and calib.record))
 
         def build(precision: Precision = precision, calib: CalibrationSet | None = calib) -> onnx.ModelProto:
             return _graph_in_precision(
@@ -460,63 +341,3 @@ def _router_weights(tasks: list[str], prototypes: dict[str, Prototype]) -> bytes
         tensors[f"{task}.mean"] = np.ascontiguousarray(prototypes[task].mean, np.float32)
         tensors[f"{task}.whitener"] = np.ascontiguousarray(prototypes[task].whitener, np.float32)
     return save(tensors, metadata={"tasks": json.dumps(tasks)})
-
-
-# --- TensorRT engines -------------------------------------------------------------------------------
-
-
-def _export_engines(
-    out: Path,
-    model: MoleFlow,
-    wanted: list[str],
-    precisions: tuple[Precision, ...],
-    batch: tuple[int, int, int],
-    report: ExportReport,
-    device_id: int = 0,
-) -> None:
-    """Build (or reuse) engines for the backbone, router and wanted tasks' graphs. An engine is
-    reused only when its build record (graph sha256, precision, batch profile, workspace, TensorRT
-    version, GPU) is unchanged; its file name carries a hash of that record, so a rebuilt engine
-    never overwrites the one the manifest still lists."""
-    manifest = load_manifest(out)
-    cfg = model.config
-    image = (cfg.image_size, cfg.image_size, 3)
-    embedding = (cfg.embed_dim, cfg.grid_size, cfg.grid_size)
-    planned: list[tuple[dict[str, dict], str, ArtifactFile, str, tuple[int, ...], Precision]] = []
-    for precision in precisions:
-        graph = manifest.backbone_graphs[precision.value]
-        planned.append((manifest.engines, f"backbone.{precision.value}", graph, "images", image, precision))
-        for task in wanted:
-            entry = manifest.task(task)
-            planned.append((entry.engines, precision.value, entry.graphs[precision.value], "embedding", embedding,
-                            precision))  # fmt: skip
-    assert manifest.router_graph is not None
-    planned.append((manifest.engines, "router", manifest.router_graph, "routing_feature", (manifest.routing_dim,),
-                    Precision.FP32))  # fmt: skip
-
-    def job(graph: ArtifactFile, tag: str, name: str, shape: tuple[int, ...], precision: Precision) -> EngineJob:
-        stem = Path(graph.file).with_suffix("").as_posix().replace("/", ".")
-        return EngineJob(out / graph.file, out / "engines" / f"{stem}{tag}.engine", name, shape, precision, batch)
-
-    trt = import_tensorrt([job(g, "", n, s, p) for _, _, g, n, s, p in planned], out / TRTEXEC_TIMING_CACHE)
-    target = build_target(trt, device_id)
-    builder = EngineBuilder(trt, out / target.timing_cache, WORKSPACE_BYTES)
-    for engines, slot, graph, name, shape, precision in planned:
-        record = build_record(graph.sha256, precision, batch, WORKSPACE_BYTES, target)
-        spec = job(graph, f".{target.device}.{_hash(record)[:12]}", name, shape, precision)
-        slot_key = f"{slot}/{target.device}"
-        existing = engines.get(slot_key)
-        relative = spec.engine_path.relative_to(out).as_posix()
-        if existing is not None and reusable(out, existing, record):
-            report.files.append(ExportedFile(existing["file"], (out / existing["file"]).stat().st_size, 0.0, True))
-            continue
-        started = time.perf_counter()
-        builder.build(spec)
-        engines[slot_key] = {"file": relative, "sha256": file_sha256(spec.engine_path), **record}
-        report.files.append(
-            ExportedFile(relative, spec.engine_path.stat().st_size, time.perf_counter() - started, False)
-        )
-        save_manifest(out, manifest)  # after each engine: a long build interrupted later keeps what it built
-        if existing and existing["file"] != relative:  # built from another record: no longer listed
-            (out / existing["file"]).unlink(missing_ok=True)
-    report.manifest = manifest

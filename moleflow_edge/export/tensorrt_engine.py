@@ -6,11 +6,13 @@ explicit QDQ) and no precision flag is ever set. Engines are plain plan files (n
 header, so trtexec and DeepStream load them); what they were built from lives in the manifest,
 and an engine is reused only when everything that shapes it is unchanged (``build_record``).
 Timing caches are kept per GPU generation, TensorRT and CUDA version; one TensorRT rejects is
-replaced by an empty one, with a warning. UNVERIFIED: no TensorRT on the development machines.
+replaced by an empty one, with a warning. ``export_engines`` builds (or reuses) every engine an
+export lists. UNVERIFIED: no TensorRT on the development machines.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from moleflow_edge.atomic import write_atomic
-from moleflow_edge.contract import Precision, file_sha256
+from moleflow_edge.contract import ArtifactFile, Precision, file_sha256, load_manifest, save_manifest
+from moleflow_edge.export.artifacts import ExportedFile, ExportReport, source_hash
 from moleflow_edge.runtime import trt_api
 
 WORKSPACE_BYTES = 1 << 30
@@ -190,3 +193,59 @@ class EngineBuilder:
             )
         if not config.set_timing_cache(config.create_timing_cache(b""), False):
             raise RuntimeError("TensorRT refused an empty timing cache; cannot build engines with this TensorRT")
+
+
+def export_engines(
+    out: Path,
+    wanted: list[str],
+    precisions: tuple[Precision, ...],
+    batch: tuple[int, int, int],
+    report: ExportReport,
+    device_id: int = 0,
+) -> None:
+    """Build (or reuse) engines for the backbone, router and wanted tasks' graphs. An engine is
+    reused only when its build record (graph sha256, precision, batch profile, workspace, TensorRT
+    version, GPU) is unchanged; its file name carries a hash of that record, so a rebuilt engine
+    never overwrites the one the manifest still lists. Input shapes come from the manifest, which the
+    graph export just wrote from the model's config."""
+    manifest = load_manifest(out)
+    image = (manifest.image_size, manifest.image_size, 3)
+    embedding = (manifest.embed_dim, manifest.grid, manifest.grid)
+    planned: list[tuple[dict[str, dict], str, ArtifactFile, str, tuple[int, ...], Precision]] = []
+    for precision in precisions:
+        graph = manifest.backbone_graphs[precision.value]
+        planned.append((manifest.engines, f"backbone.{precision.value}", graph, "images", image, precision))
+        for task in wanted:
+            entry = manifest.task(task)
+            planned.append((entry.engines, precision.value, entry.graphs[precision.value], "embedding", embedding,
+                            precision))  # fmt: skip
+    assert manifest.router_graph is not None
+    planned.append((manifest.engines, "router", manifest.router_graph, "routing_feature", (manifest.routing_dim,),
+                    Precision.FP32))  # fmt: skip
+
+    def job(graph: ArtifactFile, tag: str, name: str, shape: tuple[int, ...], precision: Precision) -> EngineJob:
+        stem = Path(graph.file).with_suffix("").as_posix().replace("/", ".")
+        return EngineJob(out / graph.file, out / "engines" / f"{stem}{tag}.engine", name, shape, precision, batch)
+
+    trt = import_tensorrt([job(g, "", n, s, p) for _, _, g, n, s, p in planned], out / TRTEXEC_TIMING_CACHE)
+    target = build_target(trt, device_id)
+    builder = EngineBuilder(trt, out / target.timing_cache, WORKSPACE_BYTES)
+    for engines, slot, graph, name, shape, precision in planned:
+        record = build_record(graph.sha256, precision, batch, WORKSPACE_BYTES, target)
+        spec = job(graph, f".{target.device}.{source_hash(record)[:12]}", name, shape, precision)
+        slot_key = f"{slot}/{target.device}"
+        existing = engines.get(slot_key)
+        relative = spec.engine_path.relative_to(out).as_posix()
+        if existing is not None and reusable(out, existing, record):
+            report.files.append(ExportedFile(existing["file"], (out / existing["file"]).stat().st_size, 0.0, True))
+            continue
+        started = time.perf_counter()
+        builder.build(spec)
+        engines[slot_key] = {"file": relative, "sha256": file_sha256(spec.engine_path), **record}
+        report.files.append(
+            ExportedFile(relative, spec.engine_path.stat().st_size, time.perf_counter() - started, False)
+        )
+        save_manifest(out, manifest)  # after each engine: a long build interrupted later keeps what it built
+        if existing and existing["file"] != relative:  # built from another record: no longer listed
+            (out / existing["file"]).unlink(missing_ok=True)
+    report.manifest = manifest
