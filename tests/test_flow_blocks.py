@@ -25,7 +25,6 @@ def _mole_block(swap: bool) -> AffineCoupling:
     subnet = MoLESubnet(DIM // 2, 8, rank=2, alpha=2.0)
     for layer in subnet.lora_layers():
         layer.add_task("t")
-        layer.active = "t"
     return AffineCoupling(subnet, clamp=1.9, swap=swap)
 
 
@@ -42,8 +41,8 @@ def test_block_inverse_reconstructs_input(kind: str) -> None:
     block = BLOCKS[kind]().double()
     _randomise(block)
     x = torch.randn(2, DIM, GRID, GRID, dtype=torch.float64)
-    y, log_det = block(x)
-    x_back, inv_log_det = block(y, rev=True)
+    y, log_det = block(x, task="t")
+    x_back, inv_log_det = block(y, rev=True, task="t")
     assert not torch.allclose(y, x)  # a real transform, not the identity
     assert torch.allclose(x_back, x, atol=1e-5)
     assert torch.allclose(inv_log_det, -log_det, atol=1e-5)
@@ -54,8 +53,8 @@ def test_per_patch_block_log_det_matches_autograd_jacobian() -> None:
     block = BLOCKS["dia"]().double()
     _randomise(block)
     x = torch.randn(1, DIM, 1, 1, dtype=torch.float64)
-    jac = torch.autograd.functional.jacobian(lambda v: block(v.view(1, DIM, 1, 1))[0].view(DIM), x.view(DIM))
-    _, log_det = block(x)
+    jac = torch.autograd.functional.jacobian(lambda v: block(v.view(1, DIM, 1, 1), task="t")[0].view(DIM), x.view(DIM))
+    _, log_det = block(x, task="t")
     assert torch.allclose(log_det.view(()), torch.linalg.slogdet(jac)[1], atol=1e-6)
 
 
@@ -68,8 +67,8 @@ def test_mole_block_log_det_matches_full_map_jacobian(swap: bool) -> None:
     shape = (1, DIM, GRID, GRID)
     n = DIM * GRID * GRID
     x = torch.randn(shape, dtype=torch.float64)
-    jac = torch.autograd.functional.jacobian(lambda v: block(v.view(shape))[0].reshape(n), x.reshape(n))
-    _, log_det = block(x)
+    jac = torch.autograd.functional.jacobian(lambda v: block(v.view(shape), task="t")[0].reshape(n), x.reshape(n))
+    _, log_det = block(x, task="t")
     assert torch.allclose(log_det.sum(), torch.linalg.slogdet(jac)[1], atol=1e-6)
 
 
@@ -109,8 +108,8 @@ def test_lora_linear_with_zero_b_outputs_exactly_its_base() -> None:
     x = torch.randn(2, 5, 4, 4)
     base = layer(x)
     layer.add_task("new")
-    layer.active = "new"
-    assert torch.equal(layer(x), base)
+    assert torch.equal(layer(x, "new"), base)
     with torch.no_grad():
         layer.per_task["new"].B.normal_()
-    assert not torch.equal(layer(x), base)  # and the adapter does act once B moves
+    assert not torch.equal(layer(x, "new"), base)  # and the adapter does act once B moves
+    assert torch.equal(layer(x), base)  # while the base alone stays what it was  # and the adapter does act once B moves

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from moleflow_edge.model.coupling import AffineCoupling, MoLESubnet
+from moleflow_edge.model.coupling import AffineCoupling, MoLESubnet, run_couplings
 from moleflow_edge.model.mole_flow import MoleFlow, score_patches, top_k_mean
 
 
@@ -42,11 +42,7 @@ class MergedFlow(nn.Module):
         self.score = score
 
     def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.mixer(self.whitening(embedding))
-        x, log_det = self.blocks[0](x)
-        for block in self.blocks[1:]:
-            x, block_log_det = block(x)
-            log_det = log_det + block_log_det
+        x, log_det = run_couplings(self.mixer(self.whitening(embedding)), self.blocks)
         patch_scores = score_patches(x, log_det + self.whitening_log_det, self.score)
         return patch_scores, top_k_mean(patch_scores, self.top_k)
 
@@ -72,7 +68,6 @@ def merged_mole_subnet(subnet: MoLESubnet, task: str | None) -> MoLESubnet:
             dst.weight.copy_(weight)
             dst.bias.copy_(bias)
             dst.per_task.clear()
-            dst.active = None
     return fused
 
 

@@ -1,10 +1,13 @@
 """Affine coupling blocks with the FrEIA contract: forward(x, rev=False) -> (y, log_det per patch).
 
 The coupling math never knows what its subnet is: a LoRA subnet, a merged subnet and the
-exported subnet are the same block with different weights.
+exported subnet are the same block with different weights. Every subnet takes the task whose
+adapters to use (``None`` for a subnet without adapters), so no module holds "the active task".
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +33,13 @@ class AffineCoupling(nn.Module):
         self.clamp = clamp
         self.swap = swap
 
-    def forward(self, x: torch.Tensor, rev: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, rev: bool = False, task: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         half = x.shape[1] // 2
         a, b = x[:, :half], x[:, half:]
         x1, x2 = (b, a) if self.swap else (a, b)
-        s, t = self.subnet(x1)
+        s, t = self.subnet(x1, task)
         s = soft_clamp(s, self.clamp)
         y2 = (x2 - t) * torch.exp(-s) if rev else x2 * torch.exp(s) + t
         log_det = s.sum(dim=1)
@@ -60,10 +65,10 @@ class MoLESubnet(nn.Module):
     def lora_layers(self) -> tuple[LoRALinear, ...]:
         return (self.l1s, self.l2s, self.l1t, self.l2t)
 
-    def forward(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x1: torch.Tensor, task: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = torch.sigmoid(self.context_gate) * self.context(x1)
-        s = self.l2s(F.relu(self.l1s(torch.cat([x1, ctx], dim=1))))
-        t = self.l2t(F.relu(self.l1t(x1)))
+        s = self.l2s(F.relu(self.l1s(torch.cat([x1, ctx], dim=1), task)), task)
+        t = self.l2t(F.relu(self.l1t(x1, task)), task)
         return s, t
 
 
@@ -79,6 +84,19 @@ class DIASubnet(nn.Module):
         nn.init.zeros_(self.l2.weight)
         nn.init.zeros_(self.l2.bias)
 
-    def forward(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x1: torch.Tensor, task: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``task`` is unused: a DIA block belongs to one task already."""
         s, t = self.l2(F.relu(self.l1(x1))).chunk(2, dim=1)
         return s, t
+
+
+def run_couplings(
+    x: torch.Tensor, blocks: Iterable[AffineCoupling], task: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one block loop of training, eval and export: x (B,D,H,W) through ``blocks`` under
+    ``task``'s adapters -> (z, summed log|det J| (B,H,W))."""
+    log_det = torch.zeros((), dtype=x.dtype, device=x.device)
+    for block in blocks:
+        x, block_log_det = block(x, task=task)
+        log_det = log_det + block_log_det
+    return x, log_det

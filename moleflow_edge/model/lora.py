@@ -37,7 +37,6 @@ class LoRALinear(nn.Module):
         self.rank = rank
         self.scale = alpha / rank
         self.per_task = nn.ModuleDict()
-        self.active: str | None = None
 
     def add_task(self, task: str) -> None:
         self.per_task[task] = LoRAAdapter(self.weight.shape[1], self.weight.shape[0], self.rank)
@@ -49,6 +48,7 @@ class LoRALinear(nn.Module):
         adapter = self.per_task[task]
         return self.weight + self.scale * adapter.B @ adapter.A, self.bias + adapter.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.merged(self.active)
+    def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
+        """x (B,C,H,W) under ``task``'s adapter (None: the base alone, as in a merged subnet)."""
+        weight, bias = self.merged(task)
         return F.conv2d(x, weight[:, :, None, None], bias)

@@ -16,7 +16,7 @@ from torch import nn
 from moleflow_edge.backbones import Backbone, BackboneMaps
 from moleflow_edge.config import AnomalyScore, MoleFlowConfig, RouterPooling
 from moleflow_edge.model.adapters import SpatialContextMixer, WhiteningAdapter
-from moleflow_edge.model.coupling import AffineCoupling, DIASubnet, MoLESubnet
+from moleflow_edge.model.coupling import AffineCoupling, DIASubnet, MoLESubnet, run_couplings
 from moleflow_edge.model.embedding import FeatureEmbedder, patch_concat
 from moleflow_edge.model.lora import LoRALinear
 
@@ -138,16 +138,11 @@ class MoleFlow(nn.Module):
         learns a smoothed density and stops fitting the exact training patches.
         """
         parts = self.per_task[task]
-        for layer in self.lora_layers():
-            layer.active = task
         x, log_det = parts.whitening(embedded)
         if noise > 0:
             x = x + noise * torch.randn_like(x)
-        x = self.mixer(x, parts.mixer_gate)
-        for block in [*self.mole_blocks, *parts.dia]:
-            x, block_log_det = block(x)
-            log_det = log_det + block_log_det
-        return x, log_det
+        z, flow_log_det = run_couplings(self.mixer(x, parts.mixer_gate), [*self.mole_blocks, *parts.dia], task)
+        return z, log_det + flow_log_det
 
     def patch_scores(self, embedded: torch.Tensor, task: str) -> torch.Tensor:
         """Per-patch anomaly score (B,H,W) under task's adapters, as the config's anomaly_score says."""
