@@ -27,12 +27,12 @@ import torch
 
 from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.mvtec import list_categories, load_split
-from moleflow_edge.evaluate import anomaly_maps, evaluate, score_with_tasks, split_metrics
+from moleflow_edge.evaluate import anomaly_maps, evaluate, split_metrics
 from moleflow_edge.features import extract_features
 from moleflow_edge.metrics import auroc
-from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.router import RouterTable, ledoit_wolf
+from moleflow_edge.scoring import TaskFlows, score_routed
 from moleflow_edge.train import train_task
 
 SMOKE_IMAGES = 10  # fewer training images than this: a smoke test, out of the means
@@ -90,19 +90,19 @@ def exposure(scores: dict[float, np.ndarray]) -> dict[str, float]:
     return {f"x{g}": auroc(labels, np.r_[base, scores[g]]) for g in GAINS}
 
 
-def product_results(model: MoleFlow, table: RouterTable, root: Path, product: str) -> dict[str, dict[str, float]]:
+def product_results(flows: TaskFlows, table: RouterTable, root: Path, product: str) -> dict[str, dict[str, float]]:
     """Exposure of the flow, and both references' metrics and exposure, on one product.
 
     The backbone runs once per image set (train, test, and the good test images at each gain);
     the flow and both references score the same features.
     """
-    cfg = model.config
+    model, cfg = flows.model, flows.model.config
     train = extract_features(model, load_split(root, product, "train", cfg.image_size).images).concat
     test = load_split(root, product, "test", cfg.image_size)
     test_concat = extract_features(model, test.images).concat
     good = test.images[~test.labels.astype(bool)]
     at_gain = {g: extract_features(model, with_gain(good, g)) for g in (1.0, *GAINS)}
-    flow = {g: score_with_tasks(model, f.concat, table.nearest(table.distances(f.routing)))[1] for g, f in at_gain.items()}
+    flow = {g: score_routed(flows, table, f).image for g, f in at_gain.items()}
     results = {"flow": exposure(flow)}
     for name, ref in (("knn", KnnReference(train)), ("gaussian", GaussianReference(train))):
         patch = ref.patch_scores(test_concat)
@@ -129,11 +129,11 @@ def run(root: Path, out: Path, config: MoleFlowConfig, products: list[str], devi
     print("evaluating (routed)", flush=True)
     evaluated = evaluate(root, model_dir)
     model, prototypes = ModelStore(model_dir).load()
-    table = RouterTable(model.tasks, [prototypes[t] for t in model.tasks])
+    table, flows = RouterTable(model.tasks, [prototypes[t] for t in model.tasks]), TaskFlows(model)
     rows: dict[str, dict] = {}
     for product in products:
         print(f"references and exposure: {product}", flush=True)
-        row = product_results(model, table, root, product)
+        row = product_results(flows, table, root, product)
         row["flow"] = {**evaluated["tasks"][product], **row["flow"]}
         rows[product] = {**row, "train": train_info[product]}
     counted = [p for p in products if train_info[p]["images"] >= SMOKE_IMAGES]

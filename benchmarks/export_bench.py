@@ -27,7 +27,7 @@ from moleflow_edge.data.mvtec import load_split
 from moleflow_edge.data.synth import generate
 from moleflow_edge.export.exporter import export_model
 from moleflow_edge.contract import Manifest, load_manifest
-from moleflow_edge.export.merge import merge_task
+from moleflow_edge.model.merged import merge_task
 from moleflow_edge.metrics import auroc
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import ModelStore

@@ -67,10 +67,12 @@ def training_section(work: Path) -> dict[str, object]:
     from moleflow_edge.config import MoleFlowConfig
     from moleflow_edge.data.mvtec import load_split
     from moleflow_edge.data.synth import generate
-    from moleflow_edge.evaluate import evaluate, route_and_score
+    from moleflow_edge.evaluate import evaluate
+    from moleflow_edge.features import extract_features
     from moleflow_edge.export.exporter import export_model
     from moleflow_edge.model_store import ModelStore
     from moleflow_edge.router import RouterTable
+    from moleflow_edge.scoring import TaskFlows, score_routed
     from moleflow_edge.train import train_task
 
     config = MoleFlowConfig(**TRAIN_CONFIG_FIELDS)
@@ -87,11 +89,12 @@ def training_section(work: Path) -> dict[str, object]:
         metrics = evaluate(data, model_dir, device="cpu")["tasks"]
         model, prototypes = ModelStore(model_dir).load()
         table = RouterTable(model.tasks, [prototypes[t] for t in model.tasks])
-        routes, scores = [], []
+        flows, routes, scores = TaskFlows(model), [], []
         for task in TASKS:
-            assigned, _, image = route_and_score(model, table, load_split(data, task, "test", config.image_size).images)
-            routes += assigned
-            scores.append(image)
+            images = load_split(data, task, "test", config.image_size).images
+            routed = score_routed(flows, table, extract_features(model, images))
+            routes += routed.tasks
+            scores.append(routed.image)
         tensors = {}
         for path in sorted(model_dir.rglob("*.safetensors")):
             with safe_open(str(path), "pt") as f:

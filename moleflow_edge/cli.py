@@ -171,7 +171,7 @@ def eval_command(
 
 def format_eval_table(results: dict) -> str:
     """A plain table of the eval results, one row per task plus the mean and forgetting."""
-    names = ["image_auroc", "pixel_auroc", "pixel_ap", "aupro", "routing_accuracy"]
+    names = ["image_auroc", "pixel_auroc", "pixel_ap", "aupro", "routing_accuracy", "unknown_rate"]
     lines = [f"{'task':<16}" + "".join(f"{n:>18}" for n in names)]
     for task, metrics in [*results["tasks"].items(), ("mean", results["mean"])]:
         lines.append(f"{task:<16}" + "".join(f"{metrics[n]:>18.4f}" for n in names))

@@ -1,5 +1,7 @@
 """Evaluation as deployed: the router picks each test image's adapters, nobody names the product.
 
+Scores come from moleflow_edge.scoring, the runtime's rule: the unknown-product limits apply
+(a rejected image counts as stopped by the line) and every task scores through its merged flow.
 Forgetting needs no stored history: the model is strictly additive, so "right after learning
 task t" is the same model with a router restricted to tasks 0..t. Comparing that with the
 router over every task measures forgetting exactly, routing confusion included.
@@ -19,9 +21,9 @@ from moleflow_edge.data.mvtec import Split, load_split
 from moleflow_edge.device import names_batch_on_oom, resolve_device
 from moleflow_edge.features import FEATURE_BATCH, extract_features
 from moleflow_edge.metrics import aupro, auroc, average_precision
-from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.router import RouterTable
+from moleflow_edge.scoring import RoutedScores, TaskFlows, score_routed
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 
@@ -32,20 +34,8 @@ class TaskMetrics:
     pixel_auroc: float
     pixel_ap: float
     aupro: float
-    routing_accuracy: float
-
-
-@torch.no_grad()
-def score_with_tasks(
-    model: MoleFlow, concat: torch.Tensor, assigned: list[str]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Patch scores (N,H,W) and image scores (N,) with each image under its assigned task's adapters."""
-    patch = np.zeros((len(assigned), *concat.shape[2:]), dtype=np.float32)
-    for task in sorted(set(assigned)):
-        idx = [i for i, t in enumerate(assigned) if t == task]
-        patch[idx] = model.patch_scores(model.embed(concat[idx]), task).cpu().numpy()
-    image = model.image_score(torch.from_numpy(patch)).numpy()
-    return patch, image
+    routing_accuracy: float  # routed to this task, limits included
+    unknown_rate: float  # routed to no known product (beyond every limit), as the runtime would
 
 
 def split_metrics(split: Split, maps: np.ndarray, image: np.ndarray) -> tuple[float, float, float, float]:
@@ -63,9 +53,8 @@ def anomaly_maps(patch: np.ndarray, config: MoleFlowConfig) -> np.ndarray:
     return np.stack([anomaly_map(p, config.image_size, config.map_sigma) for p in patch])
 
 
-def _metrics(model: MoleFlow, split: Split, concat: torch.Tensor, assigned: list[str]) -> tuple[float, ...]:
-    patch, image = score_with_tasks(model, concat, assigned)
-    return split_metrics(split, anomaly_maps(patch, model.config), image)
+def _metrics(scores: RoutedScores, split: Split, config: MoleFlowConfig) -> tuple[float, float, float, float]:
+    return split_metrics(split, anomaly_maps(scores.patch, config), scores.image)
 
 
 @names_batch_on_oom(
@@ -90,27 +79,27 @@ def evaluate(
     if unknown:
         raise ValueError(f"tasks {unknown} are not trained in {model_dir} (trained: {order})")
     table = RouterTable(order, [prototypes[t] for t in order])
+    flows = TaskFlows(model)
 
     results: dict[str, TaskMetrics] = {}
     forgetting: dict[str, list[float]] = {m: [] for m in METRICS}
     for task in wanted:
         split = load_split(data_root, task, "test", model.config.image_size)
         features = extract_features(model, split.images)
-        distances = table.distances(features.routing)
-        routed = table.nearest(distances)
-        assigned = [task] * len(routed) if oracle else routed
-        final = _metrics(model, split, features.concat, assigned)
-        results[task] = TaskMetrics(*final, float(np.mean([r == task for r in routed])))
+        routed = score_routed(flows, table, features)
+        scores = routed
+        if oracle:  # every image under its own product's flow, whatever the router says
+            named = [task] * len(split.images)
+            scores = RoutedScores(named, *flows.score(model.embed(features.concat), named))
+        final = _metrics(scores, split, model.config)
+        results[task] = TaskMetrics(
+            *final, float(np.mean([r == task for r in routed.tasks])), float(np.mean(routed.rejected))
+        )
         position = order.index(task)
-        if position < len(order) - 1:  # an earlier task: compare with the model right after it was learned
-            then_routed = table.nearest(distances, position + 1)
-            then_assigned = [task] * len(routed) if oracle else then_routed
-            then = (  # the same assignment scores bit-identically: no need to run it again
-                final
-                if then_assigned == assigned
-                else _metrics(model, split, features.concat, then_assigned)
-            )
-            for name, before, after in zip(METRICS, then, final):
+        if position < len(order) - 1 and not oracle:  # an earlier task: the model right after it was learned
+            then = score_routed(flows, table, features, position + 1)
+            then_metrics = final if then.tasks == scores.tasks else _metrics(then, split, model.config)
+            for name, before, after in zip(METRICS, then_metrics, final):
                 forgetting[name].append(before - after)
 
     per_task = {t: {**asdict(m), "train_images": prototypes[t].images} for t, m in results.items()}

@@ -141,12 +141,13 @@ class RouterTable:
         return np.sum((projected - self.shift) ** 2, axis=2)
 
     def nearest(self, distances: np.ndarray, known: int | None = None) -> list[str]:
-        """Nearest of the first ``known`` tasks (all by default) per frame, no limit applied: what
-        eval scores, and, with ``known``, the router as it was right after an earlier task."""
+        """Nearest of the first ``known`` tasks (all by default) per frame, no limit applied: whose
+        flow scores a frame that ``route`` finds beyond every limit."""
         return [self.tasks[i] for i in np.argmin(distances[:, :known], axis=1)]
 
-    def route(self, distances: np.ndarray) -> list[str]:
-        """Nearest task per frame, or UNKNOWN where even the nearest is beyond its limit."""
-        nearest = np.argmin(distances, axis=1)
+    def route(self, distances: np.ndarray, known: int | None = None) -> list[str]:
+        """Nearest of the first ``known`` tasks per frame, or UNKNOWN where even the nearest is
+        beyond its limit: the one routing rule of the runtime, eval and the bench."""
+        nearest = np.argmin(distances[:, :known], axis=1)
         within = distances[np.arange(len(distances)), nearest] <= self.limits[nearest]
         return [self.tasks[i] if ok else UNKNOWN for i, ok in zip(nearest, within)]

@@ -11,7 +11,10 @@ import torch
 from moleflow_edge.anomaly_map import anomaly_map
 from moleflow_edge.data.mvtec import DatasetError, load_split
 from moleflow_edge.evaluate import evaluate
+from moleflow_edge.features import extract_features
 from moleflow_edge.model_store import SHARED_FILE, ModelDirError, ModelStore
+from moleflow_edge.router import RouterTable
+from moleflow_edge.scoring import TaskFlows, score_routed
 from moleflow_edge.train import train_task
 from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.synth import generate
@@ -78,9 +81,17 @@ def test_task0_scores_and_maps_bit_identical_after_later_tasks(sequence_run: dic
 def test_routed_accuracy_on_three_synthetic_tasks(sequence_run: dict, synth_root: Path) -> None:
     results = evaluate(synth_root, sequence_run["model_dir"])
     assert results["mode"]["routing"] == "routed"
+    model, prototypes = ModelStore(sequence_run["model_dir"]).load()
+    table, flows = RouterTable(model.tasks, [prototypes[t] for t in model.tasks]), TaskFlows(model)
     for task in SEQUENCE:
-        assert results["tasks"][task]["routing_accuracy"] == 1.0, task
-        assert results["tasks"][task]["image_auroc"] >= 0.8, (task, results["tasks"][task])
+        metrics = results["tasks"][task]
+        assert metrics["routing_accuracy"] + metrics["unknown_rate"] == 1.0, task  # never another product
+        assert metrics["unknown_rate"] <= 0.1, task
+        split = load_split(synth_root, task, "test", model.config.image_size)
+        routed = score_routed(flows, table, extract_features(model, split.images))
+        assert not routed.rejected[split.labels == 0].any(), task  # only defective parts look like no product
+        assert np.isinf(routed.image[routed.rejected]).all()  # and the line stops them
+        assert metrics["image_auroc"] >= 0.8, (task, metrics)
     assert results["mean"]["image_auroc"] >= 0.9, results["mean"]  # 8 good test images: one task may dip
     assert results["forgetting"] == {"image_auroc": 0.0, "pixel_auroc": 0.0, "pixel_ap": 0.0, "aupro": 0.0}
 

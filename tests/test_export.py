@@ -26,7 +26,7 @@ from moleflow_edge.export.artifacts import ExportReport
 from moleflow_edge.export.exporter import export_model
 from moleflow_edge.targets import ExportFormat, check_export_args
 from moleflow_edge.contract import Manifest, ManifestError, Precision, file_sha256, load_manifest
-from moleflow_edge.export.merge import merge_task
+from moleflow_edge.model.merged import merge_task
 from moleflow_edge.export.trt_compat import check_tensorrt_compat
 from moleflow_edge.metrics import auroc
 from moleflow_edge.model.lora import LoRALinear

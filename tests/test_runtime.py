@@ -13,10 +13,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from moleflow_edge.anomaly_map import anomaly_map
 from moleflow_edge.contract import ManifestError, load_manifest
+from moleflow_edge.features import extract_features
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.preprocess import read_image_bgr, resize_frame
 from moleflow_edge.router import RouterTable
@@ -24,6 +24,7 @@ from moleflow_edge.runtime import UNKNOWN, Backend, BackendError, FrameResult, R
 from moleflow_edge.runtime.backend import FeatureBatch, FlowEngine, module_available
 from moleflow_edge.runtime.engine_cache import EngineCache
 from moleflow_edge.runtime.ort_backend import _contiguous_runs
+from moleflow_edge.scoring import TaskFlows, score_routed
 from tests.conftest import TINY_CONFIG
 
 TRAINED = ["weave", "tiles", "screw"]  # "cap" is never trained: its images must come out unknown
@@ -63,17 +64,11 @@ def reference(exported: dict, frames: list) -> dict:
     model, prototypes = ModelStore(exported["model_dir"]).load()
     size = model.config.image_size
     table = RouterTable(model.tasks, [prototypes[t] for t in model.tasks])
-    batch = torch.from_numpy(np.stack([resize_frame(f, size) for _, f in frames]))
-    with torch.no_grad():
-        routing = model.routing_feature(model.backbone_maps(batch)).numpy()
-    tasks = table.route(table.distances(routing))
-    patches: dict[int, np.ndarray] = {}
-    scores: dict[int, float] = {}
-    for task in set(tasks) - {UNKNOWN}:
-        idx = [i for i, t in enumerate(tasks) if t == task]
-        patch, image = model.score_images(batch[idx], task)
-        for j, i in enumerate(idx):
-            patches[i], scores[i] = patch[j].numpy(), float(image[j])
+    features = extract_features(model, np.stack([resize_frame(f, size) for _, f in frames]))
+    routed = score_routed(TaskFlows(model), table, features)
+    tasks = routed.tasks
+    patches = {i: routed.patch[i] for i, t in enumerate(tasks) if t != UNKNOWN}
+    scores = {i: float(routed.image[i]) for i, t in enumerate(tasks) if t != UNKNOWN}
     return {"tasks": tasks, "patches": patches, "scores": scores, "size": size, "sigma": model.config.map_sigma}
 
 

@@ -25,17 +25,20 @@ Pipeline = Callable[[list[np.ndarray]], tuple[dict[str, float], list[tuple[str, 
 
 
 class TorchPipeline:
-    """The eager PyTorch path, stage by stage, as evaluation runs it."""
+    """The eager PyTorch path, stage by stage: the router's rule and each task's merged flow, as
+    moleflow_edge.scoring composes them for evaluation."""
 
     def __init__(self, model_dir: Path) -> None:
         import torch
 
         from moleflow_edge.model_store import ModelStore
         from moleflow_edge.router import RouterTable
+        from moleflow_edge.scoring import TaskFlows
 
         self.torch = torch
         self.model, prototypes = ModelStore(model_dir).load()
         self.table = RouterTable(self.model.tasks, [prototypes[t] for t in self.model.tasks])
+        self.flows = TaskFlows(self.model)
         self.size = self.model.config.image_size
 
     def __call__(self, frames: list[np.ndarray]) -> tuple[dict[str, float], list[tuple[str, float | None]]]:
@@ -58,21 +61,15 @@ class TorchPipeline:
             tasks = self.table.route(self.table.distances(routing))
             ms["routing"] = (time.perf_counter() - t) * 1e3
             t = time.perf_counter()
+            known = [i for i, task in enumerate(tasks) if task != UNKNOWN]
+            patch, image = self.flows.score(embedded[known], [tasks[i] for i in known])
             scores: list[float | None] = [None] * len(frames)
-            patches: list[np.ndarray | None] = [None] * len(frames)
-            for task in dict.fromkeys(tasks):
-                if task == UNKNOWN:
-                    continue
-                idx = [i for i, k in enumerate(tasks) if k == task]
-                patch = model.patch_scores(embedded[idx], task)
-                image = model.image_score(patch)
-                for j, i in enumerate(idx):
-                    patches[i], scores[i] = patch[j].numpy(), float(image[j])
+            for j, i in enumerate(known):
+                scores[i] = float(image[j])
             ms["flow"] = (time.perf_counter() - t) * 1e3
             t = time.perf_counter()
-            for frame, patch in zip(frames, patches):
-                if patch is not None:
-                    anomaly_map(patch, cfg.image_size, cfg.map_sigma, out_hw=frame.shape[:2])
+            for j, i in enumerate(known):
+                anomaly_map(patch[j], cfg.image_size, cfg.map_sigma, out_hw=frames[i].shape[:2])
             ms["postprocess"] = (time.perf_counter() - t) * 1e3
         return ms, list(zip(tasks, scores))
 

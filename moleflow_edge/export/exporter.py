@@ -43,7 +43,7 @@ from moleflow_edge.data.mvtec import DatasetError, Sample, load_images, train_sa
 from moleflow_edge.export import onnx_graphs
 from moleflow_edge.export.artifacts import ExportError, ExportReport, source_hash
 from moleflow_edge.export.commit import ExportRun, remove_stale_staging
-from moleflow_edge.export.merge import merge_task
+from moleflow_edge.model.merged import merge_task
 from moleflow_edge.export.precision import sensitive_products, to_fp16, to_int8
 from moleflow_edge.export.tensorrt_engine import export_engines
 from moleflow_edge.features import extract_features

@@ -1,4 +1,4 @@
-"""Fold one task's adapters into constants: a plain flow with the base flow's cost.
+"""One task's merged flow: its adapters folded into constants, a plain flow at the base flow's cost.
 
 The exported per-task graph must not pay for continual learning at inference: every LoRA
 update is folded into its coupling linear (W = W_base + (alpha/r) B_t A_t, b = b_base + b_t),
