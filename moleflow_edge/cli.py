@@ -332,49 +332,28 @@ def keygen(
     typer.echo(f"private key {private} (keep it off the line PCs); public key {public} (copy it to them)")
 
 
-# the demo trades the papers' sizes for minutes on a laptop CPU; every size is a config field
-DEMO_TARGET_FPR = 0.05  # the synthetic test/good folders hold 20 images: enough for 5%, not for 1%
-DEMO_CONFIG = MoleFlowConfig(
-    image_size=160, num_mole_blocks=4, num_dia_blocks=2, lora_rank=16, lora_alpha=16, batch_size=8, lr=1e-3
-)
-
-
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo_out"), help="Folder for the synthetic data, model and export."),
-    steps: int = typer.Option(120, help="Most optimiser steps per task."),
+    out: Path = typer.Option(Path("demo_out"), help="Folder for the synthetic data, model, export, results and maps."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Most optimiser steps per task (default 90, --full 120)."),
+    full: bool = typer.Option(False, "--full", help="The larger run: 40 training images per product, 120 steps, "
+                              "every bench backend and up to 15 tasks in the growth test."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Torch threads (default: one per core, or 1 when "
+                                          "the load average says other work holds the cores)."),
 ) -> None:
-    """Synthetic data -> train 3 tasks one after another -> eval (-> export -> calibrate -> bench)."""
-    from moleflow_edge.data.synth import generate
-    from moleflow_edge.evaluate import evaluate
-    from moleflow_edge.model_store import ModelStore
-    from moleflow_edge.train import train_task
+    """Synthetic data -> train 3 products one after another -> eval -> export -> calibrate -> bench -> runtime
+    maps; under 3 minutes on 2 idle cores, and it ends by saying where everything is."""
+    from moleflow_edge.demo import FULL, QUICK, choose_threads, run_demo
 
-    data, model = out / "data", out / "model"
-    tasks = ["weave", "screw", "cap"]
-    if ModelStore(model).tasks():
-        fail(f"{model} already holds a model; remove {out} or pass another --out")
-    generate(data, [*tasks, "tiles"], seed=0, image_size=DEMO_CONFIG.image_size, n_test_good=20)
-    for task in tasks:
-        report = train_task(data, task, model, DEMO_CONFIG, steps)
-        typer.echo(f"trained {task}: {report.steps} steps (kept {report.best_step}) in {report.train_seconds:.1f} s")
-    results = evaluate(data, model)
-    typer.echo(format_eval_table(results))
-    (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-
-    from moleflow_edge.export.exporter import export_model
-
-    from moleflow_edge.bench.run import bench as run_bench
-    from moleflow_edge.calibration import calibrate as calibrate_export
-
-    export_dir = out / "export"
-    typer.echo(export_model(model, export_dir, None, ["fp32"]).table())
-    typer.echo(calibrate_export(export_dir, data, DEMO_TARGET_FPR).table())
-    report = run_bench(export_dir, precisions=("fp32",), batches=(1, 8), iters=20, data_root=data, model_dir=model,
-                       task_counts=(1, 5, 15), chart=out / "bench.png")  # fmt: skip
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-
-
+    writable(out, "--out", directory=True)
+    threads, note = choose_threads(threads)
+    if note:
+        typer.echo(note)
+    try:
+        outputs = run_demo(out, FULL if full else QUICK, steps, printer=typer.echo, threads=threads)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    typer.echo(outputs.summary())
 
 
 @app.command()
