@@ -109,24 +109,24 @@ def read_verified(root: Path, artifact: ArtifactFile) -> Path:
     return root / artifact.file
 
 
-def graph_for(entry: TaskEntry, precision: Precision) -> ArtifactFile:
+def _graph_of_precision(graphs: dict[str, ArtifactFile], precision: Precision, owner: str, kind: str) -> ArtifactFile:
+    """One lookup for every graph the runtime loads: a precision the export lacks is a ManifestError
+    that names the graph, what the export has and how to get the missing one."""
     try:
-        return entry.graphs[precision.value]
+        return graphs[precision.value]
     except KeyError:
         raise ManifestError(
-            f"task {entry.name!r} has no {precision.value} flow graph (has {sorted(entry.graphs)}): "
-            f"export it with --precision {precision.value}"
+            f"{owner} has no {precision.value} {kind} graph (has {sorted(graphs)}): "
+            f"export with --precision {precision.value}"
         ) from None
+
+
+def graph_for(entry: TaskEntry, precision: Precision) -> ArtifactFile:
+    return _graph_of_precision(entry.graphs, precision, f"task {entry.name!r}", "flow")
 
 
 def backbone_graph(manifest: Manifest, precision: Precision) -> ArtifactFile:
-    try:
-        return manifest.backbone_graphs[precision.value]
-    except KeyError:
-        raise ManifestError(
-            f"the export has no {precision.value} backbone graph (has {sorted(manifest.backbone_graphs)}): "
-            f"export with --precision {precision.value}"
-        ) from None
+    return _graph_of_precision(manifest.backbone_graphs, precision, "the export", "backbone")
 
 
 def artifact_bytes(root: Path, artifact: ArtifactFile) -> int:
