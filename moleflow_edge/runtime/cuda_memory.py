@@ -83,7 +83,21 @@ def set_device(device_id: int) -> None:
     check_cuda(_require_cudart().cudaSetDevice(device_id), f"cudaSetDevice({device_id})")
 
 
-class CudaStream:
+class _Owned:
+    """A CUDA resource freed by ``close()`` and, failing that, when it is garbage-collected: a leak
+    is worse than a late free. Errors during that last free (at interpreter exit) are ignored."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class CudaStream(_Owned):
     """One stream; every copy and engine run of a backend is queued on it, then synchronised once."""
 
     def __init__(self) -> None:
@@ -101,14 +115,8 @@ class CudaStream:
             check_cuda(cudart.cudaStreamDestroy(self.handle), "cudaStreamDestroy")
             self.handle = None
 
-    def __del__(self) -> None:  # a leak is worse than a late free; errors at exit are ignored
-        try:
-            self.close()
-        except Exception:
-            pass
 
-
-class DeviceBuffer:
+class DeviceBuffer(_Owned):
     """``nbytes`` of device memory, freed with its owner."""
 
     def __init__(self, nbytes: int) -> None:
@@ -135,14 +143,8 @@ class DeviceBuffer:
             check_cuda(cudart.cudaFree(self.ptr), "cudaFree")
             self.ptr = None
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
-
-class PinnedBuffer:
+class PinnedBuffer(_Owned):
     """Page-locked host memory (fast, asynchronous copies) seen as a numpy array."""
 
     def __init__(self, shape: tuple[int, ...], dtype: np.dtype | type) -> None:
@@ -164,9 +166,3 @@ class PinnedBuffer:
             self.array = None  # type: ignore[assignment]
             check_cuda(cudart.cudaFreeHost(self.ptr), "cudaFreeHost")
             self.ptr = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
