@@ -79,10 +79,16 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _category_dir(root: str | Path, category: str) -> Path:
+def _dataset_root(root: str | Path) -> Path:
+    """``root`` as a Path, or a DatasetError if there is no such folder."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset root {root} does not exist or is not a folder")
+    return root
+
+
+def _category_dir(root: str | Path, category: str) -> Path:
+    root = _dataset_root(root)
     folder = root / category
     if not folder.is_dir():
         raise DatasetError(
@@ -97,9 +103,7 @@ def _categories_in(root: Path) -> list[str]:
 
 def list_categories(root: str | Path) -> list[str]:
     """Sorted names of the categories under ``root`` that have a train/good folder."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"dataset root {root} does not exist or is not a folder")
+    root = _dataset_root(root)
     categories = _categories_in(root)
     if not categories:
         raise DatasetError(
