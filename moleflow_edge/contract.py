@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+ROUTER_WEIGHTS, ROUTER_GRAPH = "router.safetensors", "router.onnx"  # listed under their content names
 SIGNATURE_FIELD = "signature"  # an Ed25519 signature over the rest of the manifest (see signed_payload)
 
 # graph input/output names: the contract between exporter and runtime
@@ -56,6 +57,13 @@ class Precision(str, Enum):
 
 class ManifestError(ValueError):
     """A missing, unreadable, tampered or incompatible export directory."""
+
+
+def content_name(relative: str, sha256: str) -> str:
+    """flow/a.fp32.onnx + its sha256 -> flow/a.fp32.<first 16 hex digits>.onnx: the name a file is
+    listed under, so that a new export never overwrites a file the live manifest lists."""
+    pure = PurePosixPath(relative)
+    return (pure.parent / f"{pure.stem}.{sha256[:16]}{pure.suffix}").as_posix()
 
 
 def file_sha256(path: Path) -> str:

@@ -28,6 +28,7 @@ would make a prototype depend on which tasks came before, so every task keeps th
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -151,3 +152,15 @@ class RouterTable:
         nearest = np.argmin(distances[:, :known], axis=1)
         within = distances[np.arange(len(distances)), nearest] <= self.limits[nearest]
         return [self.tasks[i] if ok else UNKNOWN for i, ok in zip(nearest, within)]
+
+
+def router_weights(tasks: list[str], prototypes: dict[str, Prototype]) -> bytes:
+    """router.safetensors as bytes: <task>.mean (C,) and <task>.whitener (C,C), float32, in ``tasks``
+    order. Torch-free, so the exporter and the benchmark's grown exports write the same file."""
+    from safetensors.numpy import save
+
+    tensors = {}
+    for task in tasks:
+        tensors[f"{task}.mean"] = np.ascontiguousarray(prototypes[task].mean, np.float32)
+        tensors[f"{task}.whitener"] = np.ascontiguousarray(prototypes[task].whitener, np.float32)
+    return save(tensors, metadata={"tasks": json.dumps(tasks)})

@@ -2,11 +2,17 @@
 
 Synthetic: each count is a copy of the export whose tasks all use the first task's fp32 flow
 graph, with prototypes perturbed from its own, so the router is what grows and no model is
-trained for it.
+trained for it. The grown export is made as the exporter makes one: the contract's Manifest and
+TaskEntry, router.safetensors written by router.router_weights under its content name, and
+checked by the runtime's load like any export. It has no router graph (router.onnx is built with
+torch, which the benchmark does without), so every backend routes with the numpy router the rows
+time; the copied graph, made for the original tasks, would give the wrong number of distances.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import shutil
 import tempfile
 import time
@@ -16,39 +22,43 @@ from pathlib import Path
 import numpy as np
 
 from moleflow_edge.bench.machine import rss_mb
-from moleflow_edge.contract import TaskEntry, file_sha256, load_manifest, save_manifest
+from moleflow_edge.contract import (
+    ROUTER_WEIGHTS,
+    ArtifactFile,
+    Manifest,
+    TaskEntry,
+    content_name,
+    load_manifest,
+    save_manifest,
+)
+from moleflow_edge.router import Prototype, router_weights
 
 TASK_COUNTS = (1, 5, 15, 50)
 
 
 def task_growth(export_dir: str | Path, counts: Sequence[int] = TASK_COUNTS, iters: int = 50) -> list[dict]:
     """Routing time, memory and load times for exports of 1, 5, 15, 50 tasks (one row per count)."""
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load_file
 
     from moleflow_edge.runtime import Backend, Runtime
 
     root = Path(export_dir)
     manifest = load_manifest(root)
     base = manifest.tasks[0]
-    prototypes = load_file(str(root / manifest.router_file.file))  # type: ignore[union-attr]
-    mean, whitener = prototypes[f"{base.name}.mean"], prototypes[f"{base.name}.whitener"]
+    tensors = load_file(str(root / manifest.router_file.file))  # type: ignore[union-attr]
+    mean, whitener = tensors[f"{base.name}.mean"], tensors[f"{base.name}.whitener"]
     rng = np.random.default_rng(0)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_tasks_") as tmp:
         for count in counts:
             work = Path(tmp) / str(count)
             shutil.copytree(root, work, ignore=shutil.ignore_patterns("engines"))
-            m = load_manifest(work, verify=False)
             names = [f"task{i:03d}" for i in range(count)]
-            tensors = {}
-            for i, name in enumerate(names):
-                tensors[f"{name}.mean"] = (mean + 0.1 * i * rng.standard_normal(mean.shape)).astype(np.float32)
-                tensors[f"{name}.whitener"] = whitener
-            save_file(tensors, str(work / m.router_file.file))  # type: ignore[union-attr]
-            m.router_file.sha256 = file_sha256(work / m.router_file.file)  # type: ignore[union-attr]
-            m.engines = {}
-            m.tasks = [TaskEntry(name=n, graphs={"fp32": base.graphs["fp32"]}, distance_limit=1e30) for n in names]
-            save_manifest(work, m)
+            prototypes = {
+                name: Prototype((mean + 0.1 * i * rng.standard_normal(mean.shape)).astype(np.float32), whitener, np.inf)
+                for i, name in enumerate(names)
+            }
+            m = _grown_manifest(work, manifest, base, names, prototypes)
             before = rss_mb()
             started = time.perf_counter()
             runtime = Runtime.load(work, Backend.ONNXRUNTIME, "fp32", max_resident_tasks=None)
@@ -75,3 +85,19 @@ def task_growth(export_dir: str | Path, counts: Sequence[int] = TASK_COUNTS, ite
             )
             runtime.close()
     return rows
+
+
+def _grown_manifest(
+    work: Path, manifest: Manifest, base: TaskEntry, names: list[str], prototypes: dict[str, Prototype]
+) -> Manifest:
+    """``manifest`` with ``names`` as its tasks, each on ``base``'s fp32 flow graph with its own
+    prototype and no unknown-product limit (so every frame routes), saved in the copy ``work``.
+    Engines are dropped (the copy leaves engines/ out)."""
+    data = router_weights(names, prototypes)
+    sha = hashlib.sha256(data).hexdigest()
+    router = ArtifactFile(content_name(ROUTER_WEIGHTS, sha), sha)
+    (work / router.file).write_bytes(data)
+    tasks = [TaskEntry(name, {"fp32": base.graphs["fp32"]}, distance_limit=prototypes[name].limit) for name in names]
+    grown = dataclasses.replace(manifest, router_file=router, router_graph=None, tasks=tasks, engines={})
+    save_manifest(work, grown)
+    return grown

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from moleflow_edge.contract import MANIFEST_FILE, ArtifactFile, Manifest, file_sha256, save_manifest
+from moleflow_edge.contract import MANIFEST_FILE, ArtifactFile, Manifest, content_name, file_sha256, save_manifest
 from moleflow_edge.export import onnx_graphs
 from moleflow_edge.export.artifacts import ExportedFile, ExportError, ExportReport
 from moleflow_edge.export.trt_compat import check_tensorrt_compat
@@ -34,12 +34,6 @@ if TYPE_CHECKING:
 STAGING_PREFIX = ".staging-"
 MANAGED_PREFIXES = ("backbone.", "router.")  # top-level files the exporter owns; flow/ is all ours
 TEMP_MANIFESTS = f".{MANIFEST_FILE}."  # write_atomic's temporary names for the manifest
-
-
-def content_name(relative: str, sha256: str) -> str:
-    """flow/a.fp32.onnx + its sha256 -> flow/a.fp32.<first 16 hex digits>.onnx."""
-    pure = PurePosixPath(relative)
-    return (pure.parent / f"{pure.stem}.{sha256[:16]}{pure.suffix}").as_posix()
 
 
 class Staging:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +30,8 @@ from moleflow_edge.atomic import check_writable
 from moleflow_edge.config import RouterPooling
 from moleflow_edge.contract import (
     MANIFEST_FILE,
+    ROUTER_GRAPH,
+    ROUTER_WEIGHTS,
     ArtifactFile,
     Manifest,
     Precision,
@@ -50,13 +51,12 @@ from moleflow_edge.features import extract_features
 from moleflow_edge.locking import FolderLock
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import CONFIG_FILE, SHARED_FILE, ModelStore
-from moleflow_edge.router import Prototype, RouterTable
+from moleflow_edge.router import Prototype, RouterTable, router_weights
 from moleflow_edge.runtime.trt_api import DEFAULT_BATCH_PROFILE
 from moleflow_edge.signing import load_private_key
 from moleflow_edge.targets import ExportFormat, check_export_args
 
 CALIB_LIMIT = 256  # images per INT8 calibration set, evenly spread over the sorted file list
-ROUTER_WEIGHTS, ROUTER_GRAPH = "router.safetensors", "router.onnx"
 
 
 def model_identity(store: ModelStore, model: MoleFlow) -> str:
@@ -259,7 +259,7 @@ def _export_graphs(
     table = RouterTable(export_tasks, [prototypes[t] for t in export_tasks])
     router_source = source_hash(export_tasks, table.stacked, table.shift, _options(Precision.FP32))
     manifest.router_file = run.artifact(
-        ROUTER_WEIGHTS, manifest.router_file, router_source, lambda: _router_weights(export_tasks, prototypes)
+        ROUTER_WEIGHTS, manifest.router_file, router_source, lambda: router_weights(export_tasks, prototypes)
     )
     manifest.router_graph = run.artifact(
         ROUTER_GRAPH, manifest.router_graph, router_source, lambda: onnx_graphs.router_graph(table)
@@ -330,14 +330,3 @@ def _export_task(
 def _embeddings(model: MoleFlow, images: np.ndarray) -> np.ndarray:
     """The flow graph's input for calibration: (N,D,H,W) float32 embeddings of uint8 BGR images."""
     return model.embed(extract_features(model, images).concat).numpy()
-
-
-def _router_weights(tasks: list[str], prototypes: dict[str, Prototype]) -> bytes:
-    """router.safetensors as bytes: <task>.mean (C,) and <task>.whitener (C,C), float32."""
-    from safetensors.numpy import save
-
-    tensors = {}
-    for task in tasks:
-        tensors[f"{task}.mean"] = np.ascontiguousarray(prototypes[task].mean, np.float32)
-        tensors[f"{task}.whitener"] = np.ascontiguousarray(prototypes[task].whitener, np.float32)
-    return save(tensors, metadata={"tasks": json.dumps(tasks)})
