@@ -34,8 +34,8 @@ class TaskMetrics:
     pixel_auroc: float
     pixel_ap: float
     aupro: float
-    routing_accuracy: float  # routed to this task, limits included
-    unknown_rate: float  # routed to no known product (beyond every limit), as the runtime would
+    routing_accuracy: float  # the router's nearest task is this one: it knows which product it sees
+    unknown_rate: float  # beyond every unknown-product limit: stopped as no known product, as the runtime would
 
 
 def split_metrics(split: Split, maps: np.ndarray, image: np.ndarray) -> tuple[float, float, float, float]:
@@ -90,10 +90,10 @@ def evaluate(
         scores = routed
         if oracle:  # every image under its own product's flow, whatever the router says
             named = [task] * len(split.images)
-            scores = RoutedScores(named, *flows.score(model.embed(features.concat), named))
+            scores = RoutedScores(named, named, *flows.score(model.embed(features.concat), named))
         final = _metrics(scores, split, model.config)
         results[task] = TaskMetrics(
-            *final, float(np.mean([r == task for r in routed.tasks])), float(np.mean(routed.rejected))
+            *final, float(np.mean([r == task for r in routed.nearest])), float(np.mean(routed.rejected))
         )
         position = order.index(task)
         if position < len(order) - 1 and not oracle:  # an earlier task: the model right after it was learned

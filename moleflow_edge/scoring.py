@@ -52,6 +52,7 @@ class RoutedScores:
     """
 
     tasks: list[str]
+    nearest: list[str]  # the nearest task per image, limits aside: which product the router sees
     patch: np.ndarray  # (N,H,W)
     image: np.ndarray  # (N,)
 
@@ -71,4 +72,4 @@ def score_routed(flows: TaskFlows, table: RouterTable, features: ImageFeatures, 
     embedded = flows.model.embed(features.concat.to(flows.model.embedder.position.device))
     patch, image = flows.score(embedded, nearest)
     image[[t == UNKNOWN for t in tasks]] = np.inf
-    return RoutedScores(tasks, patch, image)
+    return RoutedScores(tasks, nearest, patch, image)
