@@ -79,9 +79,9 @@ class MoleFlowConfig:
     clamp: float = 1.9  # soft clamp c
     scale_context_kernel: int = 5  # scale-context depthwise kernel
     positional_encoding: bool = True  # add the fixed 2D sinusoidal encoding to the embedding
-    whitening: str = Whitening.LAYERNORM.value  # per-task whitening adapter: layernorm (papers') or mahalanobis
+    whitening: str = Whitening.MAHALANOBIS.value  # per-task whitening adapter: mahalanobis or layernorm (papers')
     top_k: int = 3  # K for the image score
-    anomaly_score: str = AnomalyScore.LATENT.value  # latent (0.5 ||z||^2) or nll (-log p, the papers')
+    anomaly_score: str = AnomalyScore.NLL.value  # nll (-log p, the papers') or latent (0.5 ||z||^2)
     map_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels
     # loss
     lambda_tail: float = 0.7  # tail-aware loss weight
