@@ -1,0 +1,119 @@
+"""Which part of a same-feature reference carries its accuracy: metric, modes or position?
+
+Scores every product of an MVTec-layout root with variants between the two references of
+accuracy_bench.py (one Ledoit-Wolf Gaussian, kNN over every training patch), on the default
+config's backbone features and grid, and prints image AUROC / pixel AUROC / pixel AP / AUPRO per
+product and the means over products with at least SMOKE_IMAGES training images. No flow is
+trained: this measures what a density score on these features can reach.
+
+    python benchmarks/reference_variants.py --data ROOT
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+
+from moleflow_edge.backbones import build_backbone
+from moleflow_edge.config import MoleFlowConfig
+from moleflow_edge.data.mvtec import list_categories, load_split
+from moleflow_edge.evaluate import anomaly_maps, split_metrics
+from moleflow_edge.features import extract_features
+from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.router import ledoit_wolf
+
+SMOKE_IMAGES = 10
+CHUNK = 4096
+Variant = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (train (N,H,W,C), test (M,H,W,C)) -> (M,H,W)
+
+
+def whitener(covariance: np.ndarray) -> np.ndarray:
+    precision = np.linalg.inv(covariance)
+    return np.linalg.cholesky(0.5 * (precision + precision.T))
+
+
+def nearest(queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    q, b = torch.from_numpy(queries), torch.from_numpy(bank)
+    return torch.cat([torch.cdist(part, b).min(dim=1).values for part in q.split(CHUNK)]).numpy()
+
+
+def gaussian(shrink: float = 0.0, position_prior: float | None = None) -> Variant:
+    """Mahalanobis distance; covariance shrunk towards the scaled identity by ``shrink``; with
+    ``position_prior`` a mean per grid position, shrunk to the global mean by that many images."""
+
+    def score(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+        flat = train.reshape(-1, train.shape[-1])
+        mean = flat.mean(axis=0)
+        if position_prior is not None:
+            mean = (len(train) * train.mean(axis=0) + position_prior * mean) / (len(train) + position_prior)
+        residual = (train - mean).reshape(flat.shape)
+        cov = ledoit_wolf(residual - residual.mean(axis=0))
+        cov = (1 - shrink) * cov + shrink * np.trace(cov) / len(cov) * np.eye(len(cov))
+        return np.sqrt((((test - mean) @ whitener(cov)) ** 2).sum(axis=-1))
+
+    return score
+
+
+def nearest_centre(centres: int | None, whiten: bool) -> Variant:
+    """Distance to the nearest of ``centres`` k-means centres (None: every training patch)."""
+
+    def score(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+        flat = train.reshape(-1, train.shape[-1])
+        mean = flat.mean(axis=0)
+        w = whitener(ledoit_wolf(flat - mean)) if whiten else np.eye(flat.shape[1])
+        bank, queries = (flat - mean) @ w, ((test - mean) @ w).reshape(-1, flat.shape[1])
+        if centres is not None:
+            bank = KMeans(centres, n_init=1, random_state=0).fit(bank).cluster_centers_
+        return nearest(queries, bank).reshape(test.shape[:3])
+
+    return score
+
+
+VARIANTS: dict[str, Variant] = {
+    "gaussian (reference)": gaussian(),
+    "gaussian, mean per position": gaussian(position_prior=0.0),
+    "gaussian, mean per position, prior 20": gaussian(position_prior=20.0),
+    "nearest of 64 k-means centres, whitened": nearest_centre(64, whiten=True),
+    "nearest of 256 k-means centres, whitened": nearest_centre(256, whiten=True),
+    "knn, whitened": nearest_centre(None, whiten=True),
+    "knn, raw (reference)": nearest_centre(None, whiten=False),
+    "gaussian, covariance shrunk 0.5 to identity": gaussian(shrink=0.5),
+    "gaussian, covariance shrunk 0.9 to identity": gaussian(shrink=0.9),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="MVTec-layout root")
+    args = parser.parse_args()
+    config = MoleFlowConfig()
+    backbone = build_backbone(config, random_init=False)
+    model = MoleFlow(config.with_overrides(embed_dim=backbone.channels8 + backbone.channels16), backbone).eval()
+    rows: dict[str, dict[str, tuple[float, ...]]] = {}
+    counted = []
+    for product in list_categories(args.data):
+        train_images = load_split(args.data, product, "train", config.image_size).images
+        test = load_split(args.data, product, "test", config.image_size)
+        train = extract_features(model, train_images).concat.permute(0, 2, 3, 1).double().numpy()
+        queries = extract_features(model, test.images).concat.permute(0, 2, 3, 1).double().numpy()
+        if len(train_images) >= SMOKE_IMAGES:
+            counted.append(product)
+        rows[product] = {}
+        for name, variant in VARIANTS.items():
+            patch = variant(train, queries).astype(np.float32)
+            rows[product][name] = split_metrics(test, anomaly_maps(patch, config), patch.reshape(len(patch), -1).max(1))
+            print(f"{product:14s} {name:44s} " + " / ".join(f"{v:.3f}" for v in rows[product][name]), flush=True)
+    print(f"\nmeans over {', '.join(counted)} (image AUROC / pixel AUROC / pixel AP / AUPRO)")
+    print("| detector | means |\n|---|---|")
+    for name in VARIANTS:
+        means = np.mean([rows[p][name] for p in counted], axis=0)
+        print(f"| {name} | " + " / ".join(f"{v:.3f}" for v in means) + " |")
+
+
+if __name__ == "__main__":
+    main()
