@@ -59,6 +59,19 @@ def gaussian(shrink: float = 0.0, position_prior: float | None = None) -> Varian
     return score
 
 
+def leading_directions(count: int) -> Variant:
+    """Mahalanobis distance within the ``count`` leading principal directions only."""
+
+    def score(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+        flat = train.reshape(-1, train.shape[-1])
+        mean = flat.mean(axis=0)
+        values, vectors = np.linalg.eigh(ledoit_wolf(flat - mean))
+        keep = np.argsort(values)[::-1][:count]
+        return np.sqrt(((((test - mean) @ vectors[:, keep]) / np.sqrt(values[keep])) ** 2).sum(axis=-1))
+
+    return score
+
+
 def nearest_centre(centres: int | None, whiten: bool) -> Variant:
     """Distance to the nearest of ``centres`` k-means centres (None: every training patch)."""
 
@@ -84,6 +97,8 @@ VARIANTS: dict[str, Variant] = {
     "knn, raw (reference)": nearest_centre(None, whiten=False),
     "gaussian, covariance shrunk 0.5 to identity": gaussian(shrink=0.5),
     "gaussian, covariance shrunk 0.9 to identity": gaussian(shrink=0.9),
+    "gaussian in the 32 leading principal directions": leading_directions(32),
+    "gaussian in the 64 leading principal directions": leading_directions(64),
 }
 
 
