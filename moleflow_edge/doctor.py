@@ -10,7 +10,6 @@ Never imports torch: a line PC has none, and importing it costs seconds.
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
 import platform
 import re
 import shutil
@@ -18,22 +17,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGETS, ExportFormat, Target, module_available, not_installed
+from moleflow_edge.targets import (
+    ONNXRUNTIME_DISTRIBUTIONS,
+    ONNXRUNTIME_HINT,
+    TARGETS,
+    ExportFormat,
+    Target,
+    installed,
+    module_available,
+    not_installed,
+)
 
-ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
-                             "onnxruntime-qnn", "onnxruntime-training")  # fmt: skip
 OPENCV_DISTRIBUTIONS = ("opencv-python", "opencv-python-headless", "opencv-contrib-python",
                         "opencv-contrib-python-headless")  # fmt: skip
 CUDA_KEYS = ("driver", "runtime", "driver_cuda", "toolkit")  # driver_cuda: what nvidia-smi says the driver supports
 JETSON_CAPABILITY = {"Orin": "87", "Xavier": "72"}  # every module of a family has the same GPU architecture
-
-
-def installed(distribution: str) -> str | None:
-    """The version pip recorded for ``distribution``, or None."""
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _read(path: str) -> str | None:

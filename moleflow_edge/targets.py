@@ -14,6 +14,7 @@ import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
+from importlib import metadata
 
 from moleflow_edge.contract import Precision
 
@@ -103,6 +104,8 @@ def resolve_backend(choice: str) -> tuple[Backend, tuple[str, ...] | None]:
     raise ValueError(f"unknown backend {value!r}; choose auto or a target: {', '.join(TARGET_NAMES)}")
 
 
+ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
+                             "onnxruntime-qnn", "onnxruntime-training")  # fmt: skip; each installs `onnxruntime`
 ONNXRUNTIME_HINT = (
     "pip install 'moleflow-edge[cpu]' (CPU) or 'moleflow-edge[gpu]' (NVIDIA GPU), not both: "
     "onnxruntime and onnxruntime-gpu install the same module"
@@ -143,6 +146,14 @@ def markdown_table() -> str:
             f"| `[{t.extra}]`{needs} | {t.export_format.value} |"
         )
     return "\n".join(lines)
+
+
+def installed(distribution: str) -> str | None:
+    """The version pip recorded for ``distribution``, or None."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def module_available(name: str) -> bool:

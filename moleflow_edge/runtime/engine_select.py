@@ -30,9 +30,17 @@ import numpy as np
 
 from moleflow_edge.atomic import write_text_atomic
 from moleflow_edge.contract import Manifest, Precision
-from moleflow_edge.doctor import ONNXRUNTIME_DISTRIBUTIONS, installed
 from moleflow_edge.runtime.backend import BackendError
-from moleflow_edge.targets import TARGETS, Backend, ExportFormat, Target, not_installed, resolve_backend
+from moleflow_edge.targets import (
+    ONNXRUNTIME_DISTRIBUTIONS,
+    TARGETS,
+    Backend,
+    ExportFormat,
+    Target,
+    installed,
+    not_installed,
+    resolve_backend,
+)
 
 if TYPE_CHECKING:
     from moleflow_edge.runtime.runtime import Runtime
