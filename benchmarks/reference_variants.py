@@ -93,6 +93,7 @@ VARIANTS: dict[str, Variant] = {
     "gaussian, mean per position, prior 20": gaussian(position_prior=20.0),
     "nearest of 64 k-means centres, whitened": nearest_centre(64, whiten=True),
     "nearest of 256 k-means centres, whitened": nearest_centre(256, whiten=True),
+    "nearest of 256 k-means centres, raw": nearest_centre(256, whiten=False),
     "knn, whitened": nearest_centre(None, whiten=True),
     "knn, raw (reference)": nearest_centre(None, whiten=False),
     "gaussian, covariance shrunk 0.5 to identity": gaussian(shrink=0.5),
