@@ -6,7 +6,7 @@ config's backbone features and grid, and prints image AUROC / pixel AUROC / pixe
 product and the means over products with at least SMOKE_IMAGES training images. No flow is
 trained: this measures what a density score on these features can reach.
 
-    python benchmarks/reference_variants.py --data ROOT
+    python benchmarks/reference_variants.py --data ROOT [--backbone efficientnet_lite2]
 """
 
 from __future__ import annotations
@@ -106,8 +106,9 @@ VARIANTS: dict[str, Variant] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="MVTec-layout root")
+    parser.add_argument("--backbone", default=MoleFlowConfig.backbone, help="backbone name (default: the default's)")
     args = parser.parse_args()
-    config = MoleFlowConfig()
+    config = MoleFlowConfig(backbone=args.backbone)
     backbone = build_backbone(config, random_init=False)
     model = MoleFlow(config.with_overrides(embed_dim=backbone.channels8 + backbone.channels16), backbone).eval()
     rows: dict[str, dict[str, tuple[float, ...]]] = {}
