@@ -31,7 +31,7 @@ from moleflow_edge.evaluate import anomaly_maps, evaluate, split_metrics
 from moleflow_edge.features import extract_features
 from moleflow_edge.metrics import auroc
 from moleflow_edge.model_store import ModelStore
-from moleflow_edge.router import RouterTable, ledoit_wolf
+from moleflow_edge.router import RouterTable, ledoit_wolf, mahalanobis_whitener
 from moleflow_edge.scoring import TaskFlows, score_routed
 from moleflow_edge.train import train_task
 
@@ -74,12 +74,11 @@ class GaussianReference:
     def __init__(self, train_concat: torch.Tensor) -> None:
         bank = patches(train_concat).double().numpy()
         self.mean = bank.mean(axis=0)
-        precision = np.linalg.inv(ledoit_wolf(bank - self.mean))
-        self.whitener = torch.from_numpy(np.linalg.cholesky(0.5 * (precision + precision.T)))
+        self.whitener = torch.from_numpy(mahalanobis_whitener(ledoit_wolf(bank - self.mean)))
 
     def patch_scores(self, concat: torch.Tensor) -> np.ndarray:
         centred = patches(concat).double() - torch.from_numpy(self.mean)
-        dist = (centred @ self.whitener).pow(2).sum(dim=1).sqrt()
+        dist = (centred @ self.whitener.T).pow(2).sum(dim=1).sqrt()
         return dist.reshape(concat.shape[0], *concat.shape[2:]).float().numpy()
 
 

@@ -25,16 +25,11 @@ from moleflow_edge.data.mvtec import list_categories, load_split
 from moleflow_edge.evaluate import anomaly_maps, split_metrics
 from moleflow_edge.features import extract_features
 from moleflow_edge.model.mole_flow import MoleFlow
-from moleflow_edge.router import ledoit_wolf
+from moleflow_edge.router import ledoit_wolf, mahalanobis_whitener
 
 SMOKE_IMAGES = 10
 CHUNK = 4096
 Variant = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (train (N,H,W,C), test (M,H,W,C)) -> (M,H,W)
-
-
-def whitener(covariance: np.ndarray) -> np.ndarray:
-    precision = np.linalg.inv(covariance)
-    return np.linalg.cholesky(0.5 * (precision + precision.T))
 
 
 def nearest(queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
@@ -54,7 +49,7 @@ def gaussian(shrink: float = 0.0, position_prior: float | None = None) -> Varian
         residual = (train - mean).reshape(flat.shape)
         cov = ledoit_wolf(residual - residual.mean(axis=0))
         cov = (1 - shrink) * cov + shrink * np.trace(cov) / len(cov) * np.eye(len(cov))
-        return np.sqrt((((test - mean) @ whitener(cov)) ** 2).sum(axis=-1))
+        return np.sqrt((((test - mean) @ mahalanobis_whitener(cov).T) ** 2).sum(axis=-1))
 
     return score
 
@@ -78,7 +73,7 @@ def nearest_centre(centres: int | None, whiten: bool) -> Variant:
     def score(train: np.ndarray, test: np.ndarray) -> np.ndarray:
         flat = train.reshape(-1, train.shape[-1])
         mean = flat.mean(axis=0)
-        w = whitener(ledoit_wolf(flat - mean)) if whiten else np.eye(flat.shape[1])
+        w = mahalanobis_whitener(ledoit_wolf(flat - mean)).T if whiten else np.eye(flat.shape[1])
         bank, queries = (flat - mean) @ w, ((test - mean) @ w).reshape(-1, flat.shape[1])
         if centres is not None:
             bank = KMeans(centres, n_init=1, random_state=0).fit(bank).cluster_centers_

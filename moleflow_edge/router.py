@@ -76,6 +76,14 @@ def ledoit_wolf(centered: np.ndarray, target: np.ndarray | None = None, min_shri
     return shrink * target + (1.0 - shrink) * sample
 
 
+def mahalanobis_whitener(covariance: np.ndarray) -> np.ndarray:
+    """W (C,C) with W^T W = covariance^-1 (upper Cholesky factor of the symmetrised precision), so
+    that ||W (x - mu)||^2 is the squared Mahalanobis distance: the router, the per-task whitening
+    adapter and the Gaussian references all whiten with it."""
+    precision = np.linalg.inv(covariance)
+    return np.linalg.cholesky(0.5 * (precision + precision.T)).T
+
+
 def limit_widening(images: int) -> float:
     """Factor on the unknown-product limit of a task fitted on ``images`` images (1 from FEW_IMAGES on)."""
     return max(1.0, math.log(FEW_IMAGES + 1) / math.log(images + 1))
@@ -91,9 +99,7 @@ def _mean_and_whitener(
         cov = ledoit_wolf(centered, target, PRIOR_IMAGES / (PRIOR_IMAGES + n - 1))
     else:
         cov = centered.T @ centered / max(n - 1, 1) + ridge * np.eye(features.shape[1])
-    precision = np.linalg.inv(cov)
-    precision = 0.5 * (precision + precision.T)
-    return mean, np.linalg.cholesky(precision).T
+    return mean, mahalanobis_whitener(cov)
 
 
 def fit_prototype(

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moleflow_edge.config import Whitening
-from moleflow_edge.router import ledoit_wolf
+from moleflow_edge.router import ledoit_wolf, mahalanobis_whitener
 
 WA_GAMMA_INIT = -0.7  # g_raw at task 0: gamma = 0.5 + 1.5 sigmoid(-0.7), about 1
 
@@ -36,10 +35,8 @@ class WhiteningAdapter(nn.Module):
         """Mahalanobis mode: centre and whitener from a task's (N,D,H,W) training embeddings."""
         patches = embedded.permute(0, 2, 3, 1).reshape(-1, embedded.shape[1]).double().cpu().numpy()
         mean = patches.mean(axis=0)
-        precision = np.linalg.inv(ledoit_wolf(patches - mean))
-        whitener = np.linalg.cholesky(0.5 * (precision + precision.T)).T
         self.centre.copy_(torch.from_numpy(mean))
-        self.whitener.copy_(torch.from_numpy(whitener))
+        self.whitener.copy_(torch.from_numpy(mahalanobis_whitener(ledoit_wolf(patches - mean))))
 
     def gamma_beta(self) -> tuple[torch.Tensor, torch.Tensor]:
         return 0.5 + 1.5 * torch.sigmoid(self.g_raw), 2.0 * torch.tanh(self.b_raw)
