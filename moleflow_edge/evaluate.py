@@ -22,8 +22,8 @@ from moleflow_edge.device import names_batch_on_oom, resolve_device
 from moleflow_edge.features import FEATURE_BATCH, extract_features
 from moleflow_edge.metrics import aupro, auroc, average_precision
 from moleflow_edge.model_store import ModelStore
-from moleflow_edge.router import RouterTable
-from moleflow_edge.scoring import RoutedScores, TaskFlows, score_routed
+from moleflow_edge.router import UNKNOWN, RouterTable
+from moleflow_edge.scoring import RoutedScores, TaskFlows, route, score_routed
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 
@@ -86,19 +86,24 @@ def evaluate(
     for task in wanted:
         split = load_split(data_root, task, "test", model.config.image_size)
         features = extract_features(model, split.images)
-        routed = score_routed(flows, table, features)
-        scores = routed
         if oracle:  # every image under its own product's flow, whatever the router says
             named = [task] * len(split.images)
             scores = RoutedScores(named, named, *flows.score(model.embed(features.concat), named))
+            routed, nearest = route(table, features.routing)
+        else:
+            scores = score_routed(flows, table, features)
+            routed, nearest = scores.tasks, scores.nearest
         final = _metrics(scores, split, model.config)
         results[task] = TaskMetrics(
-            *final, float(np.mean([r == task for r in routed.nearest])), float(np.mean(routed.rejected))
+            *final, float(np.mean([t == task for t in nearest])), float(np.mean([t == UNKNOWN for t in routed]))
         )
         position = order.index(task)
         if position < len(order) - 1 and not oracle:  # an earlier task: the model right after it was learned
-            then = score_routed(flows, table, features, position + 1)
-            then_metrics = final if then.tasks == scores.tasks else _metrics(then, split, model.config)
+            then_metrics = (  # the same routing scores bit-identically: the flows need not run again
+                final
+                if route(table, features.routing, position + 1) == (routed, nearest)
+                else _metrics(score_routed(flows, table, features, position + 1), split, model.config)
+            )
             for name, before, after in zip(METRICS, then_metrics, final):
                 forgetting[name].append(before - after)
 

@@ -62,14 +62,21 @@ class RoutedScores:
         return np.array([t == UNKNOWN for t in self.tasks], dtype=bool)
 
 
+def route(table: RouterTable, routing: np.ndarray, known: int | None = None) -> tuple[list[str], list[str]]:
+    """(routed task per image, UNKNOWN beyond every limit; nearest task per image, limits aside) over
+    the first ``known`` tasks (all by default: ``known`` rebuilds the router as it was right after an
+    earlier task), from (N,C) pooled router features."""
+    distances = table.distances(routing)
+    return table.route(distances, known), table.nearest(distances, known)
+
+
 @torch.no_grad()
-def score_routed(flows: TaskFlows, table: RouterTable, features: ImageFeatures, known: int | None = None) -> RoutedScores:
-    """Route (limits included) over the first ``known`` tasks (all by default: ``known`` rebuilds the
-    router as it was right after an earlier task) and score every image under its task's flow."""
-    distances = table.distances(features.routing)
-    tasks = table.route(distances, known)
-    nearest = table.nearest(distances, known)
+def score_routed(
+    flows: TaskFlows, table: RouterTable, features: ImageFeatures, known: int | None = None
+) -> RoutedScores:
+    """Route (limits included, see ``route``) and score every image under its task's flow."""
+    tasks, nearest = route(table, features.routing, known)
     embedded = flows.model.embed(features.concat.to(flows.model.embedder.position.device))
-    patch, image = flows.score(embedded, nearest)
-    image[[t == UNKNOWN for t in tasks]] = np.inf
-    return RoutedScores(tasks, nearest, patch, image)
+    scores = RoutedScores(tasks, nearest, *flows.score(embedded, nearest))
+    scores.image[scores.rejected] = np.inf
+    return scores
