@@ -153,7 +153,7 @@ def eval_command(
     device: str = typer.Option("auto", help=DEVICE_OPTION_HELP),
 ) -> None:
     """Image AUROC, pixel AUROC, pixel AP, routing accuracy and forgetting, task by task."""
-    from moleflow_edge.evaluate import evaluate
+    from moleflow_edge.evaluate import evaluate, format_eval_table
 
     writable(json_out, "--json")
     where = chosen_device(device, lambda _: "evaluation, float32")
@@ -167,17 +167,6 @@ def eval_command(
             typer.echo(note)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2) + "\n")
-
-
-def format_eval_table(results: dict) -> str:
-    """A plain table of the eval results, one row per task plus the mean and forgetting."""
-    names = ["image_auroc", "pixel_auroc", "pixel_ap", "aupro", "routing_accuracy", "unknown_rate"]
-    lines = [f"{'task':<16}" + "".join(f"{n:>18}" for n in names)]
-    for task, metrics in [*results["tasks"].items(), ("mean", results["mean"])]:
-        lines.append(f"{task:<16}" + "".join(f"{metrics[n]:>18.4f}" for n in names))
-    forgetting = results["forgetting"]
-    lines.append(f"{'forgetting':<16}" + "".join(f"{forgetting[n]:>18.4f}" for n in names if n in forgetting))
-    return "\n".join(lines)
 
 
 @app.command()

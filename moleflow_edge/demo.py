@@ -42,17 +42,11 @@ class DemoPlan:
 
 
 # the demo trades the papers' sizes for minutes on a laptop CPU; every size is a config field
+DEMO_CONFIG = MoleFlowConfig(
+    image_size=160, num_mole_blocks=4, num_dia_blocks=2, lora_rank=16, lora_alpha=16, batch_size=8, lr=1e-3
+)
 QUICK = DemoPlan(
-    config=MoleFlowConfig(
-        image_size=160,
-        num_mole_blocks=4,
-        num_dia_blocks=2,
-        lora_rank=16,
-        lora_alpha=16,
-        batch_size=8,
-        lr=1e-3,
-        augment_copies=2,
-    ),
+    config=DEMO_CONFIG.with_overrides(augment_copies=2),
     steps=90,
     n_train=30,
     n_test_good=20,
@@ -62,9 +56,7 @@ QUICK = DemoPlan(
     task_counts=(1, 5),
 )
 FULL = DemoPlan(
-    config=MoleFlowConfig(
-        image_size=160, num_mole_blocks=4, num_dia_blocks=2, lora_rank=16, lora_alpha=16, batch_size=8, lr=1e-3
-    ),
+    config=DEMO_CONFIG,
     steps=120,
     n_train=40,
     n_test_good=20,
@@ -147,9 +139,8 @@ def run_demo(out: str | Path, plan: DemoPlan = QUICK, steps: int | None = None,
     """
     from moleflow_edge.bench.run import bench as run_bench
     from moleflow_edge.calibration import calibrate as calibrate_export
-    from moleflow_edge.cli import format_eval_table
     from moleflow_edge.data.synth import generate
-    from moleflow_edge.evaluate import evaluate
+    from moleflow_edge.evaluate import evaluate, format_eval_table
     from moleflow_edge.export.exporter import export_model
     from moleflow_edge.model_store import ModelStore
     from moleflow_edge.runtime import run_source

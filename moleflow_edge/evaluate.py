@@ -115,3 +115,14 @@ def evaluate(
         "forgetting": {k: float(np.mean(v)) if v else 0.0 for k, v in forgetting.items()},
         "mode": {"routing": "oracle" if oracle else "routed", "trained_tasks": order},
     }
+
+
+def format_eval_table(results: dict) -> str:
+    """A plain table of the eval results, one row per task plus the mean and forgetting."""
+    names = ["image_auroc", "pixel_auroc", "pixel_ap", "aupro", "routing_accuracy", "unknown_rate"]
+    lines = [f"{'task':<16}" + "".join(f"{n:>18}" for n in names)]
+    for task, metrics in [*results["tasks"].items(), ("mean", results["mean"])]:
+        lines.append(f"{task:<16}" + "".join(f"{metrics[n]:>18.4f}" for n in names))
+    forgetting = results["forgetting"]
+    lines.append(f"{'forgetting':<16}" + "".join(f"{forgetting[n]:>18.4f}" for n in names if n in forgetting))
+    return "\n".join(lines)
