@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moleflow_edge.runtime.engine_select import cpu_name
+
 
 def cpu_flags() -> set[str]:
     try:
@@ -52,7 +54,7 @@ def machine_info(threads: int | None) -> dict:
     info = {
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "processor": _cpu_name(),
+        "processor": cpu_name(),
         "cpus": os.cpu_count(),
         "threads": threads,
         "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
@@ -69,16 +71,6 @@ def machine_info(threads: int | None) -> dict:
     except ImportError:
         info["torch"] = None
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def reset_peak_rss() -> bool:
