@@ -18,13 +18,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from moleflow_edge.bench.measure import measure_interleaved, score_all
 from moleflow_edge.bench.pipelines import TorchPipeline, runtime_pipeline
 from moleflow_edge.runtime.result import STAGES
 
@@ -72,45 +71,16 @@ def load_frames(data: Path, count: int, frame_hw: tuple[int, int] | None) -> lis
     return frames
 
 
-def measure(engines: dict, frames: list[np.ndarray], batch: int, iters: int, rounds: int = 4) -> dict[str, dict]:
-    """Median wall time per call and per stage over ``iters`` calls per engine on consecutive batches.
-
-    The calls are made in ``rounds``: in each round every engine runs a block of iters/rounds
-    calls, in a rotating order. A change in machine load then hits every engine alike, and
-    blocks (rather than alternating single calls) keep one engine's idle-spinning worker
-    threads from slowing the next engine's call.
-    """
-    batches = [frames[i : i + batch] for i in range(0, len(frames) - batch + 1, batch)]
-    names = list(engines)
-    block = max(1, iters // rounds)
-    walls: dict[str, list[float]] = {n: [] for n in names}
-    stages: dict[str, dict[str, list[float]]] = {n: {s: [] for s in STAGES} for n in names}
-    outputs: dict[str, list] = {n: [] for n in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            engines[name](batches[0])  # warm-up call, not counted (first run, caches, thread wake-up)
-            for k in range(block):
-                i = r * block + k
-                chunk = batches[i % len(batches)]
-                t = time.perf_counter()
-                ms, out = engines[name](chunk)
-                walls[name].append((time.perf_counter() - t) * 1e3)
-                for s in STAGES:
-                    stages[name][s].append(ms[s])
-                if i < len(batches):
-                    outputs[name] += out
-    measured = {}
-    for name in names:
-        wall = statistics.median(walls[name])
-        measured[name] = {
-            "batch": batch,
-            "wall_ms": wall,
-            "p90_ms": float(np.percentile(walls[name], 90)),
-            "images_per_s": batch / wall * 1e3,
-            "stages_ms": {s: statistics.median(v) for s, v in stages[name].items()},
-            "outputs": outputs[name],
-        }
-    return measured
+def summary(batch: int, measured: dict) -> dict:
+    """One engine's row of the printed table and the JSON: medians per call and per stage, p90, images/s."""
+    wall = measured["end_to_end_ms"]
+    return {
+        "batch": batch,
+        "wall_ms": wall["p50"],
+        "p90_ms": wall["p90"],
+        "images_per_s": measured["throughput_fps"],
+        "stages_ms": {s: v["p50"] for s, v in measured["stages_ms"].items()},
+    }
 
 
 def compare(reference: list, other: list) -> tuple[bool, float]:
@@ -166,7 +136,9 @@ def main() -> None:
             f"{'engine':26s} " + " ".join(f"{s:>11s}" for s in STAGES) + f" {'total':>9s} {'p90':>8s} {'img/s':>8s}"
         )
         print(header)
-        measured = measure(engines, frames, batch, args.iters)
+        timed = measure_interleaved(engines, frames, batch, args.iters)
+        measured = {name: summary(batch, m) for name, m in timed.items()}
+        outputs = {name: score_all(engine, frames, batch) for name, engine in engines.items()}
         reference = measured["pytorch eager"]
         for name, m in measured.items():
             row = " ".join(f"{m['stages_ms'][s]:11.2f}" for s in STAGES)
@@ -174,14 +146,12 @@ def main() -> None:
         for name, m in measured.items():
             if name == "pytorch eager":
                 continue
-            same, worst = compare(reference["outputs"], m["outputs"])
+            same, worst = compare(outputs["pytorch eager"], outputs[name])
             ratio = m["images_per_s"] / reference["images_per_s"]
             print(
                 f"{name}: {ratio:.2f}x PyTorch eager throughput; same tasks: {same}; worst score diff {worst:.1e} rel"
             )
-        report["results"][batch] = {
-            name: {k: v for k, v in m.items() if k != "outputs"} for name, m in measured.items()
-        }
+        report["results"][batch] = measured
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

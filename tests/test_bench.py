@@ -1,13 +1,16 @@
-"""bench: the JSON report has every stage, percentile and backend field, and names what it skipped."""
+"""bench: the JSON report has every stage, percentile and backend field, and names what it skipped;
+the interleaved timing that runtime_bench uses takes turns as it says."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moleflow_edge.bench.graph_cost import graph_macs
+from moleflow_edge.bench.measure import measure_interleaved
 from moleflow_edge.bench.run import BenchError, bench
 from moleflow_edge.bench.tables import summary_table
 from moleflow_edge.contract import load_manifest
@@ -80,3 +83,26 @@ def test_auroc_floor_fails_below_it(built: dict) -> None:
     with pytest.raises(BenchError, match="below the floor"):
         bench(built["export_dir"], backends=("onnxruntime-cpu",), precisions=("fp32",), batches=(1,), iters=1,
               data_root=built["data"], auroc_floor=1.01, task_counts=(), printer=None)  # fmt: skip
+
+
+def test_interleaved_timing_takes_turns_in_blocks_and_times_iters_calls_each() -> None:
+    """runtime_bench's timing: every pipeline makes exactly ``iters`` timed calls on consecutive batches,
+    in rounds whose order rotates, each block after one untimed warm-up call on the first batch."""
+    calls: list[tuple[str, int]] = []
+
+    def pipeline(name: str):
+        def run(frames: list) -> tuple[dict[str, float], list]:
+            calls.append((name, int(frames[0][0, 0, 0])))
+            return {s: 1.0 for s in STAGES}, [("weave", 0.0)] * len(frames)
+
+        return run
+
+    frames = [np.full((2, 2, 3), i, np.uint8) for i in range(6)]
+    measured = measure_interleaved({"a": pipeline("a"), "b": pipeline("b")}, frames, 2, 5, rounds=2)
+    # round 0: a then b, 2 timed calls each; round 1: b then a, 3 each; batches start at frames 0, 2, 4
+    assert calls == [("a", 0), ("a", 0), ("a", 2), ("b", 0), ("b", 0), ("b", 2),
+                     ("b", 0), ("b", 4), ("b", 0), ("b", 2), ("a", 0), ("a", 4), ("a", 0), ("a", 2)]  # fmt: skip
+    assert set(measured) == {"a", "b"}
+    for m in measured.values():
+        assert set(m["stages_ms"]) == set(STAGES) and m["stages_ms"]["flow"]["p50"] == 1.0
+        assert set(m["end_to_end_ms"]) == PERCENTILES and m["throughput_fps"] > 0

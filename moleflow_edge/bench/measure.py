@@ -64,22 +64,42 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def measure(pipeline: Pipeline, frames: list[np.ndarray], batch: int, iters: int, warmup: int = 2) -> dict:
     """Per-stage and end-to-end percentiles over ``iters`` calls on consecutive batches of ``frames``."""
+    return measure_interleaved({"": pipeline}, frames, batch, iters, rounds=1, warmup=warmup)[""]
+
+
+def measure_interleaved(
+    pipelines: dict[str, Pipeline], frames: list[np.ndarray], batch: int, iters: int, rounds: int = 4, warmup: int = 1
+) -> dict[str, dict]:
+    """measure() of several pipelines in one run, by name: each makes ``iters`` timed calls, taking turns.
+
+    The calls are made in ``rounds``: in each round every pipeline, in a rotating order, makes
+    ``warmup`` untimed calls and then its next block of about iters/rounds timed ones. A change in
+    machine load then hits every pipeline alike, and blocks (rather than alternating single calls)
+    keep one engine's idle-spinning worker threads from slowing the next engine's call.
+    """
     count = max(1, len(frames) // batch)
     batches = [[frames[(i * batch + j) % len(frames)] for j in range(batch)] for i in range(count)]
-    for k in range(warmup):
-        pipeline(batches[k % len(batches)])
-    stages: dict[str, list[float]] = {s: [] for s in STAGES}
-    walls = []
-    for i in range(iters):
-        started = time.perf_counter()
-        ms, _ = pipeline(batches[i % len(batches)])
-        walls.append((time.perf_counter() - started) * 1e3)
-        for s in STAGES:
-            stages[s].append(ms[s])
+    names = list(pipelines)
+    stages: dict[str, dict[str, list[float]]] = {n: {s: [] for s in STAGES} for n in names}
+    walls: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            pipeline = pipelines[name]
+            for k in range(warmup):  # first run, caches, thread wake-up: not counted
+                pipeline(batches[k % len(batches)])
+            for i in range(iters * r // rounds, iters * (r + 1) // rounds):
+                started = time.perf_counter()
+                ms, _ = pipeline(batches[i % len(batches)])
+                walls[name].append((time.perf_counter() - started) * 1e3)
+                for s in STAGES:
+                    stages[name][s].append(ms[s])
     return {
-        "stages_ms": {s: _percentiles(v) for s, v in stages.items()},
-        "end_to_end_ms": _percentiles(walls),
-        "throughput_fps": round(batch / statistics.median(walls) * 1e3, 2),
+        name: {
+            "stages_ms": {s: _percentiles(v) for s, v in stages[name].items()},
+            "end_to_end_ms": _percentiles(walls[name]),
+            "throughput_fps": round(batch / statistics.median(walls[name]) * 1e3, 2),
+        }
+        for name in names
     }
 
 
