@@ -26,12 +26,12 @@ from moleflow_edge.data.synth import generate
 from moleflow_edge.export.exporter import export_model
 from moleflow_edge.runtime import Runtime
 from moleflow_edge.runtime.backend import Backend, available_backends
+from moleflow_edge.runtime.result import STAGES
 from moleflow_edge.train import train_task
 
 TASKS = ["weave", "tiles"]
 PRECISIONS = ("fp32", "fp16", "int8")
 BATCH_PROFILE = (1, 4, 8)
-STAGES = ("preprocess", "backbone", "routing", "flow", "postprocess")
 CONFIG = MoleFlowConfig(image_size=128, embed_dim=64, num_mole_blocks=2, num_dia_blocks=1, lora_rank=8,
                         lora_alpha=8.0, batch_size=8)  # fmt: skip
 
