@@ -263,14 +263,22 @@ BACKBONES: dict[BackboneName, BackboneSpec] = {
 }
 
 
+def weights_file(config: MoleFlowConfig) -> Path:
+    """The weight file build_backbone loads for ``config``: its backbone_weights, else where the table
+    finds the backbone's weights on this machine; WeightsError (what to install or where to put the
+    file) when they are not there, since nothing is downloaded."""
+    if config.backbone_weights:
+        return Path(config.backbone_weights)
+    return BACKBONES[BackboneName(config.backbone)].default_weights()
+
+
 def build_backbone(config: MoleFlowConfig, random_init: bool = False) -> Backbone:
     """The frozen backbone (eval mode) that ``config`` names, at its input size, weights and gain
-    normalisation; random_init exists only for tests."""
+    normalisation; random_init is for tests and timing, where weight values do not matter."""
     spec = BACKBONES[BackboneName(config.backbone)]
     backbone = spec.build(config.image_size)
     if not random_init:
-        path = Path(config.backbone_weights) if config.backbone_weights else spec.default_weights()
-        backbone.load_weights(path, spec.title)
+        backbone.load_weights(weights_file(config), spec.title)
     backbone.gain_normalise = config.gain_normalise
     backbone.eval()
     for p in backbone.parameters():

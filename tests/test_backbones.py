@@ -24,6 +24,7 @@ from moleflow_edge.backbones import (
     WeightsError,
     WideResNet50_2,
     build_backbone,
+    weights_file,
 )
 from moleflow_edge.config import BackboneName, MoleFlowConfig
 
@@ -132,6 +133,12 @@ def test_weights_of_another_network_are_an_error_that_names_the_file(name: Backb
         build_backbone(MoleFlowConfig(backbone=name.value, image_size=SIZE, backbone_weights=str(path)))
 
 
+@pytest.mark.parametrize("name", list(BackboneName))
+def test_the_configs_weight_file_comes_before_the_tables(name: BackboneName, tmp_path: Path) -> None:
+    path = tmp_path / "mine.pth"
+    assert weights_file(MoleFlowConfig(backbone=name.value, backbone_weights=str(path))) == path
+
+
 def test_lite1_weights_do_not_load_into_lite2() -> None:
     """Same keys, other widths: the shapes catch it."""
     lite1 = BACKBONES[BackboneName.EFFICIENTNET_LITE1].default_weights()
@@ -148,8 +155,11 @@ def test_wide_resnet_default_weights_are_torchvisions_file_in_the_torch_hub_cach
     hub = tmp_path / "hub" / "checkpoints"
     with pytest.raises(WeightsError, match=f"place wide_resnet50_2-95faca4d.pth in {hub}"):
         build_backbone(cfg)
+    with pytest.raises(WeightsError, match=f"place wide_resnet50_2-95faca4d.pth in {hub}"):
+        weights_file(cfg)  # what train_bench asks before it falls back to random weights
     hub.mkdir(parents=True)
     (hub / WideResNet50_2.TORCHVISION_FILES[1]).write_bytes(b"")  # torchvision's V2 file, empty here
+    assert weights_file(cfg) == hub / WideResNet50_2.TORCHVISION_FILES[1]
     with pytest.raises(WeightsError, match=f"{WideResNet50_2.TORCHVISION_FILES[1]} is not a readable"):
         build_backbone(cfg)
 
