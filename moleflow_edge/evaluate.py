@@ -88,20 +88,22 @@ def evaluate(
         features = extract_features(model, split.images)
         if oracle:  # every image under its own product's flow, whatever the router says
             named = [task] * len(split.images)
-            scores = RoutedScores(named, named, *flows.score(model.embed(features.concat), named))
-            routed, nearest = route(table, features.routing)
+            routing = route(table, features.routing)
+            scores = RoutedScores(routing, named, *flows.score(model.embed(features.concat), named))
         else:
             scores = score_routed(flows, table, features)
-            routed, nearest = scores.tasks, scores.nearest
+            routing = scores.routing
         final = _metrics(scores, split, model.config)
         results[task] = TaskMetrics(
-            *final, float(np.mean([t == task for t in nearest])), float(np.mean([t == UNKNOWN for t in routed]))
+            *final,
+            float(np.mean([t == task for t in routing.nearest])),
+            float(np.mean([t == UNKNOWN for t in routing.tasks])),
         )
         position = order.index(task)
         if position < len(order) - 1 and not oracle:  # an earlier task: the model right after it was learned
             then_metrics = (  # the same routing scores bit-identically: the flows need not run again
                 final
-                if route(table, features.routing, position + 1) == (routed, nearest)
+                if route(table, features.routing, position + 1) == routing
                 else _metrics(score_routed(flows, table, features, position + 1), split, model.config)
             )
             for name, before, after in zip(METRICS, then_metrics, final):

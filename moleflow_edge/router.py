@@ -41,6 +41,7 @@ MIN_IMAGES = 2  # a mean and a spread need two images
 LIMIT_FOLDS = 5  # held-out folds for the limit; leave-one-out below this many images
 FEW_IMAGES = 10  # below this a product is "few-image": its limit is widened
 PRIOR_IMAGES = 2  # weight of the shrinkage target, in images
+EXPLAIN_CANDIDATES = 3  # a frame beyond every limit is shown under the best of its nearest tasks' flows
 
 
 @dataclass(frozen=True)
@@ -152,12 +153,26 @@ class RouterTable:
         flow scores a frame that ``route`` finds beyond every limit."""
         return [self.tasks[i] for i in np.argmin(distances[:, :known], axis=1)]
 
+    def candidates(self, distances: np.ndarray, known: int | None = None) -> list[tuple[str, ...]]:
+        """The ``EXPLAIN_CANDIDATES`` nearest of the first ``known`` tasks per frame, nearest first:
+        whose flows may explain a frame that ``route`` finds beyond every limit."""
+        order = np.argsort(distances[:, :known], axis=1, kind="stable")[:, :EXPLAIN_CANDIDATES]
+        return [tuple(self.tasks[i] for i in row) for row in order]
+
     def route(self, distances: np.ndarray, known: int | None = None) -> list[str]:
         """Nearest of the first ``known`` tasks per frame, or UNKNOWN where even the nearest is
         beyond its limit: the one routing rule of the runtime, eval and the bench."""
         nearest = np.argmin(distances[:, :known], axis=1)
         within = distances[np.arange(len(distances)), nearest] <= self.limits[nearest]
         return [self.tasks[i] if ok else UNKNOWN for i, ok in zip(nearest, within)]
+
+
+def explaining_task(candidates: tuple[str, ...], patch_scores: list[np.ndarray]) -> str:
+    """Of a frame's candidate tasks and their flows' patch scores (H,W) for it, the task that explains
+    the frame best: the lowest median patch score. A frame beyond every limit is often a damaged part
+    of a known product; its pooled routing feature moves as a whole, while the product's own flow still
+    finds most of its patches normal. The runtime and eval draw such a frame's map from this task."""
+    return candidates[int(np.argmin([np.median(p) for p in patch_scores]))]
 
 
 def router_weights(tasks: list[str], prototypes: dict[str, Prototype]) -> bytes:

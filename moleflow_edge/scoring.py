@@ -16,7 +16,7 @@ import torch
 from moleflow_edge.features import ImageFeatures
 from moleflow_edge.model.merged import MergedFlow, merge_task
 from moleflow_edge.model.mole_flow import MoleFlow
-from moleflow_edge.router import UNKNOWN, RouterTable
+from moleflow_edge.router import UNKNOWN, RouterTable, explaining_task
 
 
 class TaskFlows:
@@ -44,17 +44,31 @@ class TaskFlows:
 
 
 @dataclass(frozen=True)
+class Routing:
+    """The router's decision for a batch, limits included (see ``route``)."""
+
+    tasks: list[str]  # routed task per image, UNKNOWN beyond every limit
+    nearest: list[str]  # the nearest task per image, limits aside: which product the router sees
+    candidates: list[tuple[str, ...]]  # beyond every limit: tasks whose flows may explain it; () otherwise
+
+
+@dataclass(frozen=True)
 class RoutedScores:
-    """What the runtime decides for a batch: ``tasks`` (UNKNOWN beyond every limit), and scores.
+    """What the runtime decides for a batch: ``routing``, and scores.
 
     A frame of no known product is stopped by the line, so its image score is +inf; its patch
-    scores come from the nearest task, so that pixel metrics stay defined for every image.
+    scores come from the candidate task that explains it best (``router.explaining_task``), the
+    map the runtime shows for it, so that pixel metrics stay defined for every image.
     """
 
-    tasks: list[str]
-    nearest: list[str]  # the nearest task per image, limits aside: which product the router sees
+    routing: Routing
+    shown: list[str]  # the task whose flow gave each image's patch scores
     patch: np.ndarray  # (N,H,W)
     image: np.ndarray  # (N,)
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.routing.tasks
 
     @property
     def rejected(self) -> np.ndarray:
@@ -62,21 +76,31 @@ class RoutedScores:
         return np.array([t == UNKNOWN for t in self.tasks], dtype=bool)
 
 
-def route(table: RouterTable, routing: np.ndarray, known: int | None = None) -> tuple[list[str], list[str]]:
-    """(routed task per image, UNKNOWN beyond every limit; nearest task per image, limits aside) over
-    the first ``known`` tasks (all by default: ``known`` rebuilds the router as it was right after an
-    earlier task), from (N,C) pooled router features."""
+def route(table: RouterTable, routing: np.ndarray, known: int | None = None) -> Routing:
+    """Routing over the first ``known`` tasks (all by default: ``known`` rebuilds the router as it
+    was right after an earlier task), from (N,C) pooled router features."""
     distances = table.distances(routing)
-    return table.route(distances, known), table.nearest(distances, known)
+    tasks = table.route(distances, known)
+    candidates = table.candidates(distances, known)
+    return Routing(tasks, table.nearest(distances, known), [c if t == UNKNOWN else () for t, c in zip(tasks, candidates)])
 
 
 @torch.no_grad()
 def score_routed(
     flows: TaskFlows, table: RouterTable, features: ImageFeatures, known: int | None = None
 ) -> RoutedScores:
-    """Route (limits included, see ``route``) and score every image under its task's flow."""
-    tasks, nearest = route(table, features.routing, known)
+    """Route (limits included, see ``route``) and score every image under its task's flow; a frame
+    beyond every limit under each of its candidates', keeping the one that explains it best."""
+    routing = route(table, features.routing, known)
     embedded = flows.model.embed(features.concat.to(flows.model.embedder.position.device))
-    scores = RoutedScores(tasks, nearest, *flows.score(embedded, nearest))
-    scores.image[scores.rejected] = np.inf
-    return scores
+    shown = list(routing.tasks)
+    rejected = [i for i, t in enumerate(routing.tasks) if t == UNKNOWN]
+    if rejected:
+        needed = dict.fromkeys(t for i in rejected for t in routing.candidates[i])
+        by_task = {task: flows.score(embedded[rejected], [task] * len(rejected))[0] for task in needed}
+        for j, i in enumerate(rejected):
+            candidates = routing.candidates[i]
+            shown[i] = explaining_task(candidates, [by_task[t][j] for t in candidates])
+    patch, image = flows.score(embedded, shown)
+    image[[t == UNKNOWN for t in routing.tasks]] = np.inf
+    return RoutedScores(routing, shown, patch, image)

@@ -13,7 +13,7 @@ from moleflow_edge.data.mvtec import DatasetError, load_split
 from moleflow_edge.evaluate import evaluate
 from moleflow_edge.features import extract_features
 from moleflow_edge.model_store import SHARED_FILE, ModelDirError, ModelStore
-from moleflow_edge.router import RouterTable
+from moleflow_edge.router import Prototype, RouterTable, explaining_task
 from moleflow_edge.scoring import TaskFlows, score_routed
 from moleflow_edge.train import train_task
 from moleflow_edge.config import MoleFlowConfig
@@ -91,6 +91,8 @@ def test_routed_accuracy_on_three_synthetic_tasks(sequence_run: dict, synth_root
         routed = score_routed(flows, table, extract_features(model, split.images))
         assert not routed.rejected[split.labels == 0].any(), task  # only defective parts look like no product
         assert np.isinf(routed.image[routed.rejected]).all()  # and the line stops them
+        # yet their maps come from their own product's flow, the one that explains them best
+        assert [s for s, r in zip(routed.shown, routed.rejected) if r] == [task] * int(routed.rejected.sum())
         assert metrics["image_auroc"] >= 0.8, (task, metrics)
     assert results["mean"]["image_auroc"] >= 0.9, results["mean"]  # 8 good test images: one task may dip
     assert results["forgetting"] == {"image_auroc": 0.0, "pixel_auroc": 0.0, "pixel_ap": 0.0, "aupro": 0.0}
@@ -170,3 +172,20 @@ def test_load_refuses_a_damaged_task_file(sequence_run: dict, tmp_path: Path) ->
     ModelStore(copy).task_file(SEQUENCE[1]).write_bytes(b"not safetensors")
     with pytest.raises(ModelDirError, match=f"{SEQUENCE[1]}.safetensors is damaged"):
         ModelStore(copy).load()
+
+
+def test_a_frame_beyond_every_limit_is_shown_under_the_flow_that_explains_most_of_it() -> None:
+    """Candidates are the nearest tasks by routing distance, nearest first; the explaining task is the
+    one whose patch scores have the lowest median: a defect in one corner does not move it."""
+    table = RouterTable(
+        ["a", "b", "c", "d"],
+        [Prototype(np.array([x, 0.0], np.float32), np.eye(2, dtype=np.float32), 1.0) for x in (0.0, 1.0, 3.0, 6.0)],
+    )
+    distances = table.distances(np.array([[2.2, 0.0], [5.9, 0.0]], np.float32))
+    assert table.candidates(distances) == [("c", "b", "a"), ("d", "c", "b")]
+    assert table.candidates(distances, known=2) == [("b", "a"), ("b", "a")]
+    damaged = np.full((4, 4), 1.0)
+    damaged[0, :] = 50.0  # a defect across one row: the max is high, the median is not
+    everywhere = np.full((4, 4), 5.0)
+    assert explaining_task(("c", "b"), [everywhere, damaged]) == "b"
+    assert explaining_task(("c", "b"), [damaged, everywhere]) == "c"

@@ -66,10 +66,14 @@ def reference(exported: dict, frames: list) -> dict:
     table = RouterTable(model.tasks, [prototypes[t] for t in model.tasks])
     features = extract_features(model, np.stack([resize_frame(f, size) for _, f in frames]))
     routed = score_routed(TaskFlows(model), table, features)
-    tasks = routed.tasks
-    patches = {i: routed.patch[i] for i, t in enumerate(tasks) if t != UNKNOWN}
-    scores = {i: float(routed.image[i]) for i, t in enumerate(tasks) if t != UNKNOWN}
-    return {"tasks": tasks, "patches": patches, "scores": scores, "size": size, "sigma": model.config.map_sigma}
+    return {
+        "tasks": routed.tasks,
+        "shown": routed.shown,
+        "patches": routed.patch,
+        "scores": routed.image,
+        "size": size,
+        "sigma": model.config.map_sigma,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +87,12 @@ def _check_against_reference(results: list[FrameResult], frames: list, reference
     assert [r.task for r in results] == reference["tasks"]
     for i, (result, (_, frame)) in enumerate(zip(results, frames)):
         assert result.error is None
-        if result.task == UNKNOWN:
-            continue
-        assert result.image_score == pytest.approx(reference["scores"][i], rel=SCORE_RTOL)
+        if result.task == UNKNOWN:  # stopped, yet its map comes from the flow that explains it best
+            assert result.image_score is None and result.is_anomaly is None
+            assert result.explained_by == reference["shown"][i]
+        else:
+            assert result.explained_by is None
+            assert result.image_score == pytest.approx(float(reference["scores"][i]), rel=SCORE_RTOL)
         expected = anomaly_map(reference["patches"][i], reference["size"], reference["sigma"], out_hw=frame.shape[:2])
         assert result.anomaly_map.shape == frame.shape[:2]
         scale = float(np.abs(expected).max())
@@ -171,9 +178,12 @@ def test_batch_as_one_4d_array(runtime: Runtime, frames: list) -> None:
 def test_untrained_product_is_unknown(runtime: Runtime, frames: list) -> None:
     results = runtime.infer([f for c, f in frames if c == "cap"])
     assert results and all(r.task == UNKNOWN for r in results)
-    for r in results:
-        assert r.error is None and r.image_score is None and r.is_anomaly is None and r.anomaly_map is None
+    for r in results:  # no score and no decision: the line stops it; a map from the nearby flow that fits best
+        assert r.error is None and r.image_score is None and r.is_anomaly is None
+        assert r.explained_by in TRAINED and r.anomaly_map is not None
         assert set(r.distances) == set(TRAINED)
+    quick = runtime.infer([f for c, f in frames if c == "cap"], with_maps=False)
+    assert all(r.explained_by is None and r.anomaly_map is None and r.patch_scores is None for r in quick)
 
 
 def test_bad_frames_fail_alone(runtime: Runtime, frames: list) -> None:

@@ -35,7 +35,8 @@ def render_overlay(frame: np.ndarray, result: FrameResult, alpha: float = 0.45) 
     if result.error is not None:
         text, colour_bgr = "error", (0, 0, 255)
     elif result.task == UNKNOWN:
-        text, colour_bgr = "unknown product", (0, 200, 255)
+        seen = f" (map: nearest {result.explained_by})" if result.explained_by else ""
+        text, colour_bgr = f"unknown product{seen}", (0, 200, 255)
     else:
         verdict = {True: "ANOMALY", False: "ok", None: "uncalibrated"}[result.is_anomaly]
         text = f"{result.task}  score {result.image_score:.2f}  {verdict}"

@@ -51,6 +51,9 @@ class FrameResult:
     is_anomaly: image_score > the task's calibrated threshold (None when not calibrated).
     anomaly_map: (H,W) float32 at the frame's own resolution, its longer side capped at the
     runtime's max_map_side (2048 px by default); patch_scores: (grid, grid).
+    explained_by: for an UNKNOWN frame whose maps were asked for, the nearby task whose flow explains
+    it best (often a damaged part of that product); its patch scores and map are that flow's, while
+    image_score and is_anomaly stay None: the frame matched no product, so the line stops it.
     """
 
     index: int
@@ -62,6 +65,7 @@ class FrameResult:
     anomaly_map: np.ndarray | None = None
     patch_scores: np.ndarray | None = None
     frame_shape: tuple[int, ...] | None = None
+    explained_by: str | None = None
     timings: StageTimings = field(default_factory=StageTimings)
     error: str | None = None
 
@@ -90,6 +94,7 @@ class FrameResult:
             "threshold": self.threshold,
             "anomaly": self.is_anomaly,
             "nearest_task": nearest,
+            "explained_by": self.explained_by,
             "distance": None if nearest is None else round(self.distances[nearest], 4),
             "latency_ms": self.timings.as_dict(),
         }

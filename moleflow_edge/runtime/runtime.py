@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 from moleflow_edge.anomaly_map import anomaly_map, capped_shape
 from moleflow_edge.contract import Manifest, ManifestError, Precision, TaskEntry, load_manifest
 from moleflow_edge.preprocess import FrameError, resize_frame
-from moleflow_edge.router import UNKNOWN, Prototype, RouterTable
+from moleflow_edge.router import UNKNOWN, Prototype, RouterTable, explaining_task
 from moleflow_edge.runtime.backend import (
     Backend,
     BackendError,
@@ -365,37 +365,33 @@ class Runtime:
         routing_ms = _ms(started)
 
         groups: dict[str, list[int]] = {}
+        unknown: dict[str, list[int]] = {}  # candidate task -> frames beyond every limit it may explain
+        candidates = self.router.candidates(distances)
         for k, (result, task) in enumerate(zip(results, routed)):
             result.task = task
             result.distances = dict(zip(self.router.tasks, distances[k].tolist()))
             result.timings.backbone, result.timings.routing = backbone_ms, routing_ms
             if task != UNKNOWN:
                 groups.setdefault(task, []).append(k)
+            elif with_maps:
+                for candidate in candidates[k]:
+                    unknown.setdefault(candidate, []).append(k)
 
         for task, members in groups.items():
-            started = time.perf_counter()
-            try:
-                engine, load_seconds = self.engines.get(task)
-                patch, image = engine.run(features, members)
-            except (BackendError, ManifestError, OSError) as exc:  # that task's frames fail, the rest go on
-                self.load_failures[task] = str(exc)
-                for k in members:
-                    results[k].error = f"task {task!r}: {exc}"
-                continue
-            flow_ms = _ms(started)
-            for j, k in enumerate(members):
-                results[k].patch_scores = np.asarray(patch[j], dtype=np.float32)
-                results[k].image_score = float(image[j])
-                results[k].timings.flow = flow_ms
-                results[k].timings.engine_load = load_seconds * 1e3
+            scored = self._run_task(task, features, members, results)
+            for k, (patch, image) in scored.items():
+                results[k].patch_scores, results[k].image_score = patch, image
+        if unknown:
+            self._explain_unknown(unknown, candidates, features, results)
 
         for result in results:
-            if result.image_score is None or result.error is not None:
+            if result.patch_scores is None or result.error is not None:
                 continue
             started = time.perf_counter()
-            threshold = self._entries[result.task].threshold  # type: ignore[index]
-            result.threshold = threshold
-            result.is_anomaly = None if threshold is None else bool(result.image_score > threshold)
+            if result.image_score is not None:
+                threshold = self._entries[result.task].threshold  # type: ignore[index]
+                result.threshold = threshold
+                result.is_anomaly = None if threshold is None else bool(result.image_score > threshold)
             if with_maps:
                 m = self.manifest
                 result.anomaly_map = anomaly_map(
@@ -405,6 +401,43 @@ class Runtime:
                     out_hw=capped_shape(result.frame_shape[:2], self.max_map_side),  # type: ignore[index]
                 )
             result.timings.postprocess = _ms(started)
+
+    def _run_task(
+        self, task: str, features: FeatureBatch, members: list[int], results: list[FrameResult]
+    ) -> dict[int, tuple[np.ndarray, float]]:
+        """Run ``task``'s flow on batch rows ``members`` -> {row: (patch scores, image score)}; on a
+        load or run failure those frames get the error and the rest of the batch goes on."""
+        started = time.perf_counter()
+        try:
+            engine, load_seconds = self.engines.get(task)
+            patch, image = engine.run(features, members)
+        except (BackendError, ManifestError, OSError) as exc:
+            self.load_failures[task] = str(exc)
+            for k in members:
+                results[k].error = f"task {task!r}: {exc}"
+            return {}
+        flow_ms = _ms(started)
+        for k in members:
+            results[k].timings.flow += flow_ms
+            results[k].timings.engine_load += load_seconds * 1e3
+        return {k: (np.asarray(patch[j], dtype=np.float32), float(image[j])) for j, k in enumerate(members)}
+
+    def _explain_unknown(
+        self,
+        unknown: dict[str, list[int]],
+        candidates: list[tuple[str, ...]],
+        features: FeatureBatch,
+        results: list[FrameResult],
+    ) -> None:
+        """Frames beyond every limit: each candidate task's flow scores them, and the one that explains
+        a frame best (``explaining_task``) gives its patch scores and map."""
+        by_task = {task: self._run_task(task, features, members, results) for task, members in unknown.items()}
+        for k in sorted({k for members in unknown.values() for k in members}):
+            if results[k].error is not None:
+                continue
+            named = candidates[k]
+            best = explaining_task(named, [by_task[t][k][0] for t in named])
+            results[k].explained_by, results[k].patch_scores = best, by_task[best][k][0]
 
     def score_as(self, resized: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
         """Oracle scoring for calibration: (B,S,S,3) resized frames -> image scores (B,) under
