@@ -1,11 +1,11 @@
 """Runtime vs PyTorch eager: latency per stage and throughput on this CPU, same frames, same run.
 
-    python benchmarks/runtime_bench.py [--work DIR] [--epochs 2] [--iters 40] [--batches 1,8]
+    python benchmarks/runtime_bench.py [--work DIR] [--steps 4] [--iters 40] [--batches 1,8]
 
 Builds (or reuses, under --work) a default-size model: 224 px input, EfficientNet-Lite0,
 D = 152 (the backbone's channels), M = 6 MoLE blocks, N = 2 DIA blocks, r = 64, trained for a
-couple of epochs on three synthetic products (timing needs no accuracy), exports it, then
-runs the same frames through
+few optimiser steps (--steps, at most; 4 = the old 2 epochs of 30 images at batch 16) on three
+synthetic products (timing needs no accuracy), exports it, then runs the same frames through
   - PyTorch eager: resize -> model.backbone_maps + embed -> numpy router -> flow per task -> anomaly map
   - the runtime on onnxruntime's CPU provider (and on OpenVINO when it is installed).
 Prints per-stage milliseconds, images/s and the runtime/PyTorch ratios; checks that both give
@@ -30,8 +30,9 @@ from moleflow_edge.runtime.result import STAGES
 TASKS = ["weave", "tiles", "screw"]
 
 
-def prepare(work: Path, epochs: int) -> tuple[Path, Path, Path]:
-    """Synthetic data, a default-size model and its fp32 export under ``work`` (reused when present)."""
+def prepare(work: Path, steps: int) -> tuple[Path, Path, Path]:
+    """Synthetic data, a default-size model trained for at most ``steps`` optimiser steps per task
+    and its fp32 export under ``work`` (reused when present, whatever ``steps`` it was trained with)."""
     from moleflow_edge.config import MoleFlowConfig
     from moleflow_edge.data.synth import generate
     from moleflow_edge.export.exporter import export_model
@@ -43,12 +44,12 @@ def prepare(work: Path, epochs: int) -> tuple[Path, Path, Path]:
         generate(data, [*TASKS, "cap"], seed=0, image_size=224, n_train=30, n_test_good=8, n_test_defect=3)
     config = MoleFlowConfig(
         image_size=224, embed_dim=152, num_mole_blocks=6, num_dia_blocks=2, lora_rank=64, lora_alpha=64.0,
-        epochs=epochs, batch_size=16,
+        max_steps=steps, batch_size=16,
     )  # fmt: skip
     done = ModelStore(model_dir).tasks()
     for task in TASKS:
         if task not in done:
-            print(f"training {task} ({epochs} epochs) ...", file=sys.stderr)
+            print(f"training {task} (at most {steps} optimiser steps) ...", file=sys.stderr)
             train_task(data, task, model_dir, config, progress=False)
     if not (export_dir / "manifest.json").is_file():
         print("exporting ...", file=sys.stderr)
@@ -96,7 +97,7 @@ def compare(reference: list, other: list) -> tuple[bool, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("runs/runtime_bench"), help="data, model and export (reused)")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4, help="optimiser steps per task at most (timing only)")
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads for every engine (default: cores)")
@@ -109,7 +110,7 @@ def main() -> None:
 
     from moleflow_edge.runtime import Backend, Runtime, available_backends
 
-    data, model_dir, export_dir = prepare(args.work, args.epochs)
+    data, model_dir, export_dir = prepare(args.work, args.steps)
     batches = [int(b) for b in args.batches.split(",")]
     frame_hw = tuple(int(v) for v in args.frame_hw.split(",")) if args.frame_hw else None
     frames = load_frames(data, 48, frame_hw)  # type: ignore[arg-type]

@@ -1,10 +1,13 @@
 """bench: the JSON report has every stage, percentile and backend field, and names what it skipped;
-the interleaved timing that runtime_bench uses takes turns as it says."""
+the interleaved timing that runtime_bench uses takes turns as it says; benchmarks/runtime_bench.py
+builds its model with the fields the config has (optimiser steps, not epochs)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -17,6 +20,16 @@ from moleflow_edge.contract import load_manifest
 from moleflow_edge.runtime.result import STAGES
 
 PERCENTILES = {"p50", "p90", "p99"}
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str) -> ModuleType:
+    """A benchmarks/ script as a module (benchmarks/ is not a package), without running its main."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +119,19 @@ def test_interleaved_timing_takes_turns_in_blocks_and_times_iters_calls_each() -
     for m in measured.values():
         assert set(m["stages_ms"]) == set(STAGES) and m["stages_ms"]["flow"]["p50"] == 1.0
         assert set(m["end_to_end_ms"]) == PERCENTILES and m["throughput_fps"] > 0
+
+
+def test_runtime_bench_prepare_trains_every_product_for_the_given_steps(tmp_path: Path, monkeypatch) -> None:
+    """prepare() builds a valid default-size config with max_steps = --steps, trains each product once
+    and exports; data generation, training and export are stubbed (the real run takes ~40 s)."""
+    runtime_bench = load_script("runtime_bench")
+    trained: list[tuple[str, object]] = []
+    exported: list[Path] = []
+    monkeypatch.setattr("moleflow_edge.data.synth.generate", lambda root, *a, **k: Path(root).mkdir(parents=True))
+    monkeypatch.setattr("moleflow_edge.train.train_task", lambda data, task, model_dir, config, **k: trained.append((task, config)))  # fmt: skip
+    monkeypatch.setattr("moleflow_edge.export.exporter.export_model", lambda model_dir, out: exported.append(out))
+    data, model_dir, export_dir = runtime_bench.prepare(tmp_path, 3)
+    assert [task for task, _ in trained] == runtime_bench.TASKS
+    for _, config in trained:
+        assert (config.max_steps, config.image_size, config.embed_dim, config.num_mole_blocks) == (3, 224, 152, 6)
+    assert exported == [export_dir] and data == tmp_path / "data" and model_dir == tmp_path / "model"
