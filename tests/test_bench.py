@@ -1,6 +1,6 @@
 """bench: the JSON report has every stage, percentile and backend field, and names what it skipped;
 the interleaved timing that runtime_bench uses takes turns as it says; benchmarks/runtime_bench.py
-builds its model with the fields the config has (optimiser steps, not epochs)."""
+and train_bench.py run on the config and report that training has (optimiser steps, not epochs)."""
 
 from __future__ import annotations
 
@@ -135,3 +135,22 @@ def test_runtime_bench_prepare_trains_every_product_for_the_given_steps(tmp_path
     for _, config in trained:
         assert (config.max_steps, config.image_size, config.embed_dim, config.num_mole_blocks) == (3, 224, 152, 6)
     assert exported == [export_dir] and data == tmp_path / "data" and model_dir == tmp_path / "model"
+
+
+def test_train_bench_reports_time_per_optimiser_step(tmp_path: Path, monkeypatch, capsys) -> None:
+    """train_bench's main on the tiny config alone, 8 images, 2 steps: one row per task with the per-step keys."""
+    from conftest import TINY_CONFIG
+
+    train_bench = load_script("train_bench")
+    monkeypatch.setattr(train_bench, "CONFIGS", {"tiny-test": TINY_CONFIG.with_overrides(image_size=64)})
+    monkeypatch.setattr(train_bench, "IMAGES_PER_TASK", 8)
+    out = tmp_path / "train.json"
+    monkeypatch.setattr("sys.argv", ["train_bench.py", "--steps", "2", "--json", str(out)])
+    train_bench.main()
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["config"], r["task_index"]) for r in rows] == [("tiny-test", 0), ("tiny-test", 1)]
+    for row in rows:
+        assert set(row) == {"config", "task_index", "images", "random_backbone", "steps", "seconds_per_step",
+                            "feature_seconds", "max_steps", "seconds_per_task_max_steps"}  # fmt: skip
+        assert (row["images"], row["steps"], row["max_steps"]) == (8, 2, TINY_CONFIG.max_steps)
+    assert "s/step" in capsys.readouterr().out
