@@ -92,7 +92,7 @@ class MoleFlowConfig:
     weight_decay: float = 0.01
     dia_lr_factor: float = 0.5  # DIA parameters at half the learning rate
     batch_size: int = 16
-    max_steps: int = 600  # optimiser steps per task at most; held-out stopping usually ends sooner
+    max_steps: int = 200  # optimiser steps per task at most (600 hurt real products); held-out stopping may stop sooner
     holdout_fraction: float = 0.2  # training images held out to decide when to stop (0: run max_steps)
     eval_every: int = 25  # steps between held-out checks
     patience: int = 4  # held-out checks without improvement before stopping; the best step is kept
