@@ -1,11 +1,13 @@
 """bench: the JSON report has every stage, percentile and backend field, and names what it skipped;
-the interleaved timing that runtime_bench uses takes turns as it says; benchmarks/runtime_bench.py
-and train_bench.py run on the config and report that training has (optimiser steps, not epochs)."""
+the interleaved timing that runtime_bench uses takes turns as it says; benchmarks/runtime_bench.py,
+train_bench.py and export_bench.py run on the config and report that training has (optimiser steps,
+not epochs)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 from types import ModuleType
 
@@ -154,3 +156,36 @@ def test_train_bench_reports_time_per_optimiser_step(tmp_path: Path, monkeypatch
                             "feature_seconds", "max_steps", "seconds_per_task_max_steps"}  # fmt: skip
         assert (row["images"], row["steps"], row["max_steps"]) == (8, 2, TINY_CONFIG.max_steps)
     assert "s/step" in capsys.readouterr().out
+
+
+class _Prepared(Exception):
+    """Raised by a stubbed prepare() to stop a benchmark's main once its arguments are known."""
+
+
+def test_export_bench_trains_both_products_for_the_given_steps(tmp_path: Path, monkeypatch) -> None:
+    """export_bench's --steps reaches prepare(), which builds a valid config with max_steps = steps, trains
+    each product once and reuses a trained model; data generation and training are stubbed."""
+    export_bench = load_script("export_bench")
+    trained: list[tuple[str, object]] = []
+    monkeypatch.setattr(export_bench, "generate", lambda root, *a, **k: Path(root).mkdir(parents=True))
+    monkeypatch.setattr(export_bench, "train_task", lambda data, task, model_dir, config, **k: trained.append((task, config)))  # fmt: skip
+    export_bench.prepare(tmp_path / "data", tmp_path / "model", 3)
+    assert [task for task, _ in trained] == export_bench.TASKS
+    assert all((config.max_steps, config.image_size, config.num_mole_blocks) == (3, 224, 6) for _, config in trained)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "tasks.json").write_text("{}")
+    export_bench.prepare(tmp_path / "data", tmp_path / "model", 3)
+    assert len(trained) == len(export_bench.TASKS)  # reused, not trained again
+
+    def stop(data: Path, model_dir: Path, steps: int) -> None:
+        raise _Prepared(steps)
+
+    monkeypatch.setattr(export_bench, "prepare", stop)
+    monkeypatch.setattr("sys.argv", ["export_bench.py", "--work", str(tmp_path), "--steps", "5"])
+    logging_disabled = logging.root.manager.disable
+    try:  # main() switches off logging up to WARNING (and sets torch's threads to their current count)
+        with pytest.raises(_Prepared) as prepared:
+            export_bench.main()
+    finally:
+        logging.disable(logging_disabled)
+    assert prepared.value.args == (5,)
