@@ -1,7 +1,7 @@
 """bench: the JSON report has every stage, percentile and backend field, and names what it skipped;
 the interleaved timing that runtime_bench uses takes turns as it says; benchmarks/runtime_bench.py,
-train_bench.py and export_bench.py run on the config and report that training has (optimiser steps,
-not epochs)."""
+train_bench.py, export_bench.py and calib_bench.py run on the config and report that training has
+(optimiser steps, not epochs)."""
 
 from __future__ import annotations
 
@@ -189,3 +189,31 @@ def test_export_bench_trains_both_products_for_the_given_steps(tmp_path: Path, m
     finally:
         logging.disable(logging_disabled)
     assert prepared.value.args == (5,)
+
+
+def test_calib_bench_trains_and_exports_for_the_given_steps(tmp_path: Path, monkeypatch) -> None:
+    """calib_bench's --steps reaches prepare(), which trains each product with max_steps = steps and exports
+    fp32 + int8, and reuses an existing export; data generation, training and export are stubbed."""
+    calib_bench = load_script("calib_bench")
+    trained: list[tuple[str, object]] = []
+    exported: list[tuple[Path, tuple[str, ...]]] = []
+    monkeypatch.setattr(calib_bench, "generate", lambda root, *a, **k: Path(root).mkdir(parents=True))
+    monkeypatch.setattr(calib_bench, "train_task", lambda data, task, model_dir, config, **k: trained.append((task, config)))  # fmt: skip
+    monkeypatch.setattr(calib_bench, "export_model", lambda model, out, precisions, **k: exported.append((out, precisions)))  # fmt: skip
+    data, model, export = calib_bench.prepare(tmp_path, 4)
+    assert [task for task, _ in trained] == calib_bench.TASKS
+    assert all((config.max_steps, config.image_size) == (4, 224) for _, config in trained)
+    assert exported == [(export, ("fp32", "int8"))] and (data, model) == (tmp_path / "data", tmp_path / "model")
+    export.mkdir()
+    (export / "manifest.json").write_text("{}")
+    calib_bench.prepare(tmp_path, 4)
+    assert len(trained) == len(calib_bench.TASKS) and len(exported) == 1  # reused, not trained again
+
+    def stop(work: Path, steps: int) -> None:
+        raise _Prepared(work, steps)
+
+    monkeypatch.setattr(calib_bench, "prepare", stop)
+    monkeypatch.setattr("sys.argv", ["calib_bench.py", str(tmp_path), "--steps", "5"])
+    with pytest.raises(_Prepared) as prepared:
+        calib_bench.main()
+    assert prepared.value.args == (tmp_path, 5)
