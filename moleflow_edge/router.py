@@ -50,12 +50,16 @@ class Prototype:
 
     ``images`` is how many training images it was fitted on (None where not recorded: export router
     files and task files written before it was), so reports can say when a limit rests on few images.
+    ``patch_level`` is where the task's flow puts normal patches it did not train on (``patch_level``):
+    a frame beyond every limit is compared with each candidate task on that task's own scale
+    (files written before it was recorded keep (0, 1): raw scores).
     """
 
     mean: np.ndarray
     whitener: np.ndarray
     limit: float
     images: int | None = None
+    patch_level: tuple[float, float] = (0.0, 1.0)  # (median, robust spread) of held-out normal patch scores
 
 
 def ledoit_wolf(centered: np.ndarray, target: np.ndarray | None = None, min_shrink: float = 0.0) -> np.ndarray:
@@ -142,6 +146,7 @@ class RouterTable:
         self.stacked = self.whiteners.reshape(-1, self.whiteners.shape[-1]).T.copy()  # (C, T*C)
         self.shift = np.stack([p.whitener @ p.mean for p in prototypes]).astype(np.float32)  # (T,C) = W_t mu_t
         self.limits = np.array([p.limit for p in prototypes], dtype=np.float32)
+        self.patch_levels = {t: p.patch_level for t, p in zip(self.tasks, prototypes)}
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distances (B,T) of pooled features (B,C): ||W_t f - W_t mu_t||^2."""
@@ -159,6 +164,16 @@ class RouterTable:
         order = np.argsort(distances[:, :known], axis=1, kind="stable")[:, :EXPLAIN_CANDIDATES]
         return [tuple(self.tasks[i] for i in row) for row in order]
 
+    def explaining_task(self, candidates: tuple[str, ...], patch_scores: list[np.ndarray]) -> str:
+        """Of a frame's candidate tasks and their flows' patch scores (H,W) for it, the task that explains
+        the frame best: the lowest median patch score, in units of each task's normal ``patch_level``.
+        A frame beyond every limit is often a damaged part of a known product; its pooled routing
+        feature moves as a whole, while the product's own flow still finds most of its patches
+        normal. The runtime and eval draw such a frame's map from this task."""
+        levels = [self.patch_levels[t] for t in candidates]
+        excess = [(np.median(p) - centre) / spread for p, (centre, spread) in zip(patch_scores, levels)]
+        return candidates[int(np.argmin(excess))]
+
     def route(self, distances: np.ndarray, known: int | None = None) -> list[str]:
         """Nearest of the first ``known`` tasks per frame, or UNKNOWN where even the nearest is
         beyond its limit: the one routing rule of the runtime, eval and the bench."""
@@ -167,21 +182,23 @@ class RouterTable:
         return [self.tasks[i] if ok else UNKNOWN for i, ok in zip(nearest, within)]
 
 
-def explaining_task(candidates: tuple[str, ...], patch_scores: list[np.ndarray]) -> str:
-    """Of a frame's candidate tasks and their flows' patch scores (H,W) for it, the task that explains
-    the frame best: the lowest median patch score. A frame beyond every limit is often a damaged part
-    of a known product; its pooled routing feature moves as a whole, while the product's own flow still
-    finds most of its patches normal. The runtime and eval draw such a frame's map from this task."""
-    return candidates[int(np.argmin([np.median(p) for p in patch_scores]))]
+def patch_level(patch_scores: np.ndarray) -> tuple[float, float]:
+    """(median, 1.4826 x median absolute deviation) of a task's patch scores on normal images it did not
+    train on: its flow's own scale, so that tasks fitted on 4 or 200 images can be compared."""
+    scores = np.asarray(patch_scores, dtype=np.float64).ravel()
+    centre = float(np.median(scores))
+    return centre, max(float(np.median(np.abs(scores - centre))) * 1.4826, 1e-6)
 
 
 def router_weights(tasks: list[str], prototypes: dict[str, Prototype]) -> bytes:
-    """router.safetensors as bytes: <task>.mean (C,) and <task>.whitener (C,C), float32, in ``tasks``
-    order. Torch-free, so the exporter and the benchmark's grown exports write the same file."""
+    """router.safetensors as bytes: <task>.mean (C,), <task>.whitener (C,C) and <task>.patch_level (2,),
+    float32, in ``tasks`` order. Torch-free, so the exporter and the benchmark's grown exports write
+    the same file."""
     from safetensors.numpy import save
 
     tensors = {}
     for task in tasks:
         tensors[f"{task}.mean"] = np.ascontiguousarray(prototypes[task].mean, np.float32)
         tensors[f"{task}.whitener"] = np.ascontiguousarray(prototypes[task].whitener, np.float32)
+        tensors[f"{task}.patch_level"] = np.asarray(prototypes[task].patch_level, np.float32)
     return save(tensors, metadata={"tasks": json.dumps(tasks)})

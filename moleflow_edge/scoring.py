@@ -16,7 +16,7 @@ import torch
 from moleflow_edge.features import ImageFeatures
 from moleflow_edge.model.merged import MergedFlow, merge_task
 from moleflow_edge.model.mole_flow import MoleFlow
-from moleflow_edge.router import UNKNOWN, RouterTable, explaining_task
+from moleflow_edge.router import UNKNOWN, RouterTable
 
 
 class TaskFlows:
@@ -57,7 +57,7 @@ class RoutedScores:
     """What the runtime decides for a batch: ``routing``, and scores.
 
     A frame of no known product is stopped by the line, so its image score is +inf; its patch
-    scores come from the candidate task that explains it best (``router.explaining_task``), the
+    scores come from the candidate task that explains it best (``RouterTable.explaining_task``), the
     map the runtime shows for it, so that pixel metrics stay defined for every image.
     """
 
@@ -82,7 +82,9 @@ def route(table: RouterTable, routing: np.ndarray, known: int | None = None) -> 
     distances = table.distances(routing)
     tasks = table.route(distances, known)
     candidates = table.candidates(distances, known)
-    return Routing(tasks, table.nearest(distances, known), [c if t == UNKNOWN else () for t, c in zip(tasks, candidates)])
+    return Routing(
+        tasks, table.nearest(distances, known), [c if t == UNKNOWN else () for t, c in zip(tasks, candidates)]
+    )
 
 
 @torch.no_grad()
@@ -100,7 +102,7 @@ def score_routed(
         by_task = {task: flows.score(embedded[rejected], [task] * len(rejected))[0] for task in needed}
         for j, i in enumerate(rejected):
             candidates = routing.candidates[i]
-            shown[i] = explaining_task(candidates, [by_task[t][j] for t in candidates])
+            shown[i] = table.explaining_task(candidates, [by_task[t][j] for t in candidates])
     patch, image = flows.score(embedded, shown)
     image[[t == UNKNOWN for t in routing.tasks]] = np.inf
     return RoutedScores(routing, shown, patch, image)

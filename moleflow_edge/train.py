@@ -9,7 +9,7 @@ leaves the directory exactly as it was.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from moleflow_edge.locking import locks_folder
 from moleflow_edge.model.loss import flow_loss
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import ModelDirError, ModelStore
-from moleflow_edge.router import fit_prototype
+from moleflow_edge.router import fit_prototype, patch_level
 from moleflow_edge.task_check import check_new_task
 
 
@@ -220,6 +220,10 @@ def train_task(
     prototype = fit_prototype(
         routing, cfg.router_covariance, cfg.router_ridge, cfg.router_limit_quantile, cfg.router_limit_margin
     )
+    with torch.no_grad():  # the flow's scale on normal images it did not train on (the fit images if none)
+        unseen = concat[0].cpu()[held.cpu() if len(held) else torch.from_numpy(fit)]
+        level = patch_level(model.patch_scores(model.embed(unseen), task).numpy())
+    prototype = replace(prototype, patch_level=level)
     store.save_task(model, task, prototype)
     final = best_loss if best_weights is not None else loss_value
     return TrainReport(

@@ -13,7 +13,7 @@ from moleflow_edge.data.mvtec import DatasetError, load_split
 from moleflow_edge.evaluate import evaluate
 from moleflow_edge.features import extract_features
 from moleflow_edge.model_store import SHARED_FILE, ModelDirError, ModelStore
-from moleflow_edge.router import Prototype, RouterTable, explaining_task
+from moleflow_edge.router import Prototype, RouterTable, patch_level
 from moleflow_edge.scoring import TaskFlows, score_routed
 from moleflow_edge.train import train_task
 from moleflow_edge.config import MoleFlowConfig
@@ -176,10 +176,15 @@ def test_load_refuses_a_damaged_task_file(sequence_run: dict, tmp_path: Path) ->
 
 def test_a_frame_beyond_every_limit_is_shown_under_the_flow_that_explains_most_of_it() -> None:
     """Candidates are the nearest tasks by routing distance, nearest first; the explaining task is the
-    one whose patch scores have the lowest median: a defect in one corner does not move it."""
+    one whose median patch score lies least far above its own normal level, in units of its spread:
+    a defect in one corner does not move the median, and a task with a broad scale gains nothing."""
+    levels = {"a": (0.0, 1.0), "b": (0.0, 1.0), "c": (0.0, 1.0), "d": (100.0, 50.0)}
     table = RouterTable(
-        ["a", "b", "c", "d"],
-        [Prototype(np.array([x, 0.0], np.float32), np.eye(2, dtype=np.float32), 1.0) for x in (0.0, 1.0, 3.0, 6.0)],
+        list(levels),
+        [
+            Prototype(np.array([x, 0.0], np.float32), np.eye(2, dtype=np.float32), 1.0, patch_level=level)
+            for x, level in zip((0.0, 1.0, 3.0, 6.0), levels.values())
+        ],
     )
     distances = table.distances(np.array([[2.2, 0.0], [5.9, 0.0]], np.float32))
     assert table.candidates(distances) == [("c", "b", "a"), ("d", "c", "b")]
@@ -187,5 +192,13 @@ def test_a_frame_beyond_every_limit_is_shown_under_the_flow_that_explains_most_o
     damaged = np.full((4, 4), 1.0)
     damaged[0, :] = 50.0  # a defect across one row: the max is high, the median is not
     everywhere = np.full((4, 4), 5.0)
-    assert explaining_task(("c", "b"), [everywhere, damaged]) == "b"
-    assert explaining_task(("c", "b"), [damaged, everywhere]) == "c"
+    assert table.explaining_task(("c", "b"), [everywhere, damaged]) == "b"
+    assert table.explaining_task(("c", "b"), [damaged, everywhere]) == "c"
+    # d's normal patches score 100 +- 50: 120 is normal for d, 5 is 5 spreads above normal for c
+    assert table.explaining_task(("c", "d"), [everywhere, np.full((4, 4), 120.0)]) == "d"
+
+
+def test_patch_level_is_the_median_and_robust_spread() -> None:
+    scores = np.array([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert patch_level(scores) == pytest.approx((3.0, 1.4826))
+    assert patch_level(np.ones(5))[1] > 0  # never a zero spread to divide by

@@ -175,6 +175,15 @@ def test_batch_as_one_4d_array(runtime: Runtime, frames: list) -> None:
 
 
 # --- unknown products and bad frames -----------------------------------------------------------------
+def test_router_carries_each_tasks_patch_level(exported: dict, runtime: Runtime) -> None:
+    """The export's router file brings every task's normal patch-score level to the runtime, which
+    weighs the flows that may explain an unknown frame with it."""
+    _, prototypes = ModelStore(exported["model_dir"]).load()
+    for task in TRAINED:
+        assert prototypes[task].patch_level != (0.0, 1.0)  # measured at training, not the default
+        assert runtime.router.patch_levels[task] == pytest.approx(prototypes[task].patch_level, rel=1e-6)
+
+
 def test_untrained_product_is_unknown(runtime: Runtime, frames: list) -> None:
     results = runtime.infer([f for c, f in frames if c == "cap"])
     assert results and all(r.task == UNKNOWN for r in results)

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 from moleflow_edge.anomaly_map import anomaly_map, capped_shape
 from moleflow_edge.contract import Manifest, ManifestError, Precision, TaskEntry, load_manifest
 from moleflow_edge.preprocess import FrameError, resize_frame
-from moleflow_edge.router import UNKNOWN, Prototype, RouterTable, explaining_task
+from moleflow_edge.router import UNKNOWN, Prototype, RouterTable
 from moleflow_edge.runtime.backend import (
     Backend,
     BackendError,
@@ -66,7 +66,15 @@ def load_router_table(root: Path, manifest: Manifest) -> RouterTable:
                 f"{path}: task {entry.name!r} prototype has shapes {mean.shape}, {whitener.shape}; "
                 f"the manifest says routing_dim {c}"
             )
-        prototypes.append(Prototype(mean.astype(np.float32), whitener.astype(np.float32), float(entry.distance_limit)))
+        level = tensors.get(f"{entry.name}.patch_level")  # absent from routers exported before it was
+        prototypes.append(
+            Prototype(
+                mean.astype(np.float32),
+                whitener.astype(np.float32),
+                float(entry.distance_limit),
+                patch_level=(0.0, 1.0) if level is None else (float(level[0]), float(level[1])),
+            )
+        )
     return RouterTable(manifest.task_names, prototypes)
 
 
@@ -430,13 +438,13 @@ class Runtime:
         results: list[FrameResult],
     ) -> None:
         """Frames beyond every limit: each candidate task's flow scores them, and the one that explains
-        a frame best (``explaining_task``) gives its patch scores and map."""
+        a frame best (``RouterTable.explaining_task``) gives its patch scores and map."""
         by_task = {task: self._run_task(task, features, members, results) for task, members in unknown.items()}
         for k in sorted({k for members in unknown.values() for k in members}):
             if results[k].error is not None:
                 continue
             named = candidates[k]
-            best = explaining_task(named, [by_task[t][k][0] for t in named])
+            best = self.router.explaining_task(named, [by_task[t][k][0] for t in named])
             results[k].explained_by, results[k].patch_scores = best, by_task[best][k][0]
 
     def score_as(self, resized: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
