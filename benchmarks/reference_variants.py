@@ -82,20 +82,42 @@ def nearest_centre(centres: int | None, whiten: bool) -> Variant:
     return score
 
 
-VARIANTS: dict[str, Variant] = {
-    "gaussian (reference)": gaussian(),
-    "gaussian, mean per position": gaussian(position_prior=0.0),
-    "gaussian, mean per position, prior 20": gaussian(position_prior=20.0),
-    "nearest of 64 k-means centres, whitened": nearest_centre(64, whiten=True),
-    "nearest of 256 k-means centres, whitened": nearest_centre(256, whiten=True),
-    "nearest of 256 k-means centres, raw": nearest_centre(256, whiten=False),
-    "knn, whitened": nearest_centre(None, whiten=True),
-    "knn, raw (reference)": nearest_centre(None, whiten=False),
-    "gaussian, covariance shrunk 0.5 to identity": gaussian(shrink=0.5),
-    "gaussian, covariance shrunk 0.9 to identity": gaussian(shrink=0.9),
-    "gaussian in the 32 leading principal directions": leading_directions(32),
-    "gaussian in the 64 leading principal directions": leading_directions(64),
-}
+def channels(variant: Variant, part: slice) -> Variant:
+    """``variant`` on a slice of the channels: one backbone map's part of the patch vector."""
+    return lambda train, test: variant(train[..., part], test[..., part])
+
+
+def per_map_gaussians(channels8: int) -> Variant:
+    """One Gaussian per backbone map, squared distances divided by each map's channel count and summed."""
+    eight, sixteen = slice(None, channels8), slice(channels8, None)
+
+    def score(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+        return sum(
+            gaussian()(train[..., part], test[..., part]) ** 2 / train[..., part].shape[-1] for part in (eight, sixteen)
+        )
+
+    return score
+
+
+def variants(channels8: int) -> dict[str, Variant]:
+    """Every variant scored; ``channels8`` is where the stride-8 map's channels end in the patch vector."""
+    return {
+        "gaussian (reference)": gaussian(),
+        "gaussian, mean per position": gaussian(position_prior=0.0),
+        "gaussian, mean per position, prior 20": gaussian(position_prior=20.0),
+        "nearest of 64 k-means centres, whitened": nearest_centre(64, whiten=True),
+        "nearest of 256 k-means centres, whitened": nearest_centre(256, whiten=True),
+        "nearest of 256 k-means centres, raw": nearest_centre(256, whiten=False),
+        "knn, whitened": nearest_centre(None, whiten=True),
+        "knn, raw (reference)": nearest_centre(None, whiten=False),
+        "gaussian, covariance shrunk 0.5 to identity": gaussian(shrink=0.5),
+        "gaussian, covariance shrunk 0.9 to identity": gaussian(shrink=0.9),
+        "gaussian in the 32 leading principal directions": leading_directions(32),
+        "gaussian in the 64 leading principal directions": leading_directions(64),
+        "one gaussian per backbone map": per_map_gaussians(channels8),
+        "knn, stride-8 map only": channels(nearest_centre(None, whiten=False), slice(None, channels8)),
+        "knn, stride-16 map only": channels(nearest_centre(None, whiten=False), slice(channels8, None)),
+    }
 
 
 def main() -> None:
@@ -106,6 +128,7 @@ def main() -> None:
     config = MoleFlowConfig(backbone=args.backbone)
     backbone = build_backbone(config, random_init=False)
     model = MoleFlow(config.with_overrides(embed_dim=backbone.channels8 + backbone.channels16), backbone).eval()
+    scored = variants(backbone.channels8)
     rows: dict[str, dict[str, tuple[float, ...]]] = {}
     counted = []
     for product in list_categories(args.data):
@@ -116,13 +139,13 @@ def main() -> None:
         if len(train_images) >= SMOKE_IMAGES:
             counted.append(product)
         rows[product] = {}
-        for name, variant in VARIANTS.items():
+        for name, variant in scored.items():
             patch = variant(train, queries).astype(np.float32)
             rows[product][name] = split_metrics(test, anomaly_maps(patch, config), patch.reshape(len(patch), -1).max(1))
             print(f"{product:14s} {name:44s} " + " / ".join(f"{v:.3f}" for v in rows[product][name]), flush=True)
     print(f"\nmeans over {', '.join(counted)} (image AUROC / pixel AUROC / pixel AP / AUPRO)")
     print("| detector | means |\n|---|---|")
-    for name in VARIANTS:
+    for name in scored:
         means = np.mean([rows[p][name] for p in counted], axis=0)
         print(f"| {name} | " + " / ".join(f"{v:.3f}" for v in means) + " |")
 
