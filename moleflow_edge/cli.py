@@ -56,6 +56,9 @@ def positive_ints(text: str, option: str) -> tuple[int, ...]:
 
 
 DEVICE_OPTION_HELP = "auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N."
+THREADS_OPTION_HELP = (
+    "Torch threads (default: one per core, or 1 when the load average says other work holds the cores)."
+)
 
 
 def chosen_device(spec: str, use: Callable[[str], str]):  # noqa: ANN201 - a torch.device; torch is imported lazily
@@ -69,6 +72,24 @@ def chosen_device(spec: str, use: Callable[[str], str]):  # noqa: ANN201 - a tor
         fail(str(exc))
     typer.echo(f"device: {describe(device)} ({use(device.type)})", err=True)
     return device
+
+
+def torch_threads(requested: int | None) -> int | None:
+    """--threads, or 1 on a busy machine (saying so); None leaves torch's default."""
+    from moleflow_edge.device import choose_threads
+
+    threads, note = choose_threads(requested)
+    if note:
+        typer.echo(note)
+    return threads
+
+
+def set_torch_threads(requested: int | None) -> None:
+    """Apply --threads (or the busy-machine choice) before training or eval starts."""
+    if (threads := torch_threads(requested)) is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def few_images_note(task: str, images: int | None) -> str | None:
@@ -121,6 +142,7 @@ def train(
     image_size: Optional[int] = typer.Option(None, help="Input size, a multiple of 16 (first task only)."),
     steps: Optional[int] = typer.Option(None, min=1, help="Most optimiser steps for this task (default: the config's max_steps)."),
     device: str = typer.Option("auto", help=DEVICE_OPTION_HELP),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_OPTION_HELP),
     amp: bool = typer.Option(
         False, help="On CUDA, float16 autocast for the backbone and flow subnets, loss in float32 (measured slower "
         "than float32 on an H100 at the papers' sizes: benchmarks/README.md, GPU check)."
@@ -130,6 +152,7 @@ def train(
     from moleflow_edge.train import train_task
 
     where = chosen_device(device, lambda kind: "training, " + ("float16 mixed precision" if amp and kind == "cuda" else "float32"))
+    set_torch_threads(threads)
     try:
         report = train_task(data, task, model, _config(config, backbone, image_size), steps, device=where, amp=amp)
     except USER_ERRORS as exc:
@@ -151,12 +174,14 @@ def eval_command(
     oracle: bool = typer.Option(False, help="Give each image its true task instead of routing it."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     device: str = typer.Option("auto", help=DEVICE_OPTION_HELP),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_OPTION_HELP),
 ) -> None:
     """Image AUROC, pixel AUROC, pixel AP, routing accuracy and forgetting, task by task."""
     from moleflow_edge.evaluate import evaluate, format_eval_table
 
     writable(json_out, "--json")
     where = chosen_device(device, lambda _: "evaluation, float32")
+    set_torch_threads(threads)
     try:
         results = evaluate(data, model, tasks.split(",") if tasks else None, oracle, device=where)
     except USER_ERRORS as exc:
@@ -327,19 +352,15 @@ def demo(
     steps: Optional[int] = typer.Option(None, min=1, help="Most optimiser steps per task (default 90, --full 120)."),
     full: bool = typer.Option(False, "--full", help="The larger run: 40 training images per product, 120 steps, "
                               "every bench backend and up to 15 tasks in the growth test."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Torch threads (default: one per core, or 1 when "
-                                          "the load average says other work holds the cores)."),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_OPTION_HELP),
 ) -> None:
     """Synthetic data -> train 3 products one after another -> eval -> export -> calibrate -> bench -> runtime
     maps; under 3 minutes on 2 idle cores, and it ends by saying where everything is."""
-    from moleflow_edge.demo import FULL, QUICK, choose_threads, run_demo
+    from moleflow_edge.demo import FULL, QUICK, run_demo
 
     writable(out, "--out", directory=True)
-    threads, note = choose_threads(threads)
-    if note:
-        typer.echo(note)
     try:
-        outputs = run_demo(out, FULL if full else QUICK, steps, printer=typer.echo, threads=threads)
+        outputs = run_demo(out, FULL if full else QUICK, steps, printer=typer.echo, threads=torch_threads(threads))
     except USER_ERRORS as exc:
         fail(str(exc))
     typer.echo(outputs.summary())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -113,21 +112,6 @@ def _pick_frames(data: Path, frames: Path, plan: DemoPlan) -> None:
             shutil.copyfile(path, frames / f"{task}_{path.parent.name}_{path.stem}.png")
     unseen = min((data / UNSEEN / "test" / "good").glob("*.png"))
     shutil.copyfile(unseen, frames / f"{UNSEEN}_never_learned.png")
-
-
-def choose_threads(requested: int | None) -> tuple[int | None, str | None]:
-    """Torch threads for the demo, and a line saying why when it is not torch's default.
-
-    When other work holds the cores, torch's threads wait on each other at every small op:
-    measured on a 2-core VM at load 8, 30 flow-training steps took 12.5 s on 1 thread and 224 s
-    on 2 (the demo took 28 minutes there). So a busy machine gets 1 thread unless asked otherwise.
-    """
-    cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if requested is not None or cores < 2 or load < cores / 2:
-        return requested, None
-    return 1, (f"note: this machine is busy (load {load:.1f} on {cores} cores): torch runs on 1 thread, since its "
-               "threads would wait on each other; --threads N overrides")  # fmt: skip
 
 
 def run_demo(out: str | Path, plan: DemoPlan = QUICK, steps: int | None = None,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from moleflow_edge.demo import FULL, QUICK, TASKS, UNSEEN, choose_threads, run_demo
+from moleflow_edge.demo import FULL, QUICK, TASKS, UNSEEN, run_demo
+from moleflow_edge.device import choose_threads
 
 # the whole path at test size: what the demo does, not how well
 TEST_PLAN = replace(

@@ -141,3 +141,23 @@ def test_device_and_amp_options_leave_model_and_export_bytes_unchanged(synth_roo
         exported[name] = {k: v for k, v in _files(tmp_path / name / "export").items() if k.endswith(".onnx")}
     assert saved["plain"] == saved["auto"] and any(k.endswith(".safetensors") for k in saved["plain"])
     assert exported["plain"] == exported["auto"] and exported["plain"]
+
+
+def test_train_and_eval_threads_option_sets_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--threads N, or 1 on a busy machine, is applied to torch before training or eval starts."""
+    from moleflow_edge.cli import set_torch_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    try:
+        monkeypatch.setattr("os.getloadavg", lambda: (0.1, 0.1, 0.1))
+        set_torch_threads(1)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        set_torch_threads(None)  # idle machine, nothing asked: torch's own setting stays
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr("os.getloadavg", lambda: (6.0, 6.0, 6.0))
+        set_torch_threads(None)  # busy machine: one thread
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
