@@ -4,9 +4,10 @@ Where ``tensorrt`` (with cuda-python and a GPU) is installed: trains two synthet
 with a small config, exports them with ``--format engine`` in every precision, runs each
 precision through the runtime's native TensorRT backend at batch 1 and at the batch profile's
 maximum, compares image scores and routing with onnxruntime on the CPU (same precision, and
-fp32), and reports per-stage milliseconds (median over the timed runs). Elsewhere it says why,
-measures nothing and exits 0. benchmarks/gpu_check.py runs this script (with --json) for its
-TensorRT part.
+fp32), and reports per-stage milliseconds, milliseconds per call and images/s (medians over
+--iters calls on consecutive batches of the test frames, timed by moleflow_edge.bench.measure
+as runtime_bench is). Elsewhere it says why, measures nothing and exits 0.
+benchmarks/gpu_check.py runs this script (with --json) for its TensorRT part.
 
     python benchmarks/tensorrt_check.py [--work DIR] [--json OUT] [--iters N]
 """
@@ -20,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from moleflow_edge.bench.measure import measure
+from moleflow_edge.bench.pipelines import runtime_pipeline
 from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.mvtec import load_split
 from moleflow_edge.data.synth import generate
 from moleflow_edge.export.exporter import export_model
 from moleflow_edge.runtime import Runtime
 from moleflow_edge.runtime.backend import Backend, available_backends
-from moleflow_edge.runtime.result import STAGES
 from moleflow_edge.train import train_task
 
 TASKS = ["weave", "tiles"]
@@ -50,12 +52,6 @@ def unavailable() -> str | None:
 def _scores(runtime: Runtime, frames: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
     results = runtime.infer(frames, with_maps=False)
     return np.array([np.nan if r.image_score is None else r.image_score for r in results]), [r.task for r in results]
-
-
-def _stage_ms(runtime: Runtime, frames: np.ndarray, iters: int) -> dict[str, float]:
-    runtime.infer(frames, with_maps=True)  # warm-up: lazy engine load, first-run allocations
-    runs = [runtime.infer(frames, with_maps=True)[0].timings for _ in range(iters)]
-    return {stage: round(float(np.median([getattr(t, stage) for t in runs])), 3) for stage in STAGES}
 
 
 def tensorrt_section(work: Path, iters: int = 20) -> dict[str, object]:
@@ -82,7 +78,10 @@ def tensorrt_section(work: Path, iters: int = 20) -> dict[str, object]:
                          "max_rel_score_diff": float(np.nanmax(np.abs(scores - ref_scores) / np.abs(ref_scores))),
                          "same_route": float(np.mean([a == b for a, b in zip(tasks, ref_tasks)]))})  # fmt: skip
         for batch in (1, BATCH_PROFILE[2]):
-            rows.append({"precision": precision, "batch": batch, "stage_ms": _stage_ms(runtime, frames[:batch], iters)})
+            timed = measure(runtime_pipeline(runtime), list(frames), batch, iters)
+            rows.append({"precision": precision, "batch": batch,
+                         "stage_ms": {s: v["p50"] for s, v in timed["stages_ms"].items()},
+                         "call_ms": timed["end_to_end_ms"]["p50"], "images_per_s": timed["throughput_fps"]})  # fmt: skip
         device = runtime.description
         runtime.close()
     return {"status": "measured", "device": device, "batch_profile": list(BATCH_PROFILE), "rows": rows}
