@@ -106,52 +106,34 @@ def _batch_hint(arguments: dict[str, object]) -> str:
     return f"batch_size in the --config JSON (now {config.batch_size})"  # type: ignore[union-attr]
 
 
-@names_batch_on_oom(f"training (flow steps, or the backbone on {FEATURE_BATCH} images at a time)", _batch_hint)
-@locks_folder("model_dir", "training")
-def train_task(
-    data_root: str | Path,
+@dataclass(frozen=True)
+class FlowFit:
+    """What the optimiser loop did: steps run, the step whose weights were kept, its loss, seconds."""
+
+    steps: int
+    best_step: int
+    final_loss: float  # held-out loss at best_step, or the last training loss without a hold-out
+    seconds: float
+
+
+def fit_flow(
+    model: MoleFlow,
     task: str,
-    model_dir: str | Path,
-    config: MoleFlowConfig | None = None,
-    steps: int | None = None,
-    progress: bool = True,
-    random_backbone: bool = False,
-    device: str | torch.device = "cpu",
-    amp: bool = False,
-) -> TrainReport:
-    """Train ``task`` from ROOT/<task>/train/good and add it to the model directory.
-
-    Runs at most ``steps`` (default: the config's max_steps) optimiser steps on a cosine schedule,
-    checks the loss on held-out training images every ``eval_every`` steps, stops after
-    ``patience`` checks without improvement and keeps the weights of the best check.
-    ``device``: auto, cpu, cuda or cuda:N; on CUDA ``amp`` runs the backbone and flow subnets under
-    float16 autocast with a GradScaler (off by default: on an H100 it made a full-size step 1.9x
-    slower, benchmarks/README.md). The saved model is CPU tensors whatever the device.
-    """
-    check_new_task(data_root, task, model_dir)  # every refusal before any backbone or training work
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}: nothing was trained")
-    device = resolve_device(device)
-    store = ModelStore(model_dir)
-    torch.manual_seed((config or MoleFlowConfig()).seed if not store.tasks() else store.config().seed)
-    model = prepare_model(store, config, random_backbone).to(device)  # random init here: seeded first
+    concat: torch.Tensor,
+    fit: np.ndarray,
+    held: np.ndarray,
+    max_steps: int,
+    device: torch.device,
+    precision: torch.dtype | None,
+    progress: bool,
+) -> FlowFit:
+    """At most ``max_steps`` optimiser steps on a cosine schedule over the fit images' variants; every
+    ``eval_every`` steps the loss on the ``held`` images is checked, training stops after ``patience``
+    checks without improvement and the best check's weights are kept. Task 0 trains the shared parts
+    too; a later task only its own."""
     cfg = model.config
-    max_steps = steps or cfg.max_steps
-
-    started = time.perf_counter()
-    split = load_split(data_root, task, "train", cfg.image_size)
-    precision = amp_dtype(device, amp)
-    with autocast(device, precision):
-        concat, routing = training_features(model, split.images)
-    feature_seconds = time.perf_counter() - started
-    fit, held = holdout_split(len(split.images), cfg.holdout_fraction, cfg.seed)
-
-    first_task = not model.tasks
-    model.add_task(task)
-    model.to(device)  # the new task's parameters too
-    if cfg.whitening == Whitening.MAHALANOBIS.value:  # on every training variant of the fit images
-        with torch.no_grad():
-            model.per_task[task].whitening.fit(model.embed(concat[:, torch.from_numpy(fit).to(device)].flatten(0, 1)))
+    first_task = model.tasks == [task]
+    held_rows = torch.from_numpy(held).to(device)
     for p in model.shared_parameters():
         p.requires_grad_(first_task)
     own, dia = model.task_parameters(task)
@@ -164,12 +146,11 @@ def train_task(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision is torch.float16)
     generator = torch.Generator().manual_seed(cfg.seed)
-    held = torch.from_numpy(held).to(device)
 
     def held_out_loss() -> float:
         model.eval()
         with torch.no_grad():
-            loss = flow_loss(*amp_flow(model, concat[0, held], task, 0.0, device, precision), cfg).item()
+            loss = flow_loss(*amp_flow(model, concat[0, held_rows], task, 0.0, device, precision), cfg).item()
         model.train()
         model.backbone.eval()
         return loss
@@ -212,7 +193,56 @@ def train_task(
         with torch.no_grad():
             for p, kept in zip(trained, best_weights):
                 p.copy_(kept)
-    train_seconds = time.perf_counter() - started
+    final = best_loss if best_weights is not None else loss_value
+    return FlowFit(step, best_step or step, final, time.perf_counter() - started)
+
+
+@names_batch_on_oom(f"training (flow steps, or the backbone on {FEATURE_BATCH} images at a time)", _batch_hint)
+@locks_folder("model_dir", "training")
+def train_task(
+    data_root: str | Path,
+    task: str,
+    model_dir: str | Path,
+    config: MoleFlowConfig | None = None,
+    steps: int | None = None,
+    progress: bool = True,
+    random_backbone: bool = False,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+) -> TrainReport:
+    """Train ``task`` from ROOT/<task>/train/good and add it to the model directory.
+
+    Runs at most ``steps`` (default: the config's max_steps) optimiser steps on a cosine schedule,
+    checks the loss on held-out training images every ``eval_every`` steps, stops after
+    ``patience`` checks without improvement and keeps the weights of the best check.
+    ``device``: auto, cpu, cuda or cuda:N; on CUDA ``amp`` runs the backbone and flow subnets under
+    float16 autocast with a GradScaler (off by default: on an H100 it made a full-size step 1.9x
+    slower, benchmarks/README.md). The saved model is CPU tensors whatever the device.
+    """
+    check_new_task(data_root, task, model_dir)  # every refusal before any backbone or training work
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}: nothing was trained")
+    device = resolve_device(device)
+    store = ModelStore(model_dir)
+    torch.manual_seed((config or MoleFlowConfig()).seed if not store.tasks() else store.config().seed)
+    model = prepare_model(store, config, random_backbone).to(device)  # random init here: seeded first
+    cfg = model.config
+    max_steps = steps or cfg.max_steps
+
+    started = time.perf_counter()
+    split = load_split(data_root, task, "train", cfg.image_size)
+    precision = amp_dtype(device, amp)
+    with autocast(device, precision):
+        concat, routing = training_features(model, split.images)
+    feature_seconds = time.perf_counter() - started
+    fit, held = holdout_split(len(split.images), cfg.holdout_fraction, cfg.seed)
+
+    model.add_task(task)
+    model.to(device)  # the new task's parameters too
+    if cfg.whitening == Whitening.MAHALANOBIS.value:  # on every training variant of the fit images
+        with torch.no_grad():
+            model.per_task[task].whitening.fit(model.embed(concat[:, torch.from_numpy(fit).to(device)].flatten(0, 1)))
+    fitted = fit_flow(model, task, concat, fit, held, max_steps, device, precision, progress)
     model.eval().cpu()  # saved as CPU tensors whatever the training device
     for p in model.parameters():
         p.requires_grad_(False)
@@ -221,11 +251,17 @@ def train_task(
         routing, cfg.router_covariance, cfg.router_ridge, cfg.router_limit_quantile, cfg.router_limit_margin
     )
     with torch.no_grad():  # the flow's scale on normal images it did not train on (the fit images if none)
-        unseen = concat[0].cpu()[held.cpu() if len(held) else torch.from_numpy(fit)]
+        unseen = concat[0].cpu()[torch.from_numpy(held if len(held) else fit)]
         level = patch_level(model.patch_scores(model.embed(unseen), task).numpy())
     prototype = replace(prototype, patch_level=level)
     store.save_task(model, task, prototype)
-    final = best_loss if best_weights is not None else loss_value
     return TrainReport(
-        task, len(split.images), step, best_step or step, len(held), feature_seconds, train_seconds, final
+        task,
+        len(split.images),
+        fitted.steps,
+        fitted.best_step,
+        len(held),
+        feature_seconds,
+        fitted.seconds,
+        fitted.final_loss,
     )
