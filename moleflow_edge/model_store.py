@@ -105,7 +105,8 @@ class ModelStore:
         state[ROUTER_PREFIX + "limit"] = torch.tensor(prototype.limit, dtype=torch.float64)
         if prototype.images is not None:
             state[ROUTER_PREFIX + "images"] = torch.tensor(prototype.images, dtype=torch.int64)
-        state[ROUTER_PREFIX + "patch_level"] = torch.tensor(prototype.patch_level, dtype=torch.float64)
+        if prototype.patch_level is not None:
+            state[ROUTER_PREFIX + "patch_level"] = torch.tensor(prototype.patch_level, dtype=torch.float64)
         write_atomic(self.task_file(task), lambda tmp: save_file(state, str(tmp)))
         write_text_atomic(self.root / TASK_LIST_FILE, json.dumps({"tasks": [*tasks, task]}, indent=2) + "\n")
 
@@ -120,13 +121,14 @@ class ModelStore:
 
 
 def _prototype_from(state: dict[str, torch.Tensor], path: Path) -> Prototype:
+    level = state.get(ROUTER_PREFIX + "patch_level")
     try:
         return Prototype(
             mean=state[ROUTER_PREFIX + "mean"].numpy().astype(np.float32),
             whitener=state[ROUTER_PREFIX + "whitener"].numpy().astype(np.float32),
             limit=float(state[ROUTER_PREFIX + "limit"]),
             images=int(state[ROUTER_PREFIX + "images"]) if ROUTER_PREFIX + "images" in state else None,
-            patch_level=tuple(state.get(ROUTER_PREFIX + "patch_level", torch.tensor([0.0, 1.0])).tolist()),
+            patch_level=None if level is None else tuple(level.tolist()),
         )
     except KeyError as exc:
         raise ModelDirError(f"{path} has no router prototype ({exc})") from exc

@@ -52,14 +52,14 @@ class Prototype:
     files and task files written before it was), so reports can say when a limit rests on few images.
     ``patch_level`` is where the task's flow puts normal patches it did not train on (``patch_level``):
     a frame beyond every limit is compared with each candidate task on that task's own scale
-    (files written before it was recorded keep (0, 1): raw scores).
+    (None in files written before it was recorded).
     """
 
     mean: np.ndarray
     whitener: np.ndarray
     limit: float
     images: int | None = None
-    patch_level: tuple[float, float] = (0.0, 1.0)  # (median, robust spread) of held-out normal patch scores
+    patch_level: tuple[float, float] | None = None  # (median, robust spread) of held-out normal patch scores
 
 
 def ledoit_wolf(centered: np.ndarray, target: np.ndarray | None = None, min_shrink: float = 0.0) -> np.ndarray:
@@ -171,6 +171,8 @@ class RouterTable:
         feature moves as a whole, while the product's own flow still finds most of its patches
         normal. The runtime and eval draw such a frame's map from this task."""
         levels = [self.patch_levels[t] for t in candidates]
+        if any(level is None for level in levels):  # a task trained before levels were recorded: raw scores
+            levels = [(0.0, 1.0)] * len(candidates)
         excess = [(np.median(p) - centre) / spread for p, (centre, spread) in zip(patch_scores, levels)]
         return candidates[int(np.argmin(excess))]
 
@@ -200,5 +202,6 @@ def router_weights(tasks: list[str], prototypes: dict[str, Prototype]) -> bytes:
     for task in tasks:
         tensors[f"{task}.mean"] = np.ascontiguousarray(prototypes[task].mean, np.float32)
         tensors[f"{task}.whitener"] = np.ascontiguousarray(prototypes[task].whitener, np.float32)
-        tensors[f"{task}.patch_level"] = np.asarray(prototypes[task].patch_level, np.float32)
+        if prototypes[task].patch_level is not None:
+            tensors[f"{task}.patch_level"] = np.asarray(prototypes[task].patch_level, np.float32)
     return save(tensors, metadata={"tasks": json.dumps(tasks)})

@@ -196,6 +196,8 @@ def test_a_frame_beyond_every_limit_is_shown_under_the_flow_that_explains_most_o
     assert table.explaining_task(("c", "b"), [damaged, everywhere]) == "c"
     # d's normal patches score 100 +- 50: 120 is normal for d, 5 is 5 spreads above normal for c
     assert table.explaining_task(("c", "d"), [everywhere, np.full((4, 4), 120.0)]) == "d"
+    unrecorded = RouterTable(["c", "d"], [Prototype(np.zeros(2, np.float32), np.eye(2, dtype=np.float32), 1.0)] * 2)
+    assert unrecorded.explaining_task(("c", "d"), [everywhere, np.full((4, 4), 120.0)]) == "c"  # raw scores
 
 
 def test_patch_level_is_the_median_and_robust_spread() -> None:

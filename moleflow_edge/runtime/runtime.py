@@ -72,7 +72,7 @@ def load_router_table(root: Path, manifest: Manifest) -> RouterTable:
                 mean.astype(np.float32),
                 whitener.astype(np.float32),
                 float(entry.distance_limit),
-                patch_level=(0.0, 1.0) if level is None else (float(level[0]), float(level[1])),
+                patch_level=None if level is None else (float(level[0]), float(level[1])),
             )
         )
     return RouterTable(manifest.task_names, prototypes)
