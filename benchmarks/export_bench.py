@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from moleflow_edge.bench.measure import measure_calls
 from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.contract import Manifest, load_manifest
 from moleflow_edge.data.mvtec import load_split
@@ -36,21 +37,6 @@ from moleflow_edge.train import train_task
 
 TASKS = ["weave", "screw"]
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-def interleaved(calls: dict[str, Callable[[], object]], rounds: int, per_round: int = 3) -> dict[str, float]:
-    """Median ms per call, the callables taking turns in blocks so that load from other jobs on
-    a shared machine spreads over all of them instead of landing on whichever ran last."""
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for fn in calls.values():
-        fn()  # warm-up: allocations, lazy kernels
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            for _ in range(per_round):
-                started = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - started)
-    return {name: 1000 * float(np.median(times)) for name, times in samples.items()}
 
 
 def prepare(data: Path, model_dir: Path, steps: int) -> None:
@@ -80,7 +66,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--steps", type=int, default=6, help="optimiser steps per task at most (timing only)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=10, help="latency rounds, 3 timed calls per graph each")
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # onnxruntime.quantization's advice to pre-process
     torch.set_num_threads(args.threads)
@@ -153,7 +139,7 @@ def latency_rows(
         calls[f"{precision} flow"] = partial(flow.run, None, {"embedding": emb})
     router = session(out / manifest.router_graph.file, threads)  # type: ignore[union-attr]
     calls["fp32 router"] = partial(router.run, None, {"routing_feature": feature})
-    ms = interleaved(calls, repeats)
+    ms = {name: p["p50"] for name, p in measure_calls(calls, 3 * repeats, rounds=repeats).items()}
     for precision in PRECISIONS:
         for graph in ("backbone", "flow"):
             ort_ms, eager = ms[f"{precision} {graph}"], ms[f"eager {graph}"]

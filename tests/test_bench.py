@@ -1,5 +1,5 @@
 """bench: the JSON report has every stage, percentile and backend field, and names what it skipped;
-the interleaved timing that runtime_bench uses takes turns as it says; benchmarks/runtime_bench.py,
+the interleaved timing that runtime_bench and export_bench use takes turns as it says; benchmarks/runtime_bench.py,
 train_bench.py, export_bench.py and calib_bench.py run on the config and report that training has
 (optimiser steps, not epochs)."""
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from moleflow_edge.bench.graph_cost import graph_macs
-from moleflow_edge.bench.measure import measure_interleaved
+from moleflow_edge.bench.measure import measure_calls, measure_interleaved
 from moleflow_edge.bench.run import BenchError, bench
 from moleflow_edge.bench.tables import summary_table
 from moleflow_edge.contract import load_manifest
@@ -121,6 +121,15 @@ def test_interleaved_timing_takes_turns_in_blocks_and_times_iters_calls_each() -
     for m in measured.values():
         assert set(m["stages_ms"]) == set(STAGES) and m["stages_ms"]["flow"]["p50"] == 1.0
         assert set(m["end_to_end_ms"]) == PERCENTILES and m["throughput_fps"] > 0
+
+
+def test_measure_calls_times_callables_through_the_same_interleaving() -> None:
+    """export_bench's timing: callables that take no frames take turns as pipelines do, a warm-up
+    call before each block, and come back as percentiles of milliseconds per call."""
+    calls: list[str] = []
+    measured = measure_calls({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 4, rounds=2)
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3  # round 0: a, b; round 1: b, a
+    assert set(measured) == {"a", "b"} and all(set(m) == PERCENTILES for m in measured.values())
 
 
 def test_runtime_bench_prepare_trains_every_product_for_the_given_steps(tmp_path: Path, monkeypatch) -> None:

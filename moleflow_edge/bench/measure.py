@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,24 @@ def measure_interleaved(
         }
         for name in names
     }
+
+
+def measure_calls(
+    calls: dict[str, Callable[[], object]], iters: int, rounds: int = 4, warmup: int = 1
+) -> dict[str, dict[str, float]]:
+    """measure_interleaved() of calls that take no frames (one graph, one model call), by name: the
+    percentiles of each call's milliseconds."""
+    pipelines = {name: _call_pipeline(call) for name, call in calls.items()}
+    measured = measure_interleaved(pipelines, [np.empty(0, np.uint8)], 1, iters, rounds, warmup)
+    return {name: m["end_to_end_ms"] for name, m in measured.items()}
+
+
+def _call_pipeline(call: Callable[[], object]) -> Pipeline:
+    def run(frames: list[np.ndarray]) -> tuple[dict[str, float], list[tuple[str, float | None]]]:
+        call()
+        return dict.fromkeys(STAGES, 0.0), []
+
+    return run
 
 
 def score_all(pipeline: Pipeline, frames: list[np.ndarray], batch: int = 8) -> list[tuple[str, float | None]]:
