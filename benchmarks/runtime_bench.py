@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moleflow_edge.bench.measure import measure_interleaved, score_all
+from moleflow_edge.bench.measure import load_test_frames, measure_interleaved, score_all
 from moleflow_edge.bench.pipelines import TorchPipeline, runtime_pipeline
 from moleflow_edge.runtime.result import STAGES
 
@@ -58,15 +58,12 @@ def prepare(work: Path, steps: int) -> tuple[Path, Path, Path]:
 
 
 def load_frames(data: Path, count: int, frame_hw: tuple[int, int] | None) -> list[np.ndarray]:
-    """Test images of the trained products, interleaved so that consecutive frames change task;
-    rescaled to a camera's (height, width) when given, so that resizing is part of the work."""
+    """The first ``count`` test images of the trained products, interleaved so that consecutive frames
+    change task (load_test_frames); rescaled to a camera's (height, width) when given, so that
+    resizing is part of the work."""
     import cv2
 
-    from moleflow_edge.preprocess import read_image_bgr
-
-    per_task = [sorted((data / t / "test").rglob("*.png")) for t in TASKS]
-    files = [f for group in zip(*per_task) for f in group][:count]
-    frames = [read_image_bgr(f) for f in files]
+    frames = load_test_frames(data, TASKS, 224)[0][:count]
     if frame_hw is not None:
         frames = [cv2.resize(f, (frame_hw[1], frame_hw[0]), interpolation=cv2.INTER_LINEAR) for f in frames]
     return frames
