@@ -175,6 +175,30 @@ def test_batch_as_one_4d_array(runtime: Runtime, frames: list) -> None:
 
 
 # --- unknown products and bad frames -----------------------------------------------------------------
+def test_a_flow_that_fails_to_load_fails_its_frames_only(
+    runtime: Runtime, frames: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames routed to a task whose flow cannot load get that error; unknown frames stay valid
+    unknowns, mapped by the candidates that did load."""
+    broken, loaded = TRAINED[0], runtime.engines.get
+
+    def get(task: str):  # noqa: ANN202 - the engine cache's own return type
+        if task == broken:
+            raise BackendError(f"{task}.onnx is damaged")
+        return loaded(task)
+
+    monkeypatch.setattr(runtime.engines, "get", get)
+    results = runtime.infer([f for _, f in frames])
+    for result in results:
+        if result.task == broken:
+            assert result.error == f"task {broken!r}: {broken}.onnx is damaged"
+        else:
+            assert result.error is None
+        if result.task == UNKNOWN:
+            assert result.explained_by in TRAINED[1:] and result.anomaly_map is not None
+    assert runtime.load_failures.pop(broken) == f"{broken}.onnx is damaged"
+
+
 def test_router_carries_each_tasks_patch_level(exported: dict, runtime: Runtime) -> None:
     """The export's router file brings every task's normal patch-score level to the runtime, which
     weighs the flows that may explain an unknown frame with it."""

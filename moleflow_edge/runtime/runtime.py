@@ -387,8 +387,11 @@ class Runtime:
 
         for task, members in groups.items():
             scored = self._run_task(task, features, members, results)
-            for k, (patch, image) in scored.items():
-                results[k].patch_scores, results[k].image_score = patch, image
+            for k in members:
+                if scored is None:  # that task's frames fail
+                    results[k].error = f"task {task!r}: {self.load_failures[task]}"
+                else:
+                    results[k].patch_scores, results[k].image_score = scored[k]
         if unknown:
             self._explain_unknown(unknown, candidates, features, results)
 
@@ -412,18 +415,16 @@ class Runtime:
 
     def _run_task(
         self, task: str, features: FeatureBatch, members: list[int], results: list[FrameResult]
-    ) -> dict[int, tuple[np.ndarray, float]]:
-        """Run ``task``'s flow on batch rows ``members`` -> {row: (patch scores, image score)}; on a
-        load or run failure those frames get the error and the rest of the batch goes on."""
+    ) -> dict[int, tuple[np.ndarray, float]] | None:
+        """Run ``task``'s flow on batch rows ``members`` -> {row: (patch scores, image score)}, or None
+        after a load or run failure (kept in ``load_failures``): the rest of the batch goes on."""
         started = time.perf_counter()
         try:
             engine, load_seconds = self.engines.get(task)
             patch, image = engine.run(features, members)
         except (BackendError, ManifestError, OSError) as exc:
             self.load_failures[task] = str(exc)
-            for k in members:
-                results[k].error = f"task {task!r}: {exc}"
-            return {}
+            return None
         flow_ms = _ms(started)
         for k in members:
             results[k].timings.flow += flow_ms
@@ -438,12 +439,14 @@ class Runtime:
         results: list[FrameResult],
     ) -> None:
         """Frames beyond every limit: each candidate task's flow scores them, and the one that explains
-        a frame best (``RouterTable.explaining_task``) gives its patch scores and map."""
-        by_task = {task: self._run_task(task, features, members, results) for task, members in unknown.items()}
+        a frame best (``RouterTable.explaining_task``) gives its patch scores and map. A candidate whose
+        flow fails to load drops out; the frame stays a valid unknown, without a map if none is left."""
+        scored = {task: self._run_task(task, features, members, results) for task, members in unknown.items()}
+        by_task = {task: rows for task, rows in scored.items() if rows is not None}
         for k in sorted({k for members in unknown.values() for k in members}):
-            if results[k].error is not None:
+            named = tuple(t for t in candidates[k] if t in by_task)
+            if not named:
                 continue
-            named = candidates[k]
             best = self.router.explaining_task(named, [by_task[t][k][0] for t in named])
             results[k].explained_by, results[k].patch_scores = best, by_task[best][k][0]
 
