@@ -96,13 +96,17 @@ def score_routed(
     routing = route(table, features.routing, known)
     embedded = flows.model.embed(features.concat.to(flows.model.embedder.position.device))
     shown = list(routing.tasks)
+    routed = [i for i, t in enumerate(routing.tasks) if t != UNKNOWN]
     rejected = [i for i, t in enumerate(routing.tasks) if t == UNKNOWN]
-    if rejected:
+    patch = np.zeros((len(shown), *embedded.shape[2:]), dtype=np.float32)
+    image = np.full(len(shown), np.inf, dtype=np.float32)  # stopped frames stay +inf
+    if routed:
+        patch[routed], image[routed] = flows.score(embedded[routed], [shown[i] for i in routed])
+    if rejected:  # each candidate's flow scores the stopped frames once; the best one's map is kept
         needed = dict.fromkeys(t for i in rejected for t in routing.candidates[i])
         by_task = {task: flows.score(embedded[rejected], [task] * len(rejected))[0] for task in needed}
         for j, i in enumerate(rejected):
             candidates = routing.candidates[i]
             shown[i] = table.explaining_task(candidates, [by_task[t][j] for t in candidates])
-    patch, image = flows.score(embedded, shown)
-    image[[t == UNKNOWN for t in routing.tasks]] = np.inf
+            patch[i] = by_task[shown[i]][j]
     return RoutedScores(routing, shown, patch, image)
