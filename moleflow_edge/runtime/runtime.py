@@ -374,7 +374,7 @@ class Runtime:
 
         groups: dict[str, list[int]] = {}
         unknown: dict[str, list[int]] = {}  # candidate task -> frames beyond every limit it may explain
-        candidates = self.router.candidates(distances)
+        candidates = self.router.candidates(distances) if with_maps and UNKNOWN in routed else []
         for k, (result, task) in enumerate(zip(results, routed)):
             result.task = task
             result.distances = dict(zip(self.router.tasks, distances[k].tolist()))
