@@ -154,8 +154,8 @@ class RouterTable:
         return np.sum((projected - self.shift) ** 2, axis=2)
 
     def nearest(self, distances: np.ndarray, known: int | None = None) -> list[str]:
-        """Nearest of the first ``known`` tasks (all by default) per frame, no limit applied: whose
-        flow scores a frame that ``route`` finds beyond every limit."""
+        """Nearest of the first ``known`` tasks (all by default) per frame, no limit applied: which
+        product the router sees, what eval's routing accuracy counts."""
         return [self.tasks[i] for i in np.argmin(distances[:, :known], axis=1)]
 
     def candidates(self, distances: np.ndarray, known: int | None = None) -> list[tuple[str, ...]]:
