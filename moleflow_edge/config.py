@@ -79,6 +79,7 @@ class MoleFlowConfig:
     clamp: float = 1.9  # soft clamp c
     scale_context_kernel: int = 5  # scale-context depthwise kernel
     positional_encoding: bool = True  # add the fixed 2D sinusoidal encoding to the embedding
+    spatial_context: bool = True  # spatial mixer and context-aware coupling scales see neighbouring patches
     whitening: str = Whitening.MAHALANOBIS.value  # per-task whitening adapter: mahalanobis or layernorm (papers')
     top_k: int = 3  # K for the image score
     anomaly_score: str = AnomalyScore.NLL.value  # nll (-log p, the papers') or latent (0.5 ||z||^2)
@@ -96,7 +97,7 @@ class MoleFlowConfig:
     holdout_fraction: float = 0.2  # training images held out to decide when to stop (0: run max_steps)
     eval_every: int = 25  # steps between held-out checks
     patience: int = 4  # held-out checks without improvement before stopping; the best step is kept
-    feature_noise: float = 0.0  # std of Gaussian noise on the whitened features while training
+    feature_noise: float = 0.0  # training noise on the embedding, in units of the task's patch spacing
     augment_copies: int = 4  # photometric variants per training image (gain, contrast, gamma)
     augment_strength: float = 0.2  # variants draw gain, contrast and gamma from [1 - s, 1 + s]
     seed: int = 0
@@ -140,8 +141,10 @@ class MoleFlowConfig:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def from_json(cls, path: Path) -> MoleFlowConfig:
-        data = json.loads(Path(path).read_text())
+    def from_json(cls, path: Path, defaults: dict[str, object] | None = None) -> MoleFlowConfig:
+        """The config of a JSON file; a field the file lacks takes ``defaults``' value if given there,
+        else the class default."""
+        data = {**(defaults or {}), **json.loads(Path(path).read_text())}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

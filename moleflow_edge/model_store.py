@@ -25,6 +25,8 @@ from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.router import Prototype
 
 CONFIG_FILE = "config.json"
+# what a model saved before a config field existed was built with (the field's default has changed since)
+SAVED_BEFORE_FIELD = {"spatial_context": True}
 SHARED_FILE = "shared.safetensors"
 TASK_LIST_FILE = "tasks.json"
 TASK_DIR = "tasks"
@@ -58,7 +60,7 @@ class ModelStore:
         path = self.root / CONFIG_FILE
         if not path.is_file():
             raise ModelDirError(f"{path} is missing: {self.root} is not a trained model directory")
-        return MoleFlowConfig.from_json(path)
+        return MoleFlowConfig.from_json(path, defaults=SAVED_BEFORE_FIELD)
 
     def load(self, tasks: list[str] | None = None, random_backbone: bool = False) -> tuple[MoleFlow, dict[str, Prototype]]:
         """Rebuild the model with the listed tasks (all trained tasks by default) and their prototypes."""

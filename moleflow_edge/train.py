@@ -21,7 +21,7 @@ from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import MoleFlowConfig, Whitening
 from moleflow_edge.data.mvtec import load_split
 from moleflow_edge.device import amp_dtype, autocast, names_batch_on_oom, resolve_device
-from moleflow_edge.features import FEATURE_BATCH, extract_features
+from moleflow_edge.features import FEATURE_BATCH, extract_features, patch_spacing
 from moleflow_edge.locking import locks_folder
 from moleflow_edge.model.loss import flow_loss
 from moleflow_edge.model.mole_flow import MoleFlow
@@ -65,7 +65,7 @@ def _architecture(config: MoleFlowConfig) -> tuple[object, ...]:
     return (
         config.backbone, config.image_size, config.num_mole_blocks, config.num_dia_blocks, config.lora_rank,
         config.hidden_ratio, config.scale_context_kernel, config.router_pooling, config.patch_stride,
-        config.gain_normalise, config.positional_encoding, config.whitening,
+        config.gain_normalise, config.positional_encoding, config.whitening, config.spatial_context,
     )  # fmt: skip
 
 
@@ -123,11 +123,13 @@ def fit_flow(
     fit: np.ndarray,
     held: np.ndarray,
     max_steps: int,
+    noise: float,
     device: torch.device,
     precision: torch.dtype | None,
     progress: bool,
 ) -> FlowFit:
-    """At most ``max_steps`` optimiser steps on a cosine schedule over the fit images' variants; every
+    """At most ``max_steps`` optimiser steps on a cosine schedule over the fit images' variants, with
+    ``noise`` (feature units) added to every training embedding; every
     ``eval_every`` steps the loss on the ``held`` images is checked, training stops after ``patience``
     checks without improvement and the best check's weights are kept. Task 0 trains the shared parts
     too; a later task only its own."""
@@ -167,7 +169,7 @@ def fit_flow(
         index, order = order[: cfg.batch_size], order[cfg.batch_size :]
         variant = torch.randint(0, concat.shape[0], (len(index),), generator=generator)
         batch = concat[variant.to(device), index.to(device)]
-        loss = flow_loss(*amp_flow(model, batch, task, cfg.feature_noise, device, precision), cfg)
+        loss = flow_loss(*amp_flow(model, batch, task, noise, device, precision), cfg)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training {task!r} diverged (loss {loss.item()}); lower lr in the config")
         optimizer.zero_grad(set_to_none=True)
@@ -239,10 +241,12 @@ def train_task(
 
     model.add_task(task)
     model.to(device)  # the new task's parameters too
-    if cfg.whitening == Whitening.MAHALANOBIS.value:  # on every training variant of the fit images
-        with torch.no_grad():
-            model.per_task[task].whitening.fit(model.embed(concat[:, torch.from_numpy(fit).to(device)].flatten(0, 1)))
-    fitted = fit_flow(model, task, concat, fit, held, max_steps, device, precision, progress)
+    fit_rows = torch.from_numpy(fit).to(device)
+    with torch.no_grad():
+        noise = cfg.feature_noise * patch_spacing(model.embed(concat[0, fit_rows])) if cfg.feature_noise else 0.0
+        if cfg.whitening == Whitening.MAHALANOBIS.value:  # on every training variant of the fit images
+            model.per_task[task].whitening.fit(model.embed(concat[:, fit_rows].flatten(0, 1)), noise)
+    fitted = fit_flow(model, task, concat, fit, held, max_steps, noise, device, precision, progress)
     model.eval().cpu()  # saved as CPU tensors whatever the training device
     for p in model.parameters():
         p.requires_grad_(False)

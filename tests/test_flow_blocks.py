@@ -113,3 +113,15 @@ def test_lora_linear_with_zero_b_outputs_exactly_its_base() -> None:
         layer.per_task["new"].B.normal_()
     assert not torch.equal(layer(x, "new"), base)  # and the adapter does act once B moves
     assert torch.equal(layer(x), base)  # while the base alone stays what it was  # and the adapter does act once B moves
+
+
+def test_mahalanobis_whitening_with_training_noise_whitens_the_smoothed_covariance() -> None:
+    wa = WhiteningAdapter(DIM, "mahalanobis").double()
+    scales = torch.linspace(0.1, 4.0, DIM, dtype=torch.float64)[None, :, None, None]
+    fit_data = torch.randn(40, DIM, GRID, GRID, dtype=torch.float64) * scales
+    wa.fit(fit_data, noise=0.5)
+    patches = fit_data.permute(0, 2, 3, 1).reshape(-1, DIM).numpy()
+    smoothed = torch.from_numpy(ledoit_wolf(patches - patches.mean(axis=0))) + 0.25 * torch.eye(DIM, dtype=torch.float64)
+    assert torch.allclose(wa.whitener @ smoothed @ wa.whitener.T, torch.eye(DIM, dtype=torch.float64), atol=1e-8)
+    # the thinnest direction (std 0.1) is no longer blown up 10x: the noise floor caps its gain at 2
+    assert torch.linalg.svdvals(wa.whitener).max() < 2.0

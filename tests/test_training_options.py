@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.model.merged import merge_task
 from moleflow_edge.model.mole_flow import MoleFlow, nll_from_latent
+from moleflow_edge.model_store import CONFIG_FILE, ModelStore
+from moleflow_edge.features import patch_spacing
 from moleflow_edge.train import holdout_split, train_task
 
 from conftest import TINY_CONFIG
@@ -54,10 +58,11 @@ def test_gain_normalisation_makes_a_global_exposure_change_nearly_invisible() ->
             assert (diff < 0.05) is expect_close, (gain_normalise, diff)  # 0.05: uint8 rounding of a 0.45 std
 
 
+@pytest.mark.parametrize("spatial_context", [True, False])
 @pytest.mark.parametrize("whitening", ["layernorm", "mahalanobis"])
 @pytest.mark.parametrize("score", ["latent", "nll"])
-def test_merged_flow_scores_like_the_model_for_both_patch_scores(score: str, whitening: str) -> None:
-    model = _model(anomaly_score=score, whitening=whitening)
+def test_merged_flow_scores_like_the_model_for_both_patch_scores(score: str, whitening: str, spatial_context: bool) -> None:
+    model = _model(anomaly_score=score, whitening=whitening, spatial_context=spatial_context)
     if whitening == "mahalanobis":
         model.per_task["a"].whitening.fit(model.embed(model.patch_concat(model.backbone_maps(torch.from_numpy(_images(1))))))
     embedded = model.embed(model.patch_concat(model.backbone_maps(torch.from_numpy(_images()))))
@@ -94,3 +99,32 @@ def test_training_stops_on_held_out_loss_and_keeps_the_best_step(synth_root: Pat
     assert report.steps < 200  # a learning rate this high stops improving the held-out loss early
     assert report.best_step <= report.steps - 2 * config.eval_every
     assert report.best_step % config.eval_every == 0
+
+
+def test_patch_spacing_is_the_median_distance_to_another_images_nearest_patch() -> None:
+    # 5 images of 2x2 patches in 3 channels; image i's patches sit at i * (1, 0, 0) + tiny offsets,
+    # so a patch's nearest patch of another image is one image away: distance 1
+    base = torch.arange(5, dtype=torch.float32)[:, None, None, None] * torch.tensor([1.0, 0, 0])[None, :, None, None]
+    offsets = torch.tensor([0.0, 0.001, 0.002, 0.003]).view(1, 1, 2, 2) * torch.tensor([0, 1.0, 0]).view(1, 3, 1, 1)
+    assert patch_spacing(base + offsets) == pytest.approx(1.0, abs=0.01)
+    assert patch_spacing(3 * (base + offsets)) == pytest.approx(3.0, abs=0.03)  # it is a length: scales with the features
+
+
+def test_feature_noise_is_added_before_whitening_in_feature_units() -> None:
+    model = _model(whitening="mahalanobis")
+    embedded = model.embed(model.patch_concat(model.backbone_maps(torch.from_numpy(_images(1)))))
+    model.per_task["a"].whitening.fit(embedded)
+    torch.manual_seed(3)
+    noisy, _ = model.flow(embedded, "a", noise=2.0)
+    torch.manual_seed(3)
+    expected, _ = model.flow(embedded + 2.0 * torch.randn_like(embedded), "a")
+    assert torch.allclose(noisy, expected)
+    assert not torch.allclose(noisy, model.flow(embedded, "a")[0])
+
+
+def test_a_model_saved_before_spatial_context_existed_is_rebuilt_with_it(tmp_path: Path) -> None:
+    saved = asdict(MoleFlowConfig())
+    del saved["spatial_context"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(saved))
+    assert ModelStore(tmp_path).config().spatial_context is True  # how such a model was built
+    assert MoleFlowConfig.from_json(tmp_path / CONFIG_FILE).spatial_context is MoleFlowConfig().spatial_context

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,12 +32,14 @@ class WhiteningAdapter(nn.Module):
         self.register_buffer("whitener", torch.eye(dim))
 
     @torch.no_grad()
-    def fit(self, embedded: torch.Tensor) -> None:
-        """Mahalanobis mode: centre and whitener from a task's (N,D,H,W) training embeddings."""
+    def fit(self, embedded: torch.Tensor, noise: float = 0.0) -> None:
+        """Mahalanobis mode: centre and whitener from a task's (N,D,H,W) training embeddings, for
+        the density the flow learns: covariance + noise^2 I when training adds feature noise."""
         patches = embedded.permute(0, 2, 3, 1).reshape(-1, embedded.shape[1]).double().cpu().numpy()
         mean = patches.mean(axis=0)
+        covariance = ledoit_wolf(patches - mean) + noise**2 * np.eye(len(mean))
         self.centre.copy_(torch.from_numpy(mean))
-        self.whitener.copy_(torch.from_numpy(mahalanobis_whitener(ledoit_wolf(patches - mean))))
+        self.whitener.copy_(torch.from_numpy(mahalanobis_whitener(covariance)))
 
     def gamma_beta(self) -> tuple[torch.Tensor, torch.Tensor]:
         return 0.5 + 1.5 * torch.sigmoid(self.g_raw), 2.0 * torch.tanh(self.b_raw)

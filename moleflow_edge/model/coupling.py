@@ -51,13 +51,14 @@ class MoLESubnet(nn.Module):
     """Shared subnet with per-task LoRA: context-aware scale, context-free shift.
 
     ctx = sigmoid(theta_ctx) DWConv3x3(x1); s = L2s(ReLU(L1s([x1; ctx]))); t = L2t(ReLU(L1t(x1))).
+    Without ``spatial_context`` the scale sees its own patch only: s = L2s(ReLU(L1s(x1))).
     """
 
-    def __init__(self, half: int, hidden: int, rank: int, alpha: float) -> None:
+    def __init__(self, half: int, hidden: int, rank: int, alpha: float, spatial_context: bool = True) -> None:
         super().__init__()
-        self.context = nn.Conv2d(half, half, 3, padding=1, groups=half)
-        self.context_gate = nn.Parameter(torch.zeros(()))  # theta_ctx, shared
-        self.l1s = LoRALinear(2 * half, hidden, rank, alpha)
+        self.context = nn.Conv2d(half, half, 3, padding=1, groups=half) if spatial_context else None
+        self.context_gate = nn.Parameter(torch.zeros(())) if spatial_context else None  # theta_ctx, shared
+        self.l1s = LoRALinear((2 if spatial_context else 1) * half, hidden, rank, alpha)
         self.l2s = LoRALinear(hidden, half, rank, alpha, zero_init=True)
         self.l1t = LoRALinear(half, hidden, rank, alpha)
         self.l2t = LoRALinear(hidden, half, rank, alpha, zero_init=True)
@@ -66,8 +67,11 @@ class MoLESubnet(nn.Module):
         return (self.l1s, self.l2s, self.l1t, self.l2t)
 
     def forward(self, x1: torch.Tensor, task: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = torch.sigmoid(self.context_gate) * self.context(x1)
-        s = self.l2s(F.relu(self.l1s(torch.cat([x1, ctx], dim=1), task)), task)
+        if self.context is not None:
+            x1_ctx = torch.cat([x1, torch.sigmoid(self.context_gate) * self.context(x1)], dim=1)
+        else:
+            x1_ctx = x1
+        s = self.l2s(F.relu(self.l1s(x1_ctx, task)), task)
         t = self.l2t(F.relu(self.l1t(x1, task)), task)
         return s, t
 

@@ -27,7 +27,7 @@ class MergedFlow(nn.Module):
     def __init__(
         self,
         whitening: nn.Module,
-        mixer: nn.Conv2d,
+        mixer: nn.Module,
         blocks: list[AffineCoupling],
         whitening_log_det: float,
         top_k: int,
@@ -81,7 +81,9 @@ def merge_task(model: MoleFlow, task: str) -> MergedFlow:
     ]
     blocks += [copy.deepcopy(block) for block in parts.dia]
     merged = MergedFlow(
-        parts.whitening.merged(), merged_mixer(model.mixer.conv, parts.mixer_gate), blocks,
+        parts.whitening.merged(),
+        nn.Identity() if model.mixer is None else merged_mixer(model.mixer.conv, parts.mixer_gate),
+        blocks,
         float(parts.whitening.constant_log_det().detach()), model.config.top_k, model.config.anomaly_score,
     )
     merged.eval()

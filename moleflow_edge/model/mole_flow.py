@@ -40,11 +40,14 @@ def task_of_key(key: str) -> str | None:
 class TaskParts(nn.Module):
     """Everything one task owns besides its LoRA adapters: WA, SCM gate, DIA blocks."""
 
-    def __init__(self, dim: int, num_dia: int, clamp: float, first_swap: bool, whitening: str) -> None:
+    def __init__(
+        self, dim: int, num_dia: int, clamp: float, first_swap: bool, whitening: str, spatial_context: bool
+    ) -> None:
         super().__init__()
         half = dim // 2
         self.whitening = WhiteningAdapter(dim, whitening)
-        self.mixer_gate = nn.Parameter(torch.zeros(()))  # theta_t, a = sigmoid(theta_t) = 0.5 at start
+        # theta_t, a = sigmoid(theta_t) = 0.5 at start; no mixer without spatial context
+        self.mixer_gate = nn.Parameter(torch.zeros(())) if spatial_context else None
         self.dia = nn.ModuleList(
             AffineCoupling(DIASubnet(half, half), clamp, swap=(i % 2 == 1) ^ first_swap) for i in range(num_dia)
         )
@@ -82,9 +85,13 @@ class MoleFlow(nn.Module):
         self.embedder = FeatureEmbedder(
             concat, dim, config.grid_size, config.scale_context_kernel, config.positional_encoding
         )
-        self.mixer = SpatialContextMixer(dim)
+        self.mixer = SpatialContextMixer(dim) if config.spatial_context else None
         self.mole_blocks = nn.ModuleList(
-            AffineCoupling(MoLESubnet(half, hidden, config.lora_rank, config.lora_alpha), config.clamp, swap=i % 2 == 1)
+            AffineCoupling(
+                MoLESubnet(half, hidden, config.lora_rank, config.lora_alpha, config.spatial_context),
+                config.clamp,
+                swap=i % 2 == 1,
+            )
             for i in range(config.num_mole_blocks)
         )
         self.per_task = nn.ModuleDict()
@@ -103,8 +110,9 @@ class MoleFlow(nn.Module):
             raise ValueError(f"task {task!r} already exists")
         cfg = self.config
         parts = TaskParts(
-            cfg.embed_dim, cfg.num_dia_blocks, cfg.clamp, cfg.num_mole_blocks % 2 == 1, cfg.whitening
-        )
+            cfg.embed_dim, cfg.num_dia_blocks, cfg.clamp, cfg.num_mole_blocks % 2 == 1, cfg.whitening,
+            cfg.spatial_context,
+        )  # fmt: skip
         if self.tasks:
             parts.whitening.load_state_dict(self.per_task[self.tasks[0]].whitening.state_dict())
         self.per_task[task] = parts
@@ -134,14 +142,17 @@ class MoleFlow(nn.Module):
     def flow(self, embedded: torch.Tensor, task: str, noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,D,H,W) embedding -> latent z (B,D,H,W) and total log|det J| (B,H,W) under task's adapters.
 
-        ``noise`` (training only) adds N(0, noise^2) to the whitened features: the flow then
-        learns a smoothed density and stops fitting the exact training patches.
+        ``noise`` (training only) adds N(0, noise^2 I) to the embedding, before whitening: the
+        flow learns the training patches' density smoothed by an isotropic kernel in feature
+        space, so the thin directions that whitening would blow up stop carrying the score.
         """
         parts = self.per_task[task]
-        x, log_det = parts.whitening(embedded)
         if noise > 0:
-            x = x + noise * torch.randn_like(x)
-        z, flow_log_det = run_couplings(self.mixer(x, parts.mixer_gate), [*self.mole_blocks, *parts.dia], task)
+            embedded = embedded + noise * torch.randn_like(embedded)
+        x, log_det = parts.whitening(embedded)
+        if self.mixer is not None:
+            x = self.mixer(x, parts.mixer_gate)
+        z, flow_log_det = run_couplings(x, [*self.mole_blocks, *parts.dia], task)
         return z, log_det + flow_log_det
 
     def patch_scores(self, embedded: torch.Tensor, task: str) -> torch.Tensor:
