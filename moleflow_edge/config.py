@@ -79,25 +79,25 @@ class MoleFlowConfig:
     clamp: float = 1.9  # soft clamp c
     scale_context_kernel: int = 5  # scale-context depthwise kernel
     positional_encoding: bool = True  # add the fixed 2D sinusoidal encoding to the embedding
-    spatial_context: bool = True  # spatial mixer and context-aware coupling scales see neighbouring patches
+    spatial_context: bool = False  # spatial mixer and context-aware coupling scales (papers'; hurt with feature noise)
     whitening: str = Whitening.MAHALANOBIS.value  # per-task whitening adapter: mahalanobis or layernorm (papers')
     top_k: int = 3  # K for the image score
     anomaly_score: str = AnomalyScore.NLL.value  # nll (-log p, the papers') or latent (0.5 ||z||^2)
     map_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels
     # loss
-    lambda_tail: float = 0.7  # tail-aware loss weight
+    lambda_tail: float = 0.0  # tail-aware loss weight (papers' 0.7)
     tail_fraction: float = 0.02  # top k% patches per image
     lambda_logdet: float = 1e-4  # log-det regularisation weight (0 switches it off)
     # optimiser
-    lr: float = 3e-4
+    lr: float = 1e-3  # papers' 3e-4
     weight_decay: float = 0.01
     dia_lr_factor: float = 0.5  # DIA parameters at half the learning rate
     batch_size: int = 16
-    max_steps: int = 200  # optimiser steps per task at most (600 hurt real products); held-out stopping may stop sooner
+    max_steps: int = 600  # optimiser steps per task at most; held-out stopping may stop sooner
     holdout_fraction: float = 0.2  # training images held out to decide when to stop (0: run max_steps)
     eval_every: int = 25  # steps between held-out checks
     patience: int = 4  # held-out checks without improvement before stopping; the best step is kept
-    feature_noise: float = 0.0  # training noise on the embedding, in units of the task's patch spacing
+    feature_noise: float = 0.15  # training noise on the embedding, in units of the task's patch spacing
     augment_copies: int = 4  # photometric variants per training image (gain, contrast, gamma)
     augment_strength: float = 0.2  # variants draw gain, contrast and gamma from [1 - s, 1 + s]
     seed: int = 0
