@@ -121,7 +121,8 @@ def test_mahalanobis_whitening_with_training_noise_whitens_the_smoothed_covarian
     fit_data = torch.randn(40, DIM, GRID, GRID, dtype=torch.float64) * scales
     wa.fit(fit_data, noise=0.5)
     patches = fit_data.permute(0, 2, 3, 1).reshape(-1, DIM).numpy()
-    smoothed = torch.from_numpy(ledoit_wolf(patches - patches.mean(axis=0))) + 0.25 * torch.eye(DIM, dtype=torch.float64)
+    noise_floor = 0.25 * torch.eye(DIM, dtype=torch.float64)
+    smoothed = torch.from_numpy(ledoit_wolf(patches - patches.mean(axis=0))) + noise_floor
     assert torch.allclose(wa.whitener @ smoothed @ wa.whitener.T, torch.eye(DIM, dtype=torch.float64), atol=1e-8)
     # the thinnest direction (std 0.1) is no longer blown up 10x: the noise floor caps its gain at 2
     assert torch.linalg.svdvals(wa.whitener).max() < 2.0

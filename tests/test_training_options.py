@@ -61,7 +61,9 @@ def test_gain_normalisation_makes_a_global_exposure_change_nearly_invisible() ->
 @pytest.mark.parametrize("spatial_context", [True, False])
 @pytest.mark.parametrize("whitening", ["layernorm", "mahalanobis"])
 @pytest.mark.parametrize("score", ["latent", "nll"])
-def test_merged_flow_scores_like_the_model_for_both_patch_scores(score: str, whitening: str, spatial_context: bool) -> None:
+def test_merged_flow_scores_like_the_model_for_both_patch_scores(
+    score: str, whitening: str, spatial_context: bool
+) -> None:
     model = _model(anomaly_score=score, whitening=whitening, spatial_context=spatial_context)
     if whitening == "mahalanobis":
         model.per_task["a"].whitening.fit(model.embed(model.patch_concat(model.backbone_maps(torch.from_numpy(_images(1))))))
@@ -107,7 +109,8 @@ def test_patch_spacing_is_the_median_distance_to_another_images_nearest_patch() 
     base = torch.arange(5, dtype=torch.float32)[:, None, None, None] * torch.tensor([1.0, 0, 0])[None, :, None, None]
     offsets = torch.tensor([0.0, 0.001, 0.002, 0.003]).view(1, 1, 2, 2) * torch.tensor([0, 1.0, 0]).view(1, 3, 1, 1)
     assert patch_spacing(base + offsets) == pytest.approx(1.0, abs=0.01)
-    assert patch_spacing(3 * (base + offsets)) == pytest.approx(3.0, abs=0.03)  # it is a length: scales with the features
+    # it is a length: it scales with the features
+    assert patch_spacing(3 * (base + offsets)) == pytest.approx(3.0, abs=0.03)
 
 
 def test_feature_noise_is_added_before_whitening_in_feature_units() -> None:

@@ -84,7 +84,9 @@ def merge_task(model: MoleFlow, task: str) -> MergedFlow:
         parts.whitening.merged(),
         nn.Identity() if model.mixer is None else merged_mixer(model.mixer.conv, parts.mixer_gate),
         blocks,
-        float(parts.whitening.constant_log_det().detach()), model.config.top_k, model.config.anomaly_score,
+        float(parts.whitening.constant_log_det().detach()),
+        model.config.top_k,
+        model.config.anomaly_score,
     )
     merged.eval()
     for p in merged.parameters():
