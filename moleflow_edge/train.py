@@ -241,11 +241,11 @@ def train_task(
 
     model.add_task(task)
     model.to(device)  # the new task's parameters too
-    fit_rows = torch.from_numpy(fit).to(device)
-    with torch.no_grad():
-        noise = cfg.feature_noise * patch_spacing(model.embed(concat[0, fit_rows])) if cfg.feature_noise else 0.0
-        if cfg.whitening == Whitening.MAHALANOBIS.value:  # on every training variant of the fit images
-            model.per_task[task].whitening.fit(model.embed(concat[:, fit_rows].flatten(0, 1)), noise)
+    with torch.no_grad():  # every training variant of the fit images, the originals first
+        embedded = model.embed(concat[:, torch.from_numpy(fit).to(device)].flatten(0, 1))
+        noise = cfg.feature_noise * patch_spacing(embedded[: len(fit)]) if cfg.feature_noise else 0.0
+        if cfg.whitening == Whitening.MAHALANOBIS.value:
+            model.per_task[task].whitening.fit(embedded, noise)
     fitted = fit_flow(model, task, concat, fit, held, max_steps, noise, device, precision, progress)
     model.eval().cpu()  # saved as CPU tensors whatever the training device
     for p in model.parameters():

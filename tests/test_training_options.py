@@ -13,10 +13,10 @@ import torch
 from moleflow_edge.augment import photometric_variants
 from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import MoleFlowConfig
+from moleflow_edge.features import patch_spacing
 from moleflow_edge.model.merged import merge_task
 from moleflow_edge.model.mole_flow import MoleFlow, nll_from_latent
 from moleflow_edge.model_store import CONFIG_FILE, ModelStore
-from moleflow_edge.features import patch_spacing
 from moleflow_edge.train import holdout_split, train_task
 
 from conftest import TINY_CONFIG
