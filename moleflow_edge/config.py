@@ -77,7 +77,7 @@ class MoleFlowConfig:
     lora_alpha: float = 64.0  # alpha (= r)
     hidden_ratio: float = 1.0  # subnet hidden width = hidden_ratio * D
     clamp: float = 1.9  # soft clamp c
-    scale_context_kernel: int = 5  # scale-context depthwise kernel
+    scale_context_kernel: int = 0  # embedder's depthwise scale-context kernel (papers' 5); 0 = none
     positional_encoding: bool = True  # add the fixed 2D sinusoidal encoding to the embedding
     spatial_context: bool = False  # spatial mixer and context-aware coupling scales (papers'; hurt with feature noise)
     whitening: str = Whitening.MAHALANOBIS.value  # per-task whitening adapter: mahalanobis or layernorm (papers')
@@ -125,6 +125,8 @@ class MoleFlowConfig:
         for name in ("embed_dim", "num_mole_blocks", "lora_rank", "top_k", "batch_size", "max_steps", "eval_every", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config field {name} must be >= 1, got {getattr(self, name)}")
+        if self.scale_context_kernel < 0 or (self.scale_context_kernel and self.scale_context_kernel % 2 == 0):
+            raise ValueError(f"scale_context_kernel must be 0 (none) or odd, got {self.scale_context_kernel}")
         if self.embed_dim % 2:
             raise ValueError(f"embed_dim must be even (coupling splits it in halves), got {self.embed_dim}")
 

@@ -14,6 +14,7 @@ from moleflow_edge.augment import photometric_variants
 from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.features import patch_spacing
+from moleflow_edge.model.embedding import FeatureEmbedder
 from moleflow_edge.model.merged import merge_task
 from moleflow_edge.model.mole_flow import MoleFlow, nll_from_latent
 from moleflow_edge.model_store import CONFIG_FILE, ModelStore
@@ -131,3 +132,24 @@ def test_a_model_saved_before_spatial_context_existed_is_rebuilt_with_it(tmp_pat
     (tmp_path / CONFIG_FILE).write_text(json.dumps(saved))
     assert ModelStore(tmp_path).config().spatial_context is True  # how such a model was built
     assert MoleFlowConfig.from_json(tmp_path / CONFIG_FILE).spatial_context is MoleFlowConfig().spatial_context
+
+
+@pytest.mark.parametrize("kernel", [0, 5])
+def test_without_a_scale_context_each_patch_is_embedded_from_its_own_features(kernel: int) -> None:
+    torch.manual_seed(0)
+    embedder = FeatureEmbedder(concat_channels=12, dim=8, grid=4, context_kernel=kernel)
+    if kernel:  # a trained context: the zero init would hide it
+        torch.nn.init.normal_(embedder.context_dw.weight)
+    concat = torch.randn(2, 12, 4, 4)
+    moved = concat.clone()
+    moved[:, :, 0, 0] += 1.0  # one patch changes
+    changed = (embedder(concat) - embedder(moved)).abs().sum(dim=1) > 1e-6  # (B,H,W)
+    assert changed[:, 0, 0].all()
+    assert bool(changed[:, 1, 1].all()) is bool(kernel)  # its neighbour moves only through the context
+    assert (sum(p.numel() for p in embedder.parameters()) > 0) is bool(kernel)
+
+
+@pytest.mark.parametrize("kernel", [-1, 4])
+def test_scale_context_kernel_must_be_zero_or_odd(kernel: int) -> None:
+    with pytest.raises(ValueError, match="scale_context_kernel"):
+        MoleFlowConfig(scale_context_kernel=kernel)

@@ -56,7 +56,8 @@ def sinusoidal_encoding(dim: int, height: int, width: int) -> torch.Tensor:
 class FeatureEmbedder(nn.Module):
     """Concatenated patch map (B,Ccat,H,W) -> embedding (B,D,H,W): F0 + positional encoding + scale context.
 
-    Shared by all tasks; the scale context is trained with task 0 and then frozen.
+    Shared by all tasks; the scale context is trained with task 0 and then frozen. ``context_kernel``
+    0 leaves it out: each patch is embedded from its own features alone.
     """
 
     def __init__(self, concat_channels: int, dim: int, grid: int, context_kernel: int, position: bool = True) -> None:
@@ -64,11 +65,16 @@ class FeatureEmbedder(nn.Module):
         self.register_buffer("pool", channel_pool_matrix(concat_channels, dim), persistent=False)
         encoding = sinusoidal_encoding(dim, grid, grid)[None]
         self.register_buffer("position", encoding if position else torch.zeros_like(encoding), persistent=False)
-        self.context_proj = nn.Conv2d(concat_channels, dim, 1)
-        self.context_dw = nn.Conv2d(dim, dim, context_kernel, padding=context_kernel // 2, groups=dim)
-        nn.init.zeros_(self.context_dw.weight)  # starts as F0 + PE; the context is learned from there
-        nn.init.zeros_(self.context_dw.bias)
+        self.context_proj = nn.Conv2d(concat_channels, dim, 1) if context_kernel else None
+        self.context_dw = (
+            nn.Conv2d(dim, dim, context_kernel, padding=context_kernel // 2, groups=dim) if context_kernel else None
+        )
+        if self.context_dw is not None:  # starts as F0 + PE; the context is learned from there
+            nn.init.zeros_(self.context_dw.weight)
+            nn.init.zeros_(self.context_dw.bias)
 
     def forward(self, concat: torch.Tensor) -> torch.Tensor:
-        f0 = torch.einsum("bchw,cd->bdhw", concat, self.pool)
-        return f0 + self.position + self.context_dw(self.context_proj(concat))
+        f0 = torch.einsum("bchw,cd->bdhw", concat, self.pool) + self.position
+        if self.context_proj is None or self.context_dw is None:
+            return f0
+        return f0 + self.context_dw(self.context_proj(concat))
