@@ -74,7 +74,7 @@ class FeatureEmbedder(nn.Module):
             nn.init.zeros_(self.context_dw.bias)
 
     def forward(self, concat: torch.Tensor) -> torch.Tensor:
-        f0 = torch.einsum("bchw,cd->bdhw", concat, self.pool) + self.position
+        own = torch.einsum("bchw,cd->bdhw", concat, self.pool) + self.position  # F0 + PE
         if self.context_proj is None or self.context_dw is None:
-            return f0
-        return f0 + self.context_dw(self.context_proj(concat))
+            return own
+        return own + self.context_dw(self.context_proj(concat))
