@@ -112,7 +112,7 @@ def test_lora_linear_with_zero_b_outputs_exactly_its_base() -> None:
     with torch.no_grad():
         layer.per_task["new"].B.normal_()
     assert not torch.equal(layer(x, "new"), base)  # and the adapter does act once B moves
-    assert torch.equal(layer(x), base)  # while the base alone stays what it was  # and the adapter does act once B moves
+    assert torch.equal(layer(x), base)  # while the base alone stays what it was
 
 
 def test_mahalanobis_whitening_with_training_noise_whitens_the_smoothed_covariance() -> None:
