@@ -1,8 +1,11 @@
-"""Accuracy on real products: one continual model against two reference detectors, same features.
+"""Accuracy on real products: continual models of each detector kind against two references, same features.
 
-Learns every product of an MVTec-layout root in sequence as ONE continual model, evaluates it
-routed (as deployed), and in the same run scores the same products with two references that
-see identical backbone features on the identical patch grid:
+Learns every product of an MVTec-layout root in sequence as ONE continual model per detector kind
+(the default flow always; ``--detector memory`` adds a model of memory tasks), evaluates each
+routed (as deployed, through the same scoring path as eval and export), exports each fp32 and
+times every task's graph (onnxruntime CPU, batch 1, one thread) and weighs its task file; and in
+the same run scores the same products with two references that see identical backbone features
+on the identical patch grid:
   knn       nearest neighbour over every training patch (PatchCore without coreset), image
             score = max patch distance;
   gaussian  one Ledoit-Wolf Gaussian over every training patch, Mahalanobis distance per patch.
@@ -11,7 +14,8 @@ exposure score (AUROC of test/good against the same images x0.9 and x1.1: 0.5 = 
 above 0.5 = brighter or darker good parts look more anomalous). Products with fewer than
 SMOKE_IMAGES training images are reported but stay out of the means.
 
-    python benchmarks/accuracy_bench.py --data ../shared/data/real-dev [--config cfg.json] [--out runs/acc]
+    python benchmarks/accuracy_bench.py --data ../shared/data/real-dev [--detector memory] [--config cfg.json]
+        [--out runs/acc]
 """
 
 from __future__ import annotations
@@ -25,20 +29,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moleflow_edge.config import MoleFlowConfig
+from moleflow_edge.bench.measure import measure_calls
+from moleflow_edge.config import DetectorKind, MoleFlowConfig
+from moleflow_edge.contract import load_manifest
 from moleflow_edge.data.mvtec import list_categories, load_split
 from moleflow_edge.evaluate import anomaly_maps, evaluate, split_metrics
+from moleflow_edge.export.exporter import export_model
 from moleflow_edge.features import extract_features
 from moleflow_edge.metrics import auroc
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.router import RouterTable, ledoit_wolf, mahalanobis_whitener
-from moleflow_edge.scoring import TaskFlows, score_routed
+from moleflow_edge.scoring import TaskDetectors, score_routed
 from moleflow_edge.train import train_task
 
 SMOKE_IMAGES = 10  # fewer training images than this: a smoke test, out of the means
 GAINS = (0.9, 1.1)
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 QUERY_CHUNK = 4096
+REFERENCES = ("knn", "gaussian")
+TIMED_CALLS = 100  # per task graph, batch 1
 
 
 def with_gain(images: np.ndarray, gain: float) -> np.ndarray:
@@ -89,21 +98,34 @@ def exposure(scores: dict[float, np.ndarray]) -> dict[str, float]:
     return {f"x{g}": auroc(labels, np.r_[base, scores[g]]) for g in GAINS}
 
 
-def product_results(flows: TaskFlows, table: RouterTable, root: Path, product: str) -> dict[str, dict[str, float]]:
-    """Exposure of the flow, and both references' metrics and exposure, on one product.
+class Deployed:
+    """One continual model of one detector kind: its scorers and router, as eval and the runtime use them."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self.model, prototypes = ModelStore(model_dir).load()
+        self.table = RouterTable(self.model.tasks, [prototypes[t] for t in self.model.tasks])
+        self.detectors = TaskDetectors(self.model)
+
+
+def product_results(deployed: dict[str, Deployed], root: Path, product: str) -> dict[str, dict[str, float]]:
+    """Exposure of each deployed kind, and both references' metrics and exposure, on one product.
 
     The backbone runs once per image set (train, test, and the good test images at each gain);
-    the flow and both references score the same features.
+    every model shares the backbone, so every detector and both references score the same features.
     """
-    model, cfg = flows.model, flows.model.config
+    model = next(iter(deployed.values())).model
+    cfg = model.config
     train = extract_features(model, load_split(root, product, "train", cfg.image_size).images).concat
     test = load_split(root, product, "test", cfg.image_size)
     test_concat = extract_features(model, test.images).concat
     good = test.images[~test.labels.astype(bool)]
     at_gain = {g: extract_features(model, with_gain(good, g)) for g in (1.0, *GAINS)}
-    flow = {g: score_routed(flows, table, f).image for g, f in at_gain.items()}
-    results = {"flow": exposure(flow)}
-    for name, ref in (("knn", KnnReference(train)), ("gaussian", GaussianReference(train))):
+    results = {
+        kind: exposure({g: score_routed(d.detectors, d.table, f).image for g, f in at_gain.items()})
+        for kind, d in deployed.items()
+    }
+    for name, ref in zip(REFERENCES, (KnnReference(train), GaussianReference(train))):
         patch = ref.patch_scores(test_concat)
         metrics = split_metrics(test, anomaly_maps(patch, cfg), max_patch(patch))
         gains = {g: max_patch(ref.patch_scores(f.concat)) for g, f in at_gain.items()}
@@ -111,33 +133,69 @@ def product_results(flows: TaskFlows, table: RouterTable, root: Path, product: s
     return results
 
 
+def deployment_costs(deployed: Deployed, export_dir: Path) -> dict[str, dict[str, float]]:
+    """Per task: its exported fp32 graph's milliseconds per image (onnxruntime CPU, batch 1, one
+    thread, every task interleaved) and its task file's size on disk."""
+    import onnxruntime as ort
+
+    export_model(deployed.model_dir, export_dir, precisions=("fp32",))
+    manifest = load_manifest(export_dir)
+    cfg = deployed.model.config
+    embedding = np.random.default_rng(0).normal(size=(1, cfg.embed_dim, cfg.grid_size, cfg.grid_size))
+    feed = {"embedding": embedding.astype(np.float32)}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sessions = {
+        t.name: ort.InferenceSession(str(export_dir / t.graphs["fp32"].file), options, providers=["CPUExecutionProvider"])
+        for t in manifest.tasks
+    }
+    timed = measure_calls({task: (lambda s=s: s.run(None, feed)) for task, s in sessions.items()}, TIMED_CALLS)
+    store = ModelStore(deployed.model_dir)
+    return {
+        task: {"graph_ms": timed[task]["p50"], "task_file_mib": store.task_file(task).stat().st_size / 2**20}
+        for task in sessions
+    }
+
+
 def means(rows: dict[str, dict[str, float]], products: list[str]) -> dict[str, float]:
     keys = rows[products[0]].keys()
     return {k: float(np.mean([rows[p][k] for p in products])) for k in keys}
 
 
-def run(root: Path, out: Path, config: MoleFlowConfig, products: list[str], device: str = "cpu") -> dict:
-    model_dir = out / "model"
-    if ModelStore(model_dir).tasks():
-        raise SystemExit(f"{model_dir} already holds a model: pass a fresh --out")
-    train_info = {}
-    for i, product in enumerate(products):
-        print(f"[{i + 1}/{len(products)}] learning {product}", flush=True)
-        report = train_task(root, product, model_dir, config, device=device)
-        train_info[product] = {"images": report.images, "steps": report.steps, "train_seconds": report.train_seconds}
-    print("evaluating (routed)", flush=True)
-    evaluated = evaluate(root, model_dir)
-    model, prototypes = ModelStore(model_dir).load()
-    table, flows = RouterTable(model.tasks, [prototypes[t] for t in model.tasks]), TaskFlows(model)
+def run(
+    root: Path, out: Path, config: MoleFlowConfig, products: list[str], kinds: list[DetectorKind], device: str = "cpu"
+) -> dict:
+    deployed: dict[str, Deployed] = {}
+    evaluated: dict[str, dict] = {}
+    train_info: dict[str, dict[str, dict]] = {}
+    for kind in kinds:
+        model_dir = out / f"model-{kind.value}"
+        if ModelStore(model_dir).tasks():
+            raise SystemExit(f"{model_dir} already holds a model: pass a fresh --out")
+        train_info[kind.value] = {}
+        for i, product in enumerate(products):
+            print(f"[{kind.value} {i + 1}/{len(products)}] learning {product}", flush=True)
+            report = train_task(root, product, model_dir, config, device=device, detector=kind)
+            train_info[kind.value][product] = {
+                "images": report.images, "steps": report.steps, "train_seconds": report.train_seconds,
+                "fit": report.summary,
+            }  # fmt: skip
+        print(f"evaluating {kind.value} (routed)", flush=True)
+        evaluated[kind.value] = evaluate(root, model_dir)
+        deployed[kind.value] = Deployed(model_dir)
+    costs = {kind: deployment_costs(d, out / f"export-{kind}") for kind, d in deployed.items()}
     rows: dict[str, dict] = {}
     for product in products:
         print(f"references and exposure: {product}", flush=True)
-        row = product_results(flows, table, root, product)
-        row["flow"] = {**evaluated["tasks"][product], **row["flow"]}
-        rows[product] = {**row, "train": train_info[product]}
-    counted = [p for p in products if train_info[p]["images"] >= SMOKE_IMAGES]
+        row = product_results(deployed, root, product)
+        for kind in deployed:
+            row[kind] = {**evaluated[kind]["tasks"][product], **row[kind], **costs[kind][product]}
+        rows[product] = {**row, "train": {k: info[product] for k, info in train_info.items()}}
+    first = next(iter(train_info.values()))
+    counted = [p for p in products if first[p]["images"] >= SMOKE_IMAGES]
     summary = {}
-    for name in ("flow", "knn", "gaussian"):
+    for name in [*deployed, *REFERENCES]:
         gains = [rows[p][name][f"x{g}"] for p in counted for g in GAINS]
         summary[name] = {
             **means({p: rows[p][name] for p in counted}, counted),
@@ -146,29 +204,40 @@ def run(root: Path, out: Path, config: MoleFlowConfig, products: list[str], devi
         }
     return {
         "data": str(root),
-        "config": asdict(model.config),
+        "config": asdict(next(iter(deployed.values())).model.config),
+        "detectors": list(deployed),
         "products": rows,
         "mean_over": counted,
         "mean": summary,
-        "forgetting": evaluated["forgetting"],
+        "forgetting": {kind: e["forgetting"] for kind, e in evaluated.items()},
     }
 
 
 def markdown(result: dict) -> str:
     cols = [*METRICS, "x0.9", "x1.1"]
-    lines = ["| product | detector | " + " | ".join(cols) + " | routing |", "|---|---|" + "---:|" * (len(cols) + 1)]
+    kinds = result["detectors"]
+    lines = [
+        "| product | detector | " + " | ".join(cols) + " | routing | graph ms | task MiB |",
+        "|---|---|" + "---:|" * (len(cols) + 3),
+    ]
     for product, row in result["products"].items():
-        for name in ("flow", "knn", "gaussian"):
+        for name in [*kinds, *REFERENCES]:
             cells = " | ".join(f"{row[name][c]:.3f}" for c in cols)
-            routing = f"{row['flow']['routing_accuracy']:.3f}" if name == "flow" else "-"
-            lines.append(f"| {product} | {name} | {cells} | {routing} |")
+            deployed = (
+                f"{row[name]['routing_accuracy']:.3f} | {row[name]['graph_ms']:.2f} | {row[name]['task_file_mib']:.2f}"
+                if name in kinds
+                else "- | - | -"
+            )
+            lines.append(f"| {product} | {name} | {cells} | {deployed} |")
     for name, m in result["mean"].items():
         cells = " | ".join(f"{m[c]:.3f}" for c in METRICS)
-        lines.append(
-            f"| **mean** | {name} | {cells} | mean {m['exposure_mean']:.3f} | max {m['exposure_max']:.3f} | "
-            + (f"{m['routing_accuracy']:.3f} |" if name == "flow" else "- |")
+        deployed = (
+            f"{m['routing_accuracy']:.3f} | {m['graph_ms']:.2f} | {m['task_file_mib']:.2f}" if name in kinds else "- | - | -"
         )
-    forgetting = ", ".join(f"{k} {v:.3f}" for k, v in result["forgetting"].items())
+        lines.append(f"| **mean** | {name} | {cells} | mean {m['exposure_mean']:.3f} | max {m['exposure_max']:.3f} | {deployed} |")
+    forgetting = "; ".join(
+        f"{kind}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()) for kind, values in result["forgetting"].items()
+    )
     return "\n".join(lines) + f"\n\nmeans over {', '.join(result['mean_over'])}; forgetting: {forgetting}\n"
 
 
@@ -176,14 +245,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="MVTec-layout root: every category is learned")
     parser.add_argument("--config", type=Path, help="MoleFlowConfig JSON (default: the default config)")
+    parser.add_argument("--detector", type=DetectorKind, choices=list(DetectorKind), action="append", default=[],
+                        help="also learn every product with this detector kind, as its own model (repeatable); "
+                        "the default flow is always measured")  # fmt: skip
     parser.add_argument("--products", help="comma-separated subset, in learning order (default: all, sorted)")
-    parser.add_argument("--out", type=Path, default=Path("runs/accuracy"), help="fresh folder for model and results")
+    parser.add_argument("--out", type=Path, default=Path("runs/accuracy"), help="fresh folder for models and results")
     parser.add_argument("--device", default="cpu", help="training device: cpu, cuda or cuda:N")
     args = parser.parse_args()
     config = MoleFlowConfig.from_json(args.config) if args.config else MoleFlowConfig()
     products = args.products.split(",") if args.products else list_categories(args.data)
+    kinds = list(dict.fromkeys([DetectorKind.FLOW, *args.detector]))
     started = time.perf_counter()
-    result = run(args.data, args.out, config, products, args.device)
+    result = run(args.data, args.out, config, products, kinds, args.device)
     result["seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")

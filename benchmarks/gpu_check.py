@@ -72,7 +72,7 @@ def training_section(work: Path) -> dict[str, object]:
     from moleflow_edge.export.exporter import export_model
     from moleflow_edge.model_store import ModelStore
     from moleflow_edge.router import RouterTable
-    from moleflow_edge.scoring import TaskFlows, score_routed
+    from moleflow_edge.scoring import TaskDetectors, score_routed
     from moleflow_edge.train import train_task
 
     config = MoleFlowConfig(**TRAIN_CONFIG_FIELDS)
@@ -89,10 +89,10 @@ def training_section(work: Path) -> dict[str, object]:
         metrics = evaluate(data, model_dir, device="cpu")["tasks"]
         model, prototypes = ModelStore(model_dir).load()
         table = RouterTable(model.tasks, [prototypes[t] for t in model.tasks])
-        flows, routes, scores = TaskFlows(model), [], []
+        detectors, routes, scores = TaskDetectors(model), [], []
         for task in TASKS:
             images = load_split(data, task, "test", config.image_size).images
-            routed = score_routed(flows, table, extract_features(model, images))
+            routed = score_routed(detectors, table, extract_features(model, images))
             routes += routed.tasks
             scores.append(routed.image)
         tensors = {}

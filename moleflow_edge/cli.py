@@ -13,9 +13,9 @@ from typing import Callable, Optional
 
 import typer
 
-from moleflow_edge.config import BackboneName, MoleFlowConfig
-from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGET_NAMES, ExportFormat, TargetChoice
+from moleflow_edge.config import BackboneName, DetectorKind, MoleFlowConfig
 from moleflow_edge.router import FEW_IMAGES, limit_widening
+from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGET_NAMES, ExportFormat, TargetChoice
 
 app = typer.Typer(
     help="Train, export and run MoLE-Flow continual anomaly detection on the factory floor.",
@@ -141,6 +141,10 @@ def train(
     backbone: Optional[BackboneName] = typer.Option(None, help="Backbone (first task only)."),
     image_size: Optional[int] = typer.Option(None, help="Input size, a multiple of 16 (first task only)."),
     steps: Optional[int] = typer.Option(None, min=1, help="Most optimiser steps for this task (default: the config's max_steps)."),
+    detector: Optional[DetectorKind] = typer.Option(
+        None, help="This task's detector: flow (MoLE-Flow) or memory (a coreset of its training patches); "
+        "default: the config's detector (flow)."
+    ),
     device: str = typer.Option("auto", help=DEVICE_OPTION_HELP),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_OPTION_HELP),
     amp: bool = typer.Option(
@@ -154,13 +158,14 @@ def train(
     where = chosen_device(device, lambda kind: "training, " + ("float16 mixed precision" if amp and kind == "cuda" else "float32"))
     set_torch_threads(threads)
     try:
-        report = train_task(data, task, model, _config(config, backbone, image_size), steps, device=where, amp=amp)
+        report = train_task(
+            data, task, model, _config(config, backbone, image_size), steps, device=where, amp=amp, detector=detector
+        )
     except USER_ERRORS as exc:
         fail(str(exc))
     typer.echo(
-        f"trained {report.task}: {report.images} images ({report.holdout_images} held out to decide when to stop), "
-        f"{report.steps} steps, kept step {report.best_step}, {report.train_seconds:.1f} s, "
-        f"features {report.feature_seconds:.1f} s, loss {report.final_loss:.4f}"
+        f"trained {report.task} ({report.detector.value}): {report.images} images ({report.holdout_images} held out "
+        f"for its normal scale), {report.summary}, {report.train_seconds:.1f} s, features {report.feature_seconds:.1f} s"
     )
     if note := few_images_note(report.task, report.images):
         typer.echo(note)

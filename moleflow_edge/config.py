@@ -47,6 +47,15 @@ class Whitening(str, Enum):
     MAHALANOBIS = "mahalanobis"
 
 
+class DetectorKind(str, Enum):
+    """What scores a task's patches: MoLE-Flow (a normalizing flow with the task's LoRA adapters,
+    the default) or a memory bank (PatchCore-style: a coreset of the task's training patches,
+    nearest-neighbour distance). Both read the shared embedding and export the same graph shape."""
+
+    FLOW = "flow"
+    MEMORY = "memory"
+
+
 class RouterPooling(str, Enum):
     """Which backbone map the router pools: stride 16 (free) or the last layer (papers)."""
 
@@ -81,6 +90,10 @@ class MoleFlowConfig:
     positional_encoding: bool = True  # add the fixed 2D sinusoidal encoding to the embedding
     spatial_context: bool = False  # spatial mixer and context-aware coupling scales (papers'; hurt with feature noise)
     whitening: str = Whitening.MAHALANOBIS.value  # per-task whitening adapter: mahalanobis or layernorm (papers')
+    detector: str = DetectorKind.FLOW.value  # a new task's detector kind (train --detector overrides per task)
+    coreset_ratio: float = 0.1  # memory detector: kept fraction of the training patches (greedy k-center)
+    coreset_min: int = 1000  # ... but at least this many (all of them if fewer): tiny products keep every patch
+    coreset_max: int = 4000  # ... and at most this many: its graph's cost grows linearly with the bank
     top_k: int = 3  # K for the image score
     anomaly_score: str = AnomalyScore.NLL.value  # nll (-log p, the papers') or latent (0.5 ||z||^2)
     map_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels
@@ -117,6 +130,11 @@ class MoleFlowConfig:
         PatchStride(self.patch_stride)
         AnomalyScore(self.anomaly_score)
         Whitening(self.whitening)
+        DetectorKind(self.detector)
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if not 1 <= self.coreset_min <= self.coreset_max:
+            raise ValueError(f"coreset sizes must be 1 <= coreset_min <= coreset_max, got {self.coreset_min}, {self.coreset_max}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         for name in ("feature_noise", "augment_copies", "augment_strength"):

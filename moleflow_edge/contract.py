@@ -8,10 +8,12 @@ export directory:
     EXPORT/backbone.<precision>.onnx    uint8 BGR (B,S,S,3) -> embedding (B,D,H,W), routing_feature (B,C)
     EXPORT/router.safetensors           <task>.mean (C,), <task>.whitener (C,C) for every task
     EXPORT/router.onnx                  routing_feature (B,C) -> distances (B,T), every task at once
-    EXPORT/flow/<task>.<precision>.onnx embedding (B,D,H,W) -> patch_scores (B,H,W), image_score (B,)
+    EXPORT/detectors/<task>.<precision>.onnx  a task's detector (flow or memory bank, its entry's
+                                        ``detector``): embedding (B,D,H,W) -> patch_scores (B,H,W),
+                                        image_score (B,); exports made before memory tasks used flow/
     EXPORT/engines/...                  TensorRT plans, where built
 
-File names carry a content hash (``flow/<task>.<precision>.<sha16>.onnx``), so a new export
+File names carry a content hash (``detectors/<task>.<precision>.<sha16>.onnx``), so a new export
 never overwrites a file the live manifest lists. ``load_manifest`` refuses, with one line per
 problem: a manifest that breaks the schema (types, ranges, required fields, format version), a
 listed path that is absolute, not normalised, or resolves outside the export directory, a file
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from moleflow_edge import __version__
 from moleflow_edge.atomic import write_text_atomic
+from moleflow_edge.config import DetectorKind
 from moleflow_edge.signing import SignatureError, sign, verify
 
 if TYPE_CHECKING:
@@ -42,6 +45,8 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 ROUTER_WEIGHTS, ROUTER_GRAPH = "router.safetensors", "router.onnx"  # listed under their content names
+DETECTOR_DIR = "detectors"  # each task's detector graphs
+LEGACY_DETECTOR_DIR = "flow"  # where exports made before memory tasks keep them (still loaded and swept)
 SIGNATURE_FIELD = "signature"  # an Ed25519 signature over the rest of the manifest (see signed_payload)
 
 # graph input/output names: the contract between exporter and runtime
@@ -97,10 +102,11 @@ class ArtifactFile:
 
 @dataclass
 class TaskEntry:
-    """One product: its flow graphs per precision, engines, and decision limits."""
+    """One product: its detector's kind and graphs per precision, engines, and decision limits."""
 
     name: str
     graphs: dict[str, ArtifactFile] = field(default_factory=dict)
+    detector: str = DetectorKind.FLOW.value  # flow or memory; the graphs' inputs and outputs are the same
     engines: dict[str, dict] = field(default_factory=dict)  # engine key -> {"file", "sha256", "precision", ...}
     distance_limit: float = float("inf")  # routing: farther than this from every prototype -> unknown
     threshold: float | None = None  # image-score decision threshold, set by calibrate
@@ -380,6 +386,7 @@ _TOP: dict[str, Check] = {
     "int8_calibration": _dict,
 }
 _TASK: dict[str, Check] = {
+    "detector": _text(*(k.value for k in DetectorKind)),
     "distance_limit": _number(0.0, allow_inf=True),
     "threshold": _number(-math.inf, optional=True),
     "calibration": _dict,

@@ -154,7 +154,7 @@ def run_demo(out: str | Path, plan: DemoPlan = QUICK, steps: int | None = None,
 
     for task in TASKS:
         report = train_task(data, task, model, plan.config, steps or plan.steps)
-        done(f"trained {task}: {report.steps} steps, kept step {report.best_step}")
+        done(f"trained {task}: {report.summary}")
 
     results = evaluate(data, model)
     eval_json = root / "eval.json"

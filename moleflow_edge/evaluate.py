@@ -1,7 +1,8 @@
 """Evaluation as deployed: the router picks each test image's adapters, nobody names the product.
 
 Scores come from moleflow_edge.scoring, the runtime's rule: the unknown-product limits apply
-(a rejected image counts as stopped by the line) and every task scores through its merged flow.
+(a rejected image counts as stopped by the line) and every task scores through its detector's
+scorer (a merged flow or a memory bank).
 Forgetting needs no stored history: the model is strictly additive, so "right after learning
 task t" is the same model with a router restricted to tasks 0..t. Comparing that with the
 router over every task measures forgetting exactly, routing confusion included.
@@ -23,7 +24,7 @@ from moleflow_edge.features import FEATURE_BATCH, extract_features
 from moleflow_edge.metrics import aupro, auroc, average_precision
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.router import UNKNOWN, RouterTable
-from moleflow_edge.scoring import RoutedScores, TaskFlows, route, score_routed
+from moleflow_edge.scoring import RoutedScores, TaskDetectors, route, score_routed
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 
@@ -79,19 +80,19 @@ def evaluate(
     if unknown:
         raise ValueError(f"tasks {unknown} are not trained in {model_dir} (trained: {order})")
     table = RouterTable(order, [prototypes[t] for t in order])
-    flows = TaskFlows(model)
+    detectors = TaskDetectors(model)
 
     results: dict[str, TaskMetrics] = {}
     forgetting: dict[str, list[float]] = {m: [] for m in METRICS}
     for task in wanted:
         split = load_split(data_root, task, "test", model.config.image_size)
         features = extract_features(model, split.images)
-        if oracle:  # every image under its own product's flow, whatever the router says
+        if oracle:  # every image under its own product's detector, whatever the router says
             named = [task] * len(split.images)
             routing = route(table, features.routing)
-            scores = RoutedScores(routing, named, *flows.score(model.embed(features.concat), named))
+            scores = RoutedScores(routing, named, *detectors.score(model.embed(features.concat), named))
         else:
-            scores = score_routed(flows, table, features)
+            scores = score_routed(detectors, table, features)
             routing = scores.routing
         final = _metrics(scores, split, model.config)
         results[task] = TaskMetrics(
@@ -101,10 +102,10 @@ def evaluate(
         )
         position = order.index(task)
         if position < len(order) - 1 and not oracle:  # an earlier task: the model right after it was learned
-            then_metrics = (  # the same routing scores bit-identically: the flows need not run again
+            then_metrics = (  # the same routing scores bit-identically: the detectors need not run again
                 final
                 if route(table, features.routing, position + 1) == routing
-                else _metrics(score_routed(flows, table, features, position + 1), split, model.config)
+                else _metrics(score_routed(detectors, table, features, position + 1), split, model.config)
             )
             for name, before, after in zip(METRICS, then_metrics, final):
                 forgetting[name].append(before - after)

@@ -2,8 +2,9 @@
 
     MODEL/config.json             MoleFlowConfig (all sizes)
     MODEL/shared.safetensors      shared weights, written once after task 0
-    MODEL/tasks/<task>.safetensors  one task's adapters + router prototype
-    MODEL/tasks.json              {"tasks": [...]} in training order
+    MODEL/tasks/<task>.safetensors  one task's detector (flow adapters or memory bank) + router prototype
+    MODEL/tasks.json              {"tasks": [...], "detectors": {task: kind}} in training order
+                                  (no "detectors": every task is a flow, as saved before memory tasks)
 
 Every file is written to a temporary name and renamed into place, and the task list is
 written last: a crash at any point leaves the tasks listed before it loadable and unchanged.
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from moleflow_edge.atomic import write_atomic, write_text_atomic
 from moleflow_edge.backbones import build_backbone
-from moleflow_edge.config import MoleFlowConfig
+from moleflow_edge.config import DetectorKind, MoleFlowConfig
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.router import Prototype
 
@@ -48,12 +49,22 @@ class ModelStore:
 
     def tasks(self) -> list[str]:
         """Trained tasks in order; [] for a new or never-completed directory."""
+        return list(self._task_list()[0])
+
+    def kinds(self) -> dict[str, DetectorKind]:
+        """Each trained task's detector kind."""
+        return self._task_list()[1]
+
+    def _task_list(self) -> tuple[list[str], dict[str, DetectorKind]]:
         path = self.root / TASK_LIST_FILE
         if not path.is_file():
-            return []
+            return [], {}
         try:
-            return list(json.loads(path.read_text())["tasks"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            data = json.loads(path.read_text())
+            tasks = list(data["tasks"])
+            saved = data.get("detectors", {})
+            return tasks, {t: DetectorKind(saved.get(t, DetectorKind.FLOW.value)) for t in tasks}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelDirError(f"{path} is not a valid task list: {exc}") from exc
 
     def config(self) -> MoleFlowConfig:
@@ -64,7 +75,7 @@ class ModelStore:
 
     def load(self, tasks: list[str] | None = None, random_backbone: bool = False) -> tuple[MoleFlow, dict[str, Prototype]]:
         """Rebuild the model with the listed tasks (all trained tasks by default) and their prototypes."""
-        trained = self.tasks()
+        trained, kinds = self._task_list()
         if not trained:
             raise ModelDirError(f"{self.root} holds no trained task (no {TASK_LIST_FILE}); train one first")
         wanted = trained if tasks is None else tasks
@@ -76,7 +87,7 @@ class ModelStore:
         state = self._read(self.root / SHARED_FILE)
         prototypes = {}
         for task in trained:  # every task in order, so that later tasks start from the same task-0 values
-            model.add_task(task)
+            model.add_task(task, kinds[task])
             task_state = self._read(self.task_file(task))
             prototypes[task] = _prototype_from(task_state, self.task_file(task))
             state.update({k: v for k, v in task_state.items() if not k.startswith(ROUTER_PREFIX)})
@@ -86,15 +97,13 @@ class ModelStore:
             raise ModelDirError(f"{self.root}: weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
         for task in trained:
             if task not in wanted:
-                del model.per_task[task]
-                for layer in model.lora_layers():
-                    del layer.per_task[task]
+                model.remove_task(task)
         model.eval()
         return model, {t: prototypes[t] for t in wanted}
 
     def save_task(self, model: MoleFlow, task: str, prototype: Prototype) -> None:
         """Add a trained task: config and shared weights with the first task, the task file, then the list."""
-        tasks = self.tasks()
+        tasks, kinds = self._task_list()
         if task in tasks:
             raise ModelDirError(f"task {task!r} is already in {self.root}")
         if not tasks:
@@ -110,7 +119,10 @@ class ModelStore:
         if prototype.patch_level is not None:
             state[ROUTER_PREFIX + "patch_level"] = torch.tensor(prototype.patch_level, dtype=torch.float64)
         write_atomic(self.task_file(task), lambda tmp: save_file(state, str(tmp)))
-        write_text_atomic(self.root / TASK_LIST_FILE, json.dumps({"tasks": [*tasks, task]}, indent=2) + "\n")
+        detectors = {t: k.value for t, k in {**kinds, task: model.kind(task)}.items()}
+        write_text_atomic(
+            self.root / TASK_LIST_FILE, json.dumps({"tasks": [*tasks, task], "detectors": detectors}, indent=2) + "\n"
+        )
 
     @staticmethod
     def _read(path: Path) -> dict[str, torch.Tensor]:

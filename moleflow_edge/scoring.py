@@ -1,8 +1,9 @@
 """Routed scores on the torch side, the way the deployed runtime forms them.
 
-Route with the unknown-product limits, then run each task's merged flow: the very module that
-export writes as that task's graph. Eval, the eager bench and the parity tests all score
-through here, so the accuracy reported is the deployed runtime's by construction.
+Route with the unknown-product limits, then run each task's scorer (its detector's PatchScorer:
+a merged flow or a memory bank), the very module that export writes as that task's graph. Eval,
+the eager bench and the parity tests all score through here, so the accuracy reported is the
+deployed runtime's by construction.
 """
 
 from __future__ import annotations
@@ -13,23 +14,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moleflow_edge.detectors import detector_of
 from moleflow_edge.features import ImageFeatures
-from moleflow_edge.model.merged import MergedFlow, merge_task
 from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model.scorer import PatchScorer
 from moleflow_edge.router import UNKNOWN, RouterTable
 
 
-class TaskFlows:
-    """Every task's merged flow, built on first use and kept for the model's lifetime."""
+class TaskDetectors:
+    """Every task's scorer, whatever its detector kind, built on first use and kept for the model's lifetime."""
 
     def __init__(self, model: MoleFlow) -> None:
         self.model = model
-        self._merged: dict[str, MergedFlow] = {}
+        self._scorers: dict[str, PatchScorer] = {}
 
-    def __getitem__(self, task: str) -> MergedFlow:
-        if task not in self._merged:
-            self._merged[task] = merge_task(self.model, task).to(self.model.embedder.position.device)
-        return self._merged[task]
+    def __getitem__(self, task: str) -> PatchScorer:
+        if task not in self._scorers:
+            scorer = detector_of(self.model.kind(task)).scorer(self.model, task)
+            self._scorers[task] = scorer.to(self.model.embedder.position.device)
+        return self._scorers[task]
 
     @torch.no_grad()
     def score(self, embedded: torch.Tensor, assigned: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -49,7 +52,7 @@ class Routing:
 
     tasks: list[str]  # routed task per image, UNKNOWN beyond every limit
     nearest: list[str]  # the nearest task per image, limits aside: which product the router sees
-    candidates: list[tuple[str, ...]]  # beyond every limit: tasks whose flows may explain it; () otherwise
+    candidates: list[tuple[str, ...]]  # beyond every limit: tasks whose detectors may explain it; () otherwise
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class RoutedScores:
     """
 
     routing: Routing
-    shown: list[str]  # the task whose flow gave each image's patch scores
+    shown: list[str]  # the task whose detector gave each image's patch scores
     patch: np.ndarray  # (N,H,W)
     image: np.ndarray  # (N,)
 
@@ -89,22 +92,22 @@ def route(table: RouterTable, routing: np.ndarray, known: int | None = None) -> 
 
 @torch.no_grad()
 def score_routed(
-    flows: TaskFlows, table: RouterTable, features: ImageFeatures, known: int | None = None
+    detectors: TaskDetectors, table: RouterTable, features: ImageFeatures, known: int | None = None
 ) -> RoutedScores:
-    """Route (limits included, see ``route``) and score every image under its task's flow; a frame
-    beyond every limit under each of its candidates', keeping the one that explains it best."""
+    """Route (limits included, see ``route``) and score every image under its task's detector; a
+    frame beyond every limit under each of its candidates', keeping the one that explains it best."""
     routing = route(table, features.routing, known)
-    embedded = flows.model.embed(features.concat.to(flows.model.embedder.position.device))
+    embedded = detectors.model.embed(features.concat.to(detectors.model.embedder.position.device))
     shown = list(routing.tasks)
     routed = [i for i, t in enumerate(routing.tasks) if t != UNKNOWN]
     rejected = [i for i, t in enumerate(routing.tasks) if t == UNKNOWN]
     patch = np.zeros((len(shown), *embedded.shape[2:]), dtype=np.float32)
     image = np.full(len(shown), np.inf, dtype=np.float32)  # stopped frames stay +inf
     if routed:
-        patch[routed], image[routed] = flows.score(embedded[routed], [shown[i] for i in routed])
-    if rejected:  # each candidate's flow scores the stopped frames once; the best one's map is kept
+        patch[routed], image[routed] = detectors.score(embedded[routed], [shown[i] for i in routed])
+    if rejected:  # each candidate scores the stopped frames once; the best one's map is kept
         needed = dict.fromkeys(t for i in rejected for t in routing.candidates[i])
-        by_task = {task: flows.score(embedded[rejected], [task] * len(rejected))[0] for task in needed}
+        by_task = {task: detectors.score(embedded[rejected], [task] * len(rejected))[0] for task in needed}
         for j, i in enumerate(rejected):
             candidates = routing.candidates[i]
             shown[i] = table.explaining_task(candidates, [by_task[t][j] for t in candidates])

@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moleflow_edge.data.synth import generate
-
 from conftest import TINY_CONFIG
+
+from moleflow_edge.data.synth import generate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,17 +23,21 @@ def test_accuracy_bench_on_an_unseen_root(tmp_path: Path) -> None:
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "accuracy_bench.py"), "--data", str(root), "--config", str(config),
-         "--out", str(out)],
+         "--out", str(out), "--detector", "memory"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((out / "accuracy.json").read_text())
     assert set(result["products"]) == {"cap", "weave"}
+    assert result["detectors"] == ["flow", "memory"]
     assert result["mean_over"] == ["weave"]  # 4 training images: reported, out of the means
     for row in result["products"].values():
-        for name in ("flow", "knn", "gaussian"):
+        for name in ("flow", "memory", "knn", "gaussian"):
             for key in ("image_auroc", "pixel_auroc", "pixel_ap", "aupro", "x0.9", "x1.1"):
                 assert 0.0 <= row[name][key] <= 1.0, (name, key, row[name])
-        assert row["flow"]["routing_accuracy"] == 1.0
+        for kind in ("flow", "memory"):
+            assert row[kind]["routing_accuracy"] == 1.0
+            assert row[kind]["graph_ms"] > 0 and row[kind]["task_file_mib"] > 0
     assert result["mean"]["knn"]["image_auroc"] == result["products"]["weave"]["knn"]["image_auroc"]
-    assert "| cap | knn |" in (out / "accuracy.md").read_text()
+    table = (out / "accuracy.md").read_text()
+    assert "| cap | knn |" in table and "| weave | memory |" in table

@@ -119,7 +119,7 @@ def test_interleaved_timing_takes_turns_in_blocks_and_times_iters_calls_each() -
                      ("b", 0), ("b", 4), ("b", 0), ("b", 2), ("a", 0), ("a", 4), ("a", 0), ("a", 2)]  # fmt: skip
     assert set(measured) == {"a", "b"}
     for m in measured.values():
-        assert set(m["stages_ms"]) == set(STAGES) and m["stages_ms"]["flow"]["p50"] == 1.0
+        assert set(m["stages_ms"]) == set(STAGES) and m["stages_ms"]["detector"]["p50"] == 1.0
         assert set(m["end_to_end_ms"]) == PERCENTILES and m["throughput_fps"] > 0
 
 

@@ -14,7 +14,7 @@ from moleflow_edge.evaluate import evaluate
 from moleflow_edge.features import extract_features
 from moleflow_edge.model_store import SHARED_FILE, ModelDirError, ModelStore
 from moleflow_edge.router import Prototype, RouterTable, patch_level
-from moleflow_edge.scoring import TaskFlows, score_routed
+from moleflow_edge.scoring import TaskDetectors, score_routed
 from moleflow_edge.train import train_task
 from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.synth import generate
@@ -82,13 +82,13 @@ def test_routed_accuracy_on_three_synthetic_tasks(sequence_run: dict, synth_root
     results = evaluate(synth_root, sequence_run["model_dir"])
     assert results["mode"]["routing"] == "routed"
     model, prototypes = ModelStore(sequence_run["model_dir"]).load()
-    table, flows = RouterTable(model.tasks, [prototypes[t] for t in model.tasks]), TaskFlows(model)
+    table, detectors = RouterTable(model.tasks, [prototypes[t] for t in model.tasks]), TaskDetectors(model)
     for task in SEQUENCE:
         metrics = results["tasks"][task]
         assert metrics["routing_accuracy"] == 1.0, task
         assert metrics["unknown_rate"] <= 0.1, task
         split = load_split(synth_root, task, "test", model.config.image_size)
-        routed = score_routed(flows, table, extract_features(model, split.images))
+        routed = score_routed(detectors, table, extract_features(model, split.images))
         assert not routed.rejected[split.labels == 0].any(), task  # only defective parts look like no product
         assert np.isinf(routed.image[routed.rejected]).all()  # and the line stops them
         # yet their maps come from their own product's flow, the one that explains them best
@@ -114,9 +114,9 @@ def test_crash_mid_training_leaves_model_dir_unchanged(
     train_task(synth_root, SEQUENCE[0], model_dir, TINY_CONFIG, progress=False)
     before = _snapshot(model_dir)
     calls = {"n": 0}
-    import moleflow_edge.train as train_module
+    import moleflow_edge.detectors.flow as flow_module
 
-    real_loss = train_module.flow_loss
+    real_loss = flow_module.flow_loss
 
     def crash_on_third_step(*args: object) -> torch.Tensor:
         calls["n"] += 1
@@ -124,7 +124,7 @@ def test_crash_mid_training_leaves_model_dir_unchanged(
             raise KeyboardInterrupt  # Ctrl-C or a power cut mid-epoch
         return real_loss(*args)
 
-    monkeypatch.setattr(train_module, "flow_loss", crash_on_third_step)
+    monkeypatch.setattr(flow_module, "flow_loss", crash_on_third_step)
     with pytest.raises(KeyboardInterrupt):
         train_task(synth_root, "screw", model_dir, progress=False)
     assert _snapshot(model_dir) == before

@@ -83,7 +83,7 @@ def test_export_lists_which_targets_run_it(built: dict) -> None:
 def test_tampered_export_is_a_problem(built: dict, tmp_path: Path) -> None:
     export = tmp_path / "export"
     shutil.copytree(built["export_dir"], export)
-    flow = next((export / "flow").glob("*.onnx"))
+    flow = next((export / "detectors").glob("*.onnx"))
     flow.write_bytes(flow.read_bytes()[:-1])
     code, report = doctor("--export", str(export))
     assert code == 1 and not report["ok"]

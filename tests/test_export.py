@@ -98,10 +98,10 @@ def history(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Histo
     before = _hashes(out)
 
     def interrupted(*args: object, **kwargs: object) -> onnx.ModelProto:
-        raise KeyboardInterrupt("interrupted while exporting the flow graph")
+        raise KeyboardInterrupt("interrupted while exporting the detector graph")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(onnx_graphs, "flow_graph", interrupted)
+        patch.setattr(onnx_graphs, "scorer_graph", interrupted)
         with pytest.raises(KeyboardInterrupt) as caught:
             export_model(trained.model_dir, out, tasks=[LAST])
     after_interrupt = _hashes(out)
@@ -250,8 +250,8 @@ def test_lower_precision_keeps_image_auroc(
 def test_int8_calibration_is_recorded(history: History) -> None:
     calibration = load_manifest(history.out).int8_calibration
     assert calibration["backbone"]["count"] == 30 * len(TASKS)
-    assert {calibration[f"flow/{t}"]["count"] for t in TASKS} == {30}
-    assert len({calibration[f"flow/{t}"]["files_sha256"] for t in TASKS}) == len(TASKS)
+    assert {calibration[f"detectors/{t}"]["count"] for t in TASKS} == {30}
+    assert len({calibration[f"detectors/{t}"]["files_sha256"] for t in TASKS}) == len(TASKS)
 
 
 # --- incremental, atomic, verified ---------------------------------------------------------------------
@@ -259,19 +259,19 @@ def test_int8_calibration_is_recorded(history: History) -> None:
 
 def test_adding_a_task_touches_no_other_task_and_no_fp_backbone(history: History) -> None:
     before, after = history.before_interrupt, history.after_third
-    others = [name for name in before if name.startswith("flow/")]
+    others = [name for name in before if name.startswith("detectors/")]
     assert others and all(after[name] == before[name] for name in others)
     skipped = {f.file for f in history.third.files if f.skipped}
     written = {f.file for f in history.third.written}
     assert {"backbone.fp32.onnx", "backbone.fp16.onnx"} <= skipped and not written.intersection(others)
-    assert {f"flow/{LAST}.{p}.onnx" for p in PRECISIONS} <= written
+    assert {f"detectors/{LAST}.{p}.onnx" for p in PRECISIONS} <= written
     manifest = load_manifest(history.out)
     assert manifest.task_names == TASKS
     assert "router.onnx" in written and "backbone.int8.onnx" in written  # INT8 recalibrated on every task
 
 
 def test_interrupted_export_leaves_the_previous_export_valid(history: History) -> None:
-    assert "flow graph" in history.interrupted_error
+    assert "detector graph" in history.interrupted_error
     assert history.after_interrupt == history.before_interrupt
     assert history.tasks_after_interrupt == FIRST
     assert history.staging_left == []
@@ -318,11 +318,11 @@ def test_missing_graph_is_rebuilt_alone_and_a_graph_over_the_size_cap_gets_a_lis
     (out / load_manifest(out, verify=False).task(LAST).graphs["fp32"].file).unlink()
     monkeypatch.setattr(onnx_graphs, "MAX_PROTO_BYTES", 0)
     report = export_model(trained.model_dir, out, tasks=[LAST])
-    assert [f.file for f in report.written] == [f"flow/{LAST}.fp32.onnx"]
+    assert [f.file for f in report.written] == [f"detectors/{LAST}.fp32.onnx"]
     graph = load_manifest(out).task(LAST).graphs["fp32"]
     # content-addressed graph; its weights file keeps the run-unique name written inside the graph
-    assert graph.file == f"flow/{LAST}.fp32.{graph.sha256[:16]}.onnx"
-    assert graph.data_file.startswith(f"flow/{LAST}.fp32.") and graph.data_file.endswith(".onnx.data")
+    assert graph.file == f"detectors/{LAST}.fp32.{graph.sha256[:16]}.onnx"
+    assert graph.data_file.startswith(f"detectors/{LAST}.fp32.") and graph.data_file.endswith(".onnx.data")
     assert (out / graph.data_file).is_file()
     patch = _session(out / graph.file).run(None, {"embedding": np.zeros((1, 64, 8, 8), np.float32)})[0]
     assert patch.shape == (1, 8, 8)

@@ -21,10 +21,10 @@ from moleflow_edge.model_store import ModelStore
 from moleflow_edge.preprocess import read_image_bgr, resize_frame
 from moleflow_edge.router import RouterTable
 from moleflow_edge.runtime import UNKNOWN, Backend, BackendError, FrameResult, Runtime, camera_loop, run_source
-from moleflow_edge.runtime.backend import FeatureBatch, FlowEngine, module_available
+from moleflow_edge.runtime.backend import FeatureBatch, DetectorEngine, module_available
 from moleflow_edge.runtime.engine_cache import EngineCache
 from moleflow_edge.runtime.ort_backend import _contiguous_runs
-from moleflow_edge.scoring import TaskFlows, score_routed
+from moleflow_edge.scoring import TaskDetectors, score_routed
 from tests.conftest import TINY_CONFIG
 
 TRAINED = ["weave", "tiles", "screw"]  # "cap" is never trained: its images must come out unknown
@@ -65,7 +65,7 @@ def reference(exported: dict, frames: list) -> dict:
     size = model.config.image_size
     table = RouterTable(model.tasks, [prototypes[t] for t in model.tasks])
     features = extract_features(model, np.stack([resize_frame(f, size) for _, f in frames]))
-    routed = score_routed(TaskFlows(model), table, features)
+    routed = score_routed(TaskDetectors(model), table, features)
     return {
         "tasks": routed.tasks,
         "shown": routed.shown,
@@ -317,7 +317,7 @@ def test_memory_budget_keeps_one_engine(exported: dict, frames: list) -> None:
         assert len(rt.resident_tasks) == 1 and rt.engine_stats.unloads == 2
 
 
-class _FakeEngine(FlowEngine):
+class _FakeEngine(DetectorEngine):
     def __init__(self, task: str, nbytes: int, closed: list[str]) -> None:
         self.task, self.estimated_bytes, self._closed = task, nbytes, closed
 
@@ -370,7 +370,7 @@ def test_run_over_a_folder_with_a_corrupt_file(exported: dict, synth_root: Path,
     good = [line for line in frames_out if "error" not in line]
     assert {line["task"] for line in good} >= {"weave", "tiles", "screw"}
     for line in good:
-        assert set(line["latency_ms"]) >= {"preprocess", "backbone", "routing", "flow", "postprocess", "total"}
+        assert set(line["latency_ms"]) >= {"preprocess", "backbone", "routing", "detector", "postprocess", "total"}
         assert Path(line["overlay"]).is_file()
         assert cv2.imread(line["overlay"]).shape == (128, 128, 3)
     assert len(list(overlays.glob("*.png"))) == 4

@@ -410,7 +410,7 @@ def test_each_session_gets_its_own_input_profile_and_the_engine_cache(
     root = built["export_dir"]
     manifest = load_manifest(root)
     backend = OrtBackend(root, manifest, Precision.FP32, io_binding=True, trt_cache_dir=tmp_path / "cache")
-    backend.load_flow(manifest.task(TASKS[0]))
+    backend.load_detector(manifest.task(TASKS[0]))
     by_graph = {name: dict(providers[0][1]) for name, providers in seen}
     backbone, router = manifest.backbone_graphs["fp32"], manifest.router_graph
     assert router is not None

@@ -178,7 +178,7 @@ def _export_in_subprocess(model_dir: Path, out: Path, kill_at: int) -> subproces
 def test_sigkill_at_every_commit_step_leaves_the_old_or_the_new_export(built: dict, tmp_path: Path) -> None:
     base = tmp_path / "base"
     shutil.copytree(built["export_dir"], base)
-    (base / "flow" / "orphan.onnx").write_bytes(b"left by an old run")  # swept by the next export
+    (base / "detectors" / "orphan.onnx").write_bytes(b"left by an old run")  # swept by the next export
     (base / ".staging-deadbeef0000").mkdir()  # left by a killed run
     old = load_manifest(base)
     dry = tmp_path / "dry"
@@ -189,7 +189,7 @@ def test_sigkill_at_every_commit_step_leaves_the_old_or_the_new_export(built: di
     steps = int(finished.stdout.split("steps")[1])
     assert steps >= 5  # moves, the manifest rename, staging removal, the sweep
     new = load_manifest(dry)
-    assert "fp16" in new.backbone_graphs and not (dry / "flow" / "orphan.onnx").exists()
+    assert "fp16" in new.backbone_graphs and not (dry / "detectors" / "orphan.onnx").exists()
     assert not [p for p in dry.iterdir() if p.name.startswith(".staging-")]
     written = [p for p in dry.rglob("*") if p.is_file() and not (base / p.relative_to(dry)).exists()]
     assert written and (dry / MANIFEST_FILE) in [*written, dry / MANIFEST_FILE]
@@ -231,7 +231,7 @@ def test_bench_without_data_times_the_flow(built: dict) -> None:
     report = bench(built["export_dir"], ("onnxruntime-cpu",), ("fp32",), (1, 4), iters=3, task_counts=(), printer=None)
     assert report["results"] and "lifted" in report["frames"]
     for row in report["results"]:
-        assert row["stages_ms"]["flow"]["p50"] > 0.0, row
+        assert row["stages_ms"]["detector"]["p50"] > 0.0, row
         assert "warning" not in row
 
 

@@ -1,6 +1,6 @@
 """`moleflow-edge bench`: every backend x precision x batch on one export, one table, one JSON.
 
-Per combination: per-stage latency percentiles (preprocess, backbone, routing, flow,
+Per combination: per-stage latency percentiles (preprocess, backbone, routing, detector,
 postprocess) and end-to-end, throughput, peak RSS, image AUROC on the dataset's labelled
 test images (when ``data_root`` is given); backends that cannot run here are listed under
 ``skipped`` with the reason. Also: FLOPs per graph against a machine peak measured in the

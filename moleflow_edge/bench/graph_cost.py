@@ -79,7 +79,7 @@ def flop_report(root: Path, manifest: Manifest, stage_ms: dict[str, float] | Non
     except ImportError:
         return [{"graph": "*", "note": "onnx is not installed (pip install onnx): no FLOP count"}]
     graphs = [("backbone", manifest.backbone_graphs.get("fp32"))]
-    graphs += [(f"flow/{t.name}", t.graphs.get("fp32")) for t in manifest.tasks[:1]]
+    graphs += [(f"detectors/{t.name}", t.graphs.get("fp32")) for t in manifest.tasks[:1]]
     rows = []
     for name, artifact in graphs:
         if artifact is None:

@@ -24,7 +24,7 @@ def load_test_frames(data_root: Path | None, tasks: list[str], size: int) -> tup
     """Labelled test frames of the export's tasks, interleaved by task: frames, true tasks, labels.
 
     Without a dataset: 16 random frames (timing only, no AUROC; bench lifts the routing limits so
-    that they reach a flow, see run.ROUTING_NOTE).
+    that they reach a detector, see run.ROUTING_NOTE).
     """
     if data_root is None:
         rng = np.random.default_rng(0)

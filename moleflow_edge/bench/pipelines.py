@@ -25,7 +25,7 @@ Pipeline = Callable[[list[np.ndarray]], tuple[dict[str, float], list[tuple[str, 
 
 
 class TorchPipeline:
-    """The eager PyTorch path, stage by stage: the router's rule and each task's merged flow, as
+    """The eager PyTorch path, stage by stage: the router's rule and each task's detector (merged flow or memory bank), as
     moleflow_edge.scoring composes them for evaluation."""
 
     def __init__(self, model_dir: Path) -> None:
@@ -33,12 +33,12 @@ class TorchPipeline:
 
         from moleflow_edge.model_store import ModelStore
         from moleflow_edge.router import RouterTable
-        from moleflow_edge.scoring import TaskFlows
+        from moleflow_edge.scoring import TaskDetectors
 
         self.torch = torch
         self.model, prototypes = ModelStore(model_dir).load()
         self.table = RouterTable(self.model.tasks, [prototypes[t] for t in self.model.tasks])
-        self.flows = TaskFlows(self.model)
+        self.detectors = TaskDetectors(self.model)
         self.size = self.model.config.image_size
 
     def __call__(self, frames: list[np.ndarray]) -> tuple[dict[str, float], list[tuple[str, float | None]]]:
@@ -62,11 +62,11 @@ class TorchPipeline:
             ms["routing"] = (time.perf_counter() - t) * 1e3
             t = time.perf_counter()
             known = [i for i, task in enumerate(tasks) if task != UNKNOWN]
-            patch, image = self.flows.score(embedded[known], [tasks[i] for i in known])
+            patch, image = self.detectors.score(embedded[known], [tasks[i] for i in known])
             scores: list[float | None] = [None] * len(frames)
             for j, i in enumerate(known):
                 scores[i] = float(image[j])
-            ms["flow"] = (time.perf_counter() - t) * 1e3
+            ms["detector"] = (time.perf_counter() - t) * 1e3
             t = time.perf_counter()
             for j, i in enumerate(known):
                 anomaly_map(patch[j], cfg.image_size, cfg.map_sigma, out_hw=frames[i].shape[:2])
@@ -84,7 +84,7 @@ def runtime_pipeline(runtime: object) -> Pipeline:
             "preprocess": sum(r.timings.preprocess for r in results),
             "backbone": first.backbone,
             "routing": first.routing,
-            "flow": sum({r.task: r.timings.flow for r in results}.values()),  # one flow call per task group
+            "detector": sum({r.task: r.timings.detector for r in results}.values()),  # one call per task group
             "postprocess": sum(r.timings.postprocess for r in results),
         }
         return ms, [(r.task, r.image_score) for r in results]
@@ -102,7 +102,7 @@ def make_pipeline(
     route_all: bool = False,
 ) -> tuple[Pipeline | None, Callable[[], None], str | None, str | None]:
     """(pipeline, close, skip reason, warning) for one backend and precision. ``route_all`` lifts
-    every task's unknown-product limit, so that frames of no known product still reach a flow."""
+    every task's unknown-product limit, so that frames of no known product still reach a detector."""
     from moleflow_edge.runtime import Runtime
 
     def nothing() -> None:

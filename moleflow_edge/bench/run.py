@@ -21,7 +21,7 @@ from moleflow_edge.contract import Manifest, load_manifest
 
 ROUTING_NOTE = (
     "no --data: 16 random frames, which match no product; unknown-product limits are lifted so that "
-    "each frame is routed to its nearest task and its flow runs (timing only, no AUROC)"
+    "each frame is routed to its nearest task and its detector runs (timing only, no AUROC)"
 )
 
 
@@ -82,8 +82,8 @@ def bench(
                     row.update(measure(pipeline, frames, batch, iters))
                     row["peak_rss_mb"] = round(peak_rss_mb(), 1)
                     row["image_auroc"] = None if accuracy is None else round(accuracy, 4)
-                    if row["stages_ms"]["flow"]["p50"] == 0.0:  # the flow never ran: not an end-to-end time
-                        warning = "no frame reached a flow (all unknown products): end-to-end leaves the flow out"
+                    if row["stages_ms"]["detector"]["p50"] == 0.0:  # no detector ran: not an end-to-end time
+                        warning = "no frame reached a detector (all unknown products): end-to-end leaves the detector out"
                     if warning:
                         row["warning"] = warning
                     results.append(row)

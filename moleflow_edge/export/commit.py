@@ -23,7 +23,16 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from moleflow_edge.contract import MANIFEST_FILE, ArtifactFile, Manifest, content_name, file_sha256, save_manifest
+from moleflow_edge.contract import (
+    DETECTOR_DIR,
+    LEGACY_DETECTOR_DIR,
+    MANIFEST_FILE,
+    ArtifactFile,
+    Manifest,
+    content_name,
+    file_sha256,
+    save_manifest,
+)
 from moleflow_edge.export import onnx_graphs
 from moleflow_edge.export.artifacts import ExportedFile, ExportError, ExportReport
 from moleflow_edge.export.trt_compat import check_tensorrt_compat
@@ -146,8 +155,9 @@ def sweep(out: Path, manifest: Manifest) -> list[str]:
     remove_stale_staging(out)
     listed = {name for artifact in manifest.artifacts() for name, _ in artifact.paths()}
     owned = [p for p in out.iterdir() if p.is_file() and p.name.startswith(MANAGED_PREFIXES)]
-    if (out / "flow").is_dir():
-        owned += [p for p in (out / "flow").rglob("*") if p.is_file() or p.is_symlink()]
+    for folder in (DETECTOR_DIR, LEGACY_DETECTOR_DIR):
+        if (out / folder).is_dir():
+            owned += [p for p in (out / folder).rglob("*") if p.is_file() or p.is_symlink()]
     removed = []
     for path in sorted(owned):
         name = path.relative_to(out).as_posix()

@@ -29,6 +29,7 @@ from moleflow_edge import __version__
 from moleflow_edge.atomic import check_writable
 from moleflow_edge.config import RouterPooling
 from moleflow_edge.contract import (
+    DETECTOR_DIR,
     MANIFEST_FILE,
     ROUTER_GRAPH,
     ROUTER_WEIGHTS,
@@ -41,10 +42,10 @@ from moleflow_edge.contract import (
     save_manifest,
 )
 from moleflow_edge.data.mvtec import DatasetError, Sample, load_images, train_samples
+from moleflow_edge.detectors import detector_of
 from moleflow_edge.export import onnx_graphs
 from moleflow_edge.export.artifacts import ExportError, ExportReport, source_hash
 from moleflow_edge.export.commit import ExportRun, remove_stale_staging
-from moleflow_edge.model.merged import merge_task
 from moleflow_edge.export.precision import sensitive_products, to_fp16, to_int8
 from moleflow_edge.export.tensorrt_engine import export_engines
 from moleflow_edge.features import extract_features
@@ -229,7 +230,7 @@ def _export_graphs(
     precisions: tuple[Precision, ...],
     calib_data: str | Path | None,
 ) -> None:
-    """Stage the backbone graphs, the router and each wanted task's flow graphs, reusing intact ones."""
+    """Stage the backbone graphs, the router and each wanted task's detector graphs, reusing intact ones."""
     manifest, cfg = run.manifest, model.config
     fp32_backbone: list[onnx.ModelProto] = []  # exported at most once per run, and only when needed
 
@@ -267,7 +268,7 @@ def _export_graphs(
 
     entries = {t.name: t for t in manifest.tasks}
     for task in wanted:
-        entry = entries.get(task) or TaskEntry(task, distance_limit=prototypes[task].limit)
+        entry = entries.get(task) or TaskEntry(task, detector=model.kind(task).value, distance_limit=prototypes[task].limit)
         entries[task] = _export_task(run, store, model, entry, prototypes[task], precisions, calib_data)
     manifest.tasks = [entries[t] for t in export_tasks]
 
@@ -294,15 +295,24 @@ def _export_task(
     precisions: tuple[Precision, ...],
     calib_data: str | Path | None,
 ) -> TaskEntry:
-    """One task's fused flow graph per precision; other tasks' files are never touched."""
+    """One task's detector graph per precision (a flow with its adapters fused, or a memory bank);
+    other tasks' files are never touched. A detector that is not ``quantizable`` keeps fp32
+    arithmetic in an int8 export."""
     cfg = model.config
+    detector = detector_of(model.kind(entry.name))
     weights = file_sha256(store.task_file(entry.name))
-    merged: list[onnx.ModelProto] = []
+    built: list[onnx.ModelProto] = []
 
-    def flow_fp32() -> onnx.ModelProto:
-        if not merged:
-            merged.append(onnx_graphs.flow_graph(merge_task(model, entry.name), cfg.embed_dim, cfg.grid_size))
-        return merged[0]
+    def scorer_fp32() -> onnx.ModelProto:
+        if not built:
+            built.append(onnx_graphs.scorer_graph(detector.scorer(model, entry.name), cfg.embed_dim, cfg.grid_size))
+        return built[0]
+
+    def int8(fp32: onnx.ModelProto, calib: CalibrationSet | None) -> onnx.ModelProto:
+        if not detector.quantizable:
+            return fp32
+        assert calib is not None
+        return to_int8(fp32, _embeddings(model, calib.images(cfg.image_size)))
 
     graphs: dict[str, ArtifactFile] = {}
     replaced = False
@@ -311,22 +321,21 @@ def _export_task(
         source = source_hash(run.manifest.model_sha256, weights, _options(precision, calib and calib.record))
 
         def build(precision: Precision = precision, calib: CalibrationSet | None = calib) -> onnx.ModelProto:
-            return _graph_in_precision(
-                precision, flow_fp32, lambda fp32: to_int8(fp32, _embeddings(model, calib.images(cfg.image_size)))
-            )
+            return _graph_in_precision(precision, scorer_fp32, lambda fp32: int8(fp32, calib))
 
         old = entry.graphs.get(precision.value)
         replaced |= old is not None and old.source_sha256 != source
-        graphs[precision.value] = run.artifact(f"flow/{entry.name}.{precision.value}.onnx", old, source, build)
+        name = f"{DETECTOR_DIR}/{entry.name}"
+        graphs[precision.value] = run.artifact(f"{name}.{precision.value}.onnx", old, source, build)
         if calib is not None:
-            run.manifest.int8_calibration[f"flow/{entry.name}"] = calib.record
+            run.manifest.int8_calibration[name] = calib.record
     if replaced:  # the task's weights or export options changed: its other graphs, engines and limits are stale
-        return TaskEntry(entry.name, graphs, distance_limit=prototype.limit)
+        return TaskEntry(entry.name, graphs, detector.kind.value, distance_limit=prototype.limit)
     entry.graphs = {**entry.graphs, **graphs}
     return entry
 
 
 @torch.no_grad()
 def _embeddings(model: MoleFlow, images: np.ndarray) -> np.ndarray:
-    """The flow graph's input for calibration: (N,D,H,W) float32 embeddings of uint8 BGR images."""
+    """A detector graph's input for calibration: (N,D,H,W) float32 embeddings of uint8 BGR images."""
     return model.embed(extract_features(model, images).concat).numpy()

@@ -1,4 +1,4 @@
-"""The three graphs of an export as torch modules, and the one way they are written to ONNX.
+"""The three kinds of graph of an export as torch modules, and the one way they are written to ONNX.
 
 Input/output names come from the manifest contract. Only the batch axis is dynamic: spatial
 sizes are fixed by the config, so the graphs carry no shape arithmetic.
@@ -23,6 +23,7 @@ from torch import nn
 
 from moleflow_edge.contract import DISTANCES, EMBEDDING, IMAGE_SCORE, IMAGES, PATCH_SCORES, ROUTING_FEATURE
 from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model.scorer import PatchScorer
 from moleflow_edge.router import RouterTable
 
 OPSET = 18
@@ -90,10 +91,10 @@ def backbone_graph(model: MoleFlow) -> onnx.ModelProto:
     return export_onnx(BackboneGraph(model), example, IMAGES, (EMBEDDING, ROUTING_FEATURE))
 
 
-def flow_graph(flow: nn.Module, dim: int, grid: int) -> onnx.ModelProto:
-    """A merged per-task flow (see merge.py) as ONNX."""
+def scorer_graph(scorer: PatchScorer, dim: int, grid: int) -> onnx.ModelProto:
+    """A task's scorer (a merged flow or a memory bank, model/scorer.py) as ONNX."""
     example = torch.zeros(EXAMPLE_BATCH, dim, grid, grid)
-    return export_onnx(flow, example, EMBEDDING, (PATCH_SCORES, IMAGE_SCORE))
+    return export_onnx(scorer, example, EMBEDDING, (PATCH_SCORES, IMAGE_SCORE))
 
 
 def router_graph(table: RouterTable) -> onnx.ModelProto:

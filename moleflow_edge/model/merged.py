@@ -15,9 +15,10 @@ from torch import nn
 
 from moleflow_edge.model.coupling import AffineCoupling, MoLESubnet, run_couplings
 from moleflow_edge.model.mole_flow import MoleFlow, score_patches, top_k_mean
+from moleflow_edge.model.scorer import PatchScorer
 
 
-class MergedFlow(nn.Module):
+class MergedFlow(PatchScorer):
     """One task's fused flow: embedding (B,D,H,W) -> patch_scores (B,H,W), image_score (B,).
 
     ``whitening`` is the whitening adapter folded into one constant op; its log-det does not
@@ -73,9 +74,7 @@ def merged_mole_subnet(subnet: MoLESubnet, task: str | None) -> MoLESubnet:
 
 def merge_task(model: MoleFlow, task: str) -> MergedFlow:
     """Build ``task``'s fused flow from a loaded model; the model itself is left unchanged."""
-    if task not in model.per_task:
-        raise KeyError(f"task {task!r} is not in the model (tasks: {model.tasks})")
-    parts = model.per_task[task]
+    parts = model.flow_parts(task)
     blocks = [
         AffineCoupling(merged_mole_subnet(block.subnet, task), block.clamp, block.swap) for block in model.mole_blocks
     ]

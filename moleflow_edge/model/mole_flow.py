@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from moleflow_edge.backbones import Backbone, BackboneMaps
-from moleflow_edge.config import AnomalyScore, MoleFlowConfig, RouterPooling
+from moleflow_edge.config import AnomalyScore, DetectorKind, MoleFlowConfig, RouterPooling
 from moleflow_edge.model.adapters import SpatialContextMixer, WhiteningAdapter
 from moleflow_edge.model.coupling import AffineCoupling, DIASubnet, MoLESubnet, run_couplings
 from moleflow_edge.model.embedding import FeatureEmbedder, patch_concat
 from moleflow_edge.model.lora import LoRALinear
+from moleflow_edge.model.memory_bank import MemoryBank
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 PER_TASK = "per_task"
@@ -73,7 +74,11 @@ def top_k_mean(patch_scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class MoleFlow(nn.Module):
-    """The whole model; ``config.embed_dim`` must already be capped to the backbone's channels."""
+    """The whole model; ``config.embed_dim`` must already be capped to the backbone's channels.
+
+    Each task's detector owns ``per_task.<task>``: a flow task its TaskParts (and LoRA adapters in
+    every coupling subnet), a memory task its MemoryBank. The shared embedding serves both.
+    """
 
     def __init__(self, config: MoleFlowConfig, backbone: Backbone) -> None:
         super().__init__()
@@ -103,21 +108,47 @@ class MoleFlow(nn.Module):
     def lora_layers(self) -> Iterator[LoRALinear]:
         return (m for m in self.modules() if isinstance(m, LoRALinear))
 
-    def add_task(self, task: str) -> None:
-        """Create a task's own parts: LoRA (B = 0), WA (from task 0's learned values), gate, DIA."""
+    def add_task(self, task: str, kind: DetectorKind = DetectorKind.FLOW) -> None:
+        """Create a task's own parts. Flow: LoRA (B = 0), WA (from the first flow task's learned
+        values), gate, DIA. Memory: an empty bank, filled by the memory detector's fit."""
         check_task_name(task)
         if task in self.per_task:
             raise ValueError(f"task {task!r} already exists")
         cfg = self.config
+        if DetectorKind(kind) is DetectorKind.MEMORY:
+            self.per_task[task] = MemoryBank(cfg.embed_dim)
+            return
         parts = TaskParts(
             cfg.embed_dim, cfg.num_dia_blocks, cfg.clamp, cfg.num_mole_blocks % 2 == 1, cfg.whitening,
             cfg.spatial_context,
         )  # fmt: skip
-        if self.tasks:
-            parts.whitening.load_state_dict(self.per_task[self.tasks[0]].whitening.state_dict())
+        flows = [t for t in self.tasks if self.kind(t) is DetectorKind.FLOW]
+        if flows:
+            parts.whitening.load_state_dict(self.flow_parts(flows[0]).whitening.state_dict())
         self.per_task[task] = parts
         for layer in self.lora_layers():
             layer.add_task(task)
+
+    def remove_task(self, task: str) -> None:
+        """Drop a task's own parts (and LoRA adapters); shared weights stay as they are."""
+        del self.per_task[task]
+        for layer in self.lora_layers():
+            if task in layer.per_task:
+                del layer.per_task[task]
+
+    def kind(self, task: str) -> DetectorKind:
+        """The detector kind of a task in the model."""
+        if task not in self.per_task:
+            raise KeyError(f"task {task!r} is not in the model (tasks: {self.tasks})")
+        return DetectorKind.MEMORY if isinstance(self.per_task[task], MemoryBank) else DetectorKind.FLOW
+
+    def flow_parts(self, task: str) -> TaskParts:
+        """A flow task's own parts; a clear error for a memory task, which has none."""
+        if self.kind(task) is not DetectorKind.FLOW:
+            raise KeyError(f"task {task!r} is a {self.kind(task).value} task: it has no flow")
+        parts = self.per_task[task]
+        assert isinstance(parts, TaskParts)
+        return parts
 
     # --- features -----------------------------------------------------------------------------
     def backbone_maps(self, images_bgr: torch.Tensor) -> BackboneMaps:
@@ -146,7 +177,7 @@ class MoleFlow(nn.Module):
         flow learns the training patches' density smoothed by an isotropic kernel in feature
         space, so the thin directions that whitening would blow up stop carrying the score.
         """
-        parts = self.per_task[task]
+        parts = self.flow_parts(task)
         if noise > 0:
             embedded = embedded + noise * torch.randn_like(embedded)
         x, log_det = parts.whitening(embedded)

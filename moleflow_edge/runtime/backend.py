@@ -1,9 +1,10 @@
 """Backends: what an inference engine must do, and which deployment targets are installed here.
 
 A backend runs three kinds of graph from an export: the shared backbone (once per frame),
-the router (GPU backends; CPU backends route in numpy) and one flow per task. Features
+the router (GPU backends; CPU backends route in numpy) and one detector graph per task (a flow
+or a memory bank: the same inputs and outputs, so nothing here depends on the kind). Features
 come back from ``backbone`` as an opaque FeatureBatch, so that a GPU backend keeps the
-embedding on the device until a task's flow consumes it; only scores and distances
+embedding on the device until a task's detector consumes it; only scores and distances
 return to the host.
 """
 
@@ -34,8 +35,8 @@ class FeatureBatch:
     device_routing: object = None
 
 
-class FlowEngine(ABC):
-    """One task's flow, loaded and ready: embedding rows -> patch scores (n,H,W), image scores (n,)."""
+class DetectorEngine(ABC):
+    """One task's detector graph, loaded and ready: embedding rows -> patch scores (n,H,W), image scores (n,)."""
 
     task: str
     estimated_bytes: int  # what it holds in memory (weights and buffers), for the resident budget
@@ -67,7 +68,7 @@ class GraphBackend(ABC):
         raise BackendError(f"{self.kind.value} routes on the host")
 
     @abstractmethod
-    def load_flow(self, entry: TaskEntry) -> FlowEngine: ...
+    def load_detector(self, entry: TaskEntry) -> DetectorEngine: ...
 
     def estimate_bytes(self, entry: TaskEntry) -> int:
         """Memory a task's engine will take, guessed before loading it (its weights' size by default)."""
@@ -122,7 +123,7 @@ def _graph_of_precision(graphs: dict[str, ArtifactFile], precision: Precision, o
 
 
 def graph_for(entry: TaskEntry, precision: Precision) -> ArtifactFile:
-    return _graph_of_precision(entry.graphs, precision, f"task {entry.name!r}", "flow")
+    return _graph_of_precision(entry.graphs, precision, f"task {entry.name!r}", "detector")
 
 
 def backbone_graph(manifest: Manifest, precision: Precision) -> ArtifactFile:

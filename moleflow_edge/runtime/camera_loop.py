@@ -409,7 +409,7 @@ def run_source(
             viewer.close()
 
     if runtime.load_failures and code == EXIT_OK:  # some frames ran, but a listed graph is broken
-        print(f"error: flow graphs failed: {runtime.load_failures}", file=err)
+        print(f"error: detector graphs failed: {runtime.load_failures}", file=err)
         code = EXIT_BACKEND_ERROR
     summary = stats.summary(runtime, code)
     emit({"summary": summary})

@@ -1,4 +1,4 @@
-"""Per-task flow engines, loaded on first use and kept resident up to a count or a memory budget.
+"""Per-task detector engines, loaded on first use and kept resident up to a count or a memory budget.
 
 Many products must fit a Jetson: a task's engine is loaded the first time a frame routes
 to it, and when the cap is reached the least recently used one leaves first.
@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from moleflow_edge.runtime.backend import FlowEngine
+from moleflow_edge.runtime.backend import DetectorEngine
 
 
 @dataclass
@@ -34,13 +34,13 @@ class EngineStats:
 
 
 class EngineCache:
-    """LRU of loaded flow engines. ``max_resident`` counts engines; ``memory_budget_bytes`` sums their
+    """LRU of loaded detector engines. ``max_resident`` counts engines; ``memory_budget_bytes`` sums their
     estimated_bytes (``estimate`` guesses a task's size before it loads, so room is made first).
     One engine is always allowed, even over the budget, so that every task can run."""
 
     def __init__(
         self,
-        load: Callable[[str], FlowEngine],
+        load: Callable[[str], DetectorEngine],
         max_resident: int | None = None,
         memory_budget_bytes: int | None = None,
         estimate: Callable[[str], int] | None = None,
@@ -53,7 +53,7 @@ class EngineCache:
         self._estimate = estimate or (lambda task: 0)
         self.max_resident = max_resident
         self.memory_budget_bytes = memory_budget_bytes
-        self._engines: OrderedDict[str, FlowEngine] = OrderedDict()
+        self._engines: OrderedDict[str, DetectorEngine] = OrderedDict()
         self.stats = EngineStats()
 
     @property
@@ -65,7 +65,7 @@ class EngineCache:
     def resident_bytes(self) -> int:
         return sum(e.estimated_bytes for e in self._engines.values())
 
-    def get(self, task: str) -> tuple[FlowEngine, float]:
+    def get(self, task: str) -> tuple[DetectorEngine, float]:
         """The task's engine and the seconds spent loading it now (0.0 when it was resident)."""
         engine = self._engines.get(task)
         if engine is not None:

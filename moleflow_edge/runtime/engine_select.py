@@ -3,7 +3,7 @@ machine can run, at batch 1, and pick the most accurate one that meets the targe
 
 Candidates are the rows of the target table (moleflow_edge.targets) installed here, crossed with
 the precisions the export holds (ONNX graphs, or TensorRT engines for the engine targets). Each is
-loaded and timed on a few frames after warm-up: backbone, routing and one task's flow, which is
+loaded and timed on a few frames after warm-up: backbone, routing and one task's detector, which is
 what the precision and the engine change (resizing and the anomaly map cost the same for all).
 Accuracy is the image AUROC that calibrate recorded per precision (TaskEntry.image_auroc, mean over
 tasks); a precision without a record for every task ranks below the recorded ones, by bits
@@ -49,7 +49,7 @@ __all__ = ["Candidate", "EngineChoice", "LatencyTargetWarning", "choose", "selec
 
 LATENCY_CACHE = "engines/latency.json"
 CACHE_FORMAT = 1
-WARMUP_FRAMES = 3  # first runs pay for session setup, lazy flow loading and allocator growth
+WARMUP_FRAMES = 3  # first runs pay for session setup, lazy detector loading and allocator growth
 TIMED_FRAMES = 10  # the median of these is the candidate's latency
 ENGINE_DISTRIBUTIONS = (*ONNXRUNTIME_DISTRIBUTIONS, "openvino", "tensorrt")
 
@@ -189,7 +189,7 @@ def check_target_ms(target_ms: object) -> None:
 
 
 def time_candidate(runtime: Runtime, clock: Clock) -> float:
-    """Median ms per frame at batch 1 of backbone, routing and the first task's flow, after warm-up."""
+    """Median ms per frame at batch 1 of backbone, routing and the first task's detector, after warm-up."""
     size = runtime.image_size
     image = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
     task = runtime.tasks[0]

@@ -24,8 +24,8 @@ from moleflow_edge.contract import (
 from moleflow_edge.runtime.backend import (
     Backend,
     BackendError,
+    DetectorEngine,
     FeatureBatch,
-    FlowEngine,
     GraphBackend,
     artifact_bytes,
     backbone_graph,
@@ -35,7 +35,7 @@ from moleflow_edge.runtime.backend import (
 )
 
 
-class OpenVinoFlow(FlowEngine):
+class OpenVinoDetector(DetectorEngine):
     def __init__(self, task: str, compiled: object, nbytes: int) -> None:
         self.task = task
         self.estimated_bytes = nbytes
@@ -89,10 +89,10 @@ class OpenVinoBackend(GraphBackend):
         out = self._request.infer({IMAGES: images})
         return FeatureBatch(len(images), np.array(out[EMBEDDING]), routing=np.array(out[ROUTING_FEATURE]))
 
-    def load_flow(self, entry: TaskEntry) -> FlowEngine:
+    def load_detector(self, entry: TaskEntry) -> DetectorEngine:
         artifact = graph_for(entry, self.precision)
         compiled = self._compile(read_verified(self.root, artifact))
-        return OpenVinoFlow(entry.name, compiled, artifact_bytes(self.root, artifact))
+        return OpenVinoDetector(entry.name, compiled, artifact_bytes(self.root, artifact))
 
     def close(self) -> None:
         self._request = None

@@ -2,7 +2,7 @@
 
 On the CPU, graphs run with plain numpy inputs and the router is numpy. With a GPU
 provider the backend binds buffers (IOBinding): the embedding and routing feature stay
-in device OrtValues from the backbone to the router and flow graphs; only distances and
+in device OrtValues from the backbone to the router and detector graphs; only distances and
 scores are copied back. The same binding path also runs on the CPU device, which is how
 the tests exercise it without a GPU.
 """
@@ -30,8 +30,8 @@ from moleflow_edge.runtime import trt_api
 from moleflow_edge.runtime.backend import (
     Backend,
     BackendError,
+    DetectorEngine,
     FeatureBatch,
-    FlowEngine,
     GraphBackend,
     artifact_bytes,
     backbone_graph,
@@ -109,7 +109,7 @@ def with_trt_profile(providers: list[str | tuple[str, dict]], profile: dict) -> 
 
 
 def _contiguous_runs(rows: list[int]) -> list[tuple[int, int]]:
-    """[0,1,2,5,6] -> [(0,3),(5,7)]: stretches of the batch one flow call can read in place."""
+    """[0,1,2,5,6] -> [(0,3),(5,7)]: stretches of the batch one detector call can read in place."""
     runs: list[tuple[int, int]] = []
     for row in rows:
         if runs and runs[-1][1] == row:
@@ -119,8 +119,8 @@ def _contiguous_runs(rows: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-class OrtFlow(FlowEngine):
-    """A task's flow session; reads the embedding from host arrays or from a bound device buffer."""
+class OrtDetector(DetectorEngine):
+    """A task's detector session; reads the embedding from host arrays or from a bound device buffer."""
 
     def __init__(self, backend: OrtBackend, task: str, session: ort.InferenceSession, nbytes: int) -> None:
         self.task = task
@@ -267,10 +267,10 @@ class OrtBackend(GraphBackend):
         self._router.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
-    def load_flow(self, entry: TaskEntry) -> FlowEngine:
+    def load_detector(self, entry: TaskEntry) -> DetectorEngine:
         artifact = graph_for(entry, self.precision)
         session = self._session(read_verified(self.root, artifact), EMBEDDING)
-        return OrtFlow(self, entry.name, session, artifact_bytes(self.root, artifact))
+        return OrtDetector(self, entry.name, session, artifact_bytes(self.root, artifact))
 
     def close(self) -> None:
         self._buffers.clear()

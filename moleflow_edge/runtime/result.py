@@ -10,7 +10,7 @@ from moleflow_edge.router import UNKNOWN
 
 __all__ = ["STAGES", "UNKNOWN", "FrameResult", "StageTimings"]
 
-STAGES = ("preprocess", "backbone", "routing", "flow", "postprocess")
+STAGES = ("preprocess", "backbone", "routing", "detector", "postprocess")
 
 
 @dataclass
@@ -18,20 +18,20 @@ class StageTimings:
     """Milliseconds per stage as seen by one frame.
 
     ``preprocess`` and ``postprocess`` are the frame's own; ``backbone`` and ``routing`` are the
-    wall time of the batch the frame was in, ``flow`` that of its task group (including a lazy
+    wall time of the batch the frame was in, ``detector`` that of its task's graph (including a lazy
     engine load, which ``engine_load`` shows separately): what the frame waited for.
     """
 
     preprocess: float = 0.0
     backbone: float = 0.0
     routing: float = 0.0
-    flow: float = 0.0
+    detector: float = 0.0  # the task's detector graph (flow or memory bank), over its task group
     postprocess: float = 0.0
     engine_load: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.preprocess + self.backbone + self.routing + self.flow + self.postprocess
+        return self.preprocess + self.backbone + self.routing + self.detector + self.postprocess
 
     def as_dict(self) -> dict[str, float]:
         stages = {name: round(getattr(self, name), 3) for name in STAGES}
@@ -51,8 +51,8 @@ class FrameResult:
     is_anomaly: image_score > the task's calibrated threshold (None when not calibrated).
     anomaly_map: (H,W) float32 at the frame's own resolution, its longer side capped at the
     runtime's max_map_side (2048 px by default); patch_scores: (grid, grid).
-    explained_by: for an UNKNOWN frame whose maps were asked for, the nearby task whose flow explains
-    it best (often a damaged part of that product); its patch scores and map are that flow's, while
+    explained_by: for an UNKNOWN frame whose maps were asked for, the nearby task whose detector explains
+    it best (often a damaged part of that product); its patch scores and map are that detector's, while
     image_score and is_anomaly stay None: the frame matched no product, so the line stops it.
     """
 

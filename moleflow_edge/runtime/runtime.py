@@ -3,7 +3,7 @@
 Per batch: each frame is checked and resized once (preprocess.resize_frame), the backbone
 runs once for the whole batch, every frame gets its Mahalanobis distance to every task
 prototype in one pass, frames beyond every task's distance limit are UNKNOWN, and the rest
-are grouped by task so that each task's flow engine runs once per batch. Results come
+are grouped by task so that each task's detector engine runs once per batch. Results come
 back in input order, each with its anomaly map at the frame's own resolution.
 """
 
@@ -161,7 +161,7 @@ class Runtime:
         self._entries = {entry.name: entry for entry in manifest.tasks}
         self.skipped_backends: list[str] = []
         self.max_map_side: int | None = DEFAULT_MAX_MAP_SIDE
-        self.load_failures: dict[str, str] = {}  # task -> why its flow graph could not be loaded or run
+        self.load_failures: dict[str, str] = {}  # task -> why its detector graph could not be loaded or run
         self.engine_choice: EngineChoice | None = None  # what a latency target chose, and why
 
     @classmethod
@@ -232,7 +232,7 @@ class Runtime:
             for entry in manifest.tasks:
                 if prec.value not in entry.graphs:
                     raise ManifestError(
-                        f"task {entry.name!r} in {root} has no {prec.value} flow graph (has {sorted(entry.graphs)}): "
+                        f"task {entry.name!r} in {root} has no {prec.value} detector graph (has {sorted(entry.graphs)}): "
                         f"export it with --precision {prec.value}"
                     )
         router = load_router_table(root, manifest)
@@ -242,7 +242,7 @@ class Runtime:
         )
         budget = None if memory_budget_mb is None else int(memory_budget_mb * 2**20)
         engines = EngineCache(
-            lambda task: graphs.load_flow(manifest.task(task)),
+            lambda task: graphs.load_detector(manifest.task(task)),
             max_resident_tasks,
             budget,
             estimate=lambda task: graphs.estimate_bytes(manifest.task(task)),
@@ -257,7 +257,7 @@ class Runtime:
         return runtime
 
     def check_graphs(self) -> None:
-        """Load every task's flow graph once (the resident cap still applies), so that a graph
+        """Load every task's detector graph once (the resident cap still applies), so that a graph
         the backend cannot load is found before the first frame, not frame by frame."""
         for task in self.tasks:
             try:
@@ -266,7 +266,7 @@ class Runtime:
                 self.load_failures[task] = str(exc)
         if self.load_failures:
             raise BackendError(
-                "flow graphs that cannot be loaded: " + "; ".join(f"{t}: {why}" for t, why in self.load_failures.items())
+                "detector graphs that cannot be loaded: " + "; ".join(f"{t}: {why}" for t, why in self.load_failures.items())
             )
 
     @property
@@ -416,7 +416,7 @@ class Runtime:
     def _run_task(
         self, task: str, features: FeatureBatch, members: list[int], results: list[FrameResult]
     ) -> dict[int, tuple[np.ndarray, float]] | None:
-        """Run ``task``'s flow on batch rows ``members`` -> {row: (patch scores, image score)}, or None
+        """Run ``task``'s detector on batch rows ``members`` -> {row: (patch scores, image score)}, or None
         after a load or run failure (kept in ``load_failures``): the rest of the batch goes on."""
         started = time.perf_counter()
         try:
@@ -425,9 +425,9 @@ class Runtime:
         except (BackendError, ManifestError, OSError) as exc:
             self.load_failures[task] = str(exc)
             return None
-        flow_ms = _ms(started)
+        detector_ms = _ms(started)
         for k in members:
-            results[k].timings.flow += flow_ms
+            results[k].timings.detector += detector_ms
             results[k].timings.engine_load += load_seconds * 1e3
         return {k: (np.asarray(patch[j], dtype=np.float32), float(image[j])) for j, k in enumerate(members)}
 
@@ -438,9 +438,9 @@ class Runtime:
         features: FeatureBatch,
         results: list[FrameResult],
     ) -> None:
-        """Frames beyond every limit: each candidate task's flow scores them, and the one that explains
+        """Frames beyond every limit: each candidate task's detector scores them, and the one that explains
         a frame best (``RouterTable.explaining_task``) gives its patch scores and map. A candidate whose
-        flow fails to load drops out; the frame stays a valid unknown, without a map if none is left."""
+        detector fails to load drops out; the frame stays a valid unknown, without a map if none is left."""
         scored = {task: self._run_task(task, features, members, results) for task, members in unknown.items()}
         by_task = {task: rows for task, rows in scored.items() if rows is not None}
         for k in sorted({k for members in unknown.values() for k in members}):
@@ -452,7 +452,7 @@ class Runtime:
 
     def score_as(self, resized: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
         """Oracle scoring for calibration: (B,S,S,3) resized frames -> image scores (B,) under
-        ``task``'s flow, whatever the router says, and distances (B,T) to every prototype."""
+        ``task``'s detector, whatever the router says, and distances (B,T) to every prototype."""
         features = self._backend.backbone(resized)
         engine, _ = self.engines.get(task)
         _, image = engine.run(features, list(range(len(resized))))

@@ -3,7 +3,7 @@
 Engines are deserialised once (deserialize_cuda_engine), each gets one execution context;
 tensor addresses are bound with set_tensor_address and the engine runs with
 execute_async_v3 on the backend's one stream. Device buffers are allocated once for the
-engine's largest batch and reused. The embedding never leaves the device: a task's flow
+engine's largest batch and reused. The embedding never leaves the device: a task's detector
 engine reads the backbone's output buffer in place (or a gathered copy of its rows, made
 device-to-device); only distances and scores are copied back, into pinned memory.
 
@@ -34,7 +34,7 @@ from moleflow_edge.contract import (
     TaskEntry,
 )
 from moleflow_edge.runtime import trt_api
-from moleflow_edge.runtime.backend import Backend, BackendError, FeatureBatch, FlowEngine, GraphBackend, require
+from moleflow_edge.runtime.backend import Backend, BackendError, DetectorEngine, FeatureBatch, GraphBackend, require
 
 
 def engine_key(slot: str, trt_version: str, capability: str) -> str:
@@ -117,7 +117,7 @@ class TrtEngine:
         self.engine = None
 
 
-class TrtFlow(FlowEngine):
+class TrtDetector(DetectorEngine):
     def __init__(self, backend: TensorRtBackend, task: str, engine: TrtEngine) -> None:
         from moleflow_edge.runtime.cuda_memory import PinnedBuffer
 
@@ -248,21 +248,21 @@ class TensorRtBackend(GraphBackend):
         path = None if found is None else self.root / found["file"]
         return path.stat().st_size if path is not None and path.is_file() else 0
 
-    def load_flow(self, entry: TaskEntry) -> FlowEngine:
+    def load_detector(self, entry: TaskEntry) -> DetectorEngine:
         found = self._find(entry.engines, self.precision.value)
         if found is None:
             raise ManifestError(
                 f"task {entry.name!r} has no {self.precision.value} engine for TensorRT {self._trt_version} on a "
                 f"sm{self._capability} GPU: run export --task {entry.name} --format engine on this device"
             )
-        engine = TrtEngine(self._runtime, read_engine(self.root, found, f"{entry.name} flow"), self.stream, entry.name)
+        engine = TrtEngine(self._runtime, read_engine(self.root, found, f"{entry.name} detector"), self.stream, entry.name)
         if engine.dtypes[EMBEDDING] != self._backbone.dtypes[EMBEDDING]:
             engine.close()
             raise BackendError(
                 f"task {entry.name!r}'s engine reads {engine.dtypes[EMBEDDING]} embeddings, the backbone writes "
                 f"{self._backbone.dtypes[EMBEDDING]}: rebuild both at the same precision"
             )
-        return TrtFlow(self, entry.name, engine)
+        return TrtDetector(self, entry.name, engine)
 
     def close(self) -> None:
         for engine in (self._backbone, self._router):

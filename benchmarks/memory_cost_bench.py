@@ -1,0 +1,108 @@
+"""What a memory task costs as its bank grows, against a flow task's graph, measured in one run.
+
+Exports the default config's flow graph (one task's fused flow; its cost does not depend on the
+weights) and memory graphs with banks of each size, then times every graph interleaved with
+onnxruntime fp32 on the CPU at batch 1, and writes each bank to a task file to weigh it. A memory
+task keeps coreset_ratio of its training patches within [coreset_min, coreset_max], so the row for
+coreset_max is what every product from that size up costs (200 images at the default ratio).
+
+    python benchmarks/memory_cost_bench.py [--sizes 500,1000,2000,4000,8000] [--threads 1] [--iters 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from safetensors.torch import save_file
+
+from moleflow_edge.backbones import build_backbone
+from moleflow_edge.bench.measure import measure_calls
+from moleflow_edge.config import DetectorKind, MoleFlowConfig
+from moleflow_edge.detectors import detector_of
+from moleflow_edge.export import onnx_graphs
+from moleflow_edge.model.memory_bank import MemoryBank
+from moleflow_edge.model.mole_flow import MoleFlow
+
+
+def graph_session(proto: object, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
+
+
+def images_for(kept: int, config: MoleFlowConfig) -> str:
+    """How many training images give a bank of ``kept`` vectors at the config's ratio and bounds."""
+    per_image = config.grid_size**2
+    if kept >= config.coreset_max:
+        return f">= {int(np.ceil(config.coreset_max / config.coreset_ratio / per_image))}"
+    if kept <= config.coreset_min:
+        return f"<= {int(np.ceil(config.coreset_min / config.coreset_ratio / per_image))}"
+    return f"{kept / config.coreset_ratio / per_image:.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="500,1000,2000,4000,8000", help="bank sizes (kept vectors) to time")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    parser.add_argument("--iters", type=int, default=200, help="timed calls per graph")
+    parser.add_argument("--json", type=Path, help="write the rows here too")
+    args = parser.parse_args()
+    config = MoleFlowConfig()
+    torch.manual_seed(0)
+    backbone = build_backbone(config)
+    config = config.with_overrides(embed_dim=min(config.embed_dim, backbone.channels8 + backbone.channels16))
+    model = MoleFlow(config, backbone).eval()
+    dim, grid = config.embed_dim, config.grid_size
+    model.add_task("flow", DetectorKind.FLOW)
+    graphs = {"flow": onnx_graphs.scorer_graph(detector_of(DetectorKind.FLOW).scorer(model, "flow"), dim, grid)}
+    sizes = [int(s) for s in args.sizes.split(",")]
+    task_bytes = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        flow_state = {k: v.contiguous() for k, v in model.task_state_dict("flow").items()}
+        save_file(flow_state, f"{tmp}/flow.safetensors")
+        task_bytes["flow"] = Path(f"{tmp}/flow.safetensors").stat().st_size
+        for kept in sizes:
+            name = f"memory {kept}"
+            model.add_task(f"m{kept}", DetectorKind.MEMORY)
+            bank = model.per_task[f"m{kept}"]
+            assert isinstance(bank, MemoryBank)
+            bank.bank = torch.randn(kept, dim)
+            graphs[name] = onnx_graphs.scorer_graph(detector_of(DetectorKind.MEMORY).scorer(model, f"m{kept}"), dim, grid)
+            save_file({"bank": bank.bank.contiguous()}, f"{tmp}/{kept}.safetensors")
+            task_bytes[name] = Path(f"{tmp}/{kept}.safetensors").stat().st_size
+    embedding = np.random.default_rng(0).normal(size=(1, dim, grid, grid)).astype(np.float32)
+    sessions = {name: graph_session(proto, args.threads) for name, proto in graphs.items()}
+    timed = measure_calls(
+        {name: (lambda s=s: s.run(None, {"embedding": embedding})) for name, s in sessions.items()}, args.iters
+    )
+    flow_ms = timed["flow"]["p50"]
+    rows = []
+    print(f"onnxruntime {ort.__version__} CPU fp32, batch 1, {args.threads} thread(s), {args.iters} calls each, "
+          f"D={dim}, {grid}x{grid} patches; memory rows at coreset_ratio {config.coreset_ratio}")  # fmt: skip
+    print(f"{'graph':<14}{'p50 ms':>9}{'p90 ms':>9}{'x flow':>8}{'task MiB':>10}{'images':>9}")
+    for name in graphs:
+        kept = int(name.split()[1]) if name != "flow" else 0
+        row = {
+            "graph": name,
+            "p50_ms": timed[name]["p50"],
+            "p90_ms": timed[name]["p90"],
+            "vs_flow": round(timed[name]["p50"] / flow_ms, 2),
+            "task_file_mib": round(task_bytes[name] / 2**20, 2),
+            "images": images_for(kept, config) if kept else "-",
+        }
+        rows.append(row)
+        print(f"{name:<14}{row['p50_ms']:>9.3f}{row['p90_ms']:>9.3f}{row['vs_flow']:>8.2f}"
+              f"{row['task_file_mib']:>10.2f}{row['images']:>9}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

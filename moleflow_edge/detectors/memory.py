@@ -1,0 +1,64 @@
+"""The memory detector: a greedy k-center coreset of the task's training patch embeddings.
+
+Every training patch of the task is a candidate (the same gain-normalised features a flow sees,
+positional encoding removed); the coreset keeps ``coreset_ratio`` of them within
+[``coreset_min``, ``coreset_max``]. Nothing shared is trained, so a memory task never changes
+what earlier tasks score.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from moleflow_edge.config import DetectorKind
+from moleflow_edge.detectors.protocol import DetectorFit, FitOptions, TaskDetector, TrainingSet
+from moleflow_edge.model.coreset import coreset_size, greedy_coreset
+from moleflow_edge.model.memory_bank import MemoryBank, MemoryScorer
+from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.router import patch_level
+
+
+def patch_vectors(model: MoleFlow, concat: torch.Tensor) -> torch.Tensor:
+    """(N,Ccat,H,W) patch maps -> (N*H*W, D) embedded patch vectors without the positional encoding."""
+    embedded = model.embed(concat) - model.embedder.position
+    return embedded.permute(0, 2, 3, 1).reshape(-1, embedded.shape[1]).float().cpu()
+
+
+class MemoryDetector(TaskDetector):
+    kind = DetectorKind.MEMORY
+    quantizable = False
+
+    def fit(self, model: MoleFlow, task: str, training: TrainingSet, options: FitOptions) -> DetectorFit:
+        started = time.perf_counter()
+        cfg = model.config
+        originals = training.concat[0]
+        patches_per_image = originals.shape[2] * originals.shape[3]
+        with torch.no_grad():
+            vectors = patch_vectors(model, originals)
+            count = coreset_size(len(vectors), cfg.coreset_ratio, cfg.coreset_min, cfg.coreset_max)
+            kept, _ = greedy_coreset(vectors, count, cfg.seed)
+            bank = vectors[kept]
+            parts = model.per_task[task]
+            assert isinstance(parts, MemoryBank)
+            parts.bank = bank.to(options.device)
+            # the normal scale: held-out images against the kept vectors that other images gave
+            others = ~torch.isin(kept // patches_per_image, torch.from_numpy(training.held))
+            if len(training.held) and bool(others.any()):
+                unseen, reference = training.held, bank[others]
+            else:
+                unseen, reference = training.fit, bank
+            scorer = MemoryScorer(reference, model.embedder.position.cpu())
+            patch, _ = scorer(model.embed(originals[torch.from_numpy(unseen).to(originals.device)]).cpu())
+        return DetectorFit(
+            f"kept {count} of {len(vectors)} patch vectors (greedy k-center coreset)",
+            patch_level(patch.numpy()),
+            time.perf_counter() - started,
+        )
+
+    def scorer(self, model: MoleFlow, task: str) -> MemoryScorer:
+        parts = model.per_task[task]
+        if not isinstance(parts, MemoryBank):
+            raise KeyError(f"task {task!r} is a {model.kind(task).value} task, not a memory task")
+        return MemoryScorer(parts.bank, model.embedder.position)
