@@ -57,7 +57,7 @@ class TaskDetector(ABC):
 
     kind: DetectorKind
     # whether an int8 export quantizes its graph's matrix products (a memory bank's nearest
-    # distances are small differences of large products: int8 would erase them, so it keeps fp32)
+    # distances are small differences of large products: int8 loses them, so it keeps fp32)
     quantizable: bool
 
     @abstractmethod

@@ -1,0 +1,134 @@
+"""Which memory bank to deploy: coreset size, positional encoding and photometric variants, measured.
+
+Fits the memory detector (moleflow_edge/detectors/memory.py, the code train runs) on each product
+of an MVTec-layout root alone, with the default config's backbone features, for each variant, and
+scores the test split through the scorer export writes; the full-bank kNN reference of
+accuracy_bench.py (every training patch, no coreset) is measured in the same run. Prints image
+AUROC / pixel AP per product and the means over products with at least SMOKE_IMAGES training
+images, and the kept vectors per product. No routing: each product is scored by its own bank.
+
+    python benchmarks/memory_variants.py --data ROOT
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moleflow_edge.augment import photometric_variants
+from moleflow_edge.backbones import build_backbone
+from moleflow_edge.config import DetectorKind, MoleFlowConfig
+from moleflow_edge.data.mvtec import Split, list_categories, load_split
+from moleflow_edge.detectors import FitOptions, TrainingSet, detector_of
+from moleflow_edge.evaluate import anomaly_maps, split_metrics
+from moleflow_edge.features import extract_features
+from moleflow_edge.model.coreset import coreset_size, greedy_coreset
+from moleflow_edge.model.memory_bank import MemoryScorer
+from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.train import holdout_split
+
+SMOKE_IMAGES = 10
+Variant = Callable[["Product"], tuple[np.ndarray, np.ndarray, int]]  # -> patch (N,H,W), image (N,), kept
+
+
+class Product:
+    """One product's features, computed once: training patch maps (with photometric variants) and the test split."""
+
+    def __init__(self, model: MoleFlow, root: Path, name: str) -> None:
+        cfg = model.config
+        train = load_split(root, name, "train", cfg.image_size).images
+        copies = photometric_variants(train, cfg.augment_copies, cfg.augment_strength, cfg.seed)
+        self.model, self.name, self.images = model, name, len(train)
+        self.concat = torch.stack([extract_features(model, x).concat for x in [train, *copies]])
+        self.test: Split = load_split(root, name, "test", cfg.image_size)
+        self.test_embedded = model.embed(extract_features(model, self.test.images).concat)
+
+
+def deployed(variants: bool = False, **overrides: object) -> Variant:
+    """The memory detector as train fits it, with config ``overrides``; ``variants`` banks the
+    photometric variants' patches too, as training images of their own."""
+
+    def score(product: Product) -> tuple[np.ndarray, np.ndarray, int]:
+        model = product.model
+        model.config = model.config.with_overrides(**overrides)
+        concat = product.concat.flatten(0, 1)[None] if variants else product.concat[:1]
+        fit, held = holdout_split(concat.shape[1], model.config.holdout_fraction, model.config.seed)
+        model.add_task("variant", DetectorKind.MEMORY)
+        detector = detector_of(DetectorKind.MEMORY)
+        detector.fit(model, "variant", TrainingSet(concat, fit, held), FitOptions(1, torch.device("cpu"), None, False))
+        patch, image = detector.scorer(model, "variant")(product.test_embedded)
+        kept = len(model.per_task["variant"].bank)
+        model.remove_task("variant")
+        return patch.numpy(), image.numpy(), kept
+
+    return score
+
+
+def with_position(product: Product) -> tuple[np.ndarray, np.ndarray, int]:
+    """The default coreset, over embeddings that keep the positional encoding, scored with it."""
+    model, cfg = product.model, product.model.config
+    embedded = model.embed(product.concat[0])
+    vectors = embedded.permute(0, 2, 3, 1).reshape(-1, embedded.shape[1])
+    count = coreset_size(len(vectors), cfg.coreset_ratio, cfg.coreset_min, cfg.coreset_max)
+    bank = vectors[greedy_coreset(vectors, count, cfg.seed)[0]]
+    patch, image = MemoryScorer(bank, torch.zeros_like(model.embedder.position))(product.test_embedded)
+    return patch.numpy(), image.numpy(), count
+
+
+def full_knn(product: Product) -> tuple[np.ndarray, np.ndarray, int]:
+    """accuracy_bench's kNN reference: every training patch of the originals, positional encoding out."""
+    model = product.model
+    vectors = (model.embed(product.concat[0]) - model.embedder.position).permute(0, 2, 3, 1)
+    bank = vectors.reshape(-1, vectors.shape[-1])
+    patch, image = MemoryScorer(bank, model.embedder.position)(product.test_embedded)
+    return patch.numpy(), image.numpy(), len(bank)
+
+
+VARIANTS: dict[str, Variant] = {
+    "knn, full bank (reference)": full_knn,
+    "ratio 0.01, min 0": deployed(coreset_ratio=0.01, coreset_min=1),
+    "ratio 0.05, min 0": deployed(coreset_ratio=0.05, coreset_min=1),
+    "ratio 0.1, min 0": deployed(coreset_ratio=0.1, coreset_min=1),
+    "ratio 0.25, min 0": deployed(coreset_ratio=0.25, coreset_min=1),
+    "ratio 0.1, min 1000 (default)": deployed(),
+    "ratio 0.1, min 1000, max 2000": deployed(coreset_max=2000),
+    "ratio 0.1, min 1000, + photometric variants": deployed(variants=True),
+    "ratio 0.1, min 1000, positional encoding kept": with_position,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = MoleFlowConfig()
+    backbone = build_backbone(config)
+    model = MoleFlow(config.with_overrides(embed_dim=min(config.embed_dim, backbone.channels8 + backbone.channels16)), backbone)
+    model.eval()
+    base_config = model.config
+    products = [Product(model, args.data, name) for name in list_categories(args.data)]
+    counted = [p.name for p in products if p.images >= SMOKE_IMAGES]
+    print(f"means over {', '.join(counted)}; cells: image AUROC / pixel AP (kept vectors)")
+    print("| variant | " + " | ".join(p.name for p in products) + " | mean |")
+    print("|---|" + "---:|" * (len(products) + 1))
+    with torch.no_grad():
+        for name, variant in VARIANTS.items():
+            cells, means = [], []
+            for product in products:
+                model.config = base_config
+                patch, image, kept = variant(product)
+                metrics = split_metrics(product.test, anomaly_maps(patch, base_config), image)
+                cells.append(f"{metrics[0]:.3f} / {metrics[2]:.3f} ({kept})")
+                if product.name in counted:
+                    means.append((metrics[0], metrics[2]))
+            mean = np.mean(means, axis=0)
+            print(f"| {name} | " + " | ".join(cells) + f" | **{mean[0]:.3f} / {mean[1]:.3f}** |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
