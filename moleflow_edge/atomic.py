@@ -19,19 +19,25 @@ def current_umask() -> int:
     return mask
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+TEMP_SUFFIX = ".tmp"  # write_atomic's temporary files are ".<name>.<random>.tmp" beside their target
+
+
+def write_atomic(path: Path, write: Callable[[Path], None], mode: int | None = None) -> None:
     """Write through a temporary file in the same folder, then rename it into place.
 
-    The file gets the mode an ordinary write would (0666 less the umask), not mkstemp's 0600,
-    so that a model or export written by one user can be read by the service that runs it;
-    ``write`` may tighten it (private keys do). The data is flushed to disk before the rename.
+    The file gets ``mode``, by default the mode an ordinary write would (0666 less the umask),
+    not mkstemp's 0600, so that a model or export written by one user can be read by the
+    service that runs it (private keys pass 0600). The mode is set again after ``write``,
+    which may have replaced the file (safetensors does). The data is flushed before the rename.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~current_umask())
+    mode = 0o666 & ~current_umask() if mode is None else mode
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    os.fchmod(fd, mode)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
