@@ -50,6 +50,20 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
+def sweep_stale_temps(folder: Path) -> list[str]:
+    """Remove write_atomic's temporary files that a killed write left in ``folder`` (not below it);
+    only regular files, never through a symlink. The caller holds the folder's write lock, so no
+    live write can own one. Returns the names removed."""
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        if path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX) and path.is_file() and not path.is_symlink():
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
 def check_writable(path: str | Path, option: str, *, directory: bool) -> None:
     """Refuse an output path that cannot be written, before hours of work are spent on it.
 

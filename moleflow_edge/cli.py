@@ -33,6 +33,13 @@ def fail(message: str) -> None:
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
+def write_json(path: Path, results: object) -> None:
+    """An output file, its folder created if new (check_writable allowed that), written atomically."""
+    from moleflow_edge.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(results, indent=2) + "\n")
+
+
 def writable(path: Optional[Path], option: str, *, directory: bool = False) -> None:
     """Fail before any work when an output path cannot be written (not after an hour of eval)."""
     from moleflow_edge.atomic import check_writable
@@ -118,9 +125,10 @@ def synth(
     """Write a synthetic dataset with exact defect masks, for tests and the demo."""
     from moleflow_edge.data.synth import generate
 
+    writable(out, "--out", directory=True)
     try:
         written = generate(out, categories.split(",") if categories else None, seed, image_size, n_train, n_test_good, n_test_defect)
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, OSError) as exc:
         fail(str(exc))
     typer.echo(f"wrote {', '.join(written)} to {out}")
 
@@ -191,7 +199,7 @@ def eval_command(
         if note := few_images_note(name, metrics["train_images"]):
             typer.echo(note)
     if json_out:
-        json_out.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(json_out, results)
 
 
 @app.command()
@@ -329,7 +337,7 @@ def bench(
     except USER_ERRORS as exc:
         fail(str(exc))
     if json_out:
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(json_out, report)
 
 
 @app.command()
@@ -339,9 +347,10 @@ def keygen(
     """Make an Ed25519 key pair: export --sign OUT on the build machine, run --trusted-key OUT.pub on the line."""
     from moleflow_edge.signing import generate_keypair
 
+    writable(out, "--out")
     try:
         private, public = generate_keypair(out)
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, OSError) as exc:
         fail(str(exc))
     typer.echo(f"private key {private} (keep it off the line PCs); public key {public} (copy it to them)")
 

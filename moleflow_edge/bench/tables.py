@@ -65,6 +65,7 @@ def save_chart(results: list[dict], path: str | Path) -> str:
     ax.set_ylabel("ms per image (p50)")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # check_writable let a new folder through
     fig.savefig(str(path), dpi=120)
     plt.close(fig)
     return str(path)
