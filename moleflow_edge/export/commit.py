@@ -145,9 +145,10 @@ def sweep(out: Path, manifest: Manifest) -> list[str]:
     """Delete exporter-owned files that ``manifest`` does not list; engines/ is left to the engine builder."""
     remove_stale_staging(out)
     listed = {name for artifact in manifest.artifacts() for name, _ in artifact.paths()}
-    owned = [p for p in out.iterdir() if p.is_file() and p.name.startswith(MANAGED_PREFIXES)]
-    if (out / "flow").is_dir():
-        owned += [p for p in (out / "flow").rglob("*") if p.is_file() or p.is_symlink()]
+    owned = [p for p in out.iterdir() if _plain(p) and p.name.startswith(MANAGED_PREFIXES)]
+    flow = out / "flow"
+    if flow.is_dir() and not flow.is_symlink():  # rglob descends into no symlinked folder below it
+        owned += [p for p in flow.rglob("*") if _plain(p)]
     removed = []
     for path in sorted(owned):
         name = path.relative_to(out).as_posix()
@@ -155,3 +156,8 @@ def sweep(out: Path, manifest: Manifest) -> list[str]:
             path.unlink()
             removed.append(name)
     return removed
+
+
+def _plain(path: Path) -> bool:
+    """A regular file or a link itself (unlinking a link never touches what it points to)."""
+    return path.is_symlink() or path.is_file()
