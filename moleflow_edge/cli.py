@@ -214,6 +214,9 @@ def export(
     precision: list[str] = typer.Option(["fp32"], help="fp32, fp16 or int8; repeat or comma-separate for several."),
     calib_data: Optional[Path] = typer.Option(None, help="Dataset root whose normal images calibrate INT8."),
     sign: Optional[Path] = typer.Option(None, help="Ed25519 private key file (moleflow-edge keygen) that signs the manifest."),
+    trusted_key: Optional[list[Path]] = typer.Option(
+        None, help="Public key file (repeatable) that may have signed the export already in --out (besides --sign's)."
+    ),
     device: str = typer.Option(
         "auto", help=f"GPU that builds TensorRT engines: {DEVICE_OPTION_HELP} ONNX graphs are traced on the CPU."
     ),
@@ -231,7 +234,7 @@ def export(
     precisions = [p.strip() for item in precision for p in item.split(",") if p.strip()]
     try:
         report = export_model(model, out, None if all_tasks else [task], precisions, fmt.value, calib_data, sign=sign,
-                              device_id=where.index or 0)  # fmt: skip
+                              device_id=where.index or 0, trusted_keys=trusted_key or ())  # fmt: skip
     except TensorRTUnavailable as exc:
         fail(str(exc))
     except USER_ERRORS as exc:
@@ -286,12 +289,16 @@ def calibrate(
     target_fpr: float = typer.Option(0.01, help="False-positive rate the score threshold aims at."),
     precision: str = typer.Option("fp32", help="Precision that will be deployed (its scores are calibrated)."),
     sign: Optional[Path] = typer.Option(None, help="Private key that signs the calibrated manifest (signed exports)."),
+    trusted_key: Optional[list[Path]] = typer.Option(
+        None, help="Public key file (repeatable) that may have signed the export (besides --sign's)."
+    ),
 ) -> None:
     """Score thresholds at a target false-positive rate and unknown-product limits, into the manifest."""
     from moleflow_edge.calibration import calibrate as calibrate_export
 
     try:
-        report = calibrate_export(export_dir, data, target_fpr, precision=precision, sign=sign)
+        report = calibrate_export(export_dir, data, target_fpr, precision=precision, sign=sign,
+                                  trusted_keys=trusted_key)  # fmt: skip
     except USER_ERRORS as exc:
         fail(str(exc))
     typer.echo(report.table())

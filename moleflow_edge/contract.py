@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from moleflow_edge import __version__
 from moleflow_edge.atomic import write_text_atomic
-from moleflow_edge.signing import SignatureError, sign, verify
+from moleflow_edge.signing import SignatureError, checking_keys, sign, verify
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -184,11 +184,17 @@ def signed_payload(data: dict) -> bytes:
 
 
 def load_manifest(
-    export_dir: str | Path, verify: bool = True, trusted_keys: Sequence[Ed25519PublicKey] | None = None
+    export_dir: str | Path,
+    verify: bool = True,
+    trusted_keys: Sequence[Ed25519PublicKey] | None = None,
+    *,
+    rewrite: bool = False,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> Manifest:
     """Read EXPORT/manifest.json and check its schema and that every path stays inside the export;
     with ``verify``, check every listed file's sha256; with ``trusted_keys``, refuse a manifest
-    that is not signed by one of them."""
+    that is not signed by one of them. ``rewrite`` (to be rewritten, perhaps signed with ``signing_key``):
+    a signed manifest must verify with those keys, so that re-signing never launders a tampered export."""
     root = Path(export_dir)
     path = root / MANIFEST_FILE
     if not path.is_file():
@@ -199,9 +205,12 @@ def load_manifest(
         raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ManifestError(f"{path} is not a manifest (a JSON object is expected)")
-    if trusted_keys is not None:
+    keys = checking_keys(signing_key, trusted_keys or ())
+    if trusted_keys is not None or (rewrite and data.get(SIGNATURE_FIELD) is not None):
+        if rewrite and not keys:
+            raise ManifestError(f"{path} is signed: pass --sign KEYFILE (or --trusted-key KEY.pub) to check it")
         try:
-            verify_signature(data, trusted_keys)
+            verify_signature(data, keys)
         except SignatureError as exc:
             raise ManifestError(f"{path} is refused: {exc}") from exc
     version = data.get("format_version")

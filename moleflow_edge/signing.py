@@ -104,6 +104,14 @@ def load_public_keys(paths: Sequence[str | Path]) -> list[Ed25519PublicKey]:
     return keys
 
 
+def checking_keys(
+    signing_key: Ed25519PrivateKey | None, trusted: Sequence[Ed25519PublicKey] = ()
+) -> list[Ed25519PublicKey]:
+    """The keys an existing signature must verify with before a manifest is signed again: the trusted
+    keys and the signing key's own public half (an export is re-signed by the key that signed it)."""
+    return [*trusted, *([] if signing_key is None else [signing_key.public_key()])]
+
+
 def sign(payload: bytes, key: Ed25519PrivateKey) -> dict[str, str]:
     """The signature record stored in the manifest."""
     return {

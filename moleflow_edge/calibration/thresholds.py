@@ -43,7 +43,7 @@ from moleflow_edge.contract import MANIFEST_FILE, SIGNATURE_FIELD, Manifest, loa
 from moleflow_edge.locking import FolderLock
 from moleflow_edge.metrics import auroc
 from moleflow_edge.preprocess import read_image_bgr, resize_frame
-from moleflow_edge.signing import load_private_key
+from moleflow_edge.signing import load_private_key, load_public_keys
 
 if TYPE_CHECKING:
     from moleflow_edge.runtime import Runtime
@@ -317,6 +317,7 @@ def calibrate(
     threads: int | None = None,
     write: bool = True,
     sign: str | Path | None = None,
+    trusted_keys: list[str | Path] | None = None,
 ) -> CalibrationReport:
     """Set every task's score threshold and routing distance limit from its normal images.
 
@@ -331,9 +332,10 @@ def calibrate(
     from moleflow_edge.runtime import Runtime
 
     root, data = Path(export_dir), Path(data_root)
-    manifest: Manifest = load_manifest(root, verify=True)
-    original = (root / MANIFEST_FILE).read_bytes()
     signing_key = None if sign is None else load_private_key(sign)
+    trusted = load_public_keys(trusted_keys) if trusted_keys else None
+    manifest: Manifest = load_manifest(root, verify=True, trusted_keys=trusted, rewrite=write, signing_key=signing_key)
+    original = (root / MANIFEST_FILE).read_bytes()
     if write and signing_key is None and json.loads(original).get(SIGNATURE_FIELD) is not None:
         raise CalibrationError(
             f"{root} is signed: pass --sign KEYFILE so that the calibrated manifest is signed again "

@@ -8,7 +8,9 @@ and the one atomic rename of manifest.json is the commit: a kill at any moment l
 the previous export or the new one loadable. Files no manifest lists and staging folders left
 by killed runs are swept after the commit (and stale staging folders before a run starts).
 ExportRun is one run on top of that: each artifact reused while intact, else built, checked and
-staged, and a report of both.
+staged, and a report of both (a file that no longer matches its sha256 is rebuilt, and said).
+The sweep deletes only regular files (or links themselves) inside the real folder, never
+through a symlinked sub-folder.
 """
 
 from __future__ import annotations
@@ -64,11 +66,9 @@ class Staging:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _intact(out: Path, artifact: ArtifactFile | None, source: str) -> bool:
-    """True when ``artifact`` was made from ``source`` and its files on disk still match their hashes."""
-    if artifact is None or artifact.source_sha256 != source:
-        return False
-    return all((out / name).is_file() and file_sha256(out / name) == sha for name, sha in artifact.paths())
+def _damaged(out: Path, artifact: ArtifactFile) -> list[str]:
+    """The files of ``artifact`` that are missing or no longer match their sha256."""
+    return [name for name, sha in artifact.paths() if not (out / name).is_file() or file_sha256(out / name) != sha]
 
 
 class ExportRun:
@@ -85,11 +85,13 @@ class ExportRun:
     ) -> ArtifactFile:
         """Reuse ``old`` if it is intact and from the same source, else build, check and stage the file."""
         started = time.perf_counter()
-        if _intact(self.out, old, source):
-            assert old is not None
-            size = sum((self.out / name).stat().st_size for name, _ in old.paths())
-            self.report.files.append(ExportedFile(relative, size, 0.0, True))
-            return old
+        if old is not None and old.source_sha256 == source:
+            damaged = _damaged(self.out, old)
+            if not damaged:
+                size = sum((self.out / name).stat().st_size for name, _ in old.paths())
+                self.report.files.append(ExportedFile(relative, size, 0.0, True))
+                return old
+            self.report.rebuilt += damaged  # never reused: rebuilt from the model, and the user is told
         made = build()
         path = self.staging.path(relative)
         data = None
