@@ -248,7 +248,7 @@ def test_calibrate_with_ten_normals_uses_the_tightest_supported_rate(built: dict
     for row in report.tasks:
         assert row.n == 10 and row.k == 1 and not row.target_met
         assert row.expected_fpr == pytest.approx(1 / 11) and row.fpr_upper95 > row.expected_fpr
-        assert manifest.task(row.task).calibration["target_met"] is False
+        assert manifest.task(row.task).calibrations["fp32"]["target_met"] is False
     assert "0.01 NOT reached" in report.table() and "needs 100 normal images" in report.table()
     with Runtime.load(export_copy, backend="onnxruntime") as runtime:
         status = runtime.task_status()

@@ -323,11 +323,13 @@ def calibrate(
 
     Too few images for ``target_fpr`` give the tightest rate the data supports (see the module
     docstring); fewer than ``min_count`` (default MIN_NORMALS) images are refused. ``sign``: the
-    private key file that signs the calibrated manifest (required when the export was signed).
-    Scores go through the runtime (onnxruntime CPU, ``precision`` graphs: calibrate the precision
-    you deploy). Writes threshold, distance_limit, a ``calibration`` dict and, where defect images
-    exist, that precision's image AUROC per task into the manifest atomically; no timestamps, so
-    calibrating twice gives a byte-identical manifest.
+    private key file that signs the calibrated manifest (required when the export was signed: the
+    existing signature must verify with its public half or ``trusted_keys`` first, so that a
+    tampered export is never signed again). Scores go through the runtime (onnxruntime CPU,
+    ``precision`` graphs: calibrate the precision you deploy). Writes that precision's threshold
+    and calibration record, the distance_limit and, where defect images exist, that precision's
+    image AUROC per task into the manifest atomically; other precisions' records are kept. No
+    timestamps, so calibrating twice gives a byte-identical manifest.
     """
     from moleflow_edge.runtime import Runtime
 
@@ -372,9 +374,9 @@ def calibrate(
             )  # fmt: skip
             _defect_metrics(runtime, data, name, scores, result)
             report.tasks.append(result)
-            entry.threshold = rule.threshold
+            entry.thresholds[runtime.precision.value] = rule.threshold
             entry.distance_limit = limit
-            entry.calibration = {
+            entry.calibrations[runtime.precision.value] = {
                 "n": rule.n,
                 "k": rule.k,
                 "target_fpr": target_fpr,
@@ -383,7 +385,7 @@ def calibrate(
                 "quantile_method": rule.method,
                 "target_met": rule.target_met,
                 "source": source,
-                "precision": precision,
+                "precision": runtime.precision.value,
                 "distance_limit_method": f"{limit_margin:g} x max squared Mahalanobis distance of the same images",
                 "max_normal_distance": result.max_normal_distance,
             }

@@ -325,8 +325,9 @@ def run_source(
         print(f"task {task}: {status}", file=err)
     if runtime.uncalibrated:
         print(
-            f"warning: {', '.join(runtime.uncalibrated)} not calibrated: frames get a score but no decision "
-            "(is_anomaly null); run moleflow-edge calibrate --export DIR --data ROOT",
+            f"warning: {', '.join(runtime.uncalibrated)} not calibrated at {runtime.precision.value}: frames get a "
+            "score but no decision (is_anomaly null); run moleflow-edge calibrate --export DIR --data ROOT "
+            f"--precision {runtime.precision.value}",
             file=err,
         )
     if check:
