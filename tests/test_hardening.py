@@ -25,7 +25,8 @@ from moleflow_edge.export.commit import sweep
 from moleflow_edge.locking import FolderLock
 from moleflow_edge.runtime import Runtime
 from moleflow_edge.signing import generate_keypair, load_private_key
-from tests.export_fixture import TASKS
+from tests.export_fixture import TASKS, normal_subset
+from tests.test_trust import _edit_manifest
 
 UMASK = 0o002  # differs from the usual 022 and from mkstemp's 0600, so each would show
 FILE_MODE = 0o666 & ~UMASK
@@ -36,11 +37,9 @@ def _files(*roots: Path) -> list[Path]:
 
 
 # --- 1. a tampered export is never signed again, and never reused -------------------------------------
-def _swap_graphs(export_dir: Path) -> None:
+def _swap_graphs(data: dict) -> None:
     """The probe: task 0's graph entry pointed at task 1's graph, its hash updated to match."""
-    data = json.loads((export_dir / MANIFEST_FILE).read_text())
     data["tasks"][0]["graphs"]["fp32"] = data["tasks"][1]["graphs"]["fp32"]
-    (export_dir / MANIFEST_FILE).write_text(json.dumps(data))
 
 
 def test_a_tampered_signed_export_is_never_signed_again(built: dict, export_copy: Path, tmp_path: Path) -> None:
@@ -49,7 +48,7 @@ def test_a_tampered_signed_export_is_never_signed_again(built: dict, export_copy
     key, public = generate_keypair(tmp_path / "build.key")
     save_manifest(export_copy, load_manifest(export_copy), load_private_key(key))
     genuine = {p.name: p.read_bytes() for p in _files(export_copy)}
-    _swap_graphs(export_copy)
+    _edit_manifest(export_copy, _swap_graphs)
     load_manifest(export_copy)  # every hash matches: only the signature can tell
     tampered = (export_copy / MANIFEST_FILE).read_bytes()
     with pytest.raises(ManifestError, match="changed after signing"):
@@ -69,10 +68,7 @@ def test_a_tampered_signed_export_is_never_signed_again(built: dict, export_copy
 def test_a_signed_export_is_signed_again_when_it_verifies(built: dict, export_copy: Path, tmp_path: Path) -> None:
     key, public = generate_keypair(tmp_path / "build.key")
     save_manifest(export_copy, load_manifest(export_copy), load_private_key(key))
-    data = tmp_path / "data"
-    for task in TASKS:  # ten normal images are enough for a 0.1 rate
-        shutil.copytree(built["data"] / task / "test" / "good", data / task / "test" / "good")
-    calibrate(export_copy, data, target_fpr=0.1, sign=key)
+    calibrate(export_copy, normal_subset(built["data"], tmp_path / "data", 10), target_fpr=0.1, sign=key)
     with Runtime.load(export_copy, backend="onnxruntime", trusted_keys=[public]) as runtime:
         assert not runtime.uncalibrated
 

@@ -8,7 +8,6 @@ shared small export (tests/export_fixture.py), copied before any change.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
@@ -18,24 +17,13 @@ import numpy as np
 import pytest
 
 from moleflow_edge.calibration import calibrate
-from moleflow_edge.contract import MANIFEST_FILE, ManifestError, load_manifest
+from moleflow_edge.contract import ManifestError, load_manifest
 from moleflow_edge.preprocess import read_image_bgr
-from moleflow_edge.runtime import Runtime, run_source
+from moleflow_edge.runtime import Runtime
 from moleflow_edge.runtime.camera_loop import LoopStats
 from moleflow_edge.runtime.result import FrameResult
-from tests.export_fixture import TASKS
-
-
-def _run(export_dir: Path, source: Path, **kwargs: object) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = run_source(export_dir, str(source), "onnxruntime", out=out, err=err, **kwargs)  # type: ignore[arg-type]
-    return code, out.getvalue(), err.getvalue()
-
-
-def _edit_manifest(export_dir: Path, change: object) -> None:
-    data = json.loads((export_dir / MANIFEST_FILE).read_text())
-    change(data)  # type: ignore[operator]
-    (export_dir / MANIFEST_FILE).write_text(json.dumps(data))
+from tests.export_fixture import TASKS, normal_subset
+from tests.test_trust import _edit_manifest, _run
 
 
 # --- 6. the camera loop -----------------------------------------------------------------------------
@@ -108,12 +96,7 @@ def test_a_manifest_whose_image_size_is_valid_but_wrong_is_refused_at_load(built
 
 # --- 7. thresholds per precision -----------------------------------------------------------------------
 def test_each_precision_is_judged_by_its_own_threshold(built: dict, export_copy: Path, tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    for task in TASKS:
-        good = data / task / "test" / "good"
-        good.mkdir(parents=True)
-        for path in sorted((built["data"] / task / "test" / "good").glob("*.png"))[:10]:
-            shutil.copy(path, good / path.name)
+    data = normal_subset(built["data"], tmp_path / "data", 10)
     calibrate(export_copy, data, target_fpr=0.1, precision="fp32")
     with Runtime.load(export_copy, backend="onnxruntime", precision="int8") as runtime:
         assert runtime.uncalibrated == TASKS  # fp32's threshold is never applied to int8 scores

@@ -30,7 +30,7 @@ from moleflow_edge.locking import FolderLock, FolderLocked
 from moleflow_edge.preprocess import read_image_bgr
 from moleflow_edge.runtime import BackendError, Runtime, render_overlay, run_source
 from moleflow_edge.signing import generate_keypair, load_private_key, load_public_keys
-from tests.export_fixture import TASKS
+from tests.export_fixture import TASKS, normal_subset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -237,12 +237,7 @@ def test_bench_without_data_times_the_flow(built: dict) -> None:
 
 # --- 7. calibration on real-size data -------------------------------------------------------------------
 def test_calibrate_with_ten_normals_uses_the_tightest_supported_rate(built: dict, export_copy: Path, tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    for task in TASKS:
-        good = data / task / "test" / "good"
-        good.mkdir(parents=True)
-        for path in sorted((built["data"] / task / "test" / "good").glob("*.png"))[:10]:
-            shutil.copy(path, good / path.name)
+    data = normal_subset(built["data"], tmp_path / "data", 10)
     report = calibrate(export_copy, data, target_fpr=0.01)
     manifest = load_manifest(export_copy)
     for row in report.tasks:
