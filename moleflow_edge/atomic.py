@@ -19,19 +19,25 @@ def current_umask() -> int:
     return mask
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+TEMP_SUFFIX = ".tmp"  # write_atomic's temporary files are ".<name>.<random>.tmp" beside their target
+
+
+def write_atomic(path: Path, write: Callable[[Path], None], mode: int | None = None) -> None:
     """Write through a temporary file in the same folder, then rename it into place.
 
-    The file gets the mode an ordinary write would (0666 less the umask), not mkstemp's 0600,
-    so that a model or export written by one user can be read by the service that runs it;
-    ``write`` may tighten it (private keys do). The data is flushed to disk before the rename.
+    The file gets ``mode``, by default the mode an ordinary write would (0666 less the umask),
+    not mkstemp's 0600, so that a model or export written by one user can be read by the
+    service that runs it (private keys pass 0600). The mode is set again after ``write``,
+    which may have replaced the file (safetensors does). The data is flushed before the rename.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~current_umask())
+    mode = 0o666 & ~current_umask() if mode is None else mode
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    os.fchmod(fd, mode)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,6 +48,20 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def sweep_stale_temps(folder: Path) -> list[str]:
+    """Remove write_atomic's temporary files that a killed write left in ``folder`` (not below it);
+    only regular files, never through a symlink. The caller holds the folder's write lock, so no
+    live write can own one. Returns the names removed."""
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        if path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX) and path.is_file() and not path.is_symlink():
+            path.unlink()
+            removed.append(path.name)
+    return removed
 
 
 def check_writable(path: str | Path, option: str, *, directory: bool) -> None:

@@ -33,6 +33,13 @@ def fail(message: str) -> None:
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
+def write_json(path: Path, results: object) -> None:
+    """An output file, its folder created if new (check_writable allowed that), written atomically."""
+    from moleflow_edge.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(results, indent=2) + "\n")
+
+
 def writable(path: Optional[Path], option: str, *, directory: bool = False) -> None:
     """Fail before any work when an output path cannot be written (not after an hour of eval)."""
     from moleflow_edge.atomic import check_writable
@@ -118,9 +125,10 @@ def synth(
     """Write a synthetic dataset with exact defect masks, for tests and the demo."""
     from moleflow_edge.data.synth import generate
 
+    writable(out, "--out", directory=True)
     try:
         written = generate(out, categories.split(",") if categories else None, seed, image_size, n_train, n_test_good, n_test_defect)
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, OSError) as exc:
         fail(str(exc))
     typer.echo(f"wrote {', '.join(written)} to {out}")
 
@@ -196,7 +204,7 @@ def eval_command(
         if note := few_images_note(name, metrics["train_images"]):
             typer.echo(note)
     if json_out:
-        json_out.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(json_out, results)
 
 
 @app.command()
@@ -211,6 +219,9 @@ def export(
     precision: list[str] = typer.Option(["fp32"], help="fp32, fp16 or int8; repeat or comma-separate for several."),
     calib_data: Optional[Path] = typer.Option(None, help="Dataset root whose normal images calibrate INT8."),
     sign: Optional[Path] = typer.Option(None, help="Ed25519 private key file (moleflow-edge keygen) that signs the manifest."),
+    trusted_key: Optional[list[Path]] = typer.Option(
+        None, help="Public key file (repeatable) that may have signed the export already in --out (besides --sign's)."
+    ),
     device: str = typer.Option(
         "auto", help=f"GPU that builds TensorRT engines: {DEVICE_OPTION_HELP} ONNX graphs are traced on the CPU."
     ),
@@ -228,7 +239,7 @@ def export(
     precisions = [p.strip() for item in precision for p in item.split(",") if p.strip()]
     try:
         report = export_model(model, out, None if all_tasks else [task], precisions, fmt.value, calib_data, sign=sign,
-                              device_id=where.index or 0)  # fmt: skip
+                              device_id=where.index or 0, trusted_keys=trusted_key or ())  # fmt: skip
     except TensorRTUnavailable as exc:
         fail(str(exc))
     except USER_ERRORS as exc:
@@ -283,12 +294,16 @@ def calibrate(
     target_fpr: float = typer.Option(0.01, help="False-positive rate the score threshold aims at."),
     precision: str = typer.Option("fp32", help="Precision that will be deployed (its scores are calibrated)."),
     sign: Optional[Path] = typer.Option(None, help="Private key that signs the calibrated manifest (signed exports)."),
+    trusted_key: Optional[list[Path]] = typer.Option(
+        None, help="Public key file (repeatable) that may have signed the export (besides --sign's)."
+    ),
 ) -> None:
     """Score thresholds at a target false-positive rate and unknown-product limits, into the manifest."""
     from moleflow_edge.calibration import calibrate as calibrate_export
 
     try:
-        report = calibrate_export(export_dir, data, target_fpr, precision=precision, sign=sign)
+        report = calibrate_export(export_dir, data, target_fpr, precision=precision, sign=sign,
+                                  trusted_keys=trusted_key)  # fmt: skip
     except USER_ERRORS as exc:
         fail(str(exc))
     typer.echo(report.table())
@@ -334,7 +349,7 @@ def bench(
     except USER_ERRORS as exc:
         fail(str(exc))
     if json_out:
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(json_out, report)
 
 
 @app.command()
@@ -344,9 +359,10 @@ def keygen(
     """Make an Ed25519 key pair: export --sign OUT on the build machine, run --trusted-key OUT.pub on the line."""
     from moleflow_edge.signing import generate_keypair
 
+    writable(out, "--out")
     try:
         private, public = generate_keypair(out)
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, OSError) as exc:
         fail(str(exc))
     typer.echo(f"private key {private} (keep it off the line PCs); public key {public} (copy it to them)")
 

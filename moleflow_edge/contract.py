@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from moleflow_edge import __version__
 from moleflow_edge.atomic import write_text_atomic
 from moleflow_edge.config import DetectorKind
-from moleflow_edge.signing import SignatureError, sign, verify
+from moleflow_edge.signing import SignatureError, checking_keys, sign, verify
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -109,8 +109,10 @@ class TaskEntry:
     detector: str = DetectorKind.FLOW.value  # flow or memory; the graphs' inputs and outputs are the same
     engines: dict[str, dict] = field(default_factory=dict)  # engine key -> {"file", "sha256", "precision", ...}
     distance_limit: float = float("inf")  # routing: farther than this from every prototype -> unknown
-    threshold: float | None = None  # image-score decision threshold, set by calibrate
-    calibration: dict = field(default_factory=dict)  # how threshold and limit were obtained
+    # precision -> image-score decision threshold, and how it (and the limit) was obtained: set by
+    # calibrate --precision P from P's scores, which differ from another precision's
+    thresholds: dict[str, float] = field(default_factory=dict)
+    calibrations: dict[str, dict] = field(default_factory=dict)
     # precision -> image AUROC that calibrate measured with that precision's graphs (normal + defect
     # images): what latency-target engine selection ranks precisions by
     image_auroc: dict[str, float] = field(default_factory=dict)
@@ -177,10 +179,20 @@ class Manifest:
         data["router_file"] = artifact(data.get("router_file"))
         data["router_graph"] = artifact(data.get("router_graph"))
         data["tasks"] = [
-            TaskEntry(**{**t, "graphs": {k: ArtifactFile(**v) for k, v in t.get("graphs", {}).items()}})
+            TaskEntry(**{**_per_precision(t), "graphs": {k: ArtifactFile(**v) for k, v in t.get("graphs", {}).items()}})
             for t in data.get("tasks", [])
         ]
         return cls(**data)
+
+
+def _per_precision(task: dict) -> dict:
+    """An old manifest's one ``threshold`` and ``calibration`` per task: the precision it was calibrated at."""
+    task = dict(task)
+    threshold, record = task.pop("threshold", None), task.pop("calibration", None) or {}
+    if threshold is not None:
+        precision = record.get("precision", Precision.FP32.value)
+        task["thresholds"], task["calibrations"] = {precision: threshold}, {precision: record}
+    return task
 
 
 def signed_payload(data: dict) -> bytes:
@@ -190,11 +202,17 @@ def signed_payload(data: dict) -> bytes:
 
 
 def load_manifest(
-    export_dir: str | Path, verify: bool = True, trusted_keys: Sequence[Ed25519PublicKey] | None = None
+    export_dir: str | Path,
+    verify: bool = True,
+    trusted_keys: Sequence[Ed25519PublicKey] | None = None,
+    *,
+    rewrite: bool = False,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> Manifest:
     """Read EXPORT/manifest.json and check its schema and that every path stays inside the export;
     with ``verify``, check every listed file's sha256; with ``trusted_keys``, refuse a manifest
-    that is not signed by one of them."""
+    that is not signed by one of them. ``rewrite`` (to be rewritten, perhaps signed with ``signing_key``):
+    a signed manifest must verify with those keys, so that re-signing never launders a tampered export."""
     root = Path(export_dir)
     path = root / MANIFEST_FILE
     if not path.is_file():
@@ -205,9 +223,12 @@ def load_manifest(
         raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ManifestError(f"{path} is not a manifest (a JSON object is expected)")
-    if trusted_keys is not None:
+    keys = checking_keys(signing_key, trusted_keys or ())
+    if trusted_keys is not None or (rewrite and data.get(SIGNATURE_FIELD) is not None):
+        if rewrite and not keys:
+            raise ManifestError(f"{path} is signed: pass --sign KEYFILE (or --trusted-key KEY.pub) to check it")
         try:
-            verify_signature(data, trusted_keys)
+            verify_signature(data, keys)
         except SignatureError as exc:
             raise ManifestError(f"{path} is refused: {exc}") from exc
     version = data.get("format_version")
@@ -294,13 +315,14 @@ def _int(low: int) -> Check:
     return check
 
 
-def _number(low: float, allow_inf: bool = False, optional: bool = False) -> Check:
+def _number(low: float, allow_inf: bool = False, optional: bool = False, upper: float = math.inf) -> Check:
     def check(v: object) -> str | None:
         if v is None and optional:
             return None
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) and v >= low
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) and low <= v <= upper
         ok = ok and (allow_inf or math.isfinite(v))  # type: ignore[arg-type]
         bound = f" >= {low:g}" if math.isfinite(low) else ""
+        bound += f" and <= {upper:g}" if math.isfinite(upper) else ""
         kind = f"a {'' if allow_inf else 'finite '}number{bound}{' or null' if optional else ''}"
         return None if ok else f"must be {kind}, got {v!r}"
 
@@ -358,14 +380,15 @@ def _engines_problems(where: str, v: object) -> list[str]:
     return problems
 
 
-def _auroc_by_precision(v: object) -> str | None:
+def _by_precision(check: Check, what: str) -> Check:
+    """A dict precision -> value, every value passing ``check``."""
     precisions = {p.value for p in Precision}
 
-    def score(x: object) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x <= 1.0
+    def checked(v: object) -> str | None:
+        ok = isinstance(v, dict) and all(k in precisions and check(x) is None for k, x in v.items())
+        return None if ok else f"must map precisions ({', '.join(sorted(precisions))}) to {what}, got {v!r}"
 
-    ok = isinstance(v, dict) and all(k in precisions and score(x) for k, x in v.items())
-    return None if ok else f"must map precisions ({', '.join(sorted(precisions))}) to numbers in [0, 1], got {v!r}"
+    return checked
 
 
 _TOP: dict[str, Check] = {
@@ -388,9 +411,11 @@ _TOP: dict[str, Check] = {
 _TASK: dict[str, Check] = {
     "detector": _text(*(k.value for k in DetectorKind)),
     "distance_limit": _number(0.0, allow_inf=True),
-    "threshold": _number(-math.inf, optional=True),
+    "threshold": _number(-math.inf, optional=True),  # manifests written before thresholds per precision
     "calibration": _dict,
-    "image_auroc": _auroc_by_precision,
+    "thresholds": _by_precision(_number(-math.inf), "finite numbers"),
+    "calibrations": _by_precision(_dict, "objects"),
+    "image_auroc": _by_precision(_number(0.0, upper=1.0), "numbers in [0, 1]"),
 }
 
 
@@ -412,7 +437,7 @@ def schema_problems(data: dict) -> list[str]:
     if not isinstance(tasks, list):
         return [*problems, f"tasks: must be a list, got {type(tasks).__name__}"]
     names: list[object] = []
-    task_fields = {f.name for f in fields(TaskEntry)}
+    task_fields = {f.name for f in fields(TaskEntry)} | {"threshold", "calibration"}  # the last two: old manifests
     for i, task in enumerate(tasks):
         if not isinstance(task, dict):
             problems.append(f"tasks[{i}]: must be an object, got {task!r}")

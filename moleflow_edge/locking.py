@@ -2,7 +2,8 @@
 
 An advisory ``fcntl.flock`` on ``<folder>/.lock`` (Linux, Jetson): the kernel drops it when the
 holder exits or is killed, so a crash never leaves a stale lock. The holder's PID is written
-into the file so that the refusal can name it. Torch-free.
+into the file so that the refusal can name it. Nothing the lock holder writes may follow a
+symlink out of the folder: a symlinked lock file or sub-folder is refused. Torch-free.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from moleflow_edge.atomic import check_writable, current_umask
+from moleflow_edge.atomic import OutputError, check_writable, current_umask
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -38,8 +39,13 @@ class FolderLock:
     def __enter__(self) -> FolderLock:
         check_writable(self.folder, f"{self.activity} folder", directory=True)
         self.folder.mkdir(parents=True, exist_ok=True)
+        refuse_symlinked_subfolders(self.folder, self.activity)
         path = self.folder / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        try:  # O_NOFOLLOW: a .lock symlinked to another file must not get that file truncated
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666 & ~current_umask())
+        except OSError as exc:
+            why = "is a symbolic link" if path.is_symlink() else f"cannot be opened ({exc.strerror or exc})"
+            raise OutputError(f"{path} {why}: {self.activity} refused; remove it (the toolkit's lock file)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -58,6 +64,17 @@ class FolderLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+
+def refuse_symlinked_subfolders(folder: Path, activity: str) -> None:
+    """Refuse a sub-folder of a model or export folder that is a symlink (detectors/, tasks/, engines/...):
+    writes and clean-ups there would land in, or delete from, whatever folder it points to."""
+    links = sorted(p.name for p in folder.iterdir() if p.is_symlink() and (p.is_dir() or not p.exists()))
+    if links:
+        raise OutputError(
+            f"{folder}: {', '.join(links)} {'is a symbolic link' if len(links) == 1 else 'are symbolic links'}; "
+            f"{activity} refused: the toolkit writes only inside its own folders (replace the link by a real folder)"
+        )
 
 
 def locks_folder(argument: str, activity: str) -> Callable[[F], F]:

@@ -7,7 +7,8 @@
                                   (no "detectors": every task is a flow, as saved before memory tasks)
 
 Every file is written to a temporary name and renamed into place, and the task list is
-written last: a crash at any point leaves the tasks listed before it loadable and unchanged.
+written last: a crash at any point leaves the tasks listed before it loadable and unchanged,
+and the temporary files of a killed save are swept by the next one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from moleflow_edge.atomic import write_atomic, write_text_atomic
+from moleflow_edge.atomic import sweep_stale_temps, write_atomic, write_text_atomic
 from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import DetectorKind, MoleFlowConfig
 from moleflow_edge.model.mole_flow import MoleFlow
@@ -106,6 +107,8 @@ class ModelStore:
         tasks, kinds = self._task_list()
         if task in tasks:
             raise ModelDirError(f"task {task!r} is already in {self.root}")
+        for folder in (self.root, self.root / TASK_DIR):  # left by a save that was killed (we hold the lock)
+            sweep_stale_temps(folder)
         if not tasks:
             write_atomic(self.root / CONFIG_FILE, model.config.to_json)
             shared = {k: v.contiguous() for k, v in model.shared_state_dict().items()}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +22,7 @@ if TYPE_CHECKING:
 
 ALGORITHM = "ed25519"
 PUBLIC_SUFFIX = ".pub"
+PRIVATE_KEY_MODE = 0o600  # whatever the umask: the one file only its owner may read
 
 
 class SignatureError(ValueError):
@@ -66,11 +66,7 @@ def generate_keypair(private_path: str | Path) -> tuple[Path, Path]:
     )
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
-    def private(tmp: Path) -> None:
-        tmp.write_bytes(private_pem)
-        os.chmod(tmp, 0o600)
-
-    write_atomic(private_path, private)
+    write_atomic(private_path, lambda tmp: tmp.write_bytes(private_pem), mode=PRIVATE_KEY_MODE)
     write_atomic(public_path, lambda tmp: tmp.write_bytes(public_pem))
     return private_path, public_path
 
@@ -106,6 +102,14 @@ def load_public_keys(paths: Sequence[str | Path]) -> list[Ed25519PublicKey]:
             raise SignatureError(f"{path} is not an Ed25519 public key (make one with moleflow-edge keygen)")
         keys.append(key)
     return keys
+
+
+def checking_keys(
+    signing_key: Ed25519PrivateKey | None, trusted: Sequence[Ed25519PublicKey] = ()
+) -> list[Ed25519PublicKey]:
+    """The keys an existing signature must verify with before a manifest is signed again: the trusted
+    keys and the signing key's own public half (an export is re-signed by the key that signed it)."""
+    return [*trusted, *([] if signing_key is None else [signing_key.public_key()])]
 
 
 def sign(payload: bytes, key: Ed25519PrivateKey) -> dict[str, str]:

@@ -26,3 +26,15 @@ def build_export(base: Path) -> dict:
         train_task(data, task, model_dir, TINY_CONFIG, steps=12, progress=False)
     export_model(model_dir, export_dir, precisions=("fp32", "int8"), calib_data=data)
     return {"data": data, "model_dir": model_dir, "export_dir": export_dir}
+
+
+def normal_subset(data: Path, root: Path, count: int) -> Path:
+    """A dataset root under ``root`` holding only the first ``count`` test/good images of each task."""
+    import shutil
+
+    for task in TASKS:
+        good = root / task / "test" / "good"
+        good.mkdir(parents=True)
+        for path in sorted((data / task / "test" / "good").glob("*.png"))[:count]:
+            shutil.copy(path, good / path.name)
+    return root

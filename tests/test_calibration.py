@@ -59,14 +59,15 @@ def test_too_few_scores_is_refused_with_the_count_needed() -> None:
 # --- end to end on a real export -------------------------------------------------------------------
 def test_calibrate_sets_thresholds_the_runtime_uses(built: dict, export_copy: Path) -> None:
     before = load_manifest(export_copy)
-    assert all(t.threshold is None for t in before.tasks)
+    assert all(not t.thresholds for t in before.tasks)
     report = calibrate(export_copy, built["data"], target_fpr=TARGET)
     manifest = load_manifest(export_copy)  # hashes still verify: only decision fields changed
     assert [a.sha256 for a in manifest.artifacts()] == [a.sha256 for a in before.artifacts()]
     assert manifest.int8_calibration and report.int8_calibration == manifest.int8_calibration
     for entry, row in zip(manifest.tasks, report.tasks):
-        assert entry.threshold == row.threshold and entry.distance_limit == row.distance_limit
-        assert entry.calibration["n"] == N_TEST_GOOD and entry.calibration["source"] == f"{entry.name}/test/good"
+        assert entry.thresholds == {"fp32": row.threshold} and entry.distance_limit == row.distance_limit
+        record = entry.calibrations["fp32"]
+        assert record["n"] == N_TEST_GOOD and record["source"] == f"{entry.name}/test/good"
         assert row.k == 2 and row.defects > 0 and row.recall is not None
     with Runtime.load(export_copy, backend="onnxruntime") as runtime:
         for task in TASKS:
@@ -74,7 +75,7 @@ def test_calibrate_sets_thresholds_the_runtime_uses(built: dict, export_copy: Pa
             results = runtime.infer([read_image_bgr(f) for f in files], with_maps=False)
             routed = [r for r in results if r.task == task]
             assert routed and all(r.is_anomaly is not None for r in routed)
-            assert all(r.threshold == manifest.task(task).threshold for r in routed)
+            assert all(r.threshold == manifest.task(task).thresholds["fp32"] for r in routed)
             # k = 2 of 24: exactly one normal image scores above the threshold (when routed home)
             assert sum(r.is_anomaly for r in routed) <= 1
 
@@ -84,7 +85,7 @@ def test_calibrating_twice_gives_an_identical_manifest(built: dict, export_copy:
     first = (export_copy / "manifest.json").read_bytes()
     calibrate(export_copy, built["data"], target_fpr=TARGET)
     assert (export_copy / "manifest.json").read_bytes() == first
-    assert "time" not in json.dumps(json.loads(first)["tasks"][0]["calibration"])
+    assert "time" not in json.dumps(json.loads(first)["tasks"][0]["calibrations"])
 
 
 def test_too_few_images_for_the_rate_give_the_tightest_supported_one(built: dict, export_copy: Path) -> None:
@@ -92,7 +93,7 @@ def test_too_few_images_for_the_rate_give_the_tightest_supported_one(built: dict
     for row in report.tasks:
         assert (row.n, row.k, row.target_met) == (N_TEST_GOOD, 1, False)
         assert row.expected_fpr == pytest.approx(1 / (N_TEST_GOOD + 1))
-    assert load_manifest(export_copy).task(TASKS[0]).threshold == report.tasks[0].threshold
+    assert load_manifest(export_copy).task(TASKS[0]).thresholds["fp32"] == report.tasks[0].threshold
 
 
 def test_held_out_calib_folder_is_preferred(built: dict, export_copy: Path, tmp_path: Path) -> None:

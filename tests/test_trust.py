@@ -30,7 +30,7 @@ from moleflow_edge.locking import FolderLock, FolderLocked
 from moleflow_edge.preprocess import read_image_bgr
 from moleflow_edge.runtime import BackendError, Runtime, render_overlay, run_source
 from moleflow_edge.signing import generate_keypair, load_private_key, load_public_keys
-from tests.export_fixture import TASKS
+from tests.export_fixture import TASKS, normal_subset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -237,18 +237,13 @@ def test_bench_without_data_times_the_flow(built: dict) -> None:
 
 # --- 7. calibration on real-size data -------------------------------------------------------------------
 def test_calibrate_with_ten_normals_uses_the_tightest_supported_rate(built: dict, export_copy: Path, tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    for task in TASKS:
-        good = data / task / "test" / "good"
-        good.mkdir(parents=True)
-        for path in sorted((built["data"] / task / "test" / "good").glob("*.png"))[:10]:
-            shutil.copy(path, good / path.name)
+    data = normal_subset(built["data"], tmp_path / "data", 10)
     report = calibrate(export_copy, data, target_fpr=0.01)
     manifest = load_manifest(export_copy)
     for row in report.tasks:
         assert row.n == 10 and row.k == 1 and not row.target_met
         assert row.expected_fpr == pytest.approx(1 / 11) and row.fpr_upper95 > row.expected_fpr
-        assert manifest.task(row.task).calibration["target_met"] is False
+        assert manifest.task(row.task).calibrations["fp32"]["target_met"] is False
     assert "0.01 NOT reached" in report.table() and "needs 100 normal images" in report.table()
     with Runtime.load(export_copy, backend="onnxruntime") as runtime:
         status = runtime.task_status()

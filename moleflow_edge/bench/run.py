@@ -103,7 +103,7 @@ def bench(
                 }
             )
     for s in skipped:
-        summary.append({"backend": s["backend"], "precision": s["precision"], "status": "skipped"})
+        summary.append({**s, "status": "skipped"})  # with the reason, which the table prints
     reference = next((r for r in results if r["backend"] == "onnxruntime-cpu" and r["precision"] == "fp32"
                       and r["batch"] == 1), None)  # fmt: skip
     stage_p50 = None if reference is None else {s: v["p50"] for s, v in reference["stages_ms"].items()}

@@ -25,6 +25,7 @@ def summary_table(summary: list[dict]) -> str:
             f"{cell(r.get('image_auroc'), '7.4f'):>7s} {cell(r.get('ms_per_image'), '9.2f'):>9s} "
             f"{cell(r.get('fps'), '8.1f'):>8s}"
         )
+    lines += [f"skipped {r['backend']} {r['precision']}: {r['reason']}" for r in summary if r.get("reason")]
     return "\n".join(lines)
 
 
@@ -65,6 +66,7 @@ def save_chart(results: list[dict], path: str | Path) -> str:
     ax.set_ylabel("ms per image (p50)")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # check_writable let a new folder through
     fig.savefig(str(path), dpi=120)
     plt.close(fig)
     return str(path)

@@ -43,7 +43,7 @@ from moleflow_edge.contract import MANIFEST_FILE, SIGNATURE_FIELD, Manifest, loa
 from moleflow_edge.locking import FolderLock
 from moleflow_edge.metrics import auroc
 from moleflow_edge.preprocess import read_image_bgr, resize_frame
-from moleflow_edge.signing import load_private_key
+from moleflow_edge.signing import load_private_key, load_public_keys
 
 if TYPE_CHECKING:
     from moleflow_edge.runtime import Runtime
@@ -317,23 +317,27 @@ def calibrate(
     threads: int | None = None,
     write: bool = True,
     sign: str | Path | None = None,
+    trusted_keys: list[str | Path] | None = None,
 ) -> CalibrationReport:
     """Set every task's score threshold and routing distance limit from its normal images.
 
     Too few images for ``target_fpr`` give the tightest rate the data supports (see the module
     docstring); fewer than ``min_count`` (default MIN_NORMALS) images are refused. ``sign``: the
-    private key file that signs the calibrated manifest (required when the export was signed).
-    Scores go through the runtime (onnxruntime CPU, ``precision`` graphs: calibrate the precision
-    you deploy). Writes threshold, distance_limit, a ``calibration`` dict and, where defect images
-    exist, that precision's image AUROC per task into the manifest atomically; no timestamps, so
-    calibrating twice gives a byte-identical manifest.
+    private key file that signs the calibrated manifest (required when the export was signed: the
+    existing signature must verify with its public half or ``trusted_keys`` first, so that a
+    tampered export is never signed again). Scores go through the runtime (onnxruntime CPU,
+    ``precision`` graphs: calibrate the precision you deploy). Writes that precision's threshold
+    and calibration record, the distance_limit and, where defect images exist, that precision's
+    image AUROC per task into the manifest atomically; other precisions' records are kept. No
+    timestamps, so calibrating twice gives a byte-identical manifest.
     """
     from moleflow_edge.runtime import Runtime
 
     root, data = Path(export_dir), Path(data_root)
-    manifest: Manifest = load_manifest(root, verify=True)
-    original = (root / MANIFEST_FILE).read_bytes()
     signing_key = None if sign is None else load_private_key(sign)
+    trusted = load_public_keys(trusted_keys) if trusted_keys else None
+    manifest: Manifest = load_manifest(root, verify=True, trusted_keys=trusted, rewrite=write, signing_key=signing_key)
+    original = (root / MANIFEST_FILE).read_bytes()
     if write and signing_key is None and json.loads(original).get(SIGNATURE_FIELD) is not None:
         raise CalibrationError(
             f"{root} is signed: pass --sign KEYFILE so that the calibrated manifest is signed again "
@@ -370,9 +374,9 @@ def calibrate(
             )  # fmt: skip
             _defect_metrics(runtime, data, name, scores, result)
             report.tasks.append(result)
-            entry.threshold = rule.threshold
+            entry.thresholds[runtime.precision.value] = rule.threshold
             entry.distance_limit = limit
-            entry.calibration = {
+            entry.calibrations[runtime.precision.value] = {
                 "n": rule.n,
                 "k": rule.k,
                 "target_fpr": target_fpr,
@@ -381,7 +385,7 @@ def calibrate(
                 "quantile_method": rule.method,
                 "target_met": rule.target_met,
                 "source": source,
-                "precision": precision,
+                "precision": runtime.precision.value,
                 "distance_limit_method": f"{limit_margin:g} x max squared Mahalanobis distance of the same images",
                 "max_normal_distance": result.max_normal_distance,
             }

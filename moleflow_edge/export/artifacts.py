@@ -40,6 +40,7 @@ class ExportReport:
     manifest: Manifest
     files: list[ExportedFile] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    rebuilt: list[str] = field(default_factory=list)  # files that no longer matched their sha256
 
     @property
     def written(self) -> list[ExportedFile]:
@@ -52,6 +53,8 @@ class ExportReport:
             status = "up to date" if f.skipped else "written"
             lines.append(f"{f.file:<40} {f.bytes / 2**20:>8.2f} {f.seconds:>7.1f}  {status}")
         lines += [f"{name:<40} {'':>8} {'':>7}  removed" for name in self.removed]
+        lines += [f"warning: {name} did not match its sha256 in the manifest (changed or missing): rebuilt, "
+                  "not reused" for name in self.rebuilt]  # fmt: skip
         return "\n".join(lines)
 
 

@@ -8,7 +8,9 @@ and the one atomic rename of manifest.json is the commit: a kill at any moment l
 the previous export or the new one loadable. Files no manifest lists and staging folders left
 by killed runs are swept after the commit (and stale staging folders before a run starts).
 ExportRun is one run on top of that: each artifact reused while intact, else built, checked and
-staged, and a report of both.
+staged, and a report of both (a file that no longer matches its sha256 is rebuilt, and said).
+The sweep deletes only regular files (or links themselves) inside the real folder, never
+through a symlinked sub-folder.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 STAGING_PREFIX = ".staging-"
-MANAGED_PREFIXES = ("backbone.", "router.")  # top-level files the exporter owns; flow/ is all ours
+MANAGED_PREFIXES = ("backbone.", "router.")  # top-level files the exporter owns; detectors/ (flow/ in older exports) is all ours
 TEMP_MANIFESTS = f".{MANIFEST_FILE}."  # write_atomic's temporary names for the manifest
 
 
@@ -73,11 +75,9 @@ class Staging:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _intact(out: Path, artifact: ArtifactFile | None, source: str) -> bool:
-    """True when ``artifact`` was made from ``source`` and its files on disk still match their hashes."""
-    if artifact is None or artifact.source_sha256 != source:
-        return False
-    return all((out / name).is_file() and file_sha256(out / name) == sha for name, sha in artifact.paths())
+def _damaged(out: Path, artifact: ArtifactFile) -> list[str]:
+    """The files of ``artifact`` that are missing or no longer match their sha256."""
+    return [name for name, sha in artifact.paths() if not (out / name).is_file() or file_sha256(out / name) != sha]
 
 
 class ExportRun:
@@ -94,11 +94,13 @@ class ExportRun:
     ) -> ArtifactFile:
         """Reuse ``old`` if it is intact and from the same source, else build, check and stage the file."""
         started = time.perf_counter()
-        if _intact(self.out, old, source):
-            assert old is not None
-            size = sum((self.out / name).stat().st_size for name, _ in old.paths())
-            self.report.files.append(ExportedFile(relative, size, 0.0, True))
-            return old
+        if old is not None and old.source_sha256 == source:
+            damaged = _damaged(self.out, old)
+            if not damaged:
+                size = sum((self.out / name).stat().st_size for name, _ in old.paths())
+                self.report.files.append(ExportedFile(relative, size, 0.0, True))
+                return old
+            self.report.rebuilt += damaged  # never reused: rebuilt from the model, and the user is told
         made = build()
         path = self.staging.path(relative)
         data = None
@@ -154,10 +156,10 @@ def sweep(out: Path, manifest: Manifest) -> list[str]:
     """Delete exporter-owned files that ``manifest`` does not list; engines/ is left to the engine builder."""
     remove_stale_staging(out)
     listed = {name for artifact in manifest.artifacts() for name, _ in artifact.paths()}
-    owned = [p for p in out.iterdir() if p.is_file() and p.name.startswith(MANAGED_PREFIXES)]
-    for folder in (DETECTOR_DIR, LEGACY_DETECTOR_DIR):
-        if (out / folder).is_dir():
-            owned += [p for p in (out / folder).rglob("*") if p.is_file() or p.is_symlink()]
+    owned = [p for p in out.iterdir() if _plain(p) and p.name.startswith(MANAGED_PREFIXES)]
+    for folder in (out / DETECTOR_DIR, out / LEGACY_DETECTOR_DIR):
+        if folder.is_dir() and not folder.is_symlink():  # rglob descends into no symlinked folder below it
+            owned += [p for p in folder.rglob("*") if _plain(p)]
     removed = []
     for path in sorted(owned):
         name = path.relative_to(out).as_posix()
@@ -165,3 +167,8 @@ def sweep(out: Path, manifest: Manifest) -> list[str]:
             path.unlink()
             removed.append(name)
     return removed
+
+
+def _plain(path: Path) -> bool:
+    """A regular file or a link itself (unlinking a link never touches what it points to)."""
+    return path.is_symlink() or path.is_file()

@@ -54,7 +54,7 @@ from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import CONFIG_FILE, SHARED_FILE, ModelStore
 from moleflow_edge.router import Prototype, RouterTable, router_weights
 from moleflow_edge.runtime.trt_api import DEFAULT_BATCH_PROFILE
-from moleflow_edge.signing import load_private_key
+from moleflow_edge.signing import load_private_key, load_public_keys
 from moleflow_edge.targets import ExportFormat, check_export_args
 
 CALIB_LIMIT = 256  # images per INT8 calibration set, evenly spread over the sorted file list
@@ -128,6 +128,7 @@ def export_model(
     batch_profile: tuple[int, int, int] = DEFAULT_BATCH_PROFILE,
     sign: str | Path | None = None,
     device_id: int = 0,
+    trusted_keys: Sequence[str | Path] = (),
 ) -> ExportReport:
     """Export ``tasks`` (None = every trained task) of a model directory into ``out_dir``.
 
@@ -135,7 +136,9 @@ def export_model(
     router over every task in the export. ``fmt="engine"`` then builds TensorRT engines from
     those graphs (on the target GPU). INT8 needs ``calib_data``: a dataset root in the MVTec
     layout whose <task>/train/good images calibrate the QDQ graphs. ``sign``: an Ed25519
-    private key file (moleflow-edge keygen) that signs the manifest. ``device_id``: the GPU that
+    private key file (moleflow-edge keygen) that signs the manifest. A signed export already in
+    ``out_dir`` must verify with that key's public half or one of ``trusted_keys`` (public key
+    files) before anything in it is reused or signed again. ``device_id``: the GPU that
     builds the engines. The ONNX graphs are always traced on the CPU, so a model exports to the
     same bytes whichever device trained it or runs the export.
     """
@@ -146,6 +149,7 @@ def export_model(
         raise ExportError(f"batch profile must be min <= opt <= max, all >= 1; got {batch_profile}")
     check_writable(out_dir, "--out", directory=True)
     signing_key = None if sign is None else load_private_key(sign)
+    trusted = load_public_keys(trusted_keys) if trusted_keys else []
     store = ModelStore(model_dir)
     trained = store.tasks()
     wanted = list(trained if tasks is None else dict.fromkeys(tasks))
@@ -157,7 +161,9 @@ def export_model(
     with FolderLock(out, "export"):
         remove_stale_staging(out)
         identity = model_identity(store, model)
-        previous = load_manifest(out, verify=False) if (out / MANIFEST_FILE).is_file() else None
+        previous = None
+        if (out / MANIFEST_FILE).is_file():  # hashes are checked file by file as each is reused
+            previous = load_manifest(out, False, trusted or None, rewrite=True, signing_key=signing_key)
         manifest = _new_manifest(model, identity)
         if previous is not None and previous.model_sha256 == identity:
             manifest.backbone_graphs = dict(previous.backbone_graphs)

@@ -28,6 +28,7 @@ from moleflow_edge.preprocess import FrameError, read_image_bgr
 from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime.backend import BackendError
 from moleflow_edge.runtime.engine_select import LatencyTargetWarning, check_target_ms
+from moleflow_edge.runtime.latency_stats import LatencyReservoir
 from moleflow_edge.runtime.overlay import Viewer, render_overlay, write_png
 from moleflow_edge.runtime.result import STAGES, FrameResult
 from moleflow_edge.atomic import check_writable
@@ -39,6 +40,7 @@ EXIT_LOAD_ERROR = 1  # the export cannot be loaded (missing, tampered, no backen
 EXIT_SOURCE_ERROR = 2  # the source cannot be opened or holds no image
 EXIT_CAMERA_LOST = 3  # a camera or stream stopped delivering frames and did not come back
 EXIT_BACKEND_ERROR = 4  # the inference engine failed mid-run (device lost, out of memory)
+EXIT_ALL_FRAMES_FAILED = 5  # frames were read, but not one of them could be processed
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), after the summary
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pbm", ".pgm", ".ppm", ".jp2"})
@@ -180,13 +182,15 @@ def _live_frames(
 # --- the loop ------------------------------------------------------------------------------------
 @dataclass
 class LoopStats:
-    """Counts and latencies over a run, for the summary."""
+    """Counts and latencies over a run, for the summary; fixed memory however long the run."""
 
     frames: int = 0
     errors: int = 0
     unknown: int = 0
     per_task: dict[str, dict[str, int]] = field(default_factory=dict)
-    latencies: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in (*STAGES, "total")})
+    latencies: dict[str, LatencyReservoir] = field(
+        default_factory=lambda: {s: LatencyReservoir() for s in (*STAGES, "total")}
+    )
     started: float = field(default_factory=time.perf_counter)
     interrupted: bool = False
 
@@ -202,8 +206,8 @@ class LoopStats:
             counts["frames"] += 1
             counts["anomalies"] += int(bool(result.is_anomaly))
         for stage in STAGES:
-            self.latencies[stage].append(getattr(result.timings, stage))
-        self.latencies["total"].append(result.timings.total)
+            self.latencies[stage].add(getattr(result.timings, stage))
+        self.latencies["total"].add(result.timings.total)
 
     def add_error(self) -> None:
         self.frames += 1
@@ -212,13 +216,6 @@ class LoopStats:
     def summary(self, runtime: Runtime | None, exit_code: int) -> dict[str, object]:
         wall = time.perf_counter() - self.started
         processed = self.frames - self.errors
-
-        def percentiles(values: list[float]) -> dict[str, float] | None:
-            if not values:
-                return None
-            p50, p90, p99 = np.percentile(values, [50, 90, 99])
-            return {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3)}
-
         return {
             "frames": self.frames,
             "processed": processed,
@@ -226,7 +223,7 @@ class LoopStats:
             "unknown": self.unknown,
             "anomalies": sum(c["anomalies"] for c in self.per_task.values()),
             "tasks": self.per_task,
-            "latency_ms": {stage: percentiles(v) for stage, v in self.latencies.items()},
+            "latency_ms": {stage: v.percentiles() for stage, v in self.latencies.items()},
             "wall_s": round(wall, 3),
             "frames_per_s": round(processed / wall, 2) if wall > 0 else None,
             "backend": None if runtime is None else runtime.description,
@@ -288,7 +285,7 @@ def run_source(
     One JSON line per frame to ``out`` (stdout), overlays to ``save_dir`` when given, a cv2
     window with ``show``; a final {"summary": ...} line, also written for people to ``err``.
     Exit codes: 0 done, 1 export not loadable, 2 source not readable, 3 camera or stream lost, 4 backend failed
-    mid-run, 130 Ctrl-C (after the summary). Frames that fail alone are error lines, not exit codes.
+    mid-run, 5 every frame failed, 130 Ctrl-C (after the summary). Frames that fail alone are error lines.
     ``runtime`` reuses a loaded Runtime (then export_dir, backend, precision and the engine caps are unused).
     ``latency_target_ms`` picks the precision and target (Runtime.load) and says which, and why, on ``err``.
     """
@@ -325,8 +322,9 @@ def run_source(
         print(f"task {task}: {status}", file=err)
     if runtime.uncalibrated:
         print(
-            f"warning: {', '.join(runtime.uncalibrated)} not calibrated: frames get a score but no decision "
-            "(is_anomaly null); run moleflow-edge calibrate --export DIR --data ROOT",
+            f"warning: {', '.join(runtime.uncalibrated)} not calibrated at {runtime.precision.value}: frames get a "
+            "score but no decision (is_anomaly null); run moleflow-edge calibrate --export DIR --data ROOT "
+            f"--precision {runtime.precision.value}",
             file=err,
         )
     if check:
@@ -363,7 +361,8 @@ def run_source(
             line |= fields
             line["read_ms"] = round(item.read_ms, 3)
             if save is not None or viewer is not None:
-                overlay = render_overlay(item.frame, result)  # type: ignore[arg-type]
+                cap = runtime.max_map_side  # type: ignore[union-attr]
+                overlay = render_overlay(item.frame, result, max_side=cap)  # type: ignore[arg-type]
                 if save is not None:
                     target = save / f"{item.index:06d}_{_safe(item.stem)}.png"
                     try:
@@ -411,6 +410,9 @@ def run_source(
     if runtime.load_failures and code == EXIT_OK:  # some frames ran, but a listed graph is broken
         print(f"error: detector graphs failed: {runtime.load_failures}", file=err)
         code = EXIT_BACKEND_ERROR
+    if code == EXIT_OK and stats.frames and stats.errors == stats.frames:
+        print(f"error: every frame failed ({stats.errors} of {stats.frames}); see the error lines", file=err)
+        code = EXIT_ALL_FRAMES_FAILED
     summary = stats.summary(runtime, code)
     emit({"summary": summary})
     print(_human_summary(summary), file=err)

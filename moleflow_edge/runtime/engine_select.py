@@ -252,14 +252,13 @@ def select_engine(
 
 
 def _threshold_note(manifest: Manifest, precision: Precision) -> str | None:
-    """Thresholds are calibrated at one precision; scores at another shift a little."""
-    calibrated = {e.calibration.get("precision") for e in manifest.tasks if e.threshold is not None} - {None}
-    other = sorted(calibrated - {precision.value})
-    if not other:
+    """Thresholds are per precision: tasks calibrated at others only get no decision at the chosen one."""
+    missing = [e.name for e in manifest.tasks if e.thresholds and precision.value not in e.thresholds]
+    if not missing:
         return None
     return (
-        f"thresholds were calibrated at {', '.join(other)}; run moleflow-edge calibrate --precision "
-        f"{precision.value} so that they match the scores of the chosen precision"
+        f"{', '.join(missing)} have thresholds only at other precisions, so their frames get no decision at "
+        f"{precision.value}: run moleflow-edge calibrate --precision {precision.value}"
     )
 
 

@@ -209,10 +209,25 @@ class OrtBackend(GraphBackend):
                 f"{backbone_graph(manifest, precision).file} does not have the runtime's interface "
                 f"(input {IMAGES!r}, outputs {EMBEDDING!r}, {ROUTING_FEATURE!r}): re-export it"
             )
+        self._check_shapes()
         self._router: ort.InferenceSession | None = None
         if self.bound and manifest.router_graph is not None:
             self._router = self._session(read_verified(root, manifest.router_graph), ROUTING_FEATURE)
             self.routes_on_device = True
+
+    def _check_shapes(self) -> None:
+        """Refuse at load a manifest whose image_size, grid or dimensions are valid but not this graph's:
+        otherwise the first frame fails deep inside onnxruntime."""
+        values = [*self._backbone.get_inputs(), *self._backbone.get_outputs()]
+        graph = {v.name: tuple(v.shape[1:]) for v in values if v.name in self._samples}
+        wrong = [f"{name} {list(shape)} where the manifest implies {list(self._samples[name])}"
+                 for name, shape in graph.items()
+                 if all(isinstance(d, int) for d in shape) and shape != self._samples[name]]  # fmt: skip
+        if wrong:
+            raise ManifestError(
+                f"{backbone_graph(self.manifest, self.precision).file} does not match the manifest "
+                f"(image_size {self.manifest.image_size}): {'; '.join(wrong)}; re-export it"
+            )
 
     def _session(self, path: Path, input_name: str) -> ort.InferenceSession:
         profile = trt_profile_options(input_name, self._samples[input_name], self._batch)

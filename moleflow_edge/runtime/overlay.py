@@ -10,19 +10,27 @@ from typing import TextIO
 import cv2
 import numpy as np
 
+from moleflow_edge.anomaly_map import capped_shape
 from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime.result import FrameResult
 
 WINDOW = "moleflow-edge"
 
 
-def render_overlay(frame: np.ndarray, result: FrameResult, alpha: float = 0.45) -> np.ndarray:
+def render_overlay(
+    frame: np.ndarray, result: FrameResult, alpha: float = 0.45, max_side: int | None = None
+) -> np.ndarray:
     """The frame with its anomaly heat map blended in and task, score and decision written on it.
 
     The colour scale runs from the map's minimum to max(map maximum, threshold), so that a
-    normal frame of a calibrated task stays cool and a defect turns hot.
+    normal frame of a calibrated task stays cool and a defect turns hot. ``max_side`` caps the
+    overlay's longest side (the frame is shrunk first), so a huge frame costs no huge buffers.
     """
-    image = frame.copy()
+    height, width = capped_shape(frame.shape[:2], max_side)
+    if (height, width) != frame.shape[:2]:
+        image = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+    else:
+        image = frame.copy()
     if result.anomaly_map is not None:
         heat = result.anomaly_map
         low = float(heat.min())

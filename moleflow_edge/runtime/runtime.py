@@ -271,17 +271,18 @@ class Runtime:
 
     @property
     def uncalibrated(self) -> list[str]:
-        """Tasks without a score threshold: their frames get a score but is_anomaly None."""
-        return [entry.name for entry in self.manifest.tasks if entry.threshold is None]
+        """Tasks without a threshold at the loaded precision (another's never applies): is_anomaly None."""
+        return [entry.name for entry in self.manifest.tasks if self.precision.value not in entry.thresholds]
 
     def task_status(self) -> dict[str, str]:
-        """Per task: 'uncalibrated', or 'calibrated' with the expected false-positive rate and
-        whether the requested one was reached, for run's start-up lines and summary."""
+        """Per task, at the loaded precision: 'uncalibrated' (and at which precisions it is), or 'calibrated'
+        with the expected false-positive rate and whether the requested one was reached, for run's lines."""
         status = {}
         for entry in self.manifest.tasks:
-            cal = entry.calibration
-            if entry.threshold is None:
-                status[entry.name] = "uncalibrated"
+            cal = entry.calibrations.get(self.precision.value, {})
+            if self.precision.value not in entry.thresholds:
+                elsewhere = f" at {self.precision.value} (calibrated at {', '.join(sorted(entry.thresholds))})"
+                status[entry.name] = "uncalibrated" + (elsewhere if entry.thresholds else "")
                 continue
             fpr, n, target = cal.get("expected_fpr"), cal.get("n"), cal.get("target_fpr")
             text = "calibrated" if not isinstance(fpr, float) else f"calibrated on {n} images, expected FPR {fpr:.3g}"
@@ -400,7 +401,7 @@ class Runtime:
                 continue
             started = time.perf_counter()
             if result.image_score is not None:
-                threshold = self._entries[result.task].threshold  # type: ignore[index]
+                threshold = self._entries[result.task].thresholds.get(self.precision.value)  # type: ignore[index]
                 result.threshold = threshold
                 result.is_anomaly = None if threshold is None else bool(result.image_score > threshold)
             if with_maps:
