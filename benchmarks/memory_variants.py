@@ -90,14 +90,12 @@ def full_knn(product: Product) -> tuple[np.ndarray, np.ndarray, int]:
 
 VARIANTS: dict[str, Variant] = {
     "knn, full bank (reference)": full_knn,
-    "ratio 0.01, min 0": deployed(coreset_ratio=0.01, coreset_min=1),
-    "ratio 0.05, min 0": deployed(coreset_ratio=0.05, coreset_min=1),
-    "ratio 0.1, min 0": deployed(coreset_ratio=0.1, coreset_min=1),
-    "ratio 0.25, min 0": deployed(coreset_ratio=0.25, coreset_min=1),
-    "ratio 0.1, min 1000 (default)": deployed(),
-    "ratio 0.1, min 1000, max 2000": deployed(coreset_max=2000),
-    "ratio 0.1, min 1000, + photometric variants": deployed(variants=True),
-    "ratio 0.1, min 1000, positional encoding kept": with_position,
+    "ratio 0.05, no min or max": deployed(coreset_ratio=0.05, coreset_min=1, coreset_max=10**6),
+    "ratio 0.1, no min or max": deployed(coreset_ratio=0.1, coreset_min=1, coreset_max=10**6),
+    "ratio 0.25, no min or max": deployed(coreset_ratio=0.25, coreset_min=1, coreset_max=10**6),
+    "default: ratio 0.25, min 1000, max 3000": deployed(),
+    "default + photometric variants in the bank": deployed(variants=True),
+    "default, positional encoding kept": with_position,
 }
 
 

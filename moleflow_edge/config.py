@@ -70,14 +70,21 @@ class Covariance(str, Enum):
     RIDGE = "ridge"
 
 
+# config fields that take one of a fixed set of values, and their Enum
+_CHOICES: dict[str, type[Enum]] = {
+    "backbone": BackboneName, "patch_stride": PatchStride, "whitening": Whitening, "detector": DetectorKind,
+    "anomaly_score": AnomalyScore, "router_pooling": RouterPooling, "router_covariance": Covariance,
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class MoleFlowConfig:
     """Every size and constant of the model, the loss and the trainer."""
 
-    backbone: str = BackboneName.EFFICIENTNET_LITE0.value
+    backbone: BackboneName = BackboneName.EFFICIENTNET_LITE0
     backbone_weights: str | None = None  # local weight file; None = the backbone's offline default
     image_size: int = 224  # input size (224 in the papers)
-    patch_stride: int = PatchStride.COARSE.value  # patch grid: 16 (papers) or 8 (4x finer maps)
+    patch_stride: PatchStride = PatchStride.COARSE  # patch grid: 16 (papers) or 8 (4x finer maps)
     gain_normalise: bool = True  # divide out each frame's mean brightness inside the backbone graph
     embed_dim: int = 768  # D; capped at the backbone's channel count
     num_mole_blocks: int = 6  # M
@@ -89,13 +96,13 @@ class MoleFlowConfig:
     scale_context_kernel: int = 0  # embedder's depthwise scale-context kernel (papers' 5); 0 = none
     positional_encoding: bool = True  # add the fixed 2D sinusoidal encoding to the embedding
     spatial_context: bool = False  # spatial mixer and context-aware coupling scales (papers'; hurt with feature noise)
-    whitening: str = Whitening.MAHALANOBIS.value  # per-task whitening adapter: mahalanobis or layernorm (papers')
-    detector: str = DetectorKind.FLOW.value  # a new task's detector kind (train --detector overrides per task)
-    coreset_ratio: float = 0.1  # memory detector: kept fraction of the training patches (greedy k-center)
+    whitening: Whitening = Whitening.MAHALANOBIS  # per-task whitening adapter: mahalanobis or layernorm (papers')
+    detector: DetectorKind = DetectorKind.FLOW  # a new task's detector kind (train --detector overrides per task)
+    coreset_ratio: float = 0.25  # memory detector: kept fraction of the training patches (greedy k-center)
     coreset_min: int = 1000  # ... but at least this many (all of them if fewer): tiny products keep every patch
-    coreset_max: int = 4000  # ... and at most this many: its graph's cost grows linearly with the bank
+    coreset_max: int = 3000  # ... and at most this many: its graph's cost grows linearly with the bank
     top_k: int = 3  # K for the image score
-    anomaly_score: str = AnomalyScore.NLL.value  # nll (-log p, the papers') or latent (0.5 ||z||^2)
+    anomaly_score: AnomalyScore = AnomalyScore.NLL  # nll (-log p, the papers') or latent (0.5 ||z||^2)
     map_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels
     # loss
     lambda_tail: float = 0.0  # tail-aware loss weight (papers' 0.7)
@@ -115,22 +122,17 @@ class MoleFlowConfig:
     augment_strength: float = 0.2  # variants draw gain, contrast and gamma from [1 - s, 1 + s]
     seed: int = 0
     # router
-    router_pooling: str = RouterPooling.STRIDE16.value
-    router_covariance: str = Covariance.LEDOIT_WOLF.value
+    router_pooling: RouterPooling = RouterPooling.STRIDE16
+    router_covariance: Covariance = Covariance.LEDOIT_WOLF
     router_ridge: float = 1e-5  # lambda_reg of the papers' ridge option
     router_limit_quantile: float = 0.99  # unknown-product limit: this quantile of
     router_limit_margin: float = 4.0  # 5-fold held-out training distances, times this margin
 
     def __post_init__(self) -> None:
-        BackboneName(self.backbone)
-        RouterPooling(self.router_pooling)
-        Covariance(self.router_covariance)
+        for name, choices in _CHOICES.items():  # JSON and the CLI give values: kept as members
+            object.__setattr__(self, name, choices(getattr(self, name)))
         if self.image_size % 16 or self.image_size < 32:
             raise ValueError(f"image_size must be a multiple of 16 and >= 32, got {self.image_size}")
-        PatchStride(self.patch_stride)
-        AnomalyScore(self.anomaly_score)
-        Whitening(self.whitening)
-        DetectorKind(self.detector)
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if not 1 <= self.coreset_min <= self.coreset_max:
