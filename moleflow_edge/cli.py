@@ -137,7 +137,7 @@ def _config(config_file: Optional[Path], backbone: Optional[BackboneName], image
     if config_file is None and backbone is None and image_size is None:
         return None
     base = MoleFlowConfig.from_json(config_file) if config_file else MoleFlowConfig()
-    return base.with_overrides(backbone=backbone.value if backbone else None, image_size=image_size)
+    return base.with_overrides(backbone=backbone, image_size=image_size)
 
 
 @app.command()
@@ -276,12 +276,15 @@ def run(
     retry_delay: float = typer.Option(2.0, min=0.0, help="Seconds between reopening attempts."),
 ) -> None:
     """Inspect frames: one JSON line per frame on stdout, a summary at the end."""
-    from moleflow_edge.runtime import run_source
+    from moleflow_edge.runtime import RunOptions, RuntimeOptions, run_source
 
     try:
-        code = run_source(export_dir, source, backend.value, save, show, precision=precision, batch_size=batch_size,
-                          check=check, trusted_keys=trusted_key, max_map_side=map_size, camera_retries=retries,
-                          retry_delay_s=retry_delay, latency_target_ms=latency_target)  # fmt: skip
+        loading = RuntimeOptions(
+            backend.value, precision, trusted_keys=trusted_key, max_map_side=map_size, latency_target_ms=latency_target
+        )
+        options = RunOptions(export_dir, loading, save, show, batch_size, camera_retries=retries,
+                             retry_delay_s=retry_delay, check=check)  # fmt: skip
+        code = run_source(source, options)
     except USER_ERRORS as exc:
         fail(str(exc))
     raise typer.Exit(code)

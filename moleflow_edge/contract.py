@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path, PurePosixPath
@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from moleflow_edge import __version__
 from moleflow_edge.atomic import write_text_atomic
 from moleflow_edge.config import DetectorKind
+from moleflow_edge.json_checks import Check, int_at_least, is_object, number, text
 from moleflow_edge.signing import SignatureError, checking_keys, sign, verify
 
 if TYPE_CHECKING:
@@ -304,44 +305,6 @@ def save_manifest(export_dir: str | Path, manifest: Manifest, signing_key: Ed255
 # --- schema -----------------------------------------------------------------------------------------
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-Check = Callable[[object], str | None]  # a value -> what is wrong with it, or None
-
-
-def _int(low: int) -> Check:
-    def check(v: object) -> str | None:
-        ok = isinstance(v, int) and not isinstance(v, bool) and v >= low
-        return None if ok else f"must be an integer >= {low}, got {v!r}"
-
-    return check
-
-
-def _number(low: float, allow_inf: bool = False, optional: bool = False, upper: float = math.inf) -> Check:
-    def check(v: object) -> str | None:
-        if v is None and optional:
-            return None
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) and low <= v <= upper
-        ok = ok and (allow_inf or math.isfinite(v))  # type: ignore[arg-type]
-        bound = f" >= {low:g}" if math.isfinite(low) else ""
-        bound += f" and <= {upper:g}" if math.isfinite(upper) else ""
-        kind = f"a {'' if allow_inf else 'finite '}number{bound}{' or null' if optional else ''}"
-        return None if ok else f"must be {kind}, got {v!r}"
-
-    return check
-
-
-def _text(*allowed: str) -> Check:
-    def check(v: object) -> str | None:
-        if not isinstance(v, str) or (allowed and v not in allowed):
-            return f"must be {' or '.join(map(repr, allowed)) if allowed else 'a string'}, got {v!r}"
-        return None
-
-    return check
-
-
-def _dict(v: object) -> str | None:
-    return None if isinstance(v, dict) else f"must be an object, got {type(v).__name__}"
-
-
 def _artifact_problems(where: str, v: object) -> list[str]:
     if not isinstance(v, dict):
         return [f"{where}: must be an object with file and sha256, got {v!r}"]
@@ -392,30 +355,30 @@ def _by_precision(check: Check, what: str) -> Check:
 
 
 _TOP: dict[str, Check] = {
-    "backbone": _text(),
-    "image_size": _int(16),
-    "grid": _int(1),
-    "embed_dim": _int(1),
-    "routing_dim": _int(1),
-    "top_k": _int(1),
-    "map_sigma": _number(0.0),
-    "opset": _int(1),
-    "router_pooling": _text(),
-    "input_layout": _text("NHWC"),
-    "input_dtype": _text("uint8"),
-    "channel_order": _text("BGR"),
-    "toolkit_version": _text(),
-    "model_sha256": _text(),
-    "int8_calibration": _dict,
+    "backbone": text(),
+    "image_size": int_at_least(16),
+    "grid": int_at_least(1),
+    "embed_dim": int_at_least(1),
+    "routing_dim": int_at_least(1),
+    "top_k": int_at_least(1),
+    "map_sigma": number(0.0),
+    "opset": int_at_least(1),
+    "router_pooling": text(),
+    "input_layout": text("NHWC"),
+    "input_dtype": text("uint8"),
+    "channel_order": text("BGR"),
+    "toolkit_version": text(),
+    "model_sha256": text(),
+    "int8_calibration": is_object,
 }
 _TASK: dict[str, Check] = {
-    "detector": _text(*(k.value for k in DetectorKind)),
-    "distance_limit": _number(0.0, allow_inf=True),
-    "threshold": _number(-math.inf, optional=True),  # manifests written before thresholds per precision
-    "calibration": _dict,
-    "thresholds": _by_precision(_number(-math.inf), "finite numbers"),
-    "calibrations": _by_precision(_dict, "objects"),
-    "image_auroc": _by_precision(_number(0.0, upper=1.0), "numbers in [0, 1]"),
+    "detector": text(*(k.value for k in DetectorKind)),
+    "distance_limit": number(0.0, allow_inf=True),
+    "threshold": number(-math.inf, optional=True),  # manifests written before thresholds per precision
+    "calibration": is_object,
+    "thresholds": _by_precision(number(-math.inf), "finite numbers"),
+    "calibrations": _by_precision(is_object, "objects"),
+    "image_auroc": _by_precision(number(0.0, upper=1.0), "numbers in [0, 1]"),
 }
 
 

@@ -64,7 +64,7 @@ class ModelStore:
             data = json.loads(path.read_text())
             tasks = list(data["tasks"])
             saved = data.get("detectors", {})
-            return tasks, {t: DetectorKind(saved.get(t, DetectorKind.FLOW.value)) for t in tasks}
+            return tasks, {t: DetectorKind(saved.get(t, DetectorKind.FLOW)) for t in tasks}
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelDirError(f"{path} is not a valid task list: {exc}") from exc
 

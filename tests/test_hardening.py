@@ -141,7 +141,7 @@ def fresh(built: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A one-step training (over temporary files a killed save left), a signed export, keys, a run's
     overlays and the outputs of synth, bench and eval into new folders, all under umask 002."""
     from moleflow_edge.export.exporter import export_model
-    from moleflow_edge.runtime import run_source
+    from moleflow_edge.runtime import RunOptions, RuntimeOptions, run_source
     from moleflow_edge.train import train_task
     from tests.conftest import TINY_CONFIG
 
@@ -157,8 +157,8 @@ def fresh(built: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
         key, _ = generate_keypair(keys / "build.key")
         export_model(model, export, sign=key)
         frames = built["data"] / TASKS[0] / "test" / "good"
-        code = run_source(export, str(sorted(frames.glob("*.png"))[0]), "onnxruntime", save_dir=outputs / "maps",
-                          out=io.StringIO(), err=io.StringIO())  # fmt: skip
+        options = RunOptions(export, RuntimeOptions("onnxruntime"), save_dir=outputs / "maps")
+        code = run_source(str(sorted(frames.glob("*.png"))[0]), options, out=io.StringIO(), err=io.StringIO())
         runner = CliRunner()
         cli = {
             "synth": runner.invoke(app, ["synth", "--out", str(outputs / "synth"), "--categories", "cap",

@@ -20,8 +20,18 @@ from moleflow_edge.features import extract_features
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.preprocess import read_image_bgr, resize_frame
 from moleflow_edge.router import RouterTable
-from moleflow_edge.runtime import UNKNOWN, Backend, BackendError, FrameResult, Runtime, camera_loop, run_source
-from moleflow_edge.runtime.backend import FeatureBatch, DetectorEngine, module_available
+from moleflow_edge.runtime import (
+    UNKNOWN,
+    Backend,
+    BackendError,
+    FrameResult,
+    RunOptions,
+    Runtime,
+    RuntimeOptions,
+    camera_loop,
+    run_source,
+)
+from moleflow_edge.runtime.backend import DetectorEngine, FeatureBatch, module_available
 from moleflow_edge.runtime.engine_cache import EngineCache
 from moleflow_edge.runtime.ort_backend import _contiguous_runs
 from moleflow_edge.scoring import TaskDetectors, score_routed
@@ -120,7 +130,7 @@ def test_runtime_imports_and_runs_without_torch(exported: dict, tmp_path: Path) 
         results = rt.infer([np.full((100, 120, 3), 128, np.uint8), None])
         assert results[0].error is None and results[1].error is not None
         quiet = dict(out=io.StringIO(), err=io.StringIO())
-        code = runtime.run_source({str(exported["export_dir"])!r}, {str(folder)!r}, **quiet)
+        code = runtime.run_source({str(folder)!r}, runtime.RunOptions({str(exported["export_dir"])!r}), **quiet)
         assert code == 0, code
         assert not torch_modules(), torch_modules()
         print("torch-free")
@@ -360,7 +370,8 @@ def test_run_over_a_folder_with_a_corrupt_file(exported: dict, synth_root: Path,
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     overlays = tmp_path / "overlays"
     out, err = io.StringIO(), io.StringIO()
-    code = run_source(exported["export_dir"], str(folder), backend="onnxruntime", save_dir=overlays, out=out, err=err)
+    options = RunOptions(exported["export_dir"], RuntimeOptions("onnxruntime"), save_dir=overlays)
+    code = run_source(str(folder), options, out=out, err=err)
     assert code == 0
     lines = _lines(out.getvalue())
     frames_out, summary = lines[:-1], lines[-1]["summary"]
@@ -388,7 +399,7 @@ def test_run_over_a_video_file(exported: dict, frames: list, tmp_path: Path) -> 
         writer.write(cv2.resize(frame, (128, 128)))
     writer.release()
     out = io.StringIO()
-    code = run_source(exported["export_dir"], str(video), out=out, err=io.StringIO(), batch_size=2)
+    code = run_source(str(video), RunOptions(exported["export_dir"], batch_size=2), out=out, err=io.StringIO())
     lines = _lines(out.getvalue())
     assert code == 0 and len(lines) == 5 and lines[-1]["summary"]["processed"] == 4
     assert [line["frame"] for line in lines[:-1]] == [0, 1, 2, 3]
@@ -422,9 +433,8 @@ def test_camera_that_stops_is_retried_then_exits_nonzero(
     opened: list[object] = []
     monkeypatch.setattr(camera_loop, "open_capture", lambda source: opened.append(source) or camera)
     out, err = io.StringIO(), io.StringIO()
-    code = run_source(
-        exported["export_dir"], "camera:0", out=out, err=err, camera_retries=2, retry_delay_s=0, batch_size=2
-    )
+    options = RunOptions(exported["export_dir"], camera_retries=2, retry_delay_s=0, batch_size=2)
+    code = run_source("camera:0", options, out=out, err=err)
     assert code == camera_loop.EXIT_CAMERA_LOST
     lines = _lines(out.getvalue())
     assert len(lines) == 4 and lines[-1]["summary"]["processed"] == 3  # the half-full batch is not lost
@@ -436,20 +446,20 @@ def test_ctrl_c_ends_with_the_summary(exported: dict, frames: list, monkeypatch:
     camera = _FakeCamera(frames[0][1], good=2, then=KeyboardInterrupt)
     monkeypatch.setattr(camera_loop, "open_capture", lambda source: camera)
     out = io.StringIO()
-    code = run_source(exported["export_dir"], "camera:1", out=out, err=io.StringIO())
+    code = run_source("camera:1", RunOptions(exported["export_dir"]), out=out, err=io.StringIO())
     summary = _lines(out.getvalue())[-1]["summary"]
     assert code == camera_loop.EXIT_INTERRUPTED and summary["interrupted"] and summary["processed"] == 2
 
 
 def test_run_reports_a_missing_source_and_a_tampered_export(exported: dict, tmp_path: Path) -> None:
     err = io.StringIO()
-    assert run_source(exported["export_dir"], str(tmp_path / "nothing"), out=io.StringIO(), err=err) == 2
+    assert run_source(str(tmp_path / "nothing"), RunOptions(exported["export_dir"]), out=io.StringIO(), err=err) == 2
     assert "not a folder" in err.getvalue()
     export_dir = _copy_export(exported, tmp_path)
     flow = _flow_file(export_dir, "weave")
     flow.write_bytes(flow.read_bytes()[:-1])
     err = io.StringIO()
-    assert run_source(export_dir, str(tmp_path), out=io.StringIO(), err=err) == 1
+    assert run_source(str(tmp_path), RunOptions(export_dir), out=io.StringIO(), err=err) == 1
     assert "does not match the manifest" in err.getvalue()
 
 
@@ -461,7 +471,7 @@ def test_precision_that_was_not_exported_is_refused(exported: dict) -> None:
 def test_run_one_image_with_show_and_no_display(exported: dict, synth_root: Path) -> None:
     image = sorted((synth_root / "weave" / "test" / "good").glob("*.png"))[0]
     out, err = io.StringIO(), io.StringIO()
-    assert run_source(exported["export_dir"], str(image), show=True, out=out, err=err) == 0
+    assert run_source(str(image), RunOptions(exported["export_dir"], show=True), out=out, err=err) == 0
     lines = _lines(out.getvalue())
     assert lines[0]["task"] == "weave" and lines[-1]["summary"]["processed"] == 1
     assert "--show ignored" in err.getvalue()  # no DISPLAY here, and opencv-python-headless has no windows

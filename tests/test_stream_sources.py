@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from moleflow_edge.runtime import Runtime, camera_loop, run_source
+from moleflow_edge.runtime import RunOptions, Runtime, camera_loop, run_source
 from moleflow_edge.runtime.video_io import has_backend, is_pipeline, is_stream_url, redact, unsupported, video_io
 from tests.export_fixture import TASKS
 
@@ -101,8 +101,8 @@ def test_stream_that_drops_is_reconnected_then_reported_lost(runtime: Runtime, j
     plan = [24, 16]
     with MjpegServer([data for _, data in jpegs], plan) as server:
         out, err = io.StringIO(), io.StringIO()
-        code = run_source("unused", server.url("operator:s3cret@"), out=out, err=err, runtime=runtime,
-                          camera_retries=2, retry_delay_s=0.05, batch_size=4)  # fmt: skip
+        options = RunOptions("unused", camera_retries=2, retry_delay_s=0.05, batch_size=4)
+        code = run_source(server.url("operator:s3cret@"), options, out=out, err=err, runtime=runtime)
     lines = _lines(out.getvalue())
     frames, summary = lines[:-1], lines[-1]["summary"]
     assert code == camera_loop.EXIT_CAMERA_LOST and summary["exit_code"] == code
@@ -137,8 +137,8 @@ def test_stalled_stream_times_out_instead_of_hanging(
     with MjpegServer([data for _, data in jpegs], [24], stall_s=20.0) as server:
         out, err = io.StringIO(), io.StringIO()
         started = time.perf_counter()
-        code = run_source("unused", server.url(), out=out, err=err, runtime=runtime, camera_retries=1,
-                          retry_delay_s=0.05)  # fmt: skip
+        options = RunOptions("unused", camera_retries=1, retry_delay_s=0.05)
+        code = run_source(server.url(), options, out=out, err=err, runtime=runtime)
         elapsed = time.perf_counter() - started
     assert code == camera_loop.EXIT_CAMERA_LOST and _lines(out.getvalue())[-1]["summary"]["processed"] == 24
     assert elapsed < 10.0, f"a silent stream held the loop for {elapsed:.1f} s"
@@ -147,14 +147,15 @@ def test_stalled_stream_times_out_instead_of_hanging(
 def test_stream_that_never_answers_is_a_source_error(runtime: Runtime) -> None:
     with MjpegServer([], []) as server:
         err = io.StringIO()
-        code = run_source("unused", server.url(), out=io.StringIO(), err=err, runtime=runtime)
+        code = run_source(server.url(), RunOptions("unused"), out=io.StringIO(), err=err, runtime=runtime)
     assert code == camera_loop.EXIT_SOURCE_ERROR and "cannot open stream http://127.0.0.1" in err.getvalue()
 
 
 def test_gstreamer_pipeline_runs_or_is_refused_naming_gstreamer(runtime: Runtime) -> None:
     pipeline = "videotestsrc num-buffers=30 ! video/x-raw,width=160,height=120 ! videoconvert ! appsink"
     out, err = io.StringIO(), io.StringIO()
-    code = run_source("unused", pipeline, out=out, err=err, runtime=runtime, camera_retries=0, retry_delay_s=0)
+    options = RunOptions("unused", camera_retries=0, retry_delay_s=0)
+    code = run_source(pipeline, options, out=out, err=err, runtime=runtime)
     summary = _lines(out.getvalue())[-1]["summary"]
     if has_backend("GStreamer"):  # an OpenCV built with GStreamer (JetPack's, a distribution's) reads it
         assert summary["processed"] == 30 and code == camera_loop.EXIT_CAMERA_LOST

@@ -28,7 +28,7 @@ from moleflow_edge.cli import app
 from moleflow_edge.contract import MANIFEST_FILE, ManifestError, file_sha256, load_manifest, save_manifest
 from moleflow_edge.locking import FolderLock, FolderLocked
 from moleflow_edge.preprocess import read_image_bgr
-from moleflow_edge.runtime import BackendError, Runtime, render_overlay, run_source
+from moleflow_edge.runtime import BackendError, RunOptions, Runtime, RuntimeOptions, render_overlay, run_source
 from moleflow_edge.signing import generate_keypair, load_private_key, load_public_keys
 from tests.export_fixture import TASKS, normal_subset
 
@@ -42,9 +42,10 @@ def _edit_manifest(export_dir: Path, change: object) -> None:
     (export_dir / MANIFEST_FILE).write_text(json.dumps(data))
 
 
-def _run(export_dir: Path, source: Path, **kwargs: object) -> tuple[int, str, str]:
+def _run(export_dir: Path, source: Path, check: bool = False, **loading: object) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    code = run_source(export_dir, str(source), "onnxruntime", out=out, err=err, **kwargs)  # type: ignore[arg-type]
+    options = RunOptions(export_dir, RuntimeOptions("onnxruntime", **loading), check=check)  # type: ignore[arg-type]
+    code = run_source(str(source), options, out=out, err=err)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -56,7 +57,7 @@ def test_a_path_outside_the_export_is_refused_naming_the_entry(export_copy: Path
     task = load_manifest(export_copy).task(TASKS[0])
     shutil.copy(export_copy / task.graphs["fp32"].file, outside)  # a real graph that would run
     if entry == "symlink":
-        entry = "flow/link.onnx"
+        entry = "detectors/link.onnx"
         (export_copy / entry).symlink_to(outside)
     sha = file_sha256(outside)
 
@@ -129,7 +130,7 @@ def test_a_graph_that_cannot_load_fails_run_and_check(export_copy: Path, built: 
     _edit_manifest(export_copy, lambda data: data["tasks"][1]["graphs"]["fp32"].update(sha256=file_sha256(broken)))
     frames = built["data"] / TASKS[1] / "test" / "good"
     code, out, err = _run(export_copy, frames)
-    assert code == 4 and "flow graphs failed" in err  # frames ran, but the export is not healthy
+    assert code == 4 and "detector graphs failed" in err  # frames ran, but the export is not healthy
     assert json.loads(out.splitlines()[-1])["summary"]["failed_tasks"].keys() == {TASKS[1]}
     code, out, err = _run(export_copy, frames, check=True)
     assert code == 4 and TASKS[1] in err

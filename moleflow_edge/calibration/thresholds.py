@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from moleflow_edge.data.mvtec import GOOD, DatasetError, _image_files, test_samples, train_samples
 from moleflow_edge.contract import MANIFEST_FILE, SIGNATURE_FIELD, Manifest, load_manifest, save_manifest
+from moleflow_edge.data.mvtec import GOOD, DatasetError, _image_files, test_samples, train_samples
 from moleflow_edge.locking import FolderLock
 from moleflow_edge.metrics import auroc
 from moleflow_edge.preprocess import read_image_bgr, resize_frame

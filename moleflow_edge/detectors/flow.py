@@ -138,7 +138,7 @@ class FlowDetector(TaskDetector):
         with torch.no_grad():  # every training variant of the fit images, the originals first
             embedded = model.embed(concat[:, torch.from_numpy(fit).to(options.device)].flatten(0, 1))
             noise = cfg.feature_noise * patch_spacing(embedded[: len(fit)]) if cfg.feature_noise else 0.0
-            if cfg.whitening == Whitening.MAHALANOBIS.value:
+            if cfg.whitening is Whitening.MAHALANOBIS:
                 model.flow_parts(task).whitening.fit(embedded, noise)
         fitted = fit_flow(
             model, task, concat, fit, held, options.max_steps, noise, options.device, options.precision,

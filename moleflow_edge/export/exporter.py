@@ -211,7 +211,7 @@ def _quiet_third_party() -> Iterator[None]:
 def _new_manifest(model: MoleFlow, identity: str) -> Manifest:
     cfg = model.config
     backbone = model.backbone
-    last = cfg.router_pooling == RouterPooling.LAST.value
+    last = cfg.router_pooling is RouterPooling.LAST
     return Manifest(
         backbone=cfg.backbone,
         image_size=cfg.image_size,

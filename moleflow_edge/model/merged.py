@@ -13,6 +13,7 @@ import copy
 import torch
 from torch import nn
 
+from moleflow_edge.config import AnomalyScore
 from moleflow_edge.model.coupling import AffineCoupling, MoLESubnet, run_couplings
 from moleflow_edge.model.mole_flow import MoleFlow, score_patches, top_k_mean
 from moleflow_edge.model.scorer import PatchScorer
@@ -32,7 +33,7 @@ class MergedFlow(PatchScorer):
         blocks: list[AffineCoupling],
         whitening_log_det: float,
         top_k: int,
-        score: str,
+        score: AnomalyScore,
     ) -> None:
         super().__init__()
         self.whitening = whitening

@@ -60,10 +60,10 @@ def nll_from_latent(z: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
     return 0.5 * z.pow(2).sum(dim=1) + 0.5 * dim * math.log(2 * math.pi) - log_det
 
 
-def score_patches(z: torch.Tensor, log_det: torch.Tensor, score: str) -> torch.Tensor:
+def score_patches(z: torch.Tensor, log_det: torch.Tensor, score: AnomalyScore) -> torch.Tensor:
     """The one definition of a patch's anomaly score, eager and exported alike: z (B,D,H,W) and
     log|det J| (B,H,W) -> (B,H,W), -log p for ``nll`` or 0.5 ||z||^2 for ``latent``."""
-    if score == AnomalyScore.LATENT.value:
+    if score is AnomalyScore.LATENT:
         return 0.5 * z.pow(2).sum(dim=1)
     return nll_from_latent(z, log_det)
 
@@ -153,11 +153,11 @@ class MoleFlow(nn.Module):
     # --- features -----------------------------------------------------------------------------
     def backbone_maps(self, images_bgr: torch.Tensor) -> BackboneMaps:
         """(B,S,S,3) uint8 BGR -> backbone maps (the last map only if the router pools it)."""
-        return self.backbone(images_bgr, with_last=self.config.router_pooling == RouterPooling.LAST.value)
+        return self.backbone(images_bgr, with_last=self.config.router_pooling is RouterPooling.LAST)
 
     def routing_feature(self, maps: BackboneMaps) -> torch.Tensor:
         """Global average pool of the router's map: (B,C)."""
-        source = maps.last if self.config.router_pooling == RouterPooling.LAST.value else maps.stride16
+        source = maps.last if self.config.router_pooling is RouterPooling.LAST else maps.stride16
         assert source is not None
         return source.mean(dim=(2, 3))
 

@@ -18,6 +18,7 @@ from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime.backend import Backend, BackendError, available_backends
 from moleflow_edge.runtime.camera_loop import run_source
 from moleflow_edge.runtime.engine_cache import EngineStats
+from moleflow_edge.runtime.options import RunOptions, RuntimeOptions
 from moleflow_edge.runtime.overlay import render_overlay
 from moleflow_edge.runtime.result import FrameResult, StageTimings
 from moleflow_edge.runtime.runtime import Runtime
@@ -31,7 +32,9 @@ __all__ = [
     "FrameResult",
     "ManifestError",
     "Precision",
+    "RunOptions",
     "Runtime",
+    "RuntimeOptions",
     "StageTimings",
     "available_backends",
     "render_overlay",

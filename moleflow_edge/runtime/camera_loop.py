@@ -23,16 +23,17 @@ from typing import TextIO
 import cv2
 import numpy as np
 
+from moleflow_edge.atomic import check_writable
 from moleflow_edge.contract import ManifestError
 from moleflow_edge.preprocess import FrameError, read_image_bgr
 from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime.backend import BackendError
-from moleflow_edge.runtime.engine_select import LatencyTargetWarning, check_target_ms
+from moleflow_edge.runtime.engine_select import LatencyTargetWarning
 from moleflow_edge.runtime.latency_stats import LatencyReservoir
+from moleflow_edge.runtime.options import RunOptions
 from moleflow_edge.runtime.overlay import Viewer, render_overlay, write_png
 from moleflow_edge.runtime.result import STAGES, FrameResult
-from moleflow_edge.atomic import check_writable
-from moleflow_edge.runtime.runtime import DEFAULT_MAX_MAP_SIDE, DEFAULT_MAX_RESIDENT_TASKS, Runtime
+from moleflow_edge.runtime.runtime import Runtime
 from moleflow_edge.runtime.video_io import is_pipeline, is_stream_url, redact, unsupported
 
 EXIT_OK = 0
@@ -258,43 +259,26 @@ def _human_summary(summary: dict) -> str:
 
 
 def run_source(
-    export_dir: str | Path,
     source: str,
-    backend: str = "auto",
-    save_dir: str | Path | None = None,
-    show: bool = False,
-    out: TextIO | None = None,
+    options: RunOptions,
     *,
-    precision: str | None = None,
-    max_resident_tasks: int | None = DEFAULT_MAX_RESIDENT_TASKS,
-    memory_budget_mb: float | None = None,
-    batch_size: int = 1,
-    max_frames: int | None = None,
-    camera_retries: int = 5,
-    retry_delay_s: float = 0.5,
+    out: TextIO | None = None,
     err: TextIO | None = None,
     runtime: Runtime | None = None,
-    check: bool = False,
-    trusted_keys: list[str | Path] | None = None,
-    max_map_side: int | None = DEFAULT_MAX_MAP_SIDE,
-    latency_target_ms: float | None = None,
 ) -> int:
     """Run every frame of ``source`` (folder, image, video, camera:N, stream URL, GStreamer pipeline)
-    and return the exit code.
+    through ``options.export_dir`` as ``options`` say (runtime/options.py) and return the exit code.
 
     One JSON line per frame to ``out`` (stdout), overlays to ``save_dir`` when given, a cv2
     window with ``show``; a final {"summary": ...} line, also written for people to ``err``.
     Exit codes: 0 done, 1 export not loadable, 2 source not readable, 3 camera or stream lost, 4 backend failed
     mid-run, 5 every frame failed, 130 Ctrl-C (after the summary). Frames that fail alone are error lines.
-    ``runtime`` reuses a loaded Runtime (then export_dir, backend, precision and the engine caps are unused).
-    ``latency_target_ms`` picks the precision and target (Runtime.load) and says which, and why, on ``err``.
+    ``runtime`` reuses a loaded Runtime (then ``options.runtime`` is unused). A latency target picks
+    the precision and target (Runtime.load) and says which, and why, on ``err``.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if latency_target_ms is not None:
-        check_target_ms(latency_target_ms)
+    export_dir, save_dir = options.export_dir, options.save_dir
     if save_dir is not None:
         check_writable(save_dir, "--save", directory=True)
     stats = LoopStats()
@@ -304,11 +288,7 @@ def run_source(
         if runtime is None:
             with warnings.catch_warnings():  # a missed target is said once, below, as a warning line
                 warnings.simplefilter("ignore", LatencyTargetWarning)
-                runtime = Runtime.load(
-                    export_dir, backend, precision, max_resident_tasks=max_resident_tasks,
-                    memory_budget_mb=memory_budget_mb, trusted_keys=trusted_keys, max_map_side=max_map_side,
-                    latency_target_ms=latency_target_ms,
-                )  # fmt: skip
+                runtime = Runtime.load(export_dir, options=options.runtime)
     except (ManifestError, BackendError, ValueError, OSError) as exc:
         print(f"error: cannot load the export {export_dir}: {exc}", file=err)
         summary = stats.summary(None, EXIT_LOAD_ERROR)
@@ -327,7 +307,7 @@ def run_source(
             f"--precision {runtime.precision.value}",
             file=err,
         )
-    if check:
+    if options.check:
         try:
             runtime.check_graphs()
         except BackendError as exc:
@@ -340,7 +320,7 @@ def run_source(
     save = Path(save_dir) if save_dir is not None else None
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
-    viewer = Viewer(err) if show else None
+    viewer = Viewer(err) if options.show else None
 
     def emit(line: dict) -> None:
         out.write(json.dumps(line) + "\n")
@@ -377,15 +357,16 @@ def run_source(
 
     pending: list[SourceFrame] = []
     try:
-        for item in iter_source(source, camera_retries, retry_delay_s, lambda m: print(f"warning: {m}", file=err)):
-            if max_frames is not None and stats.frames + len(pending) >= max_frames:
+        warn = lambda m: print(f"warning: {m}", file=err)  # noqa: E731
+        for item in iter_source(source, options.camera_retries, options.retry_delay_s, warn):
+            if options.max_frames is not None and stats.frames + len(pending) >= options.max_frames:
                 break
             if item.error is not None:
                 stats.add_error()
                 emit({"frame": item.index, "source": item.name, "error": item.error})
                 continue
             pending.append(item)
-            if len(pending) >= batch_size:
+            if len(pending) >= options.batch_size:
                 batch, pending = pending, []
                 if not process(batch):
                     break

@@ -19,18 +19,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from moleflow_edge.atomic import write_text_atomic
 from moleflow_edge.contract import Manifest, Precision
 from moleflow_edge.runtime.backend import BackendError
+from moleflow_edge.runtime.options import RuntimeOptions
 from moleflow_edge.targets import (
     ONNXRUNTIME_DISTRIBUTIONS,
     TARGETS,
@@ -42,10 +42,21 @@ from moleflow_edge.targets import (
     resolve_backend,
 )
 
-if TYPE_CHECKING:
-    from moleflow_edge.runtime.runtime import Runtime
 
-__all__ = ["Candidate", "EngineChoice", "LatencyTargetWarning", "choose", "select_engine"]
+class Timeable(Protocol):
+    """What timing a candidate needs of a loaded export (the Runtime is one); a context manager."""
+
+    image_size: int
+    tasks: list[str]
+    provider: str | None
+
+    def score_as(self, resized: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def __enter__(self) -> Timeable: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+__all__ = ["Candidate", "EngineChoice", "LatencyTargetWarning", "Timeable", "choose", "select_engine"]
 
 LATENCY_CACHE = "engines/latency.json"
 CACHE_FORMAT = 1
@@ -181,14 +192,7 @@ def choose(
     return best, True, f"the most accurate of {len(meeting)} candidate(s) within {target_ms:g} ms, {basis}"
 
 
-def check_target_ms(target_ms: object) -> None:
-    """Refuse a latency target that no timing can be compared with (<= 0, NaN, inf, not a number)."""
-    ok = isinstance(target_ms, (int, float)) and not isinstance(target_ms, bool) and math.isfinite(target_ms)
-    if not (ok and target_ms > 0):  # type: ignore[operator]
-        raise ValueError(f"the latency target must be a number of milliseconds > 0, got {target_ms!r}")
-
-
-def time_candidate(runtime: Runtime, clock: Clock) -> float:
+def time_candidate(runtime: Timeable, clock: Clock) -> float:
     """Median ms per frame at batch 1 of backbone, routing and the first task's detector, after warm-up."""
     size = runtime.image_size
     image = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
@@ -206,17 +210,19 @@ def time_candidate(runtime: Runtime, clock: Clock) -> float:
 def select_engine(
     root: Path,
     manifest: Manifest,
-    target_ms: float,
-    open_candidate: Callable[[Candidate], Runtime],
+    options: RuntimeOptions,
+    open_candidate: Callable[[Candidate], Timeable],
     *,
-    backend: Backend | str = Backend.AUTO,
-    precision: Precision | None = None,
     clock: Clock,
 ) -> EngineChoice:
-    """Time (or read the cached timings of) every candidate and choose one; see the module docstring.
+    """Time (or read the cached timings of) every candidate that ``options`` allow (its backend, and
+    its precision when given) and choose one against its latency target; see the module docstring.
 
-    ``open_candidate`` loads the export as one candidate (the Runtime passes its own loader)."""
-    check_target_ms(target_ms)
+    ``open_candidate`` loads the export as one candidate (Runtime.load passes its own opener), so
+    choosing comes before loading the choice."""
+    assert options.latency_target_ms is not None
+    target_ms, backend = options.latency_target_ms, options.backend
+    precision = options.precision if isinstance(options.precision, Precision) else None
     found = candidates(manifest, backend, precision)
     machine, identity = machine_key(), export_identity(manifest)
     cache = read_cache(root)

@@ -11,131 +11,31 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 
 from moleflow_edge.anomaly_map import anomaly_map, capped_shape
 from moleflow_edge.contract import Manifest, ManifestError, Precision, TaskEntry, load_manifest
 from moleflow_edge.preprocess import FrameError, resize_frame
-from moleflow_edge.router import UNKNOWN, Prototype, RouterTable
-from moleflow_edge.runtime.backend import (
-    Backend,
-    BackendError,
-    FeatureBatch,
-    GraphBackend,
-    module_available,
-    not_installed,
-)
+from moleflow_edge.router import UNKNOWN, RouterTable
+from moleflow_edge.runtime.backend import Backend, BackendError, FeatureBatch, GraphBackend
+from moleflow_edge.runtime.backend_factory import create_backend
 from moleflow_edge.runtime.engine_cache import EngineCache, EngineStats
-from moleflow_edge.runtime.engine_select import Candidate, EngineChoice, LatencyTargetWarning, select_engine
+from moleflow_edge.runtime.engine_select import EngineChoice, LatencyTargetWarning, select_engine
+from moleflow_edge.runtime.options import DEFAULT_MAX_MAP_SIDE, RuntimeOptions
 from moleflow_edge.runtime.result import FrameResult
+from moleflow_edge.runtime.router_file import load_router_table
 from moleflow_edge.signing import load_public_keys
-from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGET_NAMES, TARGETS, resolve_backend, target
+from moleflow_edge.targets import resolve_backend
 
-__all__ = ["DEFAULT_MAX_RESIDENT_TASKS", "Runtime", "create_backend", "load_router_table"]
-
-DEFAULT_MAX_RESIDENT_TASKS = 8
-# longest side of an anomaly map in pixels: a 20000x20000 frame would otherwise get a 1.6 GB map
-DEFAULT_MAX_MAP_SIDE = 2048
+__all__ = ["Runtime"]
 
 
 def _ms(started: float) -> float:
     return (time.perf_counter() - started) * 1e3
-
-
-def load_router_table(root: Path, manifest: Manifest) -> RouterTable:
-    """RouterTable from router.safetensors, in manifest task order, with each task's distance limit."""
-    if manifest.router_file is None:
-        raise ManifestError(f"{root} has no router prototypes (router_file missing from the manifest): re-export")
-    path = root / manifest.router_file.file
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise ManifestError(f"{path} cannot be read as safetensors: {exc}") from exc
-    prototypes = []
-    for entry in manifest.tasks:
-        mean, whitener = tensors.get(f"{entry.name}.mean"), tensors.get(f"{entry.name}.whitener")
-        if mean is None or whitener is None:
-            raise ManifestError(f"{path} has no prototype for task {entry.name!r}: re-export the router")
-        c = manifest.routing_dim
-        if mean.shape != (c,) or whitener.shape != (c, c):
-            raise ManifestError(
-                f"{path}: task {entry.name!r} prototype has shapes {mean.shape}, {whitener.shape}; "
-                f"the manifest says routing_dim {c}"
-            )
-        level = tensors.get(f"{entry.name}.patch_level")  # absent from routers exported before it was
-        prototypes.append(
-            Prototype(
-                mean.astype(np.float32),
-                whitener.astype(np.float32),
-                float(entry.distance_limit),
-                patch_level=None if level is None else (float(level[0]), float(level[1])),
-            )
-        )
-    return RouterTable(manifest.task_names, prototypes)
-
-
-def create_backend(
-    backend: Backend | str,
-    root: Path,
-    manifest: Manifest,
-    precision: Precision,
-    *,
-    threads: int | None = None,
-    device_id: int = 0,
-    providers: list[str] | None = None,
-    io_binding: bool | None = None,
-    trt_cache_dir: Path | None = None,
-) -> tuple[GraphBackend, list[str]]:
-    """The engine or deployment target asked for, or under AUTO the first target of the table
-    (moleflow_edge.targets, best first) that works here; also why the ones before it did not."""
-    kind, target_providers = resolve_backend(backend)
-
-    def onnxruntime(chosen: list[str] | None) -> GraphBackend:
-        if not module_available("onnxruntime"):
-            raise BackendError(f"onnxruntime is not installed: {ONNXRUNTIME_HINT}")
-        from moleflow_edge.runtime.ort_backend import OrtBackend
-
-        cache = trt_cache_dir
-        if cache is None and "TensorrtExecutionProvider" in (chosen or []):
-            cache = root / "engines" / "ort_trt_cache"
-        return OrtBackend(root, manifest, precision, chosen, threads, device_id, io_binding, cache)
-
-    def openvino(_: list[str] | None) -> GraphBackend:
-        from moleflow_edge.runtime.openvino_backend import OpenVinoBackend
-
-        return OpenVinoBackend(root, manifest, precision, threads=threads)
-
-    def tensorrt(_: list[str] | None) -> GraphBackend:
-        from moleflow_edge.runtime.tensorrt_backend import TensorRtBackend
-
-        return TensorRtBackend(root, manifest, precision, device_id)
-
-    factories = {Backend.ONNXRUNTIME: onnxruntime, Backend.OPENVINO: openvino, Backend.TENSORRT: tensorrt}
-    if kind is not Backend.AUTO:
-        name = getattr(backend, "value", backend)
-        reason = not_installed(target(name)) if name in TARGET_NAMES else None
-        if reason is not None:
-            raise BackendError(f"target {name!r} is not usable here: {reason}")
-        return factories[kind](providers or (list(target_providers) if target_providers else None)), []
-    skipped: list[str] = []
-    for row in (t for t in TARGETS if t.auto):
-        reason = not_installed(row)
-        if reason is None:
-            try:
-                made = factories[row.backend](list(row.providers) or None)
-            except (BackendError, ManifestError) as exc:
-                reason = str(exc)
-            else:
-                if made.provider == row.provider:
-                    return made, skipped
-                made.close()  # e.g. a GPU build of onnxruntime on a machine without a usable GPU
-                reason = f"onnxruntime fell back to {made.provider}"
-        skipped.append(f"{row.name}: {reason}")
-    raise BackendError("no target can run this export here: " + "; ".join(skipped))
 
 
 def _frame_list(frames: object) -> list[object]:
@@ -169,65 +69,48 @@ class Runtime:
         cls,
         export_dir: str | Path,
         backend: Backend | str = Backend.AUTO,
-        precision: Precision | str | None = None,
-        max_resident_tasks: int | None = DEFAULT_MAX_RESIDENT_TASKS,
-        memory_budget_mb: float | None = None,
+        precision: str | None = None,
         *,
-        threads: int | None = None,
-        device_id: int = 0,
-        providers: list[str] | None = None,
-        io_binding: bool | None = None,
-        preload: bool = False,
-        trusted_keys: Sequence[str | Path] | None = None,
-        max_map_side: int | None = DEFAULT_MAX_MAP_SIDE,
-        latency_target_ms: float | None = None,
+        options: RuntimeOptions | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        **fields: object,
     ) -> Runtime:
-        """Check the export (schema, paths, every file's sha256 and, with ``trusted_keys``, the
-        manifest's signature), pick the backend, load the backbone and router.
+        """Check the export (schema, paths, every file's sha256 and, with trusted keys, the
+        manifest's signature), choose the engine, then load the backbone and router.
 
-        Task engines load lazily, on the first frame routed to them, and stay resident up to
-        ``max_resident_tasks`` engines and ``memory_budget_mb`` (least recently used leave first);
-        ``preload`` loads them now instead (``check_graphs`` loads every one once, to find a graph
-        that cannot load before the first frame). ``trusted_keys``: public key files; an
-        unsigned or wrongly signed export is then refused. ``max_map_side`` caps the anomaly map's
-        longest side (None: the frame's own size). ``providers`` and ``io_binding`` tune
-        onnxruntime: io_binding keeps features in bound device buffers (default: on with a GPU provider).
-        ``precision``: fp32 when not given.
-
-        ``latency_target_ms``: time every precision and target of ``backend`` (auto: all installed)
-        that the export holds, or every target at ``precision`` when given, and load the most accurate
-        one that meets it at batch 1 (runtime/engine_select.py; timings cached in EXPORT/engines/).
-        ``engine_choice`` says what was chosen and why; a LatencyTargetWarning when nothing meets it.
-        ``clock`` is what the timing reads (tests pass a fake one).
+        ``options`` (runtime/options.py, which says what each field does), or ``backend``,
+        ``precision`` and any other RuntimeOptions field as keywords. Task engines load lazily, on
+        the first frame routed to them (``check_graphs`` loads every one once). With a latency
+        target, every candidate precision and target is timed first (runtime/engine_select.py;
+        timings cached in EXPORT/engines/) and the chosen one is loaded: ``engine_choice`` says
+        what and why, with a LatencyTargetWarning when nothing meets it. ``clock`` is what the
+        timing reads (tests pass a fake one).
         """
+        if options is None:
+            options = RuntimeOptions(backend, precision, **fields)  # type: ignore[arg-type]
         root = Path(export_dir)
-        kind, _ = resolve_backend(backend)
-        prec = Precision.FP32 if precision is None else _enum(Precision, precision, "precision")
-        if latency_target_ms is not None and providers is not None:
-            raise ValueError("providers and latency_target_ms cannot be combined: each timed target has its own")
-        if max_map_side is not None and max_map_side < 1:
-            raise ValueError(f"max_map_side must be >= 1 pixel or None, got {max_map_side}")
-        keys = None if trusted_keys is None else load_public_keys(trusted_keys)
+        keys = None if options.trusted_keys is None else load_public_keys(options.trusted_keys)
         manifest = load_manifest(root, verify=True, trusted_keys=keys)
         if not manifest.tasks:
             raise ManifestError(f"{root} holds no task: export at least one with moleflow-edge export")
         choice = None
-        if latency_target_ms is not None:
-
-            def open_candidate(candidate: Candidate) -> Runtime:
-                return cls.load(
-                    root, candidate.target.name, candidate.precision, max_resident_tasks=1, threads=threads,
-                    device_id=device_id, io_binding=io_binding, trusted_keys=trusted_keys,
-                )  # fmt: skip
-
+        if options.latency_target_ms is not None:
             choice = select_engine(
-                root, manifest, latency_target_ms, open_candidate, backend=backend,
-                precision=None if precision is None else prec, clock=clock,
+                root, manifest, options, lambda c: cls._open(root, manifest, options.as_candidate(c.target.name, c.precision)),
+                clock=clock,
             )  # fmt: skip
-            backend, prec, kind = choice.chosen.target.name, choice.chosen.precision, choice.chosen.target.backend
+            options = replace(options, backend=choice.chosen.target.name, precision=choice.chosen.precision)
             if not choice.met:
                 warnings.warn(choice.summary(), LatencyTargetWarning, stacklevel=2)
+        runtime = cls._open(root, manifest, options)
+        runtime.engine_choice = choice
+        return runtime
+
+    @classmethod
+    def _open(cls, root: Path, manifest: Manifest, options: RuntimeOptions) -> Runtime:
+        """Load one engine for a checked manifest: the backend, the router and the engine cache."""
+        kind, _ = resolve_backend(options.backend)
+        prec = options.chosen_precision
         if kind is not Backend.TENSORRT:
             for entry in manifest.tasks:
                 if prec.value not in entry.graphs:
@@ -237,22 +120,21 @@ class Runtime:
                     )
         router = load_router_table(root, manifest)
         graphs, skipped = create_backend(
-            backend, root, manifest, prec, threads=threads, device_id=device_id, providers=providers,
-            io_binding=io_binding,
-        )
-        budget = None if memory_budget_mb is None else int(memory_budget_mb * 2**20)
+            options.backend, root, manifest, prec, threads=options.threads, device_id=options.device_id,
+            providers=None if options.providers is None else list(options.providers), io_binding=options.io_binding,
+        )  # fmt: skip
+        budget = None if options.memory_budget_mb is None else int(options.memory_budget_mb * 2**20)
         engines = EngineCache(
             lambda task: graphs.load_detector(manifest.task(task)),
-            max_resident_tasks,
+            options.max_resident_tasks,
             budget,
             estimate=lambda task: graphs.estimate_bytes(manifest.task(task)),
         )
         runtime = cls(root, manifest, graphs, router, engines)
         runtime.skipped_backends = skipped
-        runtime.engine_choice = choice
-        runtime.max_map_side = max_map_side
-        if preload:
-            for task in manifest.task_names[: max_resident_tasks or None]:
+        runtime.max_map_side = options.max_map_side
+        if options.preload:
+            for task in manifest.task_names[: options.max_resident_tasks or None]:
                 engines.get(task)
         return runtime
 
@@ -482,11 +364,3 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _enum(cls: type, value: object, what: str):  # noqa: ANN202 - returns a member of ``cls``
-    try:
-        return cls(value.value if isinstance(value, cls) else str(value).lower())
-    except ValueError:
-        choices = ", ".join(m.value for m in cls)
-        raise ValueError(f"unknown {what} {value!r}; choose one of: {choices}") from None
