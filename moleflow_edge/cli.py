@@ -1,4 +1,4 @@
-"""The moleflow-edge command line: synth, train, eval, export, calibrate, run, bench, demo.
+"""The moleflow-edge command line: synth, train, eval, export, calibrate, run, serve, bench, demo.
 
 Heavy imports (torch, onnx) happen inside the commands that need them, so ``run`` starts
 fast on a line PC that has only the runtime installed.
@@ -233,7 +233,11 @@ def export(
 
 @app.command()
 def run(
-    export_dir: Path = typer.Option(..., "--export", help="Export directory (manifest and graphs)."),
+    export_dir: Optional[Path] = typer.Option(None, "--export", help="Export directory (manifest and graphs)."),
+    server: Optional[str] = typer.Option(
+        None, help="Instead of --export: a moleflow-edge serve (Triton) at HOST:PORT (its HTTP port) or grpc://HOST:PORT."
+    ),
+    send: str = typer.Option("raw", help="With --server, frames travel raw (exact), png (lossless) or jpeg (lossy)."),
     source: str = typer.Option(
         ..., help="Image folder, image file, video file, camera:N, a stream URL (rtsp://, http://) or a GStreamer "
         "pipeline ending in appsink."
@@ -261,14 +265,53 @@ def run(
 ) -> None:
     """Inspect frames: one JSON line per frame on stdout, a summary at the end."""
     from moleflow_edge.runtime import run_source
+    from moleflow_edge.runtime.camera_loop import EXIT_CAMERA_LOST, ServerLost
 
+    if (export_dir is None) == (server is None):
+        fail("give exactly one of --export DIR (run here) or --server HOST:PORT (run on a moleflow-edge serve)")
+    if server is not None and (backend.value != "auto" or precision or latency_target is not None or trusted_key):
+        fail("--backend, --precision, --latency-target and --trusted-key are the server's (moleflow-edge serve) options")
     try:
-        code = run_source(export_dir, source, backend.value, save, show, precision=precision, batch_size=batch_size,
-                          check=check, trusted_keys=trusted_key, max_map_side=map_size, camera_retries=retries,
-                          retry_delay_s=retry_delay, latency_target_ms=latency_target)  # fmt: skip
+        remote = None
+        if server is not None:
+            from moleflow_edge.serving.client import RemoteRuntime
+
+            remote = RemoteRuntime(server, encoding=send, retries=retries, retry_delay_s=retry_delay, max_map_side=map_size)
+        code = run_source(export_dir or server, source, backend.value, save, show, precision=precision,  # type: ignore[arg-type]
+                          batch_size=batch_size, check=check, trusted_keys=trusted_key, max_map_side=map_size,
+                          camera_retries=retries, retry_delay_s=retry_delay, latency_target_ms=latency_target,
+                          runtime=remote)  # fmt: skip
     except USER_ERRORS as exc:
         fail(str(exc))
+    except ServerLost as exc:  # the server did not answer at start
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_CAMERA_LOST) from None
     raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    export_dir: Path = typer.Option(..., "--export", help="Export directory, checked and loaded once at start."),
+    backend: TargetChoice = typer.Option("auto", help="Deployment target the server runs the graphs on."),
+    precision: Optional[str] = typer.Option(None, help="Which exported precision to serve (default fp32)."),
+    trusted_key: Optional[list[Path]] = typer.Option(None, help="Public key file (repeatable): refuse unsigned exports."),
+    max_batch: int = typer.Option(8, help="Most frames Triton's dynamic batcher merges into one run."),
+    max_queue_delay_us: int = typer.Option(2000, help="Microseconds a request may wait for others to batch with."),
+    address: str = typer.Option("0.0.0.0", help="Address the endpoints listen on (127.0.0.1: this machine only)."),
+    http_port: int = typer.Option(8000, help="Triton's HTTP/REST port (health: /v2/health/ready)."),
+    grpc_port: int = typer.Option(8001, help="Triton's gRPC port."),
+    metrics_port: int = typer.Option(8002, help="Triton's Prometheus metrics port (/metrics)."),
+    map_size: int = typer.Option(1024, help="Longest side of an anomaly map a request may ask for, in pixels."),
+) -> None:
+    """Serve the export to many cameras: a Triton Inference Server (PyTriton) with the model moleflow."""
+    from moleflow_edge.serving.server import ServeOptions, serve_export
+
+    try:
+        options = ServeOptions(address, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, map_size)
+    except ValueError as exc:
+        fail(str(exc))
+    raise typer.Exit(serve_export(export_dir, options, lambda line: typer.echo(line, err=True), backend=backend.value,
+                                  precision=precision, trusted_keys=trusted_key))  # fmt: skip
 
 
 @app.command()
@@ -389,6 +432,8 @@ MISSING_MODULES = {
     "onnxscript": "pip install 'moleflow-edge[train,cpu]'",
     "matplotlib": "pip install 'moleflow-edge[bench]'",
     "cryptography": "pip install 'moleflow-edge[sign]'",
+    "tritonclient": "pip install 'moleflow-edge[serve]'",
+    "pytriton": "pip install 'moleflow-edge[serve]'",
 }
 
 
