@@ -10,6 +10,7 @@ smaller) or JPEG (what most cameras send; lossy, so scores move a little).
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -67,6 +68,7 @@ class RemoteRuntime:
         self.engine_choice = None  # what the server chose is the server's; said in ``description``
         self._sleep = sleep
         self._client: Any = None
+        self._owner = threading.get_ident()
         self._info: dict[str, Any] = self._call(self._fetch_info)
 
     # --- transport -------------------------------------------------------------------------------
@@ -78,7 +80,12 @@ class RemoteRuntime:
         return module
 
     def _connect(self) -> Any:
+        """The tritonclient client, made in the calling thread (tritonclient.http's gevent client works only
+        in the thread that made it, so a RemoteRuntime handed to another thread reconnects there)."""
+        if self._client is not None and self._owner != threading.get_ident():
+            self._client = None  # not closed: closing it from this thread would fail the same way
         if self._client is None:
+            self._owner = threading.get_ident()
             module = self._module()
             if self.protocol == "grpc":
                 self._client = module.InferenceServerClient(self.url)
