@@ -16,6 +16,7 @@ import typer
 from moleflow_edge.config import BackboneName, MoleFlowConfig
 from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGET_NAMES, ExportFormat, TargetChoice
 from moleflow_edge.router import FEW_IMAGES, limit_widening
+from moleflow_edge.serving.command import serve
 
 app = typer.Typer(
     help="Train, export and run MoLE-Flow continual anomaly detection on the factory floor.",
@@ -201,7 +202,8 @@ def export(
     all_tasks: bool = typer.Option(False, "--all", help="Export every trained task."),
     out: Path = typer.Option(Path("export"), help="Export directory (created or updated in place)."),
     fmt: ExportFormat = typer.Option(
-        ExportFormat.ONNX, "--format", help="onnx: graphs every target runs; engine: also TensorRT plans for this GPU."
+        ExportFormat.ONNX, "--format", help="onnx: graphs every target runs; engine: also TensorRT plans for this GPU; "
+        "triton: also a Triton model repository in OUT/triton (needs [serve])."
     ),
     precision: list[str] = typer.Option(["fp32"], help="fp32, fp16 or int8; repeat or comma-separate for several."),
     calib_data: Optional[Path] = typer.Option(None, help="Dataset root whose normal images calibrate INT8."),
@@ -216,19 +218,25 @@ def export(
 
     if (task is None) == (not all_tasks):
         fail("give exactly one of --task NAME or --all")
-    engines = fmt is ExportFormat.ENGINE
+    engines, triton = fmt is ExportFormat.ENGINE, fmt is ExportFormat.TRITON
     where = chosen_device(device, lambda _: "builds the TensorRT engines" if engines else "unused: ONNX graphs are traced on the CPU")
     if engines and where.type != "cuda":
         fail(f"--format engine builds TensorRT engines on the GPU that will run them; --device {device} gave the CPU")
     precisions = [p.strip() for item in precision for p in item.split(",") if p.strip()]
     try:
-        report = export_model(model, out, None if all_tasks else [task], precisions, fmt.value, calib_data, sign=sign,
-                              device_id=where.index or 0)  # fmt: skip
+        report = export_model(model, out, None if all_tasks else [task], precisions, "onnx" if triton else fmt.value,
+                              calib_data, sign=sign, device_id=where.index or 0)  # fmt: skip
+        if triton:
+            from moleflow_edge.export.triton_repository import write_triton_repository
+
+            written = write_triton_repository(out, out / "triton", precision=precisions[0])
     except TensorRTUnavailable as exc:
         fail(str(exc))
     except USER_ERRORS as exc:
         fail(str(exc))
     typer.echo(report.table())
+    if triton:
+        typer.echo(f"Triton model repository ({precisions[0]}): {out / 'triton'}, {len(written)} models (README, Serving)")
 
 
 @app.command()
@@ -289,29 +297,7 @@ def run(
     raise typer.Exit(code)
 
 
-@app.command()
-def serve(
-    export_dir: Path = typer.Option(..., "--export", help="Export directory, checked and loaded once at start."),
-    backend: TargetChoice = typer.Option("auto", help="Deployment target the server runs the graphs on."),
-    precision: Optional[str] = typer.Option(None, help="Which exported precision to serve (default fp32)."),
-    trusted_key: Optional[list[Path]] = typer.Option(None, help="Public key file (repeatable): refuse unsigned exports."),
-    max_batch: int = typer.Option(8, help="Most frames Triton's dynamic batcher merges into one run."),
-    max_queue_delay_us: int = typer.Option(2000, help="Microseconds a request may wait for others to batch with."),
-    address: str = typer.Option("0.0.0.0", help="Address the endpoints listen on (127.0.0.1: this machine only)."),
-    http_port: int = typer.Option(8000, help="Triton's HTTP/REST port (health: /v2/health/ready)."),
-    grpc_port: int = typer.Option(8001, help="Triton's gRPC port."),
-    metrics_port: int = typer.Option(8002, help="Triton's Prometheus metrics port (/metrics)."),
-    map_size: int = typer.Option(1024, help="Longest side of an anomaly map a request may ask for, in pixels."),
-) -> None:
-    """Serve the export to many cameras: a Triton Inference Server (PyTriton) with the model moleflow."""
-    from moleflow_edge.serving.server import ServeOptions, serve_export
-
-    try:
-        options = ServeOptions(address, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, map_size)
-    except ValueError as exc:
-        fail(str(exc))
-    raise typer.Exit(serve_export(export_dir, options, lambda line: typer.echo(line, err=True), backend=backend.value,
-                                  precision=precision, trusted_keys=trusted_key))  # fmt: skip
+app.command()(serve)  # moleflow_edge/serving/command.py: its options are the server's
 
 
 @app.command()

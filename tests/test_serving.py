@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,21 +28,12 @@ from typer.testing import CliRunner
 from moleflow_edge.cli import app
 from moleflow_edge.runtime import UNKNOWN, FrameResult, Runtime
 from moleflow_edge.serving.libpython import interpreter_libpython, prepare_stub_environment, serving_problem
+from tests.conftest import free_ports
 
 pytestmark = pytest.mark.skipif(serving_problem() is not None, reason=f"serving unavailable: {serving_problem()}")
 
 START_TIMEOUT_S = 180
 REL = 1e-5
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")

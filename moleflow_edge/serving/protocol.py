@@ -12,10 +12,16 @@ the batch's largest map, ``map_shape`` says each one's own size.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Iterator, Mapping
 
+import cv2
 import numpy as np
 
+from moleflow_edge.anomaly_map import capped_shape
+from moleflow_edge.preprocess import FrameError
 from moleflow_edge.runtime.result import STAGES, FrameResult
+from moleflow_edge.runtime.runtime import Runtime
 
 MODEL, INFO_MODEL = "moleflow", "moleflow_info"
 IMAGES, ENCODED, MAP_SIDE_PARAMETER = "images", "encoded", "map_side"
@@ -35,6 +41,83 @@ OUTPUTS: dict[str, tuple[type, tuple[int, ...]]] = {
     "anomaly_map": (np.float32, (-1, -1)),
 }
 TIMING_FIELDS = (*STAGES, "engine_load")
+
+
+def describe(runtime: Runtime, max_batch: int, map_side_cap: int) -> dict[str, object]:
+    """What the info model returns: the tasks (the order of ``distances``), calibration, engine and limits."""
+    return {
+        "tasks": runtime.tasks,
+        "task_status": runtime.task_status(),
+        "uncalibrated": runtime.uncalibrated,
+        "description": runtime.description,
+        "precision": runtime.precision.value,
+        "image_size": runtime.image_size,
+        "max_batch": max_batch,
+        "map_side_cap": map_side_cap,
+        "engines": runtime.engine_stats.as_dict(),
+        "failed_tasks": runtime.load_failures,
+    }
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """An ``encoded`` item (JPEG/PNG/... bytes) -> BGR uint8 frame; FrameError when OpenCV cannot decode it."""
+    frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if frame is None:
+        raise FrameError(f"{len(data)} bytes that OpenCV cannot decode as an image (JPEG, PNG, ...)")
+    return frame
+
+
+def request_frames(inputs: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray | FrameResult], list[float]]:
+    """A request's frames (decoded where encoded; a FrameResult with the error for one that is not a
+    frame) and per frame the decoding milliseconds. ``inputs``: the request's tensors by name."""
+    given = [name for name in (IMAGES, ENCODED) if inputs.get(name) is not None]
+    batch = len(inputs[given[0]]) if given else 0
+    if len(given) != 1:
+        why = f"the request gives {' and '.join(given) or 'neither'} of {IMAGES}, {ENCODED}: send exactly one"
+        return [FrameResult(index=k, error=why) for k in range(batch)], [0.0] * batch
+    if given == [IMAGES]:
+        return list(inputs[IMAGES]), [0.0] * batch
+    items: list[np.ndarray | FrameResult] = []
+    decode_ms = []
+    for k, row in enumerate(inputs[ENCODED]):
+        started = time.perf_counter()
+        try:
+            items.append(decode_image(bytes(row[0])))
+        except FrameError as exc:
+            items.append(FrameResult(index=k, error=str(exc)))
+        decode_ms.append((time.perf_counter() - started) * 1e3)
+    return items, decode_ms
+
+
+def map_side(parameters: Mapping[str, object] | None) -> int:
+    """The request's ``map_side`` parameter; 0 (no map) when absent or not a whole number."""
+    try:
+        return max(0, int((parameters or {}).get(MAP_SIDE_PARAMETER, 0)))  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return 0
+
+
+def complete_results(
+    items: list[np.ndarray | FrameResult], computed: Iterator[FrameResult], decode_ms: list[float], side: int
+) -> list[FrameResult]:
+    """A request's results: its frames' next results from ``computed`` in order (the request's own
+    FrameResults where a frame was bad), decoding time added, maps shrunk to ``side`` (0: dropped)."""
+    results = [item if isinstance(item, FrameResult) else next(computed) for item in items]
+    for k, result in enumerate(results):
+        result.index = k
+        result.timings.preprocess += decode_ms[k]
+        if result.anomaly_map is not None:
+            result.anomaly_map = _fit_map(result.anomaly_map, side)
+    return results
+
+
+def _fit_map(anomaly_map: np.ndarray, side: int) -> np.ndarray | None:
+    if side <= 0:
+        return None
+    height, width = capped_shape(anomaly_map.shape[:2], side)
+    if (height, width) == anomaly_map.shape[:2]:
+        return anomaly_map
+    return cv2.resize(anomaly_map, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def _text(value: str | None) -> bytes:

@@ -13,19 +13,15 @@ import json
 import logging
 import signal
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import cv2
 import numpy as np
 
-from moleflow_edge.anomaly_map import capped_shape
 from moleflow_edge.contract import ManifestError
-from moleflow_edge.preprocess import FrameError
 from moleflow_edge.runtime.backend import BackendError
 from moleflow_edge.runtime.camera_loop import EXIT_LOAD_ERROR
 from moleflow_edge.runtime.result import FrameResult
@@ -37,10 +33,13 @@ from moleflow_edge.serving.protocol import (
     INFO,
     INFO_MODEL,
     INFO_QUERY,
-    MAP_SIDE_PARAMETER,
     MODEL,
     OUTPUTS,
+    complete_results,
+    describe,
     encode_results,
+    map_side,
+    request_frames,
 )
 
 __all__ = ["InferenceServer", "ServeOptions", "serve_export"]
@@ -66,14 +65,6 @@ class ServeOptions:
         ports = (self.http_port, self.grpc_port, self.metrics_port)
         if len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
             raise ValueError(f"--http-port, --grpc-port and --metrics-port must be three different ports, got {ports}")
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """JPEG/PNG/... bytes -> BGR uint8 frame; FrameError when OpenCV cannot decode them."""
-    frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if frame is None:
-        raise FrameError(f"{len(data)} bytes that OpenCV cannot decode as an image (JPEG, PNG, ...)")
-    return frame
 
 
 class InferenceServer:
@@ -149,81 +140,20 @@ class InferenceServer:
         self.stop()
 
     # --- the models ------------------------------------------------------------------------------
-    def describe(self) -> dict[str, object]:
-        """What the info model returns: tasks in distance order, calibration, engine and limits."""
-        runtime = self.runtime
-        return {
-            "tasks": runtime.tasks,
-            "task_status": runtime.task_status(),
-            "uncalibrated": runtime.uncalibrated,
-            "description": runtime.description,
-            "precision": runtime.precision.value,
-            "image_size": runtime.image_size,
-            "max_batch": self.options.max_batch,
-            "map_side_cap": self.options.map_side_cap,
-            "engines": runtime.engine_stats.as_dict(),
-            "failed_tasks": runtime.load_failures,
-        }
-
     def _info(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
-        text = json.dumps(self.describe()).encode()
+        text = json.dumps(describe(self.runtime, self.options.max_batch, self.options.map_side_cap)).encode()
         return [{INFO: np.array([text], np.bytes_)} for _ in requests]
 
     def _infer(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
         """One dynamic batch: every request's frames through one Runtime.infer, split back per request."""
-        per_request = [self._frames(request) for request in requests]
-        sides = [_map_side(request) for request in requests]
-        frames = [f for frames, _ in per_request for f in frames if not isinstance(f, FrameResult)]
+        per_request = [request_frames(request.data) for request in requests]
+        sides = [min(map_side(request.parameters), self.options.map_side_cap) for request in requests]
+        frames = [f for items, _ in per_request for f in items if not isinstance(f, FrameResult)]
         computed = iter(self.runtime.infer(frames, with_maps=max(sides) > 0) if frames else [])
-        replies = []
-        for (items, decode_ms), side in zip(per_request, sides):
-            results = [item if isinstance(item, FrameResult) else next(computed) for item in items]
-            for k, result in enumerate(results):
-                result.index = k
-                result.timings.preprocess += decode_ms[k]
-                if result.anomaly_map is not None:
-                    result.anomaly_map = _fit_map(result.anomaly_map, min(side, self.options.map_side_cap))
-            replies.append(encode_results(results, self.runtime.tasks))
-        return replies
-
-    def _frames(self, request: Any) -> tuple[list[np.ndarray | FrameResult], list[float]]:
-        """A request's frames (decoded where encoded), a FrameResult with the error for a frame that is
-        not one, and per frame the decoding milliseconds."""
-        given = [name for name in (IMAGES, ENCODED) if name in request.data]
-        batch = len(request[given[0]]) if given else 0
-        if len(given) != 1:
-            why = f"the request gives {' and '.join(given) or 'neither'} of {IMAGES}, {ENCODED}: send exactly one"
-            return [FrameResult(index=k, error=why) for k in range(batch)], [0.0] * batch
-        if given == [IMAGES]:
-            return list(request[IMAGES]), [0.0] * batch
-        items: list[np.ndarray | FrameResult] = []
-        decode_ms = []
-        for k, row in enumerate(request[ENCODED]):
-            started = time.perf_counter()
-            try:
-                items.append(decode_image(bytes(row[0])))
-            except FrameError as exc:
-                items.append(FrameResult(index=k, error=str(exc)))
-            decode_ms.append((time.perf_counter() - started) * 1e3)
-        return items, decode_ms
-
-
-def _map_side(request: Any) -> int:
-    value = (request.parameters or {}).get(MAP_SIDE_PARAMETER, 0)
-    try:
-        return max(0, int(value))
-    except (TypeError, ValueError):
-        return 0
-
-
-def _fit_map(anomaly_map: np.ndarray, side: int) -> np.ndarray | None:
-    """The map shrunk so that its longer side is at most ``side`` (None for side 0: none asked)."""
-    if side <= 0:
-        return None
-    height, width = capped_shape(anomaly_map.shape[:2], side)
-    if (height, width) == anomaly_map.shape[:2]:
-        return anomaly_map
-    return cv2.resize(anomaly_map, (width, height), interpolation=cv2.INTER_AREA)
+        return [
+            encode_results(complete_results(items, computed, decode_ms, side), self.runtime.tasks)
+            for (items, decode_ms), side in zip(per_request, sides)
+        ]
 
 
 def serve_export(
