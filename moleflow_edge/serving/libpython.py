@@ -9,6 +9,7 @@ tritonserver starts, makes the stub load the interpreter's own library.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import sysconfig
@@ -34,14 +35,12 @@ def interpreter_libpython() -> Path | None:
 
 def serving_problem() -> str | None:
     """Why PyTriton cannot serve from this interpreter (one line), or None when it can."""
-    try:
-        import pytriton  # noqa: F401 - only whether it is installed
-        import tritonclient  # noqa: F401
-    except ImportError as exc:
-        return f"{exc.name} is not installed: pip install 'moleflow-edge[serve]'"
+    specs = {name: importlib.util.find_spec(name) for name in ("pytriton", "tritonclient")}  # found, not imported
+    if missing := [name for name, spec in specs.items() if spec is None]:
+        return f"{' and '.join(missing)} not installed: pip install 'moleflow-edge[serve]'"
     if sys.platform != "linux":
         return f"PyTriton's bundled tritonserver runs on Linux only, this is {sys.platform}"
-    stubs = Path(pytriton.__file__).parent / "tritonserver" / "python_backend_stubs"
+    stubs = Path(next(iter(specs["pytriton"].submodule_search_locations))) / "tritonserver" / "python_backend_stubs"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     if not (stubs / version).is_dir():
         return f"nvidia-pytriton has no Python-backend stub for Python {version} (it has {_listing(stubs)})"
