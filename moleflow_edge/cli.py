@@ -284,7 +284,8 @@ def run(
         if server is not None:
             from moleflow_edge.serving.client import RemoteRuntime
 
-            remote = RemoteRuntime(server, encoding=send, retries=retries, retry_delay_s=retry_delay, max_map_side=map_size)
+            remote = RemoteRuntime(server, encoding=send, retries=retries, retry_delay_s=retry_delay, max_map_side=map_size,
+                                   maps=save is not None or show)  # maps cross the network only for overlays
         code = run_source(export_dir or server, source, backend.value, save, show, precision=precision,  # type: ignore[arg-type]
                           batch_size=batch_size, check=check, trusted_keys=trusted_key, max_map_side=map_size,
                           camera_retries=retries, retry_delay_s=retry_delay, latency_target_ms=latency_target,

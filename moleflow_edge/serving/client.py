@@ -56,6 +56,7 @@ class RemoteRuntime:
         retry_delay_s: float = 1.0,
         timeout_s: float = 60.0,
         max_map_side: int | None = DEFAULT_MAX_MAP_SIDE,
+        maps: bool = True,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if encoding not in ENCODINGS:
@@ -65,6 +66,7 @@ class RemoteRuntime:
         self.protocol, self.url = parse_address(address)
         self.encoding, self.retries, self.retry_delay_s, self.timeout_s = encoding, retries, retry_delay_s, timeout_s
         self.max_map_side = max_map_side  # like Runtime's; the server caps it further
+        self.maps = maps  # False: never ask for maps, whatever ``infer`` is told (they are most of the reply)
         self.engine_choice = None  # what the server chose is the server's; said in ``description``
         self._sleep = sleep
         self._client: Any = None
@@ -151,7 +153,7 @@ class RemoteRuntime:
                 payload.append((i, self._encode(check_frame(frame))))
             except FrameError as exc:
                 results[i] = FrameResult(index=i, error=str(exc))
-        side = (self.max_map_side or self._info["map_side_cap"]) if with_maps else 0
+        side = (self.max_map_side or self._info["map_side_cap"]) if with_maps and self.maps else 0
         step = int(self._info["max_batch"])
         while payload:
             first_shape = _shape(payload[0][1])
