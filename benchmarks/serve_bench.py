@@ -28,7 +28,7 @@ import numpy as np
 
 from moleflow_edge.runtime import Runtime
 from moleflow_edge.runtime.camera_loop import IMAGE_SUFFIXES
-from moleflow_edge.serving.client import RemoteRuntime
+from moleflow_edge.serving.client import RemoteRuntime, ServerLost
 from moleflow_edge.serving.server import free_local_ports
 
 START_TIMEOUT_S = 180
@@ -77,7 +77,7 @@ def start_server(export: Path, max_batch: int, delay_us: int, log: Path) -> tupl
         try:
             RemoteRuntime(address, retries=0).close()
             return process, address
-        except Exception:  # not ready yet
+        except ServerLost:  # not ready yet
             time.sleep(0.5)
     stop_server(process)
     raise SystemExit(f"error: the server did not start; its log: {log}")
@@ -162,13 +162,17 @@ def main() -> None:
             finally:
                 stop_server(process)
 
-    print("\n| mode | queue delay us | frames sent | clients | frames/s | in-process batch 1 just before, frames/s | ratio "
-          "| p50 ms | p99 ms |")
+    print(
+        "\n| mode | queue delay us | frames sent | clients | frames/s | in-process batch 1 just before, frames/s | ratio "
+        "| p50 ms | p99 ms |"
+    )
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ref = r.get("in_process_frames_per_s", reference)
-        print(f"| {r['mode']} | {r['delay_us'] if r['delay_us'] is not None else '-'} | {r['encoding']} | {r['clients']} | "
-              f"{r['frames_per_s']:.1f} | {ref:.1f} | {r['frames_per_s'] / ref:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+        print(
+            f"| {r['mode']} | {r['delay_us'] if r['delay_us'] is not None else '-'} | {r['encoding']} | {r['clients']} | "
+            f"{r['frames_per_s']:.1f} | {ref:.1f} | {r['frames_per_s'] / ref:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps({"frames": len(frames), "rows": rows}, indent=2) + "\n")
 

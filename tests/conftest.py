@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -40,13 +39,3 @@ def export_copy(built: dict, tmp_path: Path) -> Path:
     shutil.copytree(built["export_dir"], out)
     return out
 
-
-def free_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1 now, for a server a test starts (bound together, so all different)."""
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports

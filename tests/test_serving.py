@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from moleflow_edge.cli import app
 from moleflow_edge.runtime import UNKNOWN, FrameResult, Runtime
 from moleflow_edge.serving.libpython import interpreter_libpython, prepare_stub_environment, serving_problem
-from tests.conftest import free_ports
+from moleflow_edge.serving.server import free_local_ports
 
 pytestmark = pytest.mark.skipif(serving_problem() is not None, reason=f"serving unavailable: {serving_problem()}")
 
@@ -51,8 +51,9 @@ def calibrated(built: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(calibrated: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - yields a dict
     """`moleflow-edge serve` in a subprocess on free 127.0.0.1 ports; stopped (SIGTERM, then kill) at the end."""
     import tritonclient.http as triton_http
+    from tritonclient.utils import InferenceServerException
 
-    http_port, grpc_port, metrics_port = free_ports(3)
+    http_port, grpc_port, metrics_port = free_local_ports(3)
     log = tmp_path_factory.mktemp("serve_log") / "server.log"
     command = [
         sys.executable, "-m", "moleflow_edge.cli", "serve", "--export", str(calibrated), "--address", "127.0.0.1",
@@ -60,7 +61,9 @@ def server(calibrated: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa:
         "--max-batch", "8", "--max-queue-delay-us", "2000",
     ]  # fmt: skip
     with open(log, "wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        process = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
     client = triton_http.InferenceServerClient(f"127.0.0.1:{http_port}")
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
@@ -68,7 +71,7 @@ def server(calibrated: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa:
             try:
                 if all(client.is_model_ready(m) for m in ("moleflow", "moleflow_info")):
                     break
-            except Exception:  # not listening yet
+            except (OSError, InferenceServerException):  # not listening yet
                 pass
             time.sleep(0.5)
         else:
@@ -106,7 +109,9 @@ def same(got: FrameResult, want: FrameResult) -> bool:
     score_ok = got.image_score == pytest.approx(want.image_score, rel=REL) if want.image_score is not None else (
         got.image_score is None)  # fmt: skip
     distances_ok = all(got.distances[t] == pytest.approx(d, rel=REL) for t, d in want.distances.items())
-    return got.error is None and got.task == want.task and score_ok and got.is_anomaly == want.is_anomaly and distances_ok
+    return (
+        got.error is None and got.task == want.task and score_ok and got.is_anomaly == want.is_anomaly and distances_ok
+    )
 
 
 def test_libpython_folder_goes_first_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,7 +181,11 @@ def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(
         with pytest.raises(InferenceServerException) as caught:
             request()
         assert caught.value.message(), what
-    garbage = send("encoded", np.array([[b"\x00not an image"], [cv2.imencode(".png", frames[0])[1].tobytes()]], np.object_), "BYTES")
+    garbage = send(
+        "encoded",
+        np.array([[b"\x00not an image"], [cv2.imencode(".png", frames[0])[1].tobytes()]], np.object_),
+        "BYTES",
+    )
     errors = garbage.as_numpy("error")
     assert b"cannot decode" in errors[0][0] and errors[1][0] == b""
     assert garbage.as_numpy("task")[1][0].decode() == local[0].task
@@ -247,7 +256,7 @@ def test_run_server_prints_what_run_export_prints(server: dict, built: dict, tmp
 def test_run_server_that_is_not_there_is_exit_3_in_one_line(tmp_path: Path) -> None:
     image = tmp_path / "a.png"
     cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
-    (port,) = free_ports(1)
+    (port,) = free_local_ports(1)
     done = CliRunner().invoke(
         app, ["run", "--server", f"127.0.0.1:{port}", "--source", str(image), "--retries", "1", "--retry-delay", "0"]
     )
@@ -286,6 +295,8 @@ def test_sigterm_answers_every_accepted_request_then_exits_0(server: dict, frame
         results = [r for f in futures for r in f.result(timeout=120)]
     for c in clients:
         c.close()
-    assert len(results) == 64 and all(r.error is None and r.task == "weave" and r.anomaly_map is not None for r in results)
+    assert len(results) == 64 and all(
+        r.error is None and r.task == "weave" and r.anomaly_map is not None for r in results
+    )
     assert server["process"].wait(90) == 0
     assert "stopped: every accepted request was answered" in server["log"].read_text()

@@ -21,11 +21,11 @@ import pytest
 
 from moleflow_edge.runtime import Runtime
 from moleflow_edge.serving.libpython import prepare_stub_environment, serving_problem
-from tests.conftest import free_ports
+from moleflow_edge.serving.server import free_local_ports
 
 pytestmark = pytest.mark.skipif(serving_problem() is not None, reason=f"serving unavailable: {serving_problem()}")
 
-ONNX_AS_PYTHON = '''
+ONNX_AS_PYTHON = """
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
@@ -42,7 +42,7 @@ class TritonPythonModel:
             outputs = self.session.run(names, feed)
             replies.append(pb_utils.InferenceResponse([pb_utils.Tensor(n, o) for n, o in zip(names, outputs)]))
         return replies
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,9 @@ def test_every_config_parses_and_names_its_model(repository: tuple[Path, Path]) 
     tasks = [f"moleflow_task_{t}" for t in manifest.task_names]
     assert set(configs) == {"moleflow", "moleflow_info", "moleflow_backbone", *tasks}
     for name, config in configs.items():
-        assert config.name == name and (config.platform == "onnxruntime_onnx") == (name not in ("moleflow", "moleflow_info"))
+        assert config.name == name and (config.platform == "onnxruntime_onnx") == (
+            name not in ("moleflow", "moleflow_info")
+        )
         assert len(config.instance_group) == 1
     assert configs["moleflow"].backend == "python" and configs["moleflow"].max_batch_size == 4
     assert configs["moleflow"].dynamic_batching.max_queue_delay_microseconds == 2000
@@ -89,10 +91,13 @@ def test_every_config_parses_and_names_its_model(repository: tuple[Path, Path]) 
     assert (repo / "moleflow_backbone" / "1" / "model.onnx").read_bytes() == graph.read_bytes()
 
 
-def test_the_repository_serves_what_the_runtime_gives(repository: tuple[Path, Path], built: dict, tmp_path: Path) -> None:
+def test_the_repository_serves_what_the_runtime_gives(
+    repository: tuple[Path, Path], built: dict, tmp_path: Path
+) -> None:
     import pytriton
     import tritonclient.http as triton_http
     from google.protobuf import text_format
+    from tritonclient.utils import InferenceServerException
 
     from moleflow_edge.serving import RemoteRuntime
 
@@ -111,11 +116,17 @@ def test_the_repository_serves_what_the_runtime_gives(repository: tuple[Path, Pa
     server = tmp_path / "tritonserver"
     shutil.copytree(bundled, server, ignore=shutil.ignore_patterns("python_backend_stubs"))
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    shutil.copy(bundled / "python_backend_stubs" / version / "triton_python_backend_stub", server / "backends" / "python")
+    shutil.copy(
+        bundled / "python_backend_stubs" / version / "triton_python_backend_stub", server / "backends" / "python"
+    )
     libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
-    env = {**os.environ, "LD_LIBRARY_PATH": f"{os.environ['LD_LIBRARY_PATH']}:{libs}", "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the stub's Python is this venv's
-    http, grpc, metrics = free_ports(3)
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": f"{os.environ['LD_LIBRARY_PATH']}:{libs}",
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }  # the stub's Python is this venv's
+    http, grpc, metrics = free_local_ports(3)
     command = [
         str(server / "bin" / "tritonserver"), "--model-repository", str(repo), "--backend-directory", str(server / "backends"),
         "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--metrics-address", "127.0.0.1",
@@ -131,7 +142,7 @@ def test_the_repository_serves_what_the_runtime_gives(repository: tuple[Path, Pa
             try:
                 if client.is_server_ready():
                     break
-            except Exception:  # not listening yet
+            except (OSError, InferenceServerException):  # not listening yet
                 pass
             time.sleep(0.5)
         client.close()
@@ -142,11 +153,17 @@ def test_the_repository_serves_what_the_runtime_gives(repository: tuple[Path, Pa
         with Runtime.load(export) as runtime:
             want = runtime.infer(frames)
         with RemoteRuntime(f"127.0.0.1:{http}", retries=0, max_map_side=256) as remote:
-            assert remote.tasks == runtime.tasks and remote.description.endswith("Triton model repository, fp32, frames sent raw)")
+            assert remote.tasks == runtime.tasks and remote.description.endswith(
+                "Triton model repository, fp32, frames sent raw)"
+            )
             got = remote.infer(frames)
         for g, w in zip(got, want):
             assert g.error is None and g.task == w.task and g.is_anomaly == w.is_anomaly
-            assert g.image_score == pytest.approx(w.image_score, rel=1e-5) if w.image_score is not None else g.image_score is None
+            assert (
+                g.image_score == pytest.approx(w.image_score, rel=1e-5)
+                if w.image_score is not None
+                else g.image_score is None
+            )
             assert all(g.distances[t] == pytest.approx(d, rel=1e-5) for t, d in w.distances.items())
             if w.image_score is not None:
                 assert g.anomaly_map.shape == w.anomaly_map.shape

@@ -34,7 +34,14 @@ ONNX_TYPES = {
     onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.INT8: "TYPE_INT8", onnx.TensorProto.INT32: "TYPE_INT32",
     onnx.TensorProto.INT64: "TYPE_INT64",
 }  # fmt: skip
-NUMPY_TYPES = {"S": "TYPE_STRING", "f4": "TYPE_FP32", "f8": "TYPE_FP64", "i1": "TYPE_INT8", "i4": "TYPE_INT32", "u1": "TYPE_UINT8"}
+NUMPY_TYPES = {
+    "S": "TYPE_STRING",
+    "f4": "TYPE_FP32",
+    "f8": "TYPE_FP64",
+    "i1": "TYPE_INT8",
+    "i4": "TYPE_INT32",
+    "u1": "TYPE_UINT8",
+}
 
 
 def task_model(task: str) -> str:
@@ -116,9 +123,13 @@ def write_triton_repository(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     batching = (max_batch, max_queue_delay_us, instances)
-    configs = {BACKBONE_MODEL: _onnx_model(root, manifest.backbone_graphs[prec.value], staging, BACKBONE_MODEL, batching)}
+    configs = {
+        BACKBONE_MODEL: _onnx_model(root, manifest.backbone_graphs[prec.value], staging, BACKBONE_MODEL, batching)
+    }
     for entry in manifest.tasks:
-        configs[task_model(entry.name)] = _onnx_model(root, entry.graphs[prec.value], staging, task_model(entry.name), batching)
+        configs[task_model(entry.name)] = _onnx_model(
+            root, entry.graphs[prec.value], staging, task_model(entry.name), batching
+        )
 
     bls = staging / MODEL / "1"
     bls.mkdir(parents=True)

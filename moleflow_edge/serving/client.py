@@ -119,7 +119,9 @@ class RemoteRuntime:
 
     def _fetch_info(self, client: Any) -> dict[str, Any]:
         if not client.is_model_ready(MODEL) or not client.is_model_ready(INFO_MODEL):
-            raise OSError(f"the models {MODEL} and {INFO_MODEL} are not ready on {self.url} (is it moleflow-edge serve?)")
+            raise OSError(
+                f"the models {MODEL} and {INFO_MODEL} are not ready on {self.url} (is it moleflow-edge serve?)"
+            )
         query = self._module().InferInput(INFO_QUERY, [1], "BYTES")
         query.set_data_from_numpy(np.array([b""], np.object_))
         reply = client.infer(INFO_MODEL, [query])

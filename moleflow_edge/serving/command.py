@@ -17,7 +17,9 @@ def serve(
     export_dir: Path = typer.Option(..., "--export", help="Export directory, checked and loaded once at start."),
     backend: TargetChoice = typer.Option("auto", help="Deployment target the server runs the graphs on."),
     precision: Optional[str] = typer.Option(None, help="Which exported precision to serve (default fp32)."),
-    trusted_key: Optional[list[Path]] = typer.Option(None, help="Public key file (repeatable): refuse unsigned exports."),
+    trusted_key: Optional[list[Path]] = typer.Option(
+        None, help="Public key file (repeatable): refuse unsigned exports."
+    ),
     max_batch: int = typer.Option(8, help="Most frames Triton's dynamic batcher merges into one run."),
     max_queue_delay_us: int = typer.Option(2000, help="Microseconds a request may wait for others to batch with."),
     address: str = typer.Option("0.0.0.0", help="Address the endpoints listen on (127.0.0.1: this machine only)."),

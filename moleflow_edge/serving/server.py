@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import numpy as np
 
 from moleflow_edge.contract import ManifestError
 from moleflow_edge.runtime.backend import BackendError
-from moleflow_edge.runtime.camera_loop import EXIT_LOAD_ERROR
+from moleflow_edge.runtime.camera_loop import EXIT_BACKEND_ERROR, EXIT_LOAD_ERROR
 from moleflow_edge.runtime.result import FrameResult
 from moleflow_edge.runtime.runtime import Runtime
 from moleflow_edge.serving.libpython import ServingUnavailable, prepare_stub_environment, serving_problem
@@ -42,9 +43,20 @@ from moleflow_edge.serving.protocol import (
     request_frames,
 )
 
-__all__ = ["InferenceServer", "ServeOptions", "serve_export"]
+__all__ = ["InferenceServer", "ServeOptions", "free_local_ports", "serve_export"]
 
 DRAIN_TIMEOUT_S = 30  # tritonserver's --exit-timeout-secs: how long a stop waits for accepted requests
+
+
+def free_local_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 now (bound together, so all different): for a test's or benchmark's server."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 @dataclass(frozen=True)
@@ -112,8 +124,8 @@ class InferenceServer:
         )
         self._triton.run()
 
-    def wait(self) -> None:
-        """Serve until SIGTERM or SIGINT (or tritonserver dies), then stop gracefully."""
+    def wait(self) -> bool:
+        """Serve until SIGTERM or SIGINT, then stop gracefully: True; False when tritonserver died first."""
 
         def request_stop(signum: int, _: FrameType | None) -> None:
             self._stop_requested.set()
@@ -126,6 +138,7 @@ class InferenceServer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         self.stop()
+        return self._stop_requested.is_set()
 
     def stop(self) -> None:
         if self._triton is not None:
@@ -166,13 +179,16 @@ def serve_export(
     trusted_keys: list[str | Path] | None = None,
 ) -> int:
     """`moleflow-edge serve`: check and load the export once (signature with ``trusted_keys``, every
-    task's graph), start Triton, serve until SIGTERM or SIGINT; the exit code (0 after a clean stop).
-    What goes wrong before serving is one line through ``say``, never a traceback."""
+    task's graph), start Triton, serve until SIGTERM or SIGINT. Returns the exit code: 0 after a clean
+    stop, 1 when it could not start, 4 when tritonserver died. What goes wrong is one line through
+    ``say``, never a traceback."""
     try:
         problem = serving_problem()
         if problem is not None:
             raise ServingUnavailable(problem)
-        runtime = Runtime.load(export_dir, backend, precision, trusted_keys=trusted_keys, max_map_side=options.map_side_cap)
+        runtime = Runtime.load(
+            export_dir, backend, precision, trusted_keys=trusted_keys, max_map_side=options.map_side_cap
+        )
     except ServingUnavailable as exc:
         say(f"error: cannot serve here: {exc}")
         return EXIT_LOAD_ERROR
@@ -198,6 +214,8 @@ def serve_export(
             f"grpc {o.address}:{o.grpc_port}, metrics {o.address}:{o.metrics_port} (max batch {o.max_batch}, "
             f"queue delay {o.max_queue_delay_us} us); SIGTERM or Ctrl-C stops it after the requests in flight"
         )
-        server.wait()
+        if not server.wait():
+            say("error: tritonserver stopped unexpectedly; its log above says why")
+            return EXIT_BACKEND_ERROR
     say("stopped: every accepted request was answered")
     return 0

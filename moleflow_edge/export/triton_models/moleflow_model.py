@@ -45,7 +45,9 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
                 continue
             arrays = encode_results(results, self.manifest.task_names)
-            tensors = [pb_utils.Tensor(n, a.astype(np.object_) if a.dtype.kind == "S" else a) for n, a in arrays.items()]
+            tensors = [
+                pb_utils.Tensor(n, a.astype(np.object_) if a.dtype.kind == "S" else a) for n, a in arrays.items()
+            ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
 
