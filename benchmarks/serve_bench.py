@@ -3,8 +3,9 @@
 Starts `moleflow-edge serve` in a subprocess on free 127.0.0.1 ports once per batching delay, then for each
 frame encoding (raw uint8 or JPEG bytes, decoded on the server) and each number of concurrent clients
 (threads, each a RemoteRuntime sending one frame per request, as a camera does) sends a bounded number
-of frames and reports frames/s and p50/p99 latency per request. In the same run, the reference: the
-in-process Runtime on the same frames, one at a time (what `run --export` does on a line PC), measured
+of frames and reports frames/s, p50/p99 latency per request and the share of frames whose task and
+decision are what the in-process runtime gives the raw frame (JPEG is lossy). In the same run, the
+reference: the in-process Runtime on the same frames, one at a time (what `run --export` does), measured
 at the start (also in batches of --max-batch) and again just before every served setting, since other
 jobs on a shared machine come and go. Every server is stopped at the end.
 
@@ -15,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,10 +26,8 @@ import numpy as np
 
 from moleflow_edge.runtime import Runtime
 from moleflow_edge.runtime.camera_loop import IMAGE_SUFFIXES
-from moleflow_edge.serving.client import RemoteRuntime, ServerLost
-from moleflow_edge.serving.server import free_local_ports
-
-START_TIMEOUT_S = 180
+from moleflow_edge.serving.client import RemoteRuntime
+from moleflow_edge.serving.serve_process import ServeProcess
 
 
 def load_frames(folders: list[Path], count: int) -> list[np.ndarray]:
@@ -47,55 +43,34 @@ def percentiles(latencies_s: list[float]) -> tuple[float, float]:
     return float(p50), float(p99)
 
 
-def in_process(export: Path, frames: list[np.ndarray], batch: int) -> dict[str, float]:
-    """The reference: Runtime.infer on the same frames, ``batch`` at a time (after one warm-up call)."""
+Verdict = tuple[object, object]  # (task, is_anomaly) of one frame
+
+
+def in_process(export: Path, frames: list[np.ndarray], batch: int) -> tuple[dict[str, float], list[Verdict]]:
+    """The reference: Runtime.infer on the same frames, ``batch`` at a time (after one warm-up call);
+    also every frame's task and decision."""
+    verdicts = []
     with Runtime.load(export) as runtime:
         runtime.infer(frames[:batch], with_maps=False)
         latencies = []
         started = time.perf_counter()
         for start in range(0, len(frames), batch):
             t0 = time.perf_counter()
-            runtime.infer(frames[start : start + batch], with_maps=False)
+            results = runtime.infer(frames[start : start + batch], with_maps=False)
             latencies.append(time.perf_counter() - t0)
+            verdicts += [(r.task, r.is_anomaly) for r in results]
         wall = time.perf_counter() - started
     p50, p99 = percentiles(latencies)
-    return {"frames_per_s": len(frames) / wall, "p50_ms": p50, "p99_ms": p99}
+    return {"frames_per_s": len(frames) / wall, "p50_ms": p50, "p99_ms": p99}, verdicts
 
 
-def start_server(export: Path, max_batch: int, delay_us: int, log: Path) -> tuple[subprocess.Popen, str]:
-    http, grpc, metrics = free_local_ports(3)
-    command = [
-        sys.executable, "-m", "moleflow_edge.cli", "serve", "--export", str(export), "--address", "127.0.0.1",
-        "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-        "--max-batch", str(max_batch), "--max-queue-delay-us", str(delay_us),
-    ]  # fmt: skip
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{http}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while process.poll() is None and time.monotonic() < deadline:
-        try:
-            RemoteRuntime(address, retries=0).close()
-            return process, address
-        except ServerLost:  # not ready yet
-            time.sleep(0.5)
-    stop_server(process)
-    raise SystemExit(f"error: the server did not start; its log: {log}")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-
-
-def served(address: str, frames: list[np.ndarray], clients: int, per_client: int, encoding: str) -> dict[str, float]:
-    """``clients`` threads, each sending ``per_client`` frames one per request (after one warm-up request)."""
+def served(
+    address: str, frames: list[np.ndarray], want: list[Verdict], clients: int, per_client: int, encoding: str
+) -> dict[str, float]:
+    """``clients`` threads, each sending ``per_client`` frames one per request (after one warm-up request);
+    also the share of frames whose task and decision are ``want``'s (the in-process runtime's on raw frames)."""
     latencies: list[float] = []
+    agreed: list[bool] = []
     lock = threading.Lock()
     ready = threading.Barrier(clients + 1)
 
@@ -103,15 +78,17 @@ def served(address: str, frames: list[np.ndarray], clients: int, per_client: int
         with RemoteRuntime(address, encoding=encoding, retries=1) as remote:
             remote.infer_one(frames[0], with_maps=False)
             ready.wait()
-            own = []
+            own, same = [], []
             for k in range(per_client):
-                frame = frames[(number * per_client + k) % len(frames)]
+                i = (number * per_client + k) % len(frames)
                 t0 = time.perf_counter()
-                result = remote.infer_one(frame, with_maps=False)
+                result = remote.infer_one(frames[i], with_maps=False)
                 own.append(time.perf_counter() - t0)
                 assert result.error is None, result.error
+                same.append((result.task, result.is_anomaly) == want[i])
             with lock:
                 latencies.extend(own)
+                agreed.extend(same)
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
     for t in threads:
@@ -122,7 +99,7 @@ def served(address: str, frames: list[np.ndarray], clients: int, per_client: int
         t.join()
     wall = time.perf_counter() - started
     p50, p99 = percentiles(latencies)
-    return {"frames_per_s": len(latencies) / wall, "p50_ms": p50, "p99_ms": p99}
+    return {"frames_per_s": len(latencies) / wall, "p50_ms": p50, "p99_ms": p99, "agree": float(np.mean(agreed))}
 
 
 def main() -> None:
@@ -142,36 +119,38 @@ def main() -> None:
     print(f"{len(frames)} frames {frames[0].shape}, raw {frames[0].nbytes / 1024:.0f} KB, JPEG {jpeg_kb:.0f} KB each")
 
     rows = []
+    want: list[Verdict] = []
     for batch in (1, args.max_batch):
-        ref = in_process(args.export, frames, batch)
+        ref, verdicts = in_process(args.export, frames, batch)
+        want = want or verdicts
         rows.append({"mode": f"in-process, batch {batch}", "delay_us": None, "encoding": "-", "clients": 1, **ref})
         print(json.dumps(rows[-1]))
     reference = rows[0]["frames_per_s"]
     with tempfile.TemporaryDirectory() as logs:
         for delay in (int(d) for d in args.delays_us.split(",")):
-            process, address = start_server(args.export, args.max_batch, delay, Path(logs) / f"serve_{delay}.log")
-            try:
+            batching = ("--max-batch", str(args.max_batch), "--max-queue-delay-us", str(delay))
+            with ServeProcess(args.export, Path(logs) / f"serve_{delay}.log", *batching) as server:
                 for encoding in args.encodings.split(","):
                     for n in clients:
                         # the reference again just before: other jobs on a shared machine come and go
-                        ref = in_process(args.export, frames, 1)["frames_per_s"]
-                        result = served(address, frames, n, max(1, args.frames // n), encoding)
+                        ref = in_process(args.export, frames, 1)[0]["frames_per_s"]
+                        result = served(server.http, frames, want, n, max(1, args.frames // n), encoding)
                         rows.append({"mode": "serve", "delay_us": delay, "encoding": encoding, "clients": n, **result,
                                      "in_process_frames_per_s": ref})  # fmt: skip
                         print(json.dumps(rows[-1]))
-            finally:
-                stop_server(process)
 
     print(
         "\n| mode | queue delay us | frames sent | clients | frames/s | in-process batch 1 just before, frames/s | ratio "
-        "| p50 ms | p99 ms |"
+        "| p50 ms | p99 ms | same task and decision as in-process on raw |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ref = r.get("in_process_frames_per_s", reference)
+        agree = f"{r['agree']:.3f}" if "agree" in r else "-"
         print(
             f"| {r['mode']} | {r['delay_us'] if r['delay_us'] is not None else '-'} | {r['encoding']} | {r['clients']} | "
-            f"{r['frames_per_s']:.1f} | {ref:.1f} | {r['frames_per_s'] / ref:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+            f"{r['frames_per_s']:.1f} | {ref:.1f} | {r['frames_per_s'] / ref:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+            f"| {agree} |"
         )
     if args.json:
         args.json.write_text(json.dumps({"frames": len(frames), "rows": rows}, indent=2) + "\n")

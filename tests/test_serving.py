@@ -12,11 +12,10 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,11 +27,10 @@ from typer.testing import CliRunner
 from moleflow_edge.cli import app
 from moleflow_edge.runtime import UNKNOWN, FrameResult, Runtime
 from moleflow_edge.serving.libpython import interpreter_libpython, prepare_stub_environment, serving_problem
-from moleflow_edge.serving.server import free_local_ports
+from moleflow_edge.serving.serve_process import ServeProcess, free_local_ports
 
 pytestmark = pytest.mark.skipif(serving_problem() is not None, reason=f"serving unavailable: {serving_problem()}")
 
-START_TIMEOUT_S = 180
 REL = 1e-5
 
 
@@ -48,45 +46,11 @@ def calibrated(built: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(calibrated: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - yields a dict
-    """`moleflow-edge serve` in a subprocess on free 127.0.0.1 ports; stopped (SIGTERM, then kill) at the end."""
-    import tritonclient.http as triton_http
-    from tritonclient.utils import InferenceServerException
-
-    http_port, grpc_port, metrics_port = free_local_ports(3)
+def server(calibrated: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """`moleflow-edge serve` on free 127.0.0.1 ports for this module; stopped (SIGTERM, then kill) at the end."""
     log = tmp_path_factory.mktemp("serve_log") / "server.log"
-    command = [
-        sys.executable, "-m", "moleflow_edge.cli", "serve", "--export", str(calibrated), "--address", "127.0.0.1",
-        "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-        "--max-batch", "8", "--max-queue-delay-us", "2000",
-    ]  # fmt: skip
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(
-            command, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
-        )
-    client = triton_http.InferenceServerClient(f"127.0.0.1:{http_port}")
-    deadline = time.monotonic() + START_TIMEOUT_S
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if all(client.is_model_ready(m) for m in ("moleflow", "moleflow_info")):
-                    break
-            except (OSError, InferenceServerException):  # not listening yet
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"the server did not become ready; its log ends:\n{log.read_text()[-3000:]}")
-        client.close()  # an idle keep-alive connection would hold a graceful stop for its 30 s
-        yield {"process": process, "http": f"127.0.0.1:{http_port}", "grpc": f"grpc://127.0.0.1:{grpc_port}",
-               "metrics": metrics_port, "export": calibrated, "log": log}  # fmt: skip
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+    with ServeProcess(calibrated, log, "--max-batch", "8", "--max-queue-delay-us", "2000") as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +86,7 @@ def test_libpython_folder_goes_first_once(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_eight_concurrent_clients_get_what_the_local_runtime_gives(
-    server: dict, frames: list[np.ndarray], local: list[FrameResult]
+    server: ServeProcess, frames: list[np.ndarray], local: list[FrameResult]
 ) -> None:
     """8 clients x 50 frames (HTTP raw, gRPC raw and HTTP PNG, batches of 1 to 3): frame by frame the
     task, score, decision and distances of Runtime.infer; the server's metrics count every frame."""
@@ -130,7 +94,7 @@ def test_eight_concurrent_clients_get_what_the_local_runtime_gives(
 
     assert {r.task for r in local} >= {"weave", "tiles", UNKNOWN}
     assert {r.is_anomaly for r in local} >= {True, False}
-    kinds = [(server["http"], "raw"), (server["grpc"], "raw"), (server["http"], "png")]
+    kinds = [(server.http, "raw"), (server.grpc, "raw"), (server.http, "png")]
 
     def client(number: int) -> list[str]:
         address, encoding = kinds[number % len(kinds)]
@@ -150,21 +114,21 @@ def test_eight_concurrent_clients_get_what_the_local_runtime_gives(
     with ThreadPoolExecutor(8) as pool:
         wrong = [line for lines in pool.map(client, range(8)) for line in lines]
     assert not wrong, "\n".join(wrong[:5])
-    assert urllib.request.urlopen(f"http://{server['http']}/v2/health/ready", timeout=10).status == 200
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{server['metrics']}/metrics", timeout=10).read().decode()
+    assert urllib.request.urlopen(f"http://{server.http}/v2/health/ready", timeout=10).status == 200
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     counted = [line for line in metrics.splitlines() if line.startswith('nv_inference_count{model="moleflow"')]
     assert counted and float(counted[0].split()[-1]) >= 8 * 50
 
 
 def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(
-    server: dict, frames: list[np.ndarray], local: list[FrameResult]
+    server: ServeProcess, frames: list[np.ndarray], local: list[FrameResult]
 ) -> None:
     import tritonclient.http as triton_http
     from tritonclient.utils import InferenceServerException
 
     from moleflow_edge.serving import RemoteRuntime
 
-    client = triton_http.InferenceServerClient(server["http"])
+    client = triton_http.InferenceServerClient(server.http)
 
     def send(name: str, data: np.ndarray, datatype: str):  # noqa: ANN202 - a tritonclient result
         tensor = triton_http.InferInput(name, list(data.shape), datatype)
@@ -190,19 +154,19 @@ def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(
     assert b"cannot decode" in errors[0][0] and errors[1][0] == b""
     assert garbage.as_numpy("task")[1][0].decode() == local[0].task
     client.close()
-    with RemoteRuntime(server["http"]) as remote:
+    with RemoteRuntime(server.http) as remote:
         bad, good = remote.infer([np.zeros((4, 4), np.uint8), frames[1]])
         assert "dimensions" in bad.error and same(good, local[1])
 
 
 def test_a_client_that_disconnects_mid_request_does_not_hurt_the_others(
-    server: dict, frames: list[np.ndarray], local: list[FrameResult]
+    server: ServeProcess, frames: list[np.ndarray], local: list[FrameResult]
 ) -> None:
     """Raw sockets that hang up halfway through a request body, and after sending a whole request
     without reading the answer, while a well-behaved client goes on."""
     from moleflow_edge.serving import RemoteRuntime
 
-    host, port = server["http"].split(":")
+    host, port = server.http.split(":")
     body = json.dumps({"inputs": [{"name": "images", "shape": [1, 512, 512, 3], "datatype": "UINT8",
                                    "data": [0] * (512 * 512 * 3)}]}).encode()  # fmt: skip
     stop = threading.Event()
@@ -222,18 +186,18 @@ def test_a_client_that_disconnects_mid_request_does_not_hurt_the_others(
     hanging = threading.Thread(target=rude)
     hanging.start()
     try:
-        with RemoteRuntime(server["http"]) as remote:
+        with RemoteRuntime(server.http) as remote:
             for k in range(20):
                 i = k % len(frames)
                 assert same(remote.infer_one(frames[i]), local[i]), i
     finally:
         stop.set()
         hanging.join(60)
-    with RemoteRuntime(server["http"]) as remote:
+    with RemoteRuntime(server.http) as remote:
         assert same(remote.infer_one(frames[2]), local[2])
 
 
-def test_run_server_prints_what_run_export_prints(server: dict, built: dict, tmp_path: Path) -> None:
+def test_run_server_prints_what_run_export_prints(server: ServeProcess, built: dict, tmp_path: Path) -> None:
     source = tmp_path / "frames"
     for category in ("weave", "tiles"):
         for f in sorted((built["data"] / category / "test").rglob("*.png"))[::6]:
@@ -246,7 +210,7 @@ def test_run_server_prints_what_run_export_prints(server: dict, built: dict, tmp
         assert done.exit_code == 0, done.output
         return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
-    here, there = lines("--export", str(server["export"])), lines("--server", server["grpc"])
+    here, there = lines("--export", str(server.export)), lines("--server", server.grpc)
     keys = ("source", "task", "score", "anomaly", "threshold", "nearest_task", "distance")
     assert [[line.get(k) for k in keys] for line in here[:-1]] == [[line.get(k) for k in keys] for line in there[:-1]]
     assert len(here) > 5 and here[-1]["summary"]["tasks"] == there[-1]["summary"]["tasks"]
@@ -277,26 +241,26 @@ def pending_requests(metrics_port: int) -> float:
     return float(rows[0].split()[-1]) if rows else 0.0
 
 
-def test_sigterm_answers_every_accepted_request_then_exits_0(server: dict, frames: list[np.ndarray]) -> None:
+def test_sigterm_answers_every_accepted_request_then_exits_0(server: ServeProcess, frames: list[np.ndarray]) -> None:
     """Last in the file: it stops the module's server. 8 clients each send a full batch of big frames
     with maps; once every request is accepted (queued or done, at most one running), SIGTERM: every
     one of them is answered, and the server exits 0."""
     from moleflow_edge.serving import RemoteRuntime
 
     big = cv2.resize(frames[0], (1600, 1600))
-    clients = [RemoteRuntime(server["http"], retries=0, max_map_side=1024) for _ in range(8)]
+    clients = [RemoteRuntime(server.http, retries=0, max_map_side=1024) for _ in range(8)]
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(c.infer, [big] * 8) for c in clients]
         deadline = time.monotonic() + 120
-        while pending_requests(server["metrics"]) + sum(f.done() for f in futures) < 7:
+        while pending_requests(server.metrics_port) + sum(f.done() for f in futures) < 7:
             assert time.monotonic() < deadline, "the requests were never all accepted"
             time.sleep(0.02)
-        server["process"].send_signal(signal.SIGTERM)
+        server.process.send_signal(signal.SIGTERM)
         results = [r for f in futures for r in f.result(timeout=120)]
     for c in clients:
         c.close()
     assert len(results) == 64 and all(
         r.error is None and r.task == "weave" and r.anomaly_map is not None for r in results
     )
-    assert server["process"].wait(90) == 0
-    assert "stopped: every accepted request was answered" in server["log"].read_text()
+    assert server.process.wait(90) == 0
+    assert "stopped: every accepted request was answered" in server.log.read_text()

@@ -21,7 +21,7 @@ import pytest
 
 from moleflow_edge.runtime import Runtime
 from moleflow_edge.serving.libpython import prepare_stub_environment, serving_problem
-from moleflow_edge.serving.server import free_local_ports
+from moleflow_edge.serving.serve_process import free_local_ports
 
 pytestmark = pytest.mark.skipif(serving_problem() is not None, reason=f"serving unavailable: {serving_problem()}")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,20 +42,9 @@ from moleflow_edge.serving.protocol import (
     request_frames,
 )
 
-__all__ = ["InferenceServer", "ServeOptions", "free_local_ports", "serve_export"]
+__all__ = ["InferenceServer", "ServeOptions", "serve_export"]
 
 DRAIN_TIMEOUT_S = 30  # tritonserver's --exit-timeout-secs: how long a stop waits for accepted requests
-
-
-def free_local_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1 now (bound together, so all different): for a test's or benchmark's server."""
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @dataclass(frozen=True)
