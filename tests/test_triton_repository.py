@@ -92,7 +92,7 @@ def test_every_config_parses_and_names_its_model(repository: tuple[Path, Path]) 
 
 
 def test_the_repository_serves_what_the_runtime_gives(
-    repository: tuple[Path, Path], built: dict, tmp_path: Path
+    repository: tuple[Path, Path], built: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import pytriton
     import tritonclient.http as triton_http
@@ -111,6 +111,7 @@ def test_the_repository_serves_what_the_runtime_gives(
         (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
         (folder / "1" / "model.py").write_text(ONNX_AS_PYTHON)
 
+    monkeypatch.setenv("LD_LIBRARY_PATH", os.environ.get("LD_LIBRARY_PATH", ""))  # restored after the test
     prepare_stub_environment()
     bundled = Path(pytriton.__file__).parent / "tritonserver"
     server = tmp_path / "tritonserver"

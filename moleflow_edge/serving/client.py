@@ -4,7 +4,7 @@ camera loop (``run --server``) and Python code can use a server where they used 
 ``HOST:PORT`` or ``http://HOST:PORT`` talks to Triton's HTTP port, ``grpc://HOST:PORT`` to its gRPC
 port. A server that is down or drops is retried ``retries`` times, ``retry_delay_s`` apart, then
 ServerLost. Frames travel raw (exact, what the local runtime sees) or encoded as PNG (lossless,
-smaller) or JPEG (what most cameras send; lossy, so scores move a little).
+smaller) or JPEG (what most cameras send; lossy: it can change decisions, README, Serving).
 """
 
 from __future__ import annotations
@@ -25,7 +25,16 @@ from moleflow_edge.runtime.camera_loop import ServerLost
 from moleflow_edge.runtime.engine_cache import EngineStats
 from moleflow_edge.runtime.result import FrameResult
 from moleflow_edge.runtime.runtime import DEFAULT_MAX_MAP_SIDE
-from moleflow_edge.serving.protocol import ENCODED, IMAGES, INFO, INFO_MODEL, INFO_QUERY, MAP_SIDE_PARAMETER, MODEL
+from moleflow_edge.serving.protocol import (
+    ENCODED,
+    IMAGES,
+    INFO,
+    INFO_MODEL,
+    INFO_QUERY,
+    MAP_SIDE_PARAMETER,
+    MODEL,
+    decode_results,
+)
 
 __all__ = ["ENCODINGS", "RemoteRuntime", "ServerLost"]
 
@@ -57,7 +66,6 @@ class RemoteRuntime:
         timeout_s: float = 60.0,
         max_map_side: int | None = DEFAULT_MAX_MAP_SIDE,
         maps: bool = True,
-        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if encoding not in ENCODINGS:
             raise ValueError(f"unknown frame encoding {encoding!r}; choose one of: {', '.join(ENCODINGS)}")
@@ -68,7 +76,6 @@ class RemoteRuntime:
         self.max_map_side = max_map_side  # like Runtime's; the server caps it further
         self.maps = maps  # False: never ask for maps, whatever ``infer`` is told (they are most of the reply)
         self.engine_choice = None  # what the server chose is the server's; said in ``description``
-        self._sleep = sleep
         self._client: Any = None
         self._owner = threading.get_ident()
         self._info: dict[str, Any] = self._call(self._fetch_info)
@@ -111,7 +118,7 @@ class RemoteRuntime:
                 reason = f"{type(exc).__name__}: {exc}"
                 self.close()
                 if attempt < self.retries:
-                    self._sleep(self.retry_delay_s)
+                    time.sleep(self.retry_delay_s)
         raise ServerLost(
             f"the inference server at {self.protocol}://{self.url} is not answering ({reason}); "
             f"tried {self.retries + 1} times over {self.retries * self.retry_delay_s:.1f} s"
@@ -127,9 +134,7 @@ class RemoteRuntime:
         reply = client.infer(INFO_MODEL, [query])
         return json.loads(reply.as_numpy(INFO)[0])
 
-    def _request(self, name: str, data: np.ndarray, map_side: int, first: int) -> list[FrameResult]:
-        from moleflow_edge.serving.protocol import decode_results
-
+    def _request(self, name: str, data: np.ndarray, map_side: int) -> list[FrameResult]:
         module = self._module()
         tensor = module.InferInput(name, list(data.shape), "UINT8" if name == IMAGES else "BYTES")
         tensor.set_data_from_numpy(data)
@@ -141,7 +146,7 @@ class RemoteRuntime:
         reply = self._call(send)
         outputs = reply.get_response()["outputs"] if self.protocol == "http" else reply.get_response().outputs
         names = [o["name"] if isinstance(o, dict) else o.name for o in outputs]
-        return decode_results({n: reply.as_numpy(n) for n in names}, self.tasks, first)
+        return decode_results({n: reply.as_numpy(n) for n in names}, self.tasks)
 
     # --- inference -------------------------------------------------------------------------------
     def infer(self, frames: object, *, with_maps: bool = True) -> list[FrameResult]:
@@ -166,7 +171,7 @@ class RemoteRuntime:
                 data, name = np.stack([g[1] for g in group]), IMAGES
             else:
                 data, name = np.array([[g[1]] for g in group], np.object_), ENCODED
-            for (i, _), result in zip(group, self._request(name, data, side, 0)):
+            for (i, _), result in zip(group, self._request(name, data, side)):
                 result.index = i
                 results[i] = result
         return results  # type: ignore[return-value] - every slot is filled above

@@ -153,8 +153,8 @@ def encode_results(results: list[FrameResult], tasks: list[str]) -> dict[str, np
     }
 
 
-def decode_results(arrays: dict[str, np.ndarray], tasks: list[str], first_index: int = 0) -> list[FrameResult]:
-    """One response's output arrays -> FrameResults (indices from ``first_index``)."""
+def decode_results(arrays: dict[str, np.ndarray], tasks: list[str]) -> list[FrameResult]:
+    """One response's output arrays -> FrameResults, indexed from 0 in the request's order."""
 
     def text(name: str, k: int) -> str | None:
         raw = arrays[name][k][0]
@@ -167,7 +167,7 @@ def decode_results(arrays: dict[str, np.ndarray], tasks: list[str], first_index:
 
     results = []
     for k in range(len(arrays["task"])):
-        result = FrameResult(index=first_index + k, error=text("error", k))
+        result = FrameResult(index=k, error=text("error", k))
         results.append(result)
         for name, ms in zip(TIMING_FIELDS, arrays["timings"][k].tolist()):
             setattr(result.timings, name, ms)
