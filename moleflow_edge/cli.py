@@ -236,14 +236,14 @@ def export(
         fail(str(exc))
     typer.echo(report.table())
     if triton:
-        typer.echo(f"Triton model repository ({precisions[0]}): {out / 'triton'}, {len(written)} models (README, Serving)")
+        typer.echo(f"Triton model repository ({precisions[0]}): {out / 'triton'}, {len(written)} models")
 
 
 @app.command()
 def run(
     export_dir: Optional[Path] = typer.Option(None, "--export", help="Export directory (manifest and graphs)."),
     server: Optional[str] = typer.Option(
-        None, help="Instead of --export: a moleflow-edge serve (Triton) at HOST:PORT (its HTTP port) or grpc://HOST:PORT."
+        None, help="Instead of --export: a moleflow-edge serve at HOST:PORT (Triton's HTTP port) or grpc://HOST:PORT."
     ),
     send: str = typer.Option("raw", help="With --server, frames travel raw (exact), png (lossless) or jpeg (lossy)."),
     source: str = typer.Option(
@@ -278,15 +278,16 @@ def run(
     if (export_dir is None) == (server is None):
         fail("give exactly one of --export DIR (run here) or --server HOST:PORT (run on a moleflow-edge serve)")
     if server is not None and (backend.value != "auto" or precision or latency_target is not None or trusted_key):
-        fail("--backend, --precision, --latency-target and --trusted-key are the server's (moleflow-edge serve) options")
+        fail("--backend, --precision, --latency-target and --trusted-key are options of the server (serve), not here")
     try:
         remote = None
         if server is not None:
             from moleflow_edge.serving.client import RemoteRuntime
 
-            remote = RemoteRuntime(server, encoding=send, retries=retries, retry_delay_s=retry_delay, max_map_side=map_size,
-                                   maps=save is not None or show)  # maps cross the network only for overlays
-        code = run_source(export_dir or server, source, backend.value, save, show, precision=precision,  # type: ignore[arg-type]
+            remote = RemoteRuntime(server, encoding=send, retries=retries, retry_delay_s=retry_delay,
+                                   max_map_side=map_size, maps=save is not None or show)  # maps only for overlays
+        where = export_dir or server  # only named in messages when a RemoteRuntime is given
+        code = run_source(where, source, backend.value, save, show, precision=precision,
                           batch_size=batch_size, check=check, trusted_keys=trusted_key, max_map_side=map_size,
                           camera_retries=retries, retry_delay_s=retry_delay, latency_target_ms=latency_target,
                           runtime=remote)  # fmt: skip

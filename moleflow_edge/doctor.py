@@ -181,7 +181,8 @@ def serving_info() -> dict:
     why = serving_problem()
     library = interpreter_libpython()
     return {"usable": why is None, "why_not": why, "pytriton": installed("nvidia-pytriton"),
-            "tritonclient": installed("tritonclient"), "libpython": None if library is None else str(library)}  # fmt: skip
+            "tritonclient": installed("tritonclient"),
+            "libpython": None if library is None else str(library)}  # fmt: skip
 
 
 def cameras() -> list[dict]:
