@@ -1,4 +1,4 @@
-"""The moleflow-edge command line: synth, train, eval, export, calibrate, run, bench, demo.
+"""The moleflow-edge command line: synth, train, eval, export, calibrate, run, serve, bench, demo.
 
 Heavy imports (torch, onnx) happen inside the commands that need them, so ``run`` starts
 fast on a line PC that has only the runtime installed.
@@ -15,6 +15,7 @@ import typer
 
 from moleflow_edge.config import BackboneName, DetectorKind, MoleFlowConfig
 from moleflow_edge.router import FEW_IMAGES, limit_widening
+from moleflow_edge.serving.command import serve
 from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGET_NAMES, ExportFormat, TargetChoice
 
 app = typer.Typer(
@@ -214,7 +215,8 @@ def export(
     all_tasks: bool = typer.Option(False, "--all", help="Export every trained task."),
     out: Path = typer.Option(Path("export"), help="Export directory (created or updated in place)."),
     fmt: ExportFormat = typer.Option(
-        ExportFormat.ONNX, "--format", help="onnx: graphs every target runs; engine: also TensorRT plans for this GPU."
+        ExportFormat.ONNX, "--format", help="onnx: graphs every target runs; engine: also TensorRT plans for this GPU; "
+        "triton: also a Triton model repository in OUT/triton (needs [serve])."
     ),
     precision: list[str] = typer.Option(["fp32"], help="fp32, fp16 or int8; repeat or comma-separate for several."),
     calib_data: Optional[Path] = typer.Option(None, help="Dataset root whose normal images calibrate INT8."),
@@ -232,24 +234,34 @@ def export(
 
     if (task is None) == (not all_tasks):
         fail("give exactly one of --task NAME or --all")
-    engines = fmt is ExportFormat.ENGINE
+    engines, triton = fmt is ExportFormat.ENGINE, fmt is ExportFormat.TRITON
     where = chosen_device(device, lambda _: "builds the TensorRT engines" if engines else "unused: ONNX graphs are traced on the CPU")
     if engines and where.type != "cuda":
         fail(f"--format engine builds TensorRT engines on the GPU that will run them; --device {device} gave the CPU")
     precisions = [p.strip() for item in precision for p in item.split(",") if p.strip()]
     try:
-        report = export_model(model, out, None if all_tasks else [task], precisions, fmt.value, calib_data, sign=sign,
-                              device_id=where.index or 0, trusted_keys=trusted_key or ())  # fmt: skip
+        report = export_model(model, out, None if all_tasks else [task], precisions, "onnx" if triton else fmt.value,
+                              calib_data, sign=sign, device_id=where.index or 0, trusted_keys=trusted_key or ())  # fmt: skip
+        if triton:
+            from moleflow_edge.export.triton_repository import write_triton_repository
+
+            written = write_triton_repository(out, out / "triton", precision=precisions[0])
     except TensorRTUnavailable as exc:
         fail(str(exc))
     except USER_ERRORS as exc:
         fail(str(exc))
     typer.echo(report.table())
+    if triton:
+        typer.echo(f"Triton model repository ({precisions[0]}): {out / 'triton'}, {len(written)} models")
 
 
 @app.command()
 def run(
-    export_dir: Path = typer.Option(..., "--export", help="Export directory (manifest and graphs)."),
+    export_dir: Optional[Path] = typer.Option(None, "--export", help="Export directory (manifest and graphs)."),
+    server: Optional[str] = typer.Option(
+        None, help="Instead of --export: a moleflow-edge serve at HOST:PORT (Triton's HTTP port) or grpc://HOST:PORT."
+    ),
+    send: str = typer.Option("raw", help="With --server, frames travel raw (exact), png (lossless) or jpeg (lossy)."),
     source: str = typer.Option(
         ..., help="Image folder, image file, video file, camera:N, a stream URL (rtsp://, http://) or a GStreamer "
         "pipeline ending in appsink."
@@ -277,17 +289,35 @@ def run(
 ) -> None:
     """Inspect frames: one JSON line per frame on stdout, a summary at the end."""
     from moleflow_edge.runtime import RunOptions, RuntimeOptions, run_source
+    from moleflow_edge.runtime.camera_loop import EXIT_CAMERA_LOST, ServerLost
 
+    if (export_dir is None) == (server is None):
+        fail("give exactly one of --export DIR (run here) or --server HOST:PORT (run on a moleflow-edge serve)")
+    if server is not None and (backend.value != "auto" or precision or latency_target is not None or trusted_key):
+        fail("--backend, --precision, --latency-target and --trusted-key are options of the server (serve), not here")
     try:
+        remote = None
+        if server is not None:
+            from moleflow_edge.serving.client import RemoteRuntime
+
+            remote = RemoteRuntime(server, encoding=send, retries=retries, retry_delay_s=retry_delay,
+                                   max_map_side=map_size, maps=save is not None or show)  # maps only for overlays
         loading = RuntimeOptions(
             backend.value, precision, trusted_keys=trusted_key, max_map_side=map_size, latency_target_ms=latency_target
         )
-        options = RunOptions(export_dir, loading, save, show, batch_size, camera_retries=retries,
+        where = export_dir or server  # only named in messages when a RemoteRuntime is given
+        options = RunOptions(where, loading, save, show, batch_size, camera_retries=retries,
                              retry_delay_s=retry_delay, check=check)  # fmt: skip
-        code = run_source(source, options)
+        code = run_source(source, options, runtime=remote)
     except USER_ERRORS as exc:
         fail(str(exc))
+    except ServerLost as exc:  # the server did not answer at start
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_CAMERA_LOST) from None
     raise typer.Exit(code)
+
+
+app.command()(serve)  # moleflow_edge/serving/command.py: its options are the server's
 
 
 @app.command()
@@ -413,6 +443,8 @@ MISSING_MODULES = {
     "onnxscript": "pip install 'moleflow-edge[train,cpu]'",
     "matplotlib": "pip install 'moleflow-edge[bench]'",
     "cryptography": "pip install 'moleflow-edge[sign]'",
+    "tritonclient": "pip install 'moleflow-edge[serve]'",
+    "pytriton": "pip install 'moleflow-edge[serve]'",
 }
 
 

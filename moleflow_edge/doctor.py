@@ -174,6 +174,17 @@ def _nvidia_smi() -> dict:
     return {"gpus": gpus, "driver_cuda": match.group(1) if match else None}
 
 
+def serving_info() -> dict:
+    """Whether `moleflow-edge serve` can start tritonserver here (serving/libpython.py says why not)."""
+    from moleflow_edge.serving.libpython import interpreter_libpython, serving_problem
+
+    why = serving_problem()
+    library = interpreter_libpython()
+    return {"usable": why is None, "why_not": why, "pytriton": installed("nvidia-pytriton"),
+            "tritonclient": installed("tritonclient"),
+            "libpython": None if library is None else str(library)}  # fmt: skip
+
+
 def cameras() -> list[dict]:
     """V4L2 devices (USB cameras; CSI cameras on a Jetson too), with the name the driver gives."""
     found = []
@@ -236,6 +247,7 @@ def diagnose(export_dir: Path | None = None) -> dict:
     report["cuda"] = gpu_info(plat)
     report["torch"] = {"present": module_available("torch"), "version": installed("torch")}
     report["cameras"] = cameras()
+    report["serving"] = serving_info()
     gpus = report["cuda"]["gpus"]
     report["targets"] = [{"target": t.name, "usable": (why := target_status(t, gpus)) is None, "why_not": why,
                           "install": t.install} for t in TARGETS]  # fmt: skip
@@ -305,6 +317,9 @@ def format_report(report: dict) -> str:
         "gpu          " + ("; ".join(f"{g['name']} (sm{g['compute_capability']})" for g in gpu["gpus"])
                            or "none found"),
         "torch        " + (report["torch"]["version"] or "present" if report["torch"]["present"] else "not installed"),
+        "serving      " + (f"yes: nvidia-pytriton {report['serving']['pytriton']}, tritonclient "
+                           f"{report['serving']['tritonclient']}; the stub loads {report['serving']['libpython']}"
+                           if report["serving"]["usable"] else f"no: {report['serving']['why_not']}"),
         "cameras      " + (", ".join(f"{c['source']} {c['name'] or ''}".strip() for c in report["cameras"])
                            or "none found"),
         "",

@@ -38,3 +38,4 @@ def export_copy(built: dict, tmp_path: Path) -> Path:
     out = tmp_path / "export"
     shutil.copytree(built["export_dir"], out)
     return out
+

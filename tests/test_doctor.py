@@ -133,6 +133,20 @@ def test_human_report_names_every_component(built: dict) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     for label in ("platform", "python", "numpy", "opencv", "onnxruntime", "openvino", "tensorrt", "cuda", "gpu",
-                  "torch", "cameras", "targets", "export"):  # fmt: skip
+                  "torch", "serving", "cameras", "targets", "export"):  # fmt: skip
         assert re.search(rf"^{label}\b", done.stdout, re.MULTILINE), label
     assert re.search(r"^  runs onnxruntime-cpu\s+fp32, int8$", done.stdout, re.MULTILINE)
+
+
+def test_serving_says_why_not_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Python built without a shared libpython (pyenv's default) cannot host tritonserver's Python stub."""
+    import sysconfig
+
+    from moleflow_edge.doctor import serving_info
+
+    real = sysconfig.get_config_var
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda name: 0 if name == "Py_ENABLE_SHARED" else real(name))
+    info = serving_info()
+    assert not info["usable"] and info["libpython"] is None and "\n" not in info["why_not"]
+    expected = "--enable-shared" if info["pytriton"] and info["tritonclient"] else "pip install 'moleflow-edge[serve]'"
+    assert expected in info["why_not"]

@@ -39,7 +39,7 @@ from moleflow_edge.runtime.video_io import is_pipeline, is_stream_url, redact, u
 EXIT_OK = 0
 EXIT_LOAD_ERROR = 1  # the export cannot be loaded (missing, tampered, no backend)
 EXIT_SOURCE_ERROR = 2  # the source cannot be opened or holds no image
-EXIT_CAMERA_LOST = 3  # a camera or stream stopped delivering frames and did not come back
+EXIT_CAMERA_LOST = 3  # a camera, a stream or the inference server (run --server) stopped and did not come back
 EXIT_BACKEND_ERROR = 4  # the inference engine failed mid-run (device lost, out of memory)
 EXIT_ALL_FRAMES_FAILED = 5  # frames were read, but not one of them could be processed
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), after the summary
@@ -57,6 +57,10 @@ class SourceError(RuntimeError):
 
 class CameraLost(SourceError):
     """A camera or stream stopped delivering frames and reopening it did not help."""
+
+
+class ServerLost(RuntimeError):
+    """The inference server (run --server) stopped answering and retrying did not help."""
 
 
 @dataclass
@@ -271,10 +275,11 @@ def run_source(
 
     One JSON line per frame to ``out`` (stdout), overlays to ``save_dir`` when given, a cv2
     window with ``show``; a final {"summary": ...} line, also written for people to ``err``.
-    Exit codes: 0 done, 1 export not loadable, 2 source not readable, 3 camera or stream lost, 4 backend failed
-    mid-run, 5 every frame failed, 130 Ctrl-C (after the summary). Frames that fail alone are error lines.
-    ``runtime`` reuses a loaded Runtime (then ``options.runtime`` is unused). A latency target picks
-    the precision and target (Runtime.load) and says which, and why, on ``err``.
+    Exit codes: 0 done, 1 export not loadable, 2 source not readable, 3 camera, stream or server lost,
+    4 backend failed mid-run, 5 every frame failed, 130 Ctrl-C (after the summary). Frames that fail
+    alone are error lines. ``runtime`` reuses a loaded Runtime, or a serving.RemoteRuntime (Triton)
+    that stands in for one (then ``options.runtime`` is unused). A latency target picks the
+    precision and target (Runtime.load) and says which, and why, on ``err``.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
@@ -373,6 +378,9 @@ def run_source(
         if pending:
             batch, pending = pending, []
             process(batch)
+    except ServerLost as exc:  # the frames of the batch in flight got no answer
+        print(f"error: {exc}", file=err)
+        code = EXIT_CAMERA_LOST
     except SourceError as exc:  # CameraLost included: frames read before it are still reported
         print(f"error: {exc}", file=err)
         code = EXIT_CAMERA_LOST if isinstance(exc, CameraLost) else EXIT_SOURCE_ERROR

@@ -1,0 +1,178 @@
+"""export --format triton: every config.pbtxt parses as Triton's ModelConfig, and the repository's Python-backend
+models run in a real tritonserver (PyTriton's bundled binary, started here on free 127.0.0.1 ports).
+
+The bundled server has the Python backend but not the onnxruntime one, so for the serving test the ONNX
+models get Python-backend configs whose model.py runs the same model.onnx with onnxruntime; the BLS model
+``moleflow``, the info model and the client are the repository's own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from moleflow_edge.runtime import Runtime
+from moleflow_edge.serving.libpython import prepare_stub_environment, serving_problem
+from moleflow_edge.serving.serve_process import free_local_ports
+
+pytestmark = pytest.mark.skipif(serving_problem() is not None, reason=f"serving unavailable: {serving_problem()}")
+
+ONNX_AS_PYTHON = """
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.session = ort.InferenceSession(args["model_repository"] + "/1/model.onnx", providers=["CPUExecutionProvider"])
+
+    def execute(self, requests):
+        names = [o.name for o in self.session.get_outputs()]
+        replies = []
+        for request in requests:
+            feed = {i.name: pb_utils.get_input_tensor_by_name(request, i.name).as_numpy() for i in self.session.get_inputs()}
+            outputs = self.session.run(names, feed)
+            replies.append(pb_utils.InferenceResponse([pb_utils.Tensor(n, o) for n, o in zip(names, outputs)]))
+        return replies
+"""
+
+
+@pytest.fixture(scope="module")
+def repository(built: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(export, repository): a calibrated copy of the shared export and its Triton repository."""
+    from moleflow_edge.calibration import calibrate
+    from moleflow_edge.export.triton_repository import write_triton_repository
+
+    base = tmp_path_factory.mktemp("triton")
+    export = base / "export"
+    shutil.copytree(built["export_dir"], export)
+    calibrate(export, built["data"], 0.1)
+    write_triton_repository(export, base / "repo", max_batch=4)
+    return export, base / "repo"
+
+
+def parse(path: Path):  # noqa: ANN201 - a ModelConfig message
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_every_config_parses_and_names_its_model(repository: tuple[Path, Path]) -> None:
+    from moleflow_edge.contract import load_manifest
+
+    export, repo = repository
+    manifest = load_manifest(export)
+    configs = {p.parent.name: parse(p) for p in repo.glob("*/config.pbtxt")}
+    tasks = [f"moleflow_task_{t}" for t in manifest.task_names]
+    assert set(configs) == {"moleflow", "moleflow_info", "moleflow_backbone", *tasks}
+    for name, config in configs.items():
+        assert config.name == name and (config.platform == "onnxruntime_onnx") == (
+            name not in ("moleflow", "moleflow_info")
+        )
+        assert len(config.instance_group) == 1
+    assert configs["moleflow"].backend == "python" and configs["moleflow"].max_batch_size == 4
+    assert configs["moleflow"].dynamic_batching.max_queue_delay_microseconds == 2000
+    assert [i.optional for i in configs["moleflow"].input] == [True, True]
+    backbone = configs["moleflow_backbone"]
+    assert list(backbone.input[0].dims) == [manifest.image_size, manifest.image_size, 3]
+    assert [o.name for o in backbone.output] == ["embedding", "routing_feature"]
+    image_score = configs[tasks[0]].output[1]
+    assert image_score.name == "image_score" and list(image_score.dims) == [1] and image_score.HasField("reshape")
+    graph = export / manifest.backbone_graphs["fp32"].file
+    assert (repo / "moleflow_backbone" / "1" / "model.onnx").read_bytes() == graph.read_bytes()
+
+
+def test_the_repository_serves_what_the_runtime_gives(
+    repository: tuple[Path, Path], built: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pytriton
+    import tritonclient.http as triton_http
+    from google.protobuf import text_format
+    from tritonclient.utils import InferenceServerException
+
+    from moleflow_edge.serving import RemoteRuntime
+
+    export, source = repository
+    repo = tmp_path / "repo"
+    shutil.copytree(source, repo)
+    for folder in [repo / "moleflow_backbone", *repo.glob("moleflow_task_*")]:
+        config = parse(folder / "config.pbtxt")
+        config.ClearField("platform")
+        config.backend = "python"
+        (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
+        (folder / "1" / "model.py").write_text(ONNX_AS_PYTHON)
+
+    monkeypatch.setenv("LD_LIBRARY_PATH", os.environ.get("LD_LIBRARY_PATH", ""))  # restored after the test
+    prepare_stub_environment()
+    bundled = Path(pytriton.__file__).parent / "tritonserver"
+    server = tmp_path / "tritonserver"
+    shutil.copytree(bundled, server, ignore=shutil.ignore_patterns("python_backend_stubs"))
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    shutil.copy(
+        bundled / "python_backend_stubs" / version / "triton_python_backend_stub", server / "backends" / "python"
+    )
+    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": f"{os.environ['LD_LIBRARY_PATH']}:{libs}",
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }  # the stub's Python is this venv's
+    http, grpc, metrics = free_local_ports(3)
+    command = [
+        str(server / "bin" / "tritonserver"), "--model-repository", str(repo), "--backend-directory", str(server / "backends"),
+        "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--metrics-address", "127.0.0.1",
+        "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--exit-timeout-secs", "5",
+    ]  # fmt: skip
+    log = tmp_path / "tritonserver.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        client = triton_http.InferenceServerClient(f"127.0.0.1:{http}")
+        deadline = time.monotonic() + 180
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                if client.is_server_ready():
+                    break
+            except (OSError, InferenceServerException):  # not listening yet
+                pass
+            time.sleep(0.5)
+        client.close()
+        assert process.poll() is None, f"tritonserver exited; its log ends:\n{log.read_text()[-3000:]}"
+
+        files = [f for task in ("weave", "tiles") for f in sorted((built["data"] / task / "test").rglob("*.png"))[::7]]
+        frames = [cv2.imread(str(f)) for f in files] + [np.full((96, 160, 3), (30, 200, 90), np.uint8)]
+        with Runtime.load(export) as runtime:
+            want = runtime.infer(frames)
+        with RemoteRuntime(f"127.0.0.1:{http}", retries=0, max_map_side=256) as remote:
+            assert remote.tasks == runtime.tasks and remote.description.endswith(
+                "Triton model repository, fp32, frames sent raw)"
+            )
+            got = remote.infer(frames)
+        for g, w in zip(got, want):
+            assert g.error is None and g.task == w.task and g.is_anomaly == w.is_anomaly
+            assert (
+                g.image_score == pytest.approx(w.image_score, rel=1e-5)
+                if w.image_score is not None
+                else g.image_score is None
+            )
+            assert all(g.distances[t] == pytest.approx(d, rel=1e-5) for t, d in w.distances.items())
+            if w.image_score is not None:
+                assert g.anomaly_map.shape == w.anomaly_map.shape
+                assert np.allclose(g.anomaly_map, w.anomaly_map, rtol=1e-4, atol=1e-4)
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
