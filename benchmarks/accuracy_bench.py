@@ -292,6 +292,15 @@ def jpeg_markdown(result: dict) -> str:
     )
 
 
+def write_results(out: Path, name: str, result: dict, table: str) -> None:
+    """OUT/<name>.json and OUT/<name>.md, and the table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(table)
+    print(table)
+    print(f"wrote {out / name}.json and {name}.md ({result['seconds']:.0f} s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="MVTec-layout root: every category is learned")
@@ -309,12 +318,7 @@ def main() -> None:
     started = time.perf_counter()
     result = run(args.data, args.out, config, products, kinds, args.device)
     result["seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (args.out / "accuracy.md").write_text(table)
-    print(table)
-    print(f"wrote {args.out / 'accuracy.json'} and accuracy.md ({result['seconds']:.0f} s)")
+    write_results(args.out, "accuracy", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ with trained models. Every product's prototype is fitted twice from the same fea
 fits it (train.training_features): on the originals alone (the reference, the router before JPEG
 round trips) and with the round trips. Two tables:
   known     every product learned: test/good frames stopped as "unknown product" as PNG and
-            re-encoded as JPEG at quality 95, 90 and 75 (the target: none);
+            re-encoded as JPEG at quality 95, 90 and 75 (the target: none), and defective test
+            frames stopped (PNG; the line stops them too, a damaged part's pooled feature moves);
   left out  prototypes of every product but one: how many of the left-out product's test frames
             (good and defective, PNG; and its good frames at JPEG 75) the router stops as unknown
             (the target: all), and the closest one's distance in units of its nearest task's limit.
@@ -16,14 +17,13 @@ round trips) and with the round trips. Two tables:
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from accuracy_bench import JPEG_QUALITIES
+from accuracy_bench import JPEG_QUALITIES, write_results
 
 from moleflow_edge.augment import jpeg_round_trips
 from moleflow_edge.config import MoleFlowConfig
@@ -46,6 +46,7 @@ def product_features(model: torch.nn.Module, root: Path, product: str) -> dict[s
     out = {"train": training_features(model, train, with_variants=False)[1], "labels": test.labels}
     out["test"] = extract_features(model, test.images).routing
     out["png"] = out["test"][test.labels == 0]
+    out["defective"] = out["test"][test.labels == 1]
     for q, jpeg in zip(JPEG_QUALITIES, jpeg_round_trips(good, JPEG_QUALITIES)):
         out[f"q{q}"] = extract_features(model, jpeg).routing
     return out
@@ -82,7 +83,9 @@ def run(root: Path, config: MoleFlowConfig, products: list[str]) -> dict:
         protos = {p: prototype(feats[p]["train"], config, fit) for p in products}
         table = RouterTable(products, [protos[p] for p in products])
         known[fit] = {
-            p: {"good": len(feats[p]["png"]), **{v: stopped(table, feats[p][v]) for v in ("png", *[f"q{q}" for q in JPEG_QUALITIES])}}
+            p: {"good": len(feats[p]["png"]), "defective": len(feats[p]["defective"]),
+                **{v: stopped(table, feats[p][v]) for v in ("png", *[f"q{q}" for q in JPEG_QUALITIES])},
+                "defective_unknown": stopped(table, feats[p]["defective"])}
             for p in products
         }  # fmt: skip
         left_out[fit] = {}
@@ -99,13 +102,13 @@ def run(root: Path, config: MoleFlowConfig, products: list[str]) -> dict:
 
 def markdown(result: dict) -> str:
     variants = ("png", *[f"q{q}" for q in JPEG_QUALITIES])
-    lines = ["| router fit | product | good | " + " | ".join(f"unknown {v}" for v in variants) + " |",
-             "|---|---|" + "---:|" * (len(variants) + 1)]  # fmt: skip
+    lines = ["| router fit | product | good | " + " | ".join(f"unknown {v}" for v in variants) + " | defective stopped |",
+             "|---|---|" + "---:|" * (len(variants) + 2)]  # fmt: skip
     for fit, rows in result["known"].items():
-        for product, r in rows.items():
-            lines.append(f"| {fit} | {product} | {r['good']} | " + " | ".join(str(r[v]) for v in variants) + " |")
-        total = {k: sum(r[k] for r in rows.values()) for k in ("good", *variants)}
-        lines.append(f"| {fit} | **all** | {total['good']} | " + " | ".join(str(total[v]) for v in variants) + " |")
+        total = {k: sum(r[k] for r in rows.values()) for k in next(iter(rows.values()))}
+        for product, r in [*rows.items(), ("**all**", total)]:
+            cells = " | ".join(str(r[v]) for v in variants)
+            lines.append(f"| {fit} | {product} | {r['good']} | {cells} | {r['defective_unknown']} of {r['defective']} |")
     lines += ["", "| router fit | left out | test frames stopped (PNG) | good stopped at JPEG 75 | closest / limit |",
               "|---|---|---:|---:|---:|"]  # fmt: skip
     for fit, rows in result["left_out"].items():
@@ -127,12 +130,7 @@ def main() -> None:
     started = time.perf_counter()
     result = run(args.data, config, list_categories(args.data))
     result["seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "router_jpeg.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (args.out / "router_jpeg.md").write_text(table)
-    print(table)
-    print(f"wrote {args.out / 'router_jpeg.json'} and router_jpeg.md ({result['seconds']:.0f} s)")
+    write_results(args.out, "router_jpeg", result, markdown(result))
 
 
 if __name__ == "__main__":
