@@ -11,8 +11,11 @@ on the identical patch grid:
   gaussian  one Ledoit-Wolf Gaussian over every training patch, Mahalanobis distance per patch.
 Per product: image AUROC, pixel AUROC, pixel AP, AUPRO, routing accuracy, forgetting and the
 exposure score (AUROC of test/good against the same images x0.9 and x1.1: 0.5 = unaffected,
-above 0.5 = brighter or darker good parts look more anomalous). Products with fewer than
-SMOKE_IMAGES training images are reported but stay out of the means.
+above 0.5 = brighter or darker good parts look more anomalous). A second table does the same for
+an MJPEG camera: per detector kind, the test/good images re-encoded as JPEG at quality 95, 90 and
+75, how many the router stops as "unknown product" and their score shift against the same images
+as decoded PNG. Products with fewer than SMOKE_IMAGES training images are reported but stay out
+of the means (the unknown counts are totalled over every product).
 
     python benchmarks/accuracy_bench.py --data ../shared/data/real-dev [--detector memory] [--config cfg.json]
         [--out runs/acc]
@@ -29,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moleflow_edge.augment import jpeg_round_trips
 from moleflow_edge.bench.measure import measure_calls
 from moleflow_edge.config import DetectorKind, MoleFlowConfig
 from moleflow_edge.contract import load_manifest
@@ -38,12 +42,13 @@ from moleflow_edge.export.exporter import export_model
 from moleflow_edge.features import extract_features
 from moleflow_edge.metrics import auroc
 from moleflow_edge.model_store import ModelStore
-from moleflow_edge.router import RouterTable, ledoit_wolf, mahalanobis_whitener
-from moleflow_edge.scoring import TaskDetectors, score_routed
+from moleflow_edge.router import UNKNOWN, RouterTable, ledoit_wolf, mahalanobis_whitener
+from moleflow_edge.scoring import RoutedScores, TaskDetectors, score_routed
 from moleflow_edge.train import train_task
 
 SMOKE_IMAGES = 10  # fewer training images than this: a smoke test, out of the means
 GAINS = (0.9, 1.1)
+JPEG_QUALITIES = (95, 90, 75)
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 QUERY_CHUNK = 4096
 REFERENCES = ("knn", "gaussian")
@@ -91,11 +96,24 @@ class GaussianReference:
         return dist.reshape(concat.shape[0], *concat.shape[2:]).float().numpy()
 
 
+def score_shift(base: np.ndarray, changed: np.ndarray) -> float:
+    """AUROC of the good images' changed scores against their unchanged ones (label 1 = changed)."""
+    return auroc(np.r_[np.zeros(len(base)), np.ones(len(changed))], np.r_[base, changed])
+
+
 def exposure(scores: dict[float, np.ndarray]) -> dict[str, float]:
-    """AUROC of the good images' scores at each gain against gain 1 (label 1 = changed)."""
-    base = scores[1.0]
-    labels = np.r_[np.zeros(len(base)), np.ones(len(base))]
-    return {f"x{g}": auroc(labels, np.r_[base, scores[g]]) for g in GAINS}
+    """Score shift of the good images at each gain against gain 1."""
+    return {f"x{g}": score_shift(scores[1.0], scores[g]) for g in GAINS}
+
+
+def camera_jpeg(png: RoutedScores, jpeg: dict[int, RoutedScores]) -> dict[str, float]:
+    """Per JPEG quality: good images the router stops as unknown, and their score shift against PNG
+    (a stopped frame scores +inf, so it counts as shifted)."""
+    out: dict[str, float] = {"good": len(png.image)}
+    for q, scored in jpeg.items():
+        out[f"q{q}_unknown"] = sum(t == UNKNOWN for t in scored.routing.tasks)
+        out[f"q{q}"] = score_shift(png.image, scored.image)
+    return out
 
 
 class Deployed:
@@ -109,9 +127,9 @@ class Deployed:
 
 
 def product_results(deployed: dict[str, Deployed], root: Path, product: str) -> dict[str, dict[str, float]]:
-    """Exposure of each deployed kind, and both references' metrics and exposure, on one product.
+    """Exposure and camera JPEG of each deployed kind, and both references' metrics and exposure, on one product.
 
-    The backbone runs once per image set (train, test, and the good test images at each gain);
+    The backbone runs once per image set (train, test, and the good test images at each gain and JPEG quality);
     every model shares the backbone, so every detector and both references score the same features.
     """
     model = next(iter(deployed.values())).model
@@ -121,10 +139,12 @@ def product_results(deployed: dict[str, Deployed], root: Path, product: str) -> 
     test_concat = extract_features(model, test.images).concat
     good = test.images[~test.labels.astype(bool)]
     at_gain = {g: extract_features(model, with_gain(good, g)) for g in (1.0, *GAINS)}
-    results = {
-        kind: exposure({g: score_routed(d.detectors, d.table, f).image for g, f in at_gain.items()})
-        for kind, d in deployed.items()
-    }
+    at_jpeg = {q: extract_features(model, jpeg) for q, jpeg in zip(JPEG_QUALITIES, jpeg_round_trips(good, JPEG_QUALITIES))}
+    results = {}
+    for kind, d in deployed.items():
+        gains = {g: score_routed(d.detectors, d.table, f) for g, f in at_gain.items()}
+        jpeg = {q: score_routed(d.detectors, d.table, f) for q, f in at_jpeg.items()}
+        results[kind] = {**exposure({g: s.image for g, s in gains.items()}), **camera_jpeg(gains[1.0], jpeg)}
     for name, ref in zip(REFERENCES, (KnnReference(train), GaussianReference(train))):
         patch = ref.patch_scores(test_concat)
         metrics = split_metrics(test, anomaly_maps(patch, cfg), max_patch(patch))
@@ -202,6 +222,10 @@ def run(
             "exposure_mean": float(np.mean(gains)),
             "exposure_max": float(np.max(gains)),
         }
+    for kind in deployed:
+        for key in ("good", *(f"q{q}_unknown" for q in JPEG_QUALITIES)):  # every product, smoke ones too
+            summary[kind][key] = int(sum(rows[p][kind][key] for p in products))
+        summary[kind]["jpeg_max"] = float(np.max([rows[p][kind][f"q{q}"] for p in counted for q in JPEG_QUALITIES]))
     return {
         "data": str(root),
         "config": asdict(next(iter(deployed.values())).model.config),
@@ -238,7 +262,43 @@ def markdown(result: dict) -> str:
     forgetting = "; ".join(
         f"{kind}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()) for kind, values in result["forgetting"].items()
     )
-    return "\n".join(lines) + f"\n\nmeans over {', '.join(result['mean_over'])}; forgetting: {forgetting}\n"
+    return (
+        "\n".join(lines) + f"\n\nmeans over {', '.join(result['mean_over'])}; forgetting: {forgetting}\n\n"
+        + jpeg_markdown(result) + "\n"
+    )  # fmt: skip
+
+
+def jpeg_markdown(result: dict) -> str:
+    """The camera JPEG table: good images stopped as unknown (of the good ones) and score shift per quality."""
+    unknown = [f"unknown q{q}" for q in JPEG_QUALITIES]
+    shift = [f"shift q{q}" for q in JPEG_QUALITIES]
+    lines = [
+        "| product | detector | " + " | ".join(unknown + shift) + " | exposure shift max |",
+        "|---|---|" + "---:|" * (len(unknown) + len(shift) + 1),
+    ]
+    for product, row in result["products"].items():
+        for kind in result["detectors"]:
+            r = row[kind]
+            counts = [f"{r[f'q{q}_unknown']} of {r['good']}" for q in JPEG_QUALITIES]
+            shifts = [f"{r[f'q{q}']:.3f}" for q in JPEG_QUALITIES]
+            lines.append(f"| {product} | {kind} | " + " | ".join(counts + shifts) + f" | {max(r['x0.9'], r['x1.1']):.3f} |")
+    for kind in result["detectors"]:
+        m = result["mean"][kind]
+        counts = [f"{m[f'q{q}_unknown']} of {m['good']}" for q in JPEG_QUALITIES]
+        shifts = [f"{m[f'q{q}']:.3f}" for q in JPEG_QUALITIES]
+        lines.append(f"| **all** | {kind} | " + " | ".join(counts + shifts) + f" | {m['exposure_max']:.3f} |")
+    return "\n".join(lines) + f"\n\nshift: mean over {', '.join(result['mean_over'])}; JPEG shift max " + ", ".join(
+        f"{kind} {result['mean'][kind]['jpeg_max']:.3f}" for kind in result["detectors"]
+    )
+
+
+def write_results(out: Path, name: str, result: dict, table: str) -> None:
+    """OUT/<name>.json and OUT/<name>.md, and the table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(table)
+    print(table)
+    print(f"wrote {out / name}.json and {name}.md ({result['seconds']:.0f} s)")
 
 
 def main() -> None:
@@ -258,12 +318,7 @@ def main() -> None:
     started = time.perf_counter()
     result = run(args.data, args.out, config, products, kinds, args.device)
     result["seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (args.out / "accuracy.md").write_text(table)
-    print(table)
-    print(f"wrote {args.out / 'accuracy.json'} and accuracy.md ({result['seconds']:.0f} s)")
+    write_results(args.out, "accuracy", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -95,26 +95,39 @@ def limit_widening(images: int) -> float:
 
 
 def _mean_and_whitener(
-    features: np.ndarray, covariance: str, ridge: float, target: np.ndarray
+    features: np.ndarray, images: int, covariance: str, ridge: float, target: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and whitener of (M,C) feature rows that come from ``images`` images (M > images where
+    the rows include variants): the shrinkage prior weighs against images, not rows."""
     mean = features.mean(axis=0)
     centered = features - mean
     n = len(features)
     if Covariance(covariance) is Covariance.LEDOIT_WOLF:
-        cov = ledoit_wolf(centered, target, PRIOR_IMAGES / (PRIOR_IMAGES + n - 1))
+        cov = ledoit_wolf(centered, target, PRIOR_IMAGES / (PRIOR_IMAGES + images - 1))
     else:
         cov = centered.T @ centered / max(n - 1, 1) + ridge * np.eye(features.shape[1])
     return mean, mahalanobis_whitener(cov)
 
 
 def fit_prototype(
-    features: np.ndarray, covariance: str, ridge: float, limit_quantile: float, limit_margin: float
+    features: np.ndarray,
+    covariance: str,
+    ridge: float,
+    limit_quantile: float,
+    limit_margin: float,
+    variants: np.ndarray | None = None,
 ) -> Prototype:
     """Prototype from a task's pooled training features (N,C), N >= MIN_IMAGES.
 
     The unknown-product limit is ``limit_margin`` x ``limit_widening(N)`` x the ``limit_quantile``
     of held-out distances (each fold scored by a prototype fitted without it), because in-sample
     distances understate how far a new normal image of the product lands.
+
+    ``variants`` (V,N,C): the same images' features after changes a camera makes to a good part
+    (JPEG round trips, augment.jpeg_round_trips). They enter the mean and covariance as more rows
+    and the held-out distances with their image's fold. In the covariance they widen only the thin
+    directions compression moves a frame along; putting them in the held-out limit alone was
+    measured on real-dev (benchmarks/README.md) and stops 29 of 94 good frames at JPEG quality 75.
     """
     feats = np.asarray(features, dtype=np.float64)
     if feats.ndim != 2 or len(feats) < MIN_IMAGES:
@@ -124,13 +137,20 @@ def fit_prototype(
     if spread <= 1e-12 * np.mean(feats**2):
         raise ValueError(f"the {n} training images give identical router features: add distinct good images")
     target = spread * np.eye(c)
-    mean, whitener = _mean_and_whitener(feats, covariance, ridge, target)
+    extra = np.zeros((0, n, c)) if variants is None else np.asarray(variants, dtype=np.float64).reshape(-1, n, c)
+    views = np.concatenate([feats[None], extra])  # (1+V,N,C): the originals first
+
+    def rows(images: np.ndarray) -> np.ndarray:
+        return views[:, images].reshape(-1, c)
+
+    mean, whitener = _mean_and_whitener(rows(np.arange(n)), n, covariance, ridge, target)
     k = min(LIMIT_FOLDS, n)
     folds = np.arange(n) % k
     held_out = []
     for fold in range(k):
-        fold_mean, fold_whitener = _mean_and_whitener(feats[folds != fold], covariance, ridge, target)
-        held_out.append(np.sum(((feats[folds == fold] - fold_mean) @ fold_whitener.T) ** 2, axis=1))
+        fitted = np.flatnonzero(folds != fold)
+        fold_mean, fold_whitener = _mean_and_whitener(rows(fitted), len(fitted), covariance, ridge, target)
+        held_out.append(np.sum(((rows(np.flatnonzero(folds == fold)) - fold_mean) @ fold_whitener.T) ** 2, axis=1))
     limit = float(np.quantile(np.concatenate(held_out), limit_quantile) * limit_margin * limit_widening(n))
     return Prototype(np.ascontiguousarray(mean, np.float32), np.ascontiguousarray(whitener, np.float32), limit, n)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moleflow_edge.augment import photometric_variants
+from moleflow_edge.augment import jpeg_round_trips, photometric_variants
 from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import DetectorKind, MoleFlowConfig
 from moleflow_edge.data.mvtec import load_split
@@ -82,14 +82,15 @@ def training_features(
     model: MoleFlow, images: np.ndarray, with_variants: bool = True
 ) -> tuple[torch.Tensor, np.ndarray]:
     """(V,N,Ccat,G,G) patch features of the images and, ``with_variants``, their photometric variants
-    (V = copies + 1), and (N,C) router features of the originals: the backbone runs once per
-    variant, never per step."""
+    (V = copies + 1), and (1+Q,N,C) router features of the originals and of their JPEG round trips at
+    the Q CAMERA_JPEG_QUALITIES: the backbone runs once per variant, never per step."""
     cfg = model.config
     original = extract_features(model, images)
     copies = cfg.augment_copies if with_variants else 0
     variants = photometric_variants(images, copies, cfg.augment_strength, cfg.seed)
     concat = [original.concat] + [extract_features(model, v).concat for v in variants]
-    return torch.stack(concat), original.routing
+    routing = [original.routing] + [extract_features(model, j).routing for j in jpeg_round_trips(images)]
+    return torch.stack(concat), np.stack(routing)
 
 
 def _batch_hint(arguments: dict[str, object]) -> str:
@@ -159,8 +160,9 @@ def train_task(
         p.requires_grad_(False)
 
     prototype = fit_prototype(
-        routing, cfg.router_covariance, cfg.router_ridge, cfg.router_limit_quantile, cfg.router_limit_margin
-    )
+        routing[0], cfg.router_covariance, cfg.router_ridge, cfg.router_limit_quantile, cfg.router_limit_margin,
+        variants=routing[1:],
+    )  # fmt: skip
     store.save_task(model, task, replace(prototype, patch_level=fitted.patch_level))
     return TrainReport(
         task,

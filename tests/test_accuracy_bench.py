@@ -38,6 +38,11 @@ def test_accuracy_bench_on_an_unseen_root(tmp_path: Path) -> None:
         for kind in ("flow", "memory"):
             assert row[kind]["routing_accuracy"] == 1.0
             assert row[kind]["graph_ms"] > 0 and row[kind]["task_file_mib"] > 0
+            for q in (95, 90, 75):
+                assert 0.0 <= row[kind][f"q{q}"] <= 1.0 and 0 <= row[kind][f"q{q}_unknown"] <= row[kind]["good"]
     assert result["mean"]["knn"]["image_auroc"] == result["products"]["weave"]["knn"]["image_auroc"]
     table = (out / "accuracy.md").read_text()
     assert "| cap | knn |" in table and "| weave | memory |" in table
+    assert "| **all** | memory | " + " | ".join(  # the JPEG table's totals count every product's good images
+        f"{result['mean']['memory'][f'q{q}_unknown']} of 10" for q in (95, 90, 75)
+    ) in table
