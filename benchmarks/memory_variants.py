@@ -4,10 +4,12 @@ Fits the memory detector (moleflow_edge/detectors/memory.py, the code train runs
 of an MVTec-layout root alone, with the default config's backbone features, for each variant, and
 scores the test split through the scorer export writes; the full-bank kNN reference of
 accuracy_bench.py (every training patch, no coreset) is measured in the same run. Prints image
-AUROC / pixel AP per product and the means over products with at least SMOKE_IMAGES training
-images, and the kept vectors per product. No routing: each product is scored by its own bank.
+AUROC / pixel AP / worst exposure score (accuracy_bench's: AUROC of the good test images x0.9 and
+x1.1 against x1.0) per product and the means over products with at least SMOKE_IMAGES training
+images (worst: the largest), and the kept vectors per product. No routing: each product is scored
+by its own bank.
 
-    python benchmarks/memory_variants.py --data ROOT
+    python benchmarks/memory_variants.py --data ROOT [--only SUBSTRING]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accuracy_bench import GAINS, exposure, with_gain
 
 from moleflow_edge.augment import photometric_variants
 from moleflow_edge.backbones import build_backbone
@@ -32,7 +35,8 @@ from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.train import holdout_split
 
 SMOKE_IMAGES = 10
-Variant = Callable[["Product"], tuple[np.ndarray, np.ndarray, int]]  # -> patch (N,H,W), image (N,), kept
+Scorer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # embedding -> patch (N,H,W), image (N,)
+Variant = Callable[["Product"], tuple[Scorer, int]]  # -> the bank's scorer, its kept vectors
 
 
 class Product:
@@ -46,13 +50,15 @@ class Product:
         self.concat = torch.stack([extract_features(model, x).concat for x in [train, *copies]])
         self.test: Split = load_split(root, name, "test", cfg.image_size)
         self.test_embedded = model.embed(extract_features(model, self.test.images).concat)
+        good = self.test.images[~self.test.labels.astype(bool)]
+        self.good_at_gain = {g: model.embed(extract_features(model, with_gain(good, g)).concat) for g in (1.0, *GAINS)}
 
 
 def deployed(variants: bool = False, **overrides: object) -> Variant:
     """The memory detector as train fits it, with config ``overrides``; ``variants`` banks the
     photometric variants' patches too, as training images of their own."""
 
-    def score(product: Product) -> tuple[np.ndarray, np.ndarray, int]:
+    def score(product: Product) -> tuple[Scorer, int]:
         model = product.model
         model.config = model.config.with_overrides(**overrides)
         concat = product.concat.flatten(0, 1)[None] if variants else product.concat[:1]
@@ -60,32 +66,30 @@ def deployed(variants: bool = False, **overrides: object) -> Variant:
         model.add_task("variant", DetectorKind.MEMORY)
         detector = detector_of(DetectorKind.MEMORY)
         detector.fit(model, "variant", TrainingSet(concat, fit, held), FitOptions(1, torch.device("cpu"), None, False))
-        patch, image = detector.scorer(model, "variant")(product.test_embedded)
+        scorer = detector.scorer(model, "variant")
         kept = len(model.per_task["variant"].bank)
         model.remove_task("variant")
-        return patch.numpy(), image.numpy(), kept
+        return scorer, kept
 
     return score
 
 
-def with_position(product: Product) -> tuple[np.ndarray, np.ndarray, int]:
+def with_position(product: Product) -> tuple[Scorer, int]:
     """The default coreset, over embeddings that keep the positional encoding, scored with it."""
     model, cfg = product.model, product.model.config
     embedded = model.embed(product.concat[0])
     vectors = embedded.permute(0, 2, 3, 1).reshape(-1, embedded.shape[1])
     count = coreset_size(len(vectors), cfg.coreset_ratio, cfg.coreset_min, cfg.coreset_max)
     bank = vectors[greedy_coreset(vectors, count, cfg.seed)[0]]
-    patch, image = MemoryScorer(bank, torch.zeros_like(model.embedder.position))(product.test_embedded)
-    return patch.numpy(), image.numpy(), count
+    return MemoryScorer(bank, torch.zeros_like(model.embedder.position)), count
 
 
-def full_knn(product: Product) -> tuple[np.ndarray, np.ndarray, int]:
+def full_knn(product: Product) -> tuple[Scorer, int]:
     """accuracy_bench's kNN reference: every training patch of the originals, positional encoding out."""
     model = product.model
     vectors = (model.embed(product.concat[0]) - model.embedder.position).permute(0, 2, 3, 1)
     bank = vectors.reshape(-1, vectors.shape[-1])
-    patch, image = MemoryScorer(bank, model.embedder.position)(product.test_embedded)
-    return patch.numpy(), image.numpy(), len(bank)
+    return MemoryScorer(bank, model.embedder.position), len(bank)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -102,6 +106,7 @@ VARIANTS: dict[str, Variant] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--only", default="", help="measure only the variants whose name holds this text")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = MoleFlowConfig()
@@ -111,21 +116,25 @@ def main() -> None:
     base_config = model.config
     products = [Product(model, args.data, name) for name in list_categories(args.data)]
     counted = [p.name for p in products if p.images >= SMOKE_IMAGES]
-    print(f"means over {', '.join(counted)}; cells: image AUROC / pixel AP (kept vectors)")
+    print(f"means over {', '.join(counted)}; cells: image AUROC / pixel AP / worst exposure (kept vectors)")
     print("| variant | " + " | ".join(p.name for p in products) + " | mean |")
     print("|---|" + "---:|" * (len(products) + 1))
     with torch.no_grad():
-        for name, variant in VARIANTS.items():
-            cells, means = [], []
+        for name, variant in [(n, v) for n, v in VARIANTS.items() if args.only in n]:
+            cells, means, worst = [], [], []
             for product in products:
                 model.config = base_config
-                patch, image, kept = variant(product)
-                metrics = split_metrics(product.test, anomaly_maps(patch, base_config), image)
-                cells.append(f"{metrics[0]:.3f} / {metrics[2]:.3f} ({kept})")
+                scorer, kept = variant(product)
+                patch, image = scorer(product.test_embedded)
+                metrics = split_metrics(product.test, anomaly_maps(patch.numpy(), base_config), image.numpy())
+                lighting = max(exposure({g: scorer(e)[1].numpy() for g, e in product.good_at_gain.items()}).values())
+                cells.append(f"{metrics[0]:.3f} / {metrics[2]:.3f} / {lighting:.3f} ({kept})")
                 if product.name in counted:
                     means.append((metrics[0], metrics[2]))
+                    worst.append(lighting)
             mean = np.mean(means, axis=0)
-            print(f"| {name} | " + " | ".join(cells) + f" | **{mean[0]:.3f} / {mean[1]:.3f}** |", flush=True)
+            summary = f"**{mean[0]:.3f} / {mean[1]:.3f} / {max(worst):.3f}**"
+            print(f"| {name} | " + " | ".join(cells) + f" | {summary} |", flush=True)
 
 
 if __name__ == "__main__":
