@@ -145,17 +145,12 @@ def learn(flow: Flow, config: MoleFlowConfig, backbone: Backbone, cache: dict[st
         for p in model.parameters():
             p.requires_grad_(False)
         merged = merge_task(model, product)
-
-        def patch(images: BackboneMaps | torch.Tensor) -> np.ndarray:
-            concat_ = images if isinstance(images, torch.Tensor) else features(images, flow, config, backbone.channels8)
-            with torch.no_grad():
-                return merged(model.embed(concat_))[0].numpy()
-
-        scores[product] = FlowScores(
-            patch(concat[0, torch.from_numpy(held if len(held) else fit)]),
-            patch(maps.test),
-            {g: patch(m) for g, m in maps.gains.items()},
-        )
+        on = {"held": concat[0, torch.from_numpy(held if len(held) else fit)],
+              "test": features(maps.test, flow, config, backbone.channels8),
+              **{g: features(m, flow, config, backbone.channels8) for g, m in maps.gains.items()}}  # fmt: skip
+        with torch.no_grad():
+            patch = {key: merged(model.embed(c))[0].numpy() for key, c in on.items()}
+        scores[product] = FlowScores(patch["held"], patch["test"], {g: patch[g] for g in maps.gains})
     return scores, graph_ms(merged, config.embed_dim, config.grid_size)
 
 
@@ -185,9 +180,11 @@ def standardised(scores: FlowScores) -> FlowScores:
 
 
 def fuse(a: FlowScores, b: FlowScores, rule: str) -> FlowScores:
+    """Two flows' standardised patch scores, combined patch by patch by their max or mean."""
     combine = np.maximum if rule == "max" else lambda x, y: (x + y) / 2
     a, b = standardised(a), standardised(b)
-    return FlowScores(combine(a.held, b.held), combine(a.test, b.test), {g: combine(a.gains[g], b.gains[g]) for g in a.gains})
+    gains = {g: combine(a.gains[g], b.gains[g]) for g in a.gains}
+    return FlowScores(combine(a.held, b.held), combine(a.test, b.test), gains)
 
 
 def top_k(patch: np.ndarray, k: int) -> np.ndarray:
@@ -232,7 +229,8 @@ def run(root: Path, config: MoleFlowConfig, products: list[str], names: list[str
         print(f"references, aggregation {kernel}", flush=True)
         for product, maps in cache.items():
             for ref, metrics in reference_metrics(maps, kernel, config).items():
-                per_product.setdefault(f"{ref}" + ("" if kernel == 3 else f", aggregation {kernel}"), {})[product] = metrics
+                name = ref if kernel == 3 else f"{ref}, aggregation {kernel}"
+                per_product.setdefault(name, {})[product] = metrics
     learned, ms = {}, {}
     for name in names:
         print(f"flow: {name}", flush=True)
@@ -273,8 +271,10 @@ def markdown(result: dict) -> str:
     per = ["", "| detector | " + " | ".join(result["products"]["knn"]) + " |",
            "|---|" + "---:|" * len(result["products"]["knn"])]  # fmt: skip
     for name, rows in result["products"].items():
-        per.append(f"| {name} | " + " | ".join(f"{r['image_auroc']:.3f} / {r['pixel_ap']:.3f}" for r in rows.values()) + " |")
-    return "\n".join(lines + per) + f"\n\nmeans over {', '.join(result['mean_over'])}; per product: image AUROC / pixel AP\n"
+        cells = " | ".join(f"{r['image_auroc']:.3f} / {r['pixel_ap']:.3f}" for r in rows.values())
+        per.append(f"| {name} | {cells} |")
+    counted = ", ".join(result["mean_over"])
+    return "\n".join(lines + per) + f"\n\nmeans over {counted}; per product: image AUROC / pixel AP\n"
 
 
 def main() -> None:
