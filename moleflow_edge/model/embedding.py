@@ -11,14 +11,15 @@ from torch import nn
 from moleflow_edge.backbones import BackboneMaps
 
 
-def patch_concat(maps: BackboneMaps, stride: int) -> torch.Tensor:
-    """Parameter-free PatchCore step: 3x3 local average on both maps, brought to one grid, concatenated.
+def patch_concat(maps: BackboneMaps, stride: int, kernel: int = 3) -> torch.Tensor:
+    """Parameter-free PatchCore step: kxk local average on both maps (PatchCore's 3; 1 = none),
+    brought to one grid, concatenated.
 
     stride 16: the stride-8 map is pooled down, (B,C8,2H,2W),(B,C16,H,W) -> (B,C8+C16,H,W);
     stride 8: the stride-16 map is upsampled (bilinear), a 4x finer grid for small defects.
     """
-    f8 = F.avg_pool2d(maps.stride8, 3, 1, 1)
-    f16 = F.avg_pool2d(maps.stride16, 3, 1, 1)
+    f8 = F.avg_pool2d(maps.stride8, kernel, 1, kernel // 2)
+    f16 = F.avg_pool2d(maps.stride16, kernel, 1, kernel // 2)
     if stride == 16:
         f8 = F.avg_pool2d(f8, 2, 2)
     else:
