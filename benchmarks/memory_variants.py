@@ -54,14 +54,14 @@ class Product:
         self.good_at_gain = {g: model.embed(extract_features(model, with_gain(good, g)).concat) for g in (1.0, *GAINS)}
 
 
-def deployed(variants: bool = False, **overrides: object) -> Variant:
-    """The memory detector as train fits it, with config ``overrides``; ``variants`` banks the
-    photometric variants' patches too, as training images of their own."""
+def deployed(variants: bool = True, **overrides: object) -> Variant:
+    """The memory detector as train fits it, with config ``overrides``; without ``variants`` it
+    banks the originals' patches alone (no photometric variants)."""
 
     def score(product: Product) -> tuple[Scorer, int]:
         model = product.model
         model.config = model.config.with_overrides(**overrides)
-        concat = product.concat.flatten(0, 1)[None] if variants else product.concat[:1]
+        concat = product.concat if variants else product.concat[:1]
         fit, held = holdout_split(concat.shape[1], model.config.holdout_fraction, model.config.seed)
         model.add_task("variant", DetectorKind.MEMORY)
         detector = detector_of(DetectorKind.MEMORY)
@@ -94,12 +94,12 @@ def full_knn(product: Product) -> tuple[Scorer, int]:
 
 VARIANTS: dict[str, Variant] = {
     "knn, full bank (reference)": full_knn,
-    "ratio 0.05, no min or max": deployed(coreset_ratio=0.05, coreset_min=1, coreset_max=10**6),
-    "ratio 0.1, no min or max": deployed(coreset_ratio=0.1, coreset_min=1, coreset_max=10**6),
-    "ratio 0.25, no min or max": deployed(coreset_ratio=0.25, coreset_min=1, coreset_max=10**6),
-    "default: ratio 0.25, min 1000, max 3000": deployed(),
-    "default + photometric variants in the bank": deployed(variants=True),
-    "default, positional encoding kept": with_position,
+    "originals only, ratio 0.05, no min or max": deployed(False, coreset_ratio=0.05, coreset_min=1, coreset_max=10**6),
+    "originals only, ratio 0.1, no min or max": deployed(False, coreset_ratio=0.1, coreset_min=1, coreset_max=10**6),
+    "originals only, ratio 0.25, no min or max": deployed(False, coreset_ratio=0.25, coreset_min=1, coreset_max=10**6),
+    "originals only, ratio 0.25, min 1000, max 3000": deployed(False),
+    "default: the same bank sizes over the photometric variants too": deployed(),
+    "originals only, ratio 0.25, min 1000, max 3000, positional encoding kept": with_position,
 }
 
 

@@ -78,16 +78,14 @@ def holdout_split(count: int, fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(order[held:]), np.sort(order[:held])
 
 
-def training_features(
-    model: MoleFlow, images: np.ndarray, with_variants: bool = True
-) -> tuple[torch.Tensor, np.ndarray]:
-    """(V,N,Ccat,G,G) patch features of the images and, ``with_variants``, their photometric variants
-    (V = copies + 1), and (1+Q,N,C) router features of the originals and of their JPEG round trips at
-    the Q CAMERA_JPEG_QUALITIES: the backbone runs once per variant, never per step."""
+def training_features(model: MoleFlow, images: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """(V,N,Ccat,G,G) patch features of the images and their photometric variants (V = copies + 1),
+    which both detector kinds learn from, and (1+Q,N,C) router features of the originals and of
+    their JPEG round trips at the Q CAMERA_JPEG_QUALITIES: the backbone runs once per variant,
+    never per step."""
     cfg = model.config
     original = extract_features(model, images)
-    copies = cfg.augment_copies if with_variants else 0
-    variants = photometric_variants(images, copies, cfg.augment_strength, cfg.seed)
+    variants = photometric_variants(images, cfg.augment_copies, cfg.augment_strength, cfg.seed)
     concat = [original.concat] + [extract_features(model, v).concat for v in variants]
     routing = [original.routing] + [extract_features(model, j).routing for j in jpeg_round_trips(images)]
     return torch.stack(concat), np.stack(routing)
@@ -143,7 +141,7 @@ def train_task(
     started = time.perf_counter()
     split = load_split(data_root, task, "train", cfg.image_size)
     with autocast(device, options.precision):
-        concat, routing = training_features(model, split.images, with_variants=first or kind is DetectorKind.FLOW)
+        concat, routing = training_features(model, split.images)
     feature_seconds = time.perf_counter() - started
     training = TrainingSet(concat, *holdout_split(len(split.images), cfg.holdout_fraction, cfg.seed))
 
