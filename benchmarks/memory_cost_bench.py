@@ -6,10 +6,11 @@ onnxruntime fp32 on the CPU at batch 1, one intra-op thread, and writes each ban
 weigh it. Two clocks: wall time (measure_calls) and the calling thread's CPU time
 (time.thread_time; with one intra-op thread onnxruntime runs every kernel on it), which a busy
 shared machine's waits for a core do not inflate. A memory
-task keeps coreset_ratio of its training patches within [coreset_min, coreset_max], so the row for
-coreset_max is what every product from that size up costs (200 images at the default ratio).
+task keeps coreset_ratio of its candidate patches (every patch of its training images and of their
+photometric variants) within [coreset_min, coreset_max], so the coreset_max row is what every
+product from that size up costs (13 training images at the defaults, a 200-image product included).
 
-    python benchmarks/memory_cost_bench.py [--sizes 500,1000,2000,4000,8000] [--threads 1] [--iters 200]
+    python benchmarks/memory_cost_bench.py [--sizes 1000,2000,3000,4000,6000] [--threads 1] [--iters 200]
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def thread_ms(calls: dict[str, Callable[[], object]], iters: int, rounds: int = 
 
 
 def images_for(kept: int, config: MoleFlowConfig) -> str:
-    """How many training images give a bank of ``kept`` vectors at the config's ratio and bounds."""
-    per_image = config.grid_size**2
+    """How many training images give a bank of ``kept`` vectors at the config's ratio and bounds (each
+    image brings its patches and those of its photometric variants)."""
+    per_image = config.grid_size**2 * (config.augment_copies + 1)
     if kept >= config.coreset_max:
         return f">= {int(np.ceil(config.coreset_max / config.coreset_ratio / per_image))}"
     if kept <= config.coreset_min:
@@ -68,7 +70,7 @@ def images_for(kept: int, config: MoleFlowConfig) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="500,1000,2000,4000,8000", help="bank sizes (kept vectors) to time")
+    parser.add_argument("--sizes", default="1000,2000,3000,4000,6000", help="bank sizes (kept vectors) to time")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--iters", type=int, default=200, help="timed calls per graph")
     parser.add_argument("--json", type=Path, help="write the rows here too")
@@ -93,7 +95,8 @@ def main() -> None:
             bank = model.per_task[f"m{kept}"]
             assert isinstance(bank, MemoryBank)
             bank.bank = torch.randn(kept, dim)
-            graphs[name] = onnx_graphs.scorer_graph(detector_of(DetectorKind.MEMORY).scorer(model, f"m{kept}"), dim, grid)
+            scorer = detector_of(DetectorKind.MEMORY).scorer(model, f"m{kept}")
+            graphs[name] = onnx_graphs.scorer_graph(scorer, dim, grid)
             save_file({"bank": bank.bank.contiguous()}, f"{tmp}/{kept}.safetensors")
             task_bytes[name] = Path(f"{tmp}/{kept}.safetensors").stat().st_size
     embedding = np.random.default_rng(0).normal(size=(1, dim, grid, grid)).astype(np.float32)
@@ -104,7 +107,8 @@ def main() -> None:
     flow_ms, flow_cpu = timed["flow"]["p50"], cpu["flow"]
     rows = []
     print(f"onnxruntime {ort.__version__} CPU fp32, batch 1, {args.threads} thread(s), {args.iters} calls each, "
-          f"D={dim}, {grid}x{grid} patches; memory rows at coreset_ratio {config.coreset_ratio}")  # fmt: skip
+          f"D={dim}, {grid}x{grid} patches; images at coreset_ratio {config.coreset_ratio} with "
+          f"{config.augment_copies} photometric variants each")  # fmt: skip
     print(f"{'graph':<14}{'wall p50 ms':>12}{'x flow':>8}{'CPU ms':>9}{'x flow':>8}{'task MiB':>10}{'images':>9}")
     for name in graphs:
         kept = int(name.split()[1]) if name != "flow" else 0
