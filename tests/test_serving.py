@@ -241,13 +241,17 @@ def pending_requests(metrics_port: int) -> float:
     return float(rows[0].split()[-1]) if rows else 0.0
 
 
-def test_sigterm_answers_every_accepted_request_then_exits_0(server: ServeProcess, frames: list[np.ndarray]) -> None:
+def test_sigterm_answers_every_accepted_request_then_exits_0(
+    server: ServeProcess, frames: list[np.ndarray], calibrated: Path
+) -> None:
     """Last in the file: it stops the module's server. 8 clients each send a full batch of big frames
     with maps; once every request is accepted (queued or done, at most one running), SIGTERM: every
     one of them is answered, and the server exits 0."""
     from moleflow_edge.serving import RemoteRuntime
 
     big = cv2.resize(frames[0], (1600, 1600))
+    with Runtime.load(calibrated) as runtime:
+        want = runtime.infer_one(big)  # a 1600 px copy resampled: its own distances, whatever task they give
     clients = [RemoteRuntime(server.http, retries=0, max_map_side=1024) for _ in range(8)]
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(c.infer, [big] * 8) for c in clients]
@@ -260,7 +264,7 @@ def test_sigterm_answers_every_accepted_request_then_exits_0(server: ServeProces
     for c in clients:
         c.close()
     assert len(results) == 64 and all(
-        r.error is None and r.task == "weave" and r.anomaly_map is not None for r in results
+        r.error is None and r.task == want.task and r.anomaly_map is not None for r in results
     )
     assert server.process.wait(90) == 0
     assert "stopped: every accepted request was answered" in server.log.read_text()

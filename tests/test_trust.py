@@ -42,9 +42,12 @@ def _edit_manifest(export_dir: Path, change: object) -> None:
     (export_dir / MANIFEST_FILE).write_text(json.dumps(data))
 
 
-def _run(export_dir: Path, source: Path, check: bool = False, **loading: object) -> tuple[int, str, str]:
+def _run(
+    export_dir: Path, source: Path, *, check: bool = False, save_dir: Path | None = None, **loading: object
+) -> tuple[int, str, str]:
+    """``run`` on the onnxruntime target; ``loading``: RuntimeOptions fields."""
     out, err = io.StringIO(), io.StringIO()
-    options = RunOptions(export_dir, RuntimeOptions("onnxruntime", **loading), check=check)  # type: ignore[arg-type]
+    options = RunOptions(export_dir, RuntimeOptions("onnxruntime", **loading), save_dir=save_dir, check=check)  # type: ignore[arg-type]
     code = run_source(str(source), options, out=out, err=err)
     return code, out.getvalue(), err.getvalue()
 
