@@ -9,12 +9,25 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
+from moleflow_edge.cli_support import (
+    DEVICE_OPTION_HELP,
+    THREADS_OPTION_HELP,
+    USER_ERRORS,
+    chosen_device,
+    fail,
+    few_images_note,
+    positive_ints,
+    set_torch_threads,
+    torch_threads,
+    writable,
+    write_json,
+)
 from moleflow_edge.config import BackboneName, DetectorKind, MoleFlowConfig
-from moleflow_edge.router import FEW_IMAGES, limit_widening
+from moleflow_edge.router import FEW_IMAGES
 from moleflow_edge.serving.command import serve
 from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGET_NAMES, ExportFormat, TargetChoice
 
@@ -23,94 +36,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-
-
-def fail(message: str) -> None:
-    """Print a clear one-line error and exit non-zero (no traceback for user mistakes)."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
-
-
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
-
-
-def write_json(path: Path, results: object) -> None:
-    """An output file, its folder created if new (check_writable allowed that), written atomically."""
-    from moleflow_edge.atomic import write_text_atomic
-
-    write_text_atomic(path, json.dumps(results, indent=2) + "\n")
-
-
-def writable(path: Optional[Path], option: str, *, directory: bool = False) -> None:
-    """Fail before any work when an output path cannot be written (not after an hour of eval)."""
-    from moleflow_edge.atomic import check_writable
-
-    if path is not None:
-        try:
-            check_writable(path, option, directory=directory)
-        except ValueError as exc:
-            fail(str(exc))
-
-
-def positive_ints(text: str, option: str) -> tuple[int, ...]:
-    """'1,8' -> (1, 8); anything else (0, -1, 'x') is a clear error."""
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        fail(f"{option} takes comma-separated whole numbers >= 1, got {text!r}")
-    return values
-
-
-DEVICE_OPTION_HELP = "auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N."
-THREADS_OPTION_HELP = (
-    "Torch threads (default: one per core, or 1 when the load average says other work holds the cores)."
-)
-
-
-def chosen_device(spec: str, use: Callable[[str], str]):  # noqa: ANN201 - a torch.device; torch is imported lazily
-    """Resolve --device before any work and print the choice and what it is used for (``use`` gets
-    the device type, "cpu" or "cuda")."""
-    from moleflow_edge.device import DeviceError, describe, resolve_device
-
-    try:
-        device = resolve_device(spec)
-    except DeviceError as exc:
-        fail(str(exc))
-    typer.echo(f"device: {describe(device)} ({use(device.type)})", err=True)
-    return device
-
-
-def torch_threads(requested: int | None) -> int | None:
-    """--threads, or 1 on a busy machine (saying so); None leaves torch's default."""
-    from moleflow_edge.device import choose_threads
-
-    threads, note = choose_threads(requested)
-    if note:
-        typer.echo(note)
-    return threads
-
-
-def set_torch_threads(requested: int | None) -> None:
-    """Apply --threads (or the busy-machine choice) before training or eval starts."""
-    if (threads := torch_threads(requested)) is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-def few_images_note(task: str, images: int | None) -> str | None:
-    """What learning ``task`` from few good images means for its limit and threshold; None otherwise."""
-    if images is None or images >= FEW_IMAGES:
-        return None
-    return (
-        f"note: {task} was learned from only {images} good images (few: under {FEW_IMAGES}). Its unknown-product limit "
-        f"rests on {images} held-out distances and is widened x{limit_widening(images):.2f} for that, so a look-alike "
-        f"product may pass as {task}; its flow has seen little normal variation, so expect normal parts to score "
-        f"higher than for a well-covered product. Set its score threshold and limit with `calibrate` on held-out "
-        f"good images (ROOT/{task}/calib/good) before trusting its decisions."
-    )
 
 
 @app.command()

@@ -145,7 +145,7 @@ def test_device_and_amp_options_leave_model_and_export_bytes_unchanged(synth_roo
 
 def test_train_and_eval_threads_option_sets_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     """--threads N, or 1 on a busy machine, is applied to torch before training or eval starts."""
-    from moleflow_edge.cli import set_torch_threads
+    from moleflow_edge.cli_support import set_torch_threads
 
     before = torch.get_num_threads()
     monkeypatch.setattr("os.cpu_count", lambda: 2)
