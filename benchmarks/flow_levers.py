@@ -25,7 +25,6 @@ costs the sum of its two graphs. Means over products with at least SMOKE_IMAGES 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -35,7 +34,17 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from accuracy_bench import GAINS, METRICS, SMOKE_IMAGES, GaussianReference, KnnReference, exposure, max_patch, with_gain
+from accuracy_bench import (
+    GAINS,
+    METRICS,
+    SMOKE_IMAGES,
+    GaussianReference,
+    KnnReference,
+    exposure,
+    max_patch,
+    with_gain,
+    write_results,
+)
 
 from moleflow_edge.augment import photometric_variants
 from moleflow_edge.backbones import Backbone, BackboneMaps, build_backbone
@@ -290,12 +299,7 @@ def main() -> None:
     started = time.perf_counter()
     result = run(args.data, config, products, names)
     result["seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "levers.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (args.out / "levers.md").write_text(table)
-    print(table)
-    print(f"wrote {args.out / 'levers.json'} and levers.md ({result['seconds']:.0f} s)")
+    write_results(args.out, "levers", result, markdown(result))
 
 
 if __name__ == "__main__":
