@@ -117,7 +117,8 @@ def train_task(
 ) -> TrainReport:
     """Train ``task`` from ROOT/<task>/train/good and add it to the model directory.
 
-    ``detector``: the task's kind, flow or memory (default: the config's ``detector``). A flow runs
+    ``detector``: the task's kind, flow or memory (default: the ``detector`` of the model
+    directory's config, or of ``config`` for the first task). A flow runs
     at most ``steps`` (default: the config's max_steps) optimiser steps on a cosine schedule,
     checks the loss on held-out training images every ``eval_every`` steps, stops after
     ``patience`` checks without improvement and keeps the weights of the best check; a memory
@@ -129,13 +130,14 @@ def train_task(
     check_new_task(data_root, task, model_dir)  # every refusal before any backbone or training work
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}: nothing was trained")
-    kind = DetectorKind((detector or (config or MoleFlowConfig()).detector))
+    asked = None if detector is None else DetectorKind(detector)  # a kind that does not exist: refused now
     device = resolve_device(device)
     store = ModelStore(model_dir)
     first = not store.tasks()
     torch.manual_seed((config or MoleFlowConfig()).seed if first else store.config().seed)
     model = prepare_model(store, config, random_backbone).to(device)  # random init here: seeded first
     cfg = model.config
+    kind = asked or cfg.detector
     options = FitOptions(steps or cfg.max_steps, device, amp_dtype(device, amp), progress)
 
     started = time.perf_counter()

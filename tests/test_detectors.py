@@ -176,6 +176,20 @@ def test_a_model_folder_saved_before_detector_kinds_loads_as_flows(mixed: dict, 
     assert ModelStore(copy).kinds() == {"weave": DetectorKind.FLOW}
 
 
+def test_later_tasks_default_to_the_model_folders_detector_kind(mixed: dict, tmp_path: Path) -> None:
+    """A model started with detector: memory (configs/memory.json) learns its later tasks as memory
+    tasks too, without --config (later tasks always take the model folder's config)."""
+    data, model_dir = mixed["data"], tmp_path / "model"
+    first = train_task(data, "weave", model_dir, CONFIG.with_overrides(detector="memory"), steps=2, progress=False)
+    later = train_task(data, "tiles", model_dir, steps=2, progress=False)
+    assert first.detector is later.detector is DetectorKind.MEMORY
+    assert ModelStore(model_dir).kinds() == {"weave": DetectorKind.MEMORY, "tiles": DetectorKind.MEMORY}
+    asked = train_task(data, "cap", model_dir, steps=2, progress=False, detector="flow")
+    assert asked.detector is DetectorKind.FLOW
+    with pytest.raises(ValueError, match="knn"):
+        train_task(data, UNTRAINED, model_dir, progress=False, detector="knn")
+
+
 def test_a_crash_while_building_the_bank_leaves_earlier_tasks_intact(
     mixed: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
