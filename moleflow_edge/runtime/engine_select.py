@@ -221,9 +221,8 @@ def select_engine(
     ``open_candidate`` loads the export as one candidate (Runtime.load passes its own opener), so
     choosing comes before loading the choice."""
     assert options.latency_target_ms is not None
-    target_ms, backend = options.latency_target_ms, options.backend
-    precision = options.precision if isinstance(options.precision, Precision) else None
-    found = candidates(manifest, backend, precision)
+    target_ms = options.latency_target_ms
+    found = candidates(manifest, options.backend, options.precision)  # type: ignore[arg-type]
     machine, identity = machine_key(), export_identity(manifest)
     cache = read_cache(root)
     known = _cached_ms(cache["machines"].get(machine), identity)
