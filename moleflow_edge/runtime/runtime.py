@@ -24,7 +24,7 @@ from moleflow_edge.router import UNKNOWN, RouterTable
 from moleflow_edge.runtime.backend import Backend, BackendError, FeatureBatch, GraphBackend
 from moleflow_edge.runtime.backend_factory import create_backend
 from moleflow_edge.runtime.engine_cache import EngineCache, EngineStats
-from moleflow_edge.runtime.engine_select import EngineChoice, LatencyTargetWarning, select_engine
+from moleflow_edge.runtime.engine_select import Candidate, EngineChoice, LatencyTargetWarning, select_engine
 from moleflow_edge.runtime.options import DEFAULT_MAX_MAP_SIDE, RuntimeOptions
 from moleflow_edge.runtime.result import FrameResult
 from moleflow_edge.runtime.router_file import load_router_table
@@ -95,10 +95,10 @@ class Runtime:
             raise ManifestError(f"{root} holds no task: export at least one with moleflow-edge export")
         choice = None
         if options.latency_target_ms is not None:
-            choice = select_engine(
-                root, manifest, options, lambda c: cls._open(root, manifest, options.as_candidate(c.target.name, c.precision)),
-                clock=clock,
-            )  # fmt: skip
+            def open_candidate(c: Candidate) -> Runtime:
+                return cls._open(root, manifest, options.as_candidate(c.target.name, c.precision))
+
+            choice = select_engine(root, manifest, options, open_candidate, clock=clock)
             options = replace(options, backend=choice.chosen.target.name, precision=choice.chosen.precision)
             if not choice.met:
                 warnings.warn(choice.summary(), LatencyTargetWarning, stacklevel=2)
@@ -115,8 +115,8 @@ class Runtime:
             for entry in manifest.tasks:
                 if prec.value not in entry.graphs:
                     raise ManifestError(
-                        f"task {entry.name!r} in {root} has no {prec.value} detector graph (has {sorted(entry.graphs)}): "
-                        f"export it with --precision {prec.value}"
+                        f"task {entry.name!r} in {root} has no {prec.value} detector graph "
+                        f"(has {sorted(entry.graphs)}): export it with --precision {prec.value}"
                     )
         router = load_router_table(root, manifest)
         graphs, skipped = create_backend(
@@ -283,9 +283,7 @@ class Runtime:
                 continue
             started = time.perf_counter()
             if result.image_score is not None:
-                threshold = self._entries[result.task].thresholds.get(self.precision.value)  # type: ignore[index]
-                result.threshold = threshold
-                result.is_anomaly = None if threshold is None else bool(result.image_score > threshold)
+                result.decide(self._entries[result.task].thresholds.get(self.precision.value))  # type: ignore[index]
             if with_maps:
                 m = self.manifest
                 result.anomaly_map = anomaly_map(

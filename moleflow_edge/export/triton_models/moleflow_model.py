@@ -86,8 +86,8 @@ class TritonPythonModel:
                 threshold = m.task(task).thresholds.get(self.precision)
                 for j, p, s in zip(rows, patch, image):
                     result = computed[good[j]]
-                    result.patch_scores, result.image_score, result.threshold = p, float(s), threshold
-                    result.is_anomaly = None if threshold is None else bool(s > threshold)
+                    result.patch_scores, result.image_score = p, float(s)
+                    result.decide(threshold)
                     if side > 0:
                         out_hw = capped_shape(result.frame_shape[:2], side)
                         result.anomaly_map = anomaly_map(p, m.image_size, m.map_sigma, out_hw=out_hw)
