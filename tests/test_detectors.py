@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -141,6 +142,19 @@ def test_exporting_one_memory_task_leaves_every_other_file_byte_identical(mixed:
     after = _files(out)
     assert all(after[name] == content for name, content in before.items() if name != MANIFEST_FILE and "router" not in name)
     assert [n for n in after if n.startswith(f"{DETECTOR_DIR}/cap.")], after.keys()
+
+
+def test_an_int8_export_keeps_a_memory_graph_in_fp32_arithmetic_and_calibrates_nothing_for_it(
+    mixed: dict, tmp_path: Path
+) -> None:
+    out = tmp_path / "export"
+    export_model(mixed["model_dir"], out, tasks=["cap"], precisions=("fp32", "int8"), calib_data=mixed["data"])
+    manifest = load_manifest(out)
+    graphs = manifest.task("cap").graphs
+    int8 = onnx.load(str(out / graphs["int8"].file))
+    assert not {n.op_type for n in int8.graph.node} & {"QuantizeLinear", "DequantizeLinear"}
+    assert int8.graph == onnx.load(str(out / graphs["fp32"].file)).graph
+    assert "backbone" in manifest.int8_calibration and f"{DETECTOR_DIR}/cap" not in manifest.int8_calibration
 
 
 def test_an_export_made_before_detector_kinds_still_loads(mixed: dict, tmp_path: Path) -> None:

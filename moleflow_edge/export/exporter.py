@@ -315,15 +315,15 @@ def _export_task(
         return built[0]
 
     def int8(fp32: onnx.ModelProto, calib: CalibrationSet | None) -> onnx.ModelProto:
-        if not detector.quantizable:
+        if calib is None:  # a detector that is not quantizable: no calibration set, fp32 arithmetic
             return fp32
-        assert calib is not None
         return to_int8(fp32, _embeddings(model, calib.images(cfg.image_size)))
 
     graphs: dict[str, ArtifactFile] = {}
     replaced = False
     for precision in precisions:
-        calib = calibration_set(calib_data, [entry.name]) if precision is Precision.INT8 and calib_data else None
+        quantized = precision is Precision.INT8 and calib_data is not None and detector.quantizable
+        calib = calibration_set(calib_data, [entry.name]) if quantized else None  # only what calibrates a graph
         source = source_hash(run.manifest.model_sha256, weights, _options(precision, calib and calib.record))
 
         def build(precision: Precision = precision, calib: CalibrationSet | None = calib) -> onnx.ModelProto:
