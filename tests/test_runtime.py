@@ -288,6 +288,14 @@ def test_graph_replaced_after_load_fails_only_its_task(exported: dict, tmp_path:
     assert set(by_task) >= {"weave", "tiles"}
 
 
+def test_options_and_loose_fields_are_not_mixed(exported: dict) -> None:
+    """One object carries the options; fields beside it would be silently dropped, so they are refused."""
+    with pytest.raises(ValueError, match="not both"):
+        Runtime.load(exported["export_dir"], options=RuntimeOptions("onnxruntime"), max_map_side=64)
+    with Runtime.load(exported["export_dir"], options=RuntimeOptions("onnxruntime", max_map_side=64)) as rt:
+        assert rt.max_map_side == 64
+
+
 def test_unknown_backend_and_precision_are_named(exported: dict) -> None:
     with pytest.raises(ValueError, match="onnxruntime"):
         Runtime.load(exported["export_dir"], backend="tensorflow")

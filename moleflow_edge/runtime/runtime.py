@@ -88,6 +88,8 @@ class Runtime:
         """
         if options is None:
             options = RuntimeOptions(backend, precision, **fields)  # type: ignore[arg-type]
+        elif fields or backend is not Backend.AUTO or precision is not None:
+            raise ValueError("give Runtime.load either options=RuntimeOptions(...) or its fields, not both")
         root = Path(export_dir)
         keys = None if options.trusted_keys is None else load_public_keys(options.trusted_keys)
         manifest = load_manifest(root, verify=True, trusted_keys=keys)
