@@ -19,6 +19,16 @@ class FrameError(ValueError):
     """A frame that cannot be processed; the message names what is wrong."""
 
 
+def frame_list(frames: object) -> list[object]:
+    """One frame, a list/tuple of frames, or a (B,H,W,3) array -> list of frames: what ``infer``
+    takes, locally or from a server."""
+    if isinstance(frames, np.ndarray) and frames.ndim == 4:
+        return list(frames)
+    if isinstance(frames, (list, tuple)):
+        return list(frames)
+    return [frames]
+
+
 def check_frame(frame: object) -> np.ndarray:
     """Return ``frame`` if it is a uint8 BGR ``(H, W, 3)`` array, else raise FrameError.
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from moleflow_edge.anomaly_map import anomaly_map, capped_shape
 from moleflow_edge.contract import Manifest, ManifestError, Precision, TaskEntry, load_manifest
-from moleflow_edge.preprocess import FrameError, resize_frame
+from moleflow_edge.preprocess import FrameError, frame_list, resize_frame
 from moleflow_edge.router import UNKNOWN, RouterTable
 from moleflow_edge.runtime.backend import Backend, BackendError, FeatureBatch, GraphBackend
 from moleflow_edge.runtime.backend_factory import create_backend
@@ -36,15 +36,6 @@ __all__ = ["Runtime"]
 
 def _ms(started: float) -> float:
     return (time.perf_counter() - started) * 1e3
-
-
-def _frame_list(frames: object) -> list[object]:
-    """One frame, a list/tuple of frames, or a (B,H,W,3) array -> list of frames."""
-    if isinstance(frames, np.ndarray) and frames.ndim == 4:
-        return list(frames)
-    if isinstance(frames, (list, tuple)):
-        return list(frames)
-    return [frames]
 
 
 class Runtime:
@@ -223,7 +214,7 @@ class Runtime:
         ``frames``: one array, a list of arrays, or a (B,H,W,3) array. A bad frame gets a result
         with ``error`` set and the others go on. ``with_maps=False`` skips the anomaly maps.
         """
-        items = _frame_list(frames)
+        items = frame_list(frames)
         results = [FrameResult(index=i) for i in range(len(items))]
         rows: list[int] = []
         resized: list[np.ndarray] = []

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from moleflow_edge.contract import Precision
-from moleflow_edge.preprocess import FrameError, check_frame
+from moleflow_edge.preprocess import FrameError, check_frame, frame_list
 from moleflow_edge.runtime.backend import BackendError
 from moleflow_edge.runtime.camera_loop import ServerLost
 from moleflow_edge.runtime.engine_cache import EngineStats
@@ -152,7 +152,7 @@ class RemoteRuntime:
     def infer(self, frames: object, *, with_maps: bool = True) -> list[FrameResult]:
         """Like Runtime.infer: one FrameResult per frame, in input order; a bad frame gets ``error``.
         Requests hold at most the server's max batch; raw frames of different sizes go separately."""
-        items = list(frames) if isinstance(frames, (list, tuple)) or getattr(frames, "ndim", 0) == 4 else [frames]
+        items = frame_list(frames)
         results: list[FrameResult | None] = [None] * len(items)
         payload: list[tuple[int, np.ndarray | bytes]] = []
         for i, frame in enumerate(items):
