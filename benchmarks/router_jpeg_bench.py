@@ -2,7 +2,7 @@
 
 Routing needs only the backbone, so this measures in minutes what the accuracy bench measures
 with trained models. Every product's prototype is fitted twice from the same features, as train
-fits it (train.training_features): on the originals alone (the reference, the router before JPEG
+fits it (train.camera_variants): on the originals alone (the reference, the router before JPEG
 round trips) and with the round trips. Two tables:
   known     every product learned: test/good frames stopped as "unknown product" as PNG and
             re-encoded as JPEG at quality 95, 90 and 75 (the target: none), and defective test
@@ -31,7 +31,7 @@ from moleflow_edge.data.mvtec import list_categories, load_split
 from moleflow_edge.features import extract_features
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.router import UNKNOWN, Prototype, RouterTable, fit_prototype
-from moleflow_edge.train import prepare_model, training_features
+from moleflow_edge.train import camera_variants, prepare_model
 
 FITS = ("png only", "with jpeg")  # the reference (prototypes before this change), then as train fits them
 
@@ -43,7 +43,7 @@ def product_features(model: torch.nn.Module, root: Path, product: str) -> dict[s
     train = load_split(root, product, "train", size).images
     test = load_split(root, product, "test", size)
     good = test.images[test.labels == 0]
-    out = {"train": training_features(model, train, with_variants=False)[1], "labels": test.labels}
+    out = {"train": np.stack([f.routing for f in camera_variants(model, train)]), "labels": test.labels}
     out["test"] = extract_features(model, test.images).routing
     out["png"] = out["test"][test.labels == 0]
     out["defective"] = out["test"][test.labels == 1]

@@ -26,7 +26,7 @@ def photometric_variants(images: np.ndarray, copies: int, strength: float, seed:
     return out
 
 
-CAMERA_JPEG_QUALITIES = (90, 75, 60)  # the router's round trips: the best of three sets tried (benchmarks/README.md)
+CAMERA_JPEG_QUALITIES = (95, 85, 75, 60)  # what MJPEG cameras are set to, from near-lossless to coarse
 
 
 def jpeg_round_trips(images: np.ndarray, qualities: tuple[int, ...] = CAMERA_JPEG_QUALITIES) -> np.ndarray:

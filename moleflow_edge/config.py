@@ -120,6 +120,7 @@ class MoleFlowConfig:
     feature_noise: float = 0.15  # training noise on the embedding, in units of the task's patch spacing
     augment_copies: int = 4  # photometric variants per training image (gain, contrast, gamma)
     augment_strength: float = 0.2  # variants draw gain, contrast and gamma from [1 - s, 1 + s]
+    augment_jpeg: bool = False  # detectors also learn JPEG round trips as normal (MJPEG cameras); the router always does
     seed: int = 0
     # router
     router_pooling: RouterPooling = RouterPooling.STRIDE16

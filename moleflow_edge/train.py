@@ -22,7 +22,7 @@ from moleflow_edge.config import DetectorKind, MoleFlowConfig
 from moleflow_edge.data.mvtec import load_split
 from moleflow_edge.detectors import FitOptions, TrainingSet, detector_of
 from moleflow_edge.device import amp_dtype, autocast, names_batch_on_oom, resolve_device
-from moleflow_edge.features import FEATURE_BATCH, extract_features
+from moleflow_edge.features import FEATURE_BATCH, ImageFeatures, extract_features
 from moleflow_edge.locking import locks_folder
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import ModelDirError, ModelStore
@@ -78,17 +78,23 @@ def holdout_split(count: int, fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(order[held:]), np.sort(order[:held])
 
 
+def camera_variants(model: MoleFlow, images: np.ndarray) -> list[ImageFeatures]:
+    """Features of the images as the line's cameras may deliver them: the originals, then their JPEG
+    round trips at each of the CAMERA_JPEG_QUALITIES (what an MJPEG camera sends of a good part)."""
+    return [extract_features(model, v) for v in (images, *jpeg_round_trips(images))]
+
+
 def training_features(model: MoleFlow, images: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-    """(V,N,Ccat,G,G) patch features of the images and their photometric variants (V = copies + 1),
-    which both detector kinds learn from, and (1+Q,N,C) router features of the originals and of
-    their JPEG round trips at the Q CAMERA_JPEG_QUALITIES: the backbone runs once per variant,
-    never per step."""
+    """(V,N,Ccat,G,G) patch features of the images (first), their JPEG round trips (unless the
+    config's ``augment_jpeg`` is off) and their photometric variants, which both detector kinds
+    learn as normal, and (1+Q,N,C) router features of the originals and the round trips: the
+    backbone runs once per variant, never per step."""
     cfg = model.config
-    original = extract_features(model, images)
-    variants = photometric_variants(images, cfg.augment_copies, cfg.augment_strength, cfg.seed)
-    concat = [original.concat] + [extract_features(model, v).concat for v in variants]
-    routing = [original.routing] + [extract_features(model, j).routing for j in jpeg_round_trips(images)]
-    return torch.stack(concat), np.stack(routing)
+    camera = camera_variants(model, images)
+    lighting = photometric_variants(images, cfg.augment_copies, cfg.augment_strength, cfg.seed)
+    learned = camera if cfg.augment_jpeg else camera[:1]
+    concat = [f.concat for f in learned] + [extract_features(model, v).concat for v in lighting]
+    return torch.stack(concat), np.stack([f.routing for f in camera])
 
 
 def _batch_hint(arguments: dict[str, object]) -> str:

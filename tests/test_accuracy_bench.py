@@ -46,3 +46,27 @@ def test_accuracy_bench_on_an_unseen_root(tmp_path: Path) -> None:
     assert "| **all** | memory | " + " | ".join(  # the JPEG table's totals count every product's good images
         f"{result['mean']['memory'][f'q{q}_unknown']} of 10" for q in (95, 90, 75)
     ) in table
+
+
+def test_router_jpeg_bench_on_an_unseen_root(tmp_path: Path) -> None:
+    """It calls train's own router features, so it breaks the day they change shape, not months later."""
+    root = tmp_path / "data"
+    for seed, product in enumerate(("weave", "cap", "screw")):
+        generate(root, [product], seed=seed, image_size=96, n_train=8, n_test_good=3, n_test_defect=2)
+    config = tmp_path / "config.json"
+    TINY_CONFIG.with_overrides(image_size=96).to_json(config)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "router_jpeg_bench.py"), "--data", str(root), "--config", str(config),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "router_jpeg.json").read_text())
+    for fit in ("png only", "with jpeg"):
+        for product in ("cap", "screw", "weave"):
+            known, left = result["known"][fit][product], result["left_out"][fit][product]
+            assert known["good"] == 3 and known["png"] == 0  # every product's own PNG frames are routed to it
+            assert 0 <= known["q75"] <= 3 and left["frames"] == known["good"] + known["defective"]
+            assert left["closest"] > 0 and 0 <= left["unknown"] <= left["frames"]
+    assert "| with jpeg | **all** | 9 |" in (out / "router_jpeg.md").read_text()

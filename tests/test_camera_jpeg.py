@@ -6,14 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from moleflow_edge.augment import CAMERA_JPEG_QUALITIES, jpeg_round_trips
+from moleflow_edge.config import DetectorKind
 from moleflow_edge.data.mvtec import load_split
 from moleflow_edge.features import extract_features
+from moleflow_edge.metrics import auroc
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.router import UNKNOWN, RouterTable, fit_prototype
-from moleflow_edge.train import train_task
+from moleflow_edge.scoring import TaskDetectors, score_routed
+from moleflow_edge.train import prepare_model, train_task, training_features
 from tests.conftest import TINY_CONFIG
 
 LEARNED = "screw"  # its good frames at JPEG 75 were all stopped when prototypes saw PNG only
@@ -78,3 +82,35 @@ def test_jpeg_frames_of_an_unlearned_product_stay_unknown(learned: tuple[MoleFlo
     images = load_split(synth_root, UNLEARNED, "test", TINY_CONFIG.image_size).images
     for frames in (images, jpeg_round_trips(images, (75,))[0]):
         assert table.route(table.distances(extract_features(model, frames).routing)) == [UNKNOWN] * len(images)
+
+
+@pytest.mark.parametrize("learn", [True, False])
+def test_detectors_learn_jpeg_round_trips_unless_switched_off(synth_root: Path, tmp_path: Path, learn: bool) -> None:
+    model = prepare_model(ModelStore(tmp_path / "empty"), TINY_CONFIG.with_overrides(augment_jpeg=learn)).eval()
+    images = load_split(synth_root, LEARNED, "train", TINY_CONFIG.image_size).images[:2]
+    concat, routing = training_features(model, images)
+    trips = len(CAMERA_JPEG_QUALITIES)
+    assert routing.shape[0] == 1 + trips  # the router learns them whatever the switch
+    assert concat.shape[0] == 1 + trips * learn + TINY_CONFIG.augment_copies
+    coarsest = extract_features(model, jpeg_round_trips(images, CAMERA_JPEG_QUALITIES[-1:])[0])
+    assert np.array_equal(routing[trips], coarsest.routing)
+    if learn:  # the round trips follow the originals, in quality order
+        assert torch.equal(concat[trips], coarsest.concat)
+
+
+def test_a_memory_bank_with_jpeg_round_trips_shifts_jpeg_good_frames_less(synth_root: Path, tmp_path: Path) -> None:
+    """The score shift (AUROC of JPEG 75 good frames' image scores against the same frames as PNG,
+    0.5 = none) is smaller for a bank that holds compressed normal patches."""
+    split = load_split(synth_root, LEARNED, "test", TINY_CONFIG.image_size)
+    good = split.images[split.labels == 0]
+    shifts = {}
+    for learn in (False, True):
+        model_dir = tmp_path / f"jpeg-{learn}"
+        config = TINY_CONFIG.with_overrides(augment_jpeg=learn)
+        train_task(synth_root, LEARNED, model_dir, config, steps=2, progress=False, detector=DetectorKind.MEMORY)
+        model, prototypes = ModelStore(model_dir).load()
+        table, detectors = RouterTable(model.tasks, [prototypes[LEARNED]]), TaskDetectors(model)
+        frames = (good, jpeg_round_trips(good, (75,))[0])
+        png, jpeg = (score_routed(detectors, table, extract_features(model, f)).image for f in frames)
+        shifts[learn] = auroc(np.r_[np.zeros(len(png)), np.ones(len(jpeg))], np.r_[png, jpeg])
+    assert shifts[True] < shifts[False]

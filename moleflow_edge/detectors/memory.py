@@ -1,9 +1,10 @@
 """The memory detector: a greedy k-center coreset of the task's training patch embeddings.
 
-Every patch of the task's training images and of their photometric variants is a candidate (the
-same gain-normalised features and variants a flow trains on, positional encoding removed): the
-variants put brighter and darker normal patches in the bank, which took the worst exposure score
-from 0.81 to 0.54 for 0.003 pixel AP (benchmarks/README.md). The coreset keeps ``coreset_ratio``
+Every patch of the task's training images and of their variants is a candidate (the same
+gain-normalised features and variants a flow trains on, positional encoding removed): the
+photometric variants put brighter and darker normal patches in the bank, which took the worst
+exposure score from 0.81 to 0.54 for 0.003 pixel AP, and the JPEG round trips put compressed
+ones there (benchmarks/README.md). The coreset keeps ``coreset_ratio``
 of them within [``coreset_min``, ``coreset_max``]. Nothing shared is trained, so a memory task
 never changes what earlier tasks score.
 """

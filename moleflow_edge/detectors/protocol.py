@@ -21,8 +21,9 @@ from moleflow_edge.model.scorer import PatchScorer
 @dataclass(frozen=True)
 class TrainingSet:
     """One task's training features, computed once: ``concat`` (V,N,Ccat,G,G) patch maps of the
-    images and their photometric variants (the originals first), and the (fit, held-out) image
-    indices (held-out images decide when a flow stops and set every detector's normal scale)."""
+    images and of their variants (JPEG round trips, photometric; the originals first), and the
+    (fit, held-out) image indices (held-out images decide when a flow stops and set every
+    detector's normal scale)."""
 
     concat: torch.Tensor
     fit: np.ndarray
