@@ -68,8 +68,8 @@ def training_section(work: Path) -> dict[str, object]:
     from moleflow_edge.data.mvtec import load_split
     from moleflow_edge.data.synth import generate
     from moleflow_edge.evaluate import evaluate
-    from moleflow_edge.features import extract_features
     from moleflow_edge.export.exporter import export_model
+    from moleflow_edge.features import extract_features
     from moleflow_edge.model_store import ModelStore
     from moleflow_edge.router import RouterTable
     from moleflow_edge.scoring import TaskDetectors, score_routed
@@ -147,9 +147,9 @@ def timed_pipeline(backbone: str, device: torch.device) -> tuple[object, Callabl
     """A default-size model with one task and a router over ROUTER_TASKS prototypes, random weights."""
     from moleflow_edge.config import MoleFlowConfig
     from moleflow_edge.export.onnx_graphs import RouterGraph
+    from moleflow_edge.model_store import ModelStore
     from moleflow_edge.router import Prototype, RouterTable
     from moleflow_edge.train import prepare_model
-    from moleflow_edge.model_store import ModelStore
 
     config = MoleFlowConfig(backbone=backbone)
     torch.manual_seed(0)

@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from moleflow_edge.anomaly_map import anomaly_map
+from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.mvtec import DatasetError, load_split
+from moleflow_edge.data.synth import generate
 from moleflow_edge.evaluate import evaluate
 from moleflow_edge.features import extract_features
 from moleflow_edge.model_store import SHARED_FILE, ModelDirError, ModelStore
 from moleflow_edge.router import Prototype, RouterTable, patch_level
 from moleflow_edge.scoring import TaskDetectors, score_routed
 from moleflow_edge.train import train_task
-from moleflow_edge.config import MoleFlowConfig
-from moleflow_edge.data.synth import generate
 
 SEQUENCE = ["weave", "tiles", "cap"]
 # small, but big enough to separate the synthetic defects of an object category (cap) too

@@ -19,20 +19,20 @@ import pytest
 import torch
 
 from moleflow_edge.config import MoleFlowConfig, Whitening
+from moleflow_edge.contract import Manifest, ManifestError, Precision, file_sha256, load_manifest
 from moleflow_edge.data.mvtec import Split, load_split
 from moleflow_edge.data.synth import generate
 from moleflow_edge.export import onnx_graphs
 from moleflow_edge.export.artifacts import ExportReport
 from moleflow_edge.export.exporter import export_model
-from moleflow_edge.targets import ExportFormat, check_export_args
-from moleflow_edge.contract import Manifest, ManifestError, Precision, file_sha256, load_manifest
-from moleflow_edge.model.merged import merge_task
 from moleflow_edge.export.trt_compat import check_tensorrt_compat
 from moleflow_edge.metrics import auroc
 from moleflow_edge.model.lora import LoRALinear
+from moleflow_edge.model.merged import merge_task
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.router import RouterTable
+from moleflow_edge.targets import ExportFormat, check_export_args
 from moleflow_edge.train import train_task
 
 TASKS = ["weave", "tiles", "screw"]

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from moleflow_edge.model.adapters import WhiteningAdapter
-from moleflow_edge.router import ledoit_wolf
 from moleflow_edge.model.coupling import AffineCoupling, DIASubnet, MoLESubnet
 from moleflow_edge.model.lora import LoRALinear
+from moleflow_edge.router import ledoit_wolf
 
 DIM, GRID = 6, 3
 

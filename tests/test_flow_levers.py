@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moleflow_edge.data.synth import generate
-
 from conftest import TINY_CONFIG
+
+from moleflow_edge.data.synth import generate
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CONFIG
 
 from moleflow_edge.augment import photometric_variants
 from moleflow_edge.backbones import build_backbone
@@ -19,8 +20,6 @@ from moleflow_edge.model.merged import merge_task
 from moleflow_edge.model.mole_flow import MoleFlow, nll_from_latent
 from moleflow_edge.model_store import CONFIG_FILE, ModelStore
 from moleflow_edge.train import holdout_split, train_task
-
-from conftest import TINY_CONFIG
 
 
 def _model(**overrides: object) -> MoleFlow:
