@@ -3,8 +3,8 @@ container, KServe or Triton on Kubernetes), read from an export directory's mani
 
     REPO/moleflow_backbone/1/model.onnx      onnxruntime: images (B,S,S,3) uint8 -> embedding, routing_feature
     REPO/moleflow_task_<task>/1/model.onnx   onnxruntime: embedding -> patch_scores, image_score
-    REPO/moleflow/1/model.py                 Python backend (BLS): decode, backbone, route, task, decision, map;
-                                             the manifest and router weights beside it
+    REPO/moleflow/1/model.py                 Python backend (BLS): decode, then the Runtime with BLS calls
+                                             for graphs; the manifest and router weights beside it
     REPO/moleflow_info/1/model.py            Python backend: what is served (RemoteRuntime reads it)
 
 Each with a config.pbtxt written through Triton's own protobuf types (tritonclient's model_config_pb2):

@@ -2,5 +2,5 @@
 
 They run inside a full Triton server's Python backend, where ``triton_python_backend_utils`` exists
 and moleflow-edge is installed (``pip install 'moleflow-edge[cpu]'`` in the server's Python); they
-import it only there, in their methods, so that this package imports anywhere.
+import ``triton_python_backend_utils`` only there, in their methods, so that this package imports anywhere.
 """
