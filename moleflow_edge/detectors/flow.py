@@ -34,7 +34,6 @@ def amp_flow(
     return z.float(), log_det.float()
 
 
-
 @dataclass(frozen=True)
 class FlowFit:
     """What the optimiser loop did: steps run, the step whose weights were kept, its loss, seconds."""

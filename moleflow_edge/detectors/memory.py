@@ -3,10 +3,10 @@
 Every patch of the task's training images and of their variants is a candidate (the same
 gain-normalised features and variants a flow trains on, positional encoding removed): the
 photometric variants put brighter and darker normal patches in the bank, which took the worst
-exposure score from 0.81 to 0.54 for 0.003 pixel AP, and the JPEG round trips put compressed
-ones there (benchmarks/README.md). The coreset keeps ``coreset_ratio``
-of them within [``coreset_min``, ``coreset_max``]. Nothing shared is trained, so a memory task
-never changes what earlier tasks score.
+exposure score from 0.81 to 0.54 for 0.003 pixel AP, and with ``augment_jpeg`` the JPEG round
+trips put compressed ones there (benchmarks/README.md). The coreset keeps ``coreset_ratio`` of
+them within [``coreset_min``, ``coreset_max``]. Nothing shared is trained, so a memory task never
+changes what earlier tasks score.
 """
 
 from __future__ import annotations

@@ -24,11 +24,21 @@ import onnx
 
 from moleflow_edge.contract import ArtifactFile, Precision, load_manifest
 from moleflow_edge.export.triton_models import info_model, moleflow_model
-from moleflow_edge.serving.protocol import ENCODED, IMAGES, INFO, INFO_MODEL, INFO_QUERY, MODEL, OUTPUTS, describe
+from moleflow_edge.serving.protocol import (
+    BACKBONE_MODEL,
+    ENCODED,
+    IMAGES,
+    INFO,
+    INFO_MODEL,
+    INFO_QUERY,
+    MODEL,
+    OUTPUTS,
+    describe,
+    task_model,
+)
 
-__all__ = ["BACKBONE_MODEL", "task_model", "write_triton_repository"]
+__all__ = ["write_triton_repository"]
 
-BACKBONE_MODEL = "moleflow_backbone"
 ONNX_TYPES = {
     onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.DOUBLE: "TYPE_FP64",
     onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.INT8: "TYPE_INT8", onnx.TensorProto.INT32: "TYPE_INT32",
@@ -42,10 +52,6 @@ NUMPY_TYPES = {
     "i4": "TYPE_INT32",
     "u1": "TYPE_UINT8",
 }
-
-
-def task_model(task: str) -> str:
-    return f"moleflow_task_{task}"
 
 
 def _numpy_type(dtype: type) -> str:

@@ -56,6 +56,7 @@ class Timeable(Protocol):
 
     def __exit__(self, *exc: object) -> None: ...
 
+
 __all__ = ["Candidate", "EngineChoice", "LatencyTargetWarning", "Timeable", "choose", "select_engine"]
 
 LATENCY_CACHE = "engines/latency.json"

@@ -83,8 +83,8 @@ class FrameResult:
         return min(self.distances, key=self.distances.__getitem__) if self.distances else None
 
     def decide(self, threshold: float | None) -> None:
-        """The decision rule, the runtime's and the Triton repository's alike: anomalous when the image
-        score is above the task's threshold at the loaded precision; none without a threshold."""
+        """The decision rule: anomalous when the image score is above the task's threshold at the loaded
+        precision; none without a threshold."""
         self.threshold = threshold
         self.is_anomaly = None if threshold is None or self.image_score is None else bool(self.image_score > threshold)
 

@@ -1,6 +1,6 @@
-"""The wire format between the Triton model ``moleflow`` and its clients: tensor names, dtypes and
-how a FrameResult travels as arrays. The server (server.py), the client (client.py) and the model
-repository's Python-backend model (export/triton_repository.py) all speak it.
+"""The wire format between the Triton model ``moleflow`` and its clients: model and tensor names,
+dtypes and how a FrameResult travels as arrays. The server (server.py), the client (client.py) and the
+model repository's Python-backend model (export/triton_models/moleflow_model.py) all speak it.
 
 Per request: a batch of raw frames ``images`` uint8 (B,H,W,3) BGR, or of encoded images ``encoded``
 (B,1) bytes (JPEG, PNG, whatever OpenCV decodes); the request parameter ``map_side`` (int, 0 or
@@ -24,6 +24,14 @@ from moleflow_edge.runtime.result import STAGES, FrameResult
 from moleflow_edge.runtime.runtime import Runtime
 
 MODEL, INFO_MODEL = "moleflow", "moleflow_info"
+BACKBONE_MODEL = "moleflow_backbone"  # a model repository's graphs (export --format triton), which ``moleflow`` calls
+
+
+def task_model(task: str) -> str:
+    """The repository's model of one task's detector graph."""
+    return f"moleflow_task_{task}"
+
+
 IMAGES, ENCODED, MAP_SIDE_PARAMETER = "images", "encoded", "map_side"
 INFO_QUERY, INFO = "query", "info"
 # output name -> (numpy dtype, per-image shape; -1 varies)
@@ -109,6 +117,21 @@ def complete_results(
         if result.anomaly_map is not None:
             result.anomaly_map = _fit_map(result.anomaly_map, side)
     return results
+
+
+def answer_requests(
+    runtime: Runtime, requests: list[tuple[Mapping[str, np.ndarray], int]]
+) -> list[dict[str, np.ndarray]]:
+    """Requests, each its input tensors by name and the map side it may have (already capped), through
+    one Runtime.infer -> each request's output arrays: what `serve` and the repository's ``moleflow`` run."""
+    per_request = [request_frames(inputs) for inputs, _ in requests]
+    sides = [side for _, side in requests]
+    frames = [f for items, _ in per_request for f in items if not isinstance(f, FrameResult)]
+    computed = iter(runtime.infer(frames, with_maps=max(sides) > 0) if frames else [])
+    return [
+        encode_results(complete_results(items, computed, decode_ms, side), runtime.tasks)
+        for (items, decode_ms), side in zip(per_request, sides)
+    ]
 
 
 def _fit_map(anomaly_map: np.ndarray, side: int) -> np.ndarray | None:

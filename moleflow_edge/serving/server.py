@@ -24,7 +24,6 @@ import numpy as np
 from moleflow_edge.contract import ManifestError
 from moleflow_edge.runtime.backend import BackendError
 from moleflow_edge.runtime.camera_loop import EXIT_BACKEND_ERROR, EXIT_LOAD_ERROR
-from moleflow_edge.runtime.result import FrameResult
 from moleflow_edge.runtime.runtime import Runtime
 from moleflow_edge.serving.libpython import ServingUnavailable, prepare_stub_environment, serving_problem
 from moleflow_edge.serving.protocol import (
@@ -35,11 +34,9 @@ from moleflow_edge.serving.protocol import (
     INFO_QUERY,
     MODEL,
     OUTPUTS,
-    complete_results,
+    answer_requests,
     describe,
-    encode_results,
     map_side,
-    request_frames,
 )
 
 __all__ = ["InferenceServer", "ServeOptions", "serve_export"]
@@ -147,14 +144,8 @@ class InferenceServer:
 
     def _infer(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
         """One dynamic batch: every request's frames through one Runtime.infer, split back per request."""
-        per_request = [request_frames(request.data) for request in requests]
-        sides = [min(map_side(request.parameters), self.options.map_side_cap) for request in requests]
-        frames = [f for items, _ in per_request for f in items if not isinstance(f, FrameResult)]
-        computed = iter(self.runtime.infer(frames, with_maps=max(sides) > 0) if frames else [])
-        return [
-            encode_results(complete_results(items, computed, decode_ms, side), self.runtime.tasks)
-            for (items, decode_ms), side in zip(per_request, sides)
-        ]
+        cap = self.options.map_side_cap
+        return answer_requests(self.runtime, [(r.data, min(map_side(r.parameters), cap)) for r in requests])
 
 
 def serve_export(

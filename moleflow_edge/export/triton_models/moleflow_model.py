@@ -13,8 +13,21 @@ from typing import Any
 
 import numpy as np
 
-from moleflow_edge.contract import EMBEDDING, IMAGE_SCORE, IMAGES, PATCH_SCORES, ROUTING_FEATURE, Precision, TaskEntry
+from moleflow_edge.contract import (
+    EMBEDDING,
+    IMAGE_SCORE,
+    IMAGES,
+    PATCH_SCORES,
+    ROUTING_FEATURE,
+    Manifest,
+    Precision,
+    TaskEntry,
+)
 from moleflow_edge.runtime.backend import BackendError, DetectorEngine, FeatureBatch, GraphBackend
+from moleflow_edge.runtime.engine_cache import EngineCache
+from moleflow_edge.runtime.router_file import load_router_table
+from moleflow_edge.runtime.runtime import Runtime
+from moleflow_edge.serving.protocol import BACKBONE_MODEL, ENCODED, answer_requests, map_side, task_model
 from moleflow_edge.targets import Backend
 
 
@@ -22,11 +35,6 @@ class TritonPythonModel:
     """What Triton's Python backend instantiates; ``initialize`` reads the manifest beside this file."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        from moleflow_edge.contract import Manifest
-        from moleflow_edge.runtime import Runtime
-        from moleflow_edge.runtime.engine_cache import EngineCache
-        from moleflow_edge.runtime.router_file import load_router_table
-
         folder = Path(args["model_repository"]) / args["model_version"]
         manifest = Manifest.from_dict(json.loads((folder / "manifest.json").read_text()))
         parameters = json.loads(args["model_config"])["parameters"]
@@ -39,24 +47,18 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         import triton_python_backend_utils as pb_utils
 
-        from moleflow_edge.runtime.result import FrameResult
-        from moleflow_edge.serving.protocol import ENCODED, complete_results, encode_results, map_side, request_frames
-
         responses = []
-        for request in requests:
+        for request in requests:  # one Runtime.infer per request: a failed backbone call fails only its own
             inputs = {}
             for name in (IMAGES, ENCODED):
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 inputs[name] = None if tensor is None else tensor.as_numpy()
-            items, decode_ms = request_frames(inputs)
             side = min(map_side(json.loads(request.parameters() or "{}")), self.map_side_cap)
-            frames = [item for item in items if not isinstance(item, FrameResult)]
             try:
-                computed = iter(self.runtime.infer(frames, with_maps=side > 0) if frames else [])
-            except BackendError as exc:  # the backbone call failed: this request's error, the others go on
+                arrays = answer_requests(self.runtime, [(inputs, side)])[0]
+            except BackendError as exc:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
                 continue
-            arrays = encode_results(complete_results(items, computed, decode_ms, side), self.runtime.tasks)
             tensors = [
                 pb_utils.Tensor(n, a.astype(np.object_) if a.dtype.kind == "S" else a) for n, a in arrays.items()
             ]
@@ -73,7 +75,7 @@ class BlsBackend(GraphBackend):
         self.root, self.precision = root, precision
 
     def backbone(self, images: np.ndarray) -> FeatureBatch:
-        embedding, routing = bls_call("moleflow_backbone", {IMAGES: images}, [EMBEDDING, ROUTING_FEATURE])
+        embedding, routing = bls_call(BACKBONE_MODEL, {IMAGES: images}, [EMBEDDING, ROUTING_FEATURE])
         return FeatureBatch(len(images), embedding, routing)
 
     def load_detector(self, entry: TaskEntry) -> DetectorEngine:
@@ -94,7 +96,7 @@ class BlsDetector(DetectorEngine):
 
     def run(self, features: FeatureBatch, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
         embedding = np.asarray(features.embedding)[rows]
-        patch, image = bls_call(f"moleflow_task_{self.task}", {EMBEDDING: embedding}, [PATCH_SCORES, IMAGE_SCORE])
+        patch, image = bls_call(task_model(self.task), {EMBEDDING: embedding}, [PATCH_SCORES, IMAGE_SCORE])
         return patch, image.reshape(len(rows))  # Triton gives image_score as (n, 1)
 
 
