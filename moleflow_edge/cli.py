@@ -204,6 +204,11 @@ def run(
     save: Optional[Path] = typer.Option(None, help="Write an overlay image per frame here."),
     show: bool = typer.Option(False, help="Show the overlays in a window."),
     batch_size: int = typer.Option(1, min=1, help="Frames per inference call."),
+    follow: bool = typer.Option(
+        False, help="With a folder --source: keep taking new image files as they are completely written to it "
+        "(a camera's FTP/SMB drop folder), until --max-frames or Ctrl-C."
+    ),
+    max_frames: Optional[int] = typer.Option(None, min=0, help="Stop after this many frames."),
     check: bool = typer.Option(False, help="Load every task's graph before the first frame; exit 4 if one fails."),
     trusted_key: Optional[list[Path]] = typer.Option(
         None, help="Public key file (repeatable): refuse exports not signed by one of these keys."
@@ -231,8 +236,8 @@ def run(
             backend.value, precision, trusted_keys=trusted_key, max_map_side=map_size, latency_target_ms=latency_target
         )
         where = export_dir or server  # only named in messages when a RemoteRuntime is given
-        options = RunOptions(where, loading, save, show, batch_size, camera_retries=retries,
-                             retry_delay_s=retry_delay, check=check)  # fmt: skip
+        options = RunOptions(where, loading, save, show, batch_size, max_frames, camera_retries=retries,
+                             retry_delay_s=retry_delay, check=check, follow=follow)  # fmt: skip
         code = run_source(source, options, runtime=remote)
     except USER_ERRORS as exc:
         fail(str(exc))

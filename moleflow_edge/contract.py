@@ -164,6 +164,12 @@ class Manifest:
         listed += [ArtifactFile(engine["file"], engine["sha256"]) for engine in engines]
         return listed
 
+    @property
+    def digest(self) -> str:
+        """sha256 of what a signature covers (the manifest without its signature): names one committed
+        export in the logs and summaries of a live switch, whatever the file's formatting."""
+        return hashlib.sha256(signed_payload(asdict(self))).hexdigest()
+
     def to_json(self, signing_key: Ed25519PrivateKey | None = None) -> str:
         data = asdict(self)
         if signing_key is not None:

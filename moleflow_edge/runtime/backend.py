@@ -58,6 +58,8 @@ class GraphBackend(ABC):
     provider: str | None = None  # the onnxruntime execution provider the sessions got; None for other engines
     routes_on_device: bool = False  # True: distances() runs router graph/engine; False: numpy RouterTable
     max_batch: int | None = None  # engines built for a fixed maximum batch; None = any
+    manifest: Manifest | None = None  # the export it was loaded for
+
 
     @abstractmethod
     def backbone(self, images: np.ndarray) -> FeatureBatch:
@@ -74,6 +76,20 @@ class GraphBackend(ABC):
         """Memory a task's engine will take, guessed before loading it (its weights' size by default)."""
         artifact = entry.graphs.get(self.precision.value)
         return 0 if artifact is None else artifact_bytes(self.root, artifact)
+
+    def runs_unchanged(self, manifest: Manifest) -> bool:
+        """Whether this loaded backend runs ``manifest`` (a newly committed one of the same export) as
+        it is: the same backbone graph, engines and shapes, and routing on the host (a router on the
+        device is built for one task count). A live switch then keeps it, and its warm task engines."""
+        old = self.manifest
+        if old is None or self.routes_on_device:
+            return False
+        shapes = ("image_size", "grid", "embed_dim", "routing_dim", "input_layout", "input_dtype", "channel_order")
+        return (
+            all(getattr(old, name) == getattr(manifest, name) for name in shapes)
+            and old.backbone_graphs.get(self.precision.value) == manifest.backbone_graphs.get(self.precision.value)
+            and old.engines == manifest.engines
+        )
 
     def describe(self) -> str:
         return f"{self.kind.value} on {self.device}"

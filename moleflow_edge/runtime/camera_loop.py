@@ -29,7 +29,9 @@ from moleflow_edge.preprocess import FrameError, read_image_bgr
 from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime.backend import BackendError
 from moleflow_edge.runtime.engine_select import LatencyTargetWarning
+from moleflow_edge.runtime.folder_follow import follow_folder
 from moleflow_edge.runtime.latency_stats import LatencyReservoir
+from moleflow_edge.runtime.live_export import LiveExport
 from moleflow_edge.runtime.options import RunOptions
 from moleflow_edge.runtime.overlay import Viewer, render_overlay, write_png
 from moleflow_edge.runtime.result import STAGES, FrameResult
@@ -121,6 +123,21 @@ def iter_source(
             f"source {source!r} is not a folder, an image file, a video file, camera:N, a stream URL "
             "(rtsp://, http://, ...) or a GStreamer pipeline (... ! appsink)"
         )
+
+
+def iter_followed(source: str) -> Iterator[SourceFrame | None]:
+    """``run --follow``: the image files of folder ``source`` as they are completely written (folder_follow.py),
+    forever; None while the folder is quiet."""
+    folder = Path(source)
+    if not folder.is_dir():
+        raise SourceError(f"--follow takes a folder that frames are written to; {source!r} is not a folder")
+    index = 0
+    for path in follow_folder(folder, IMAGE_SUFFIXES):
+        if path is None:
+            yield None
+            continue
+        yield _read_file(index, path)
+        index += 1
 
 
 def _read_file(index: int, path: Path) -> SourceFrame:
@@ -332,9 +349,14 @@ def run_source(
         out.flush()
 
     def process(batch: list[SourceFrame]) -> bool:
-        """Run a batch; False when the viewer asked to stop."""
+        """Run a batch (on a newly committed export, when one came); False when the viewer asked to stop."""
+        nonlocal runtime
         keep_going = True
+        if live is not None:
+            runtime = live.current()
         results = runtime.infer([item.frame for item in batch])  # type: ignore[union-attr]
+        if live is not None:
+            live.record([item.index for item in batch])
         for item, result in zip(batch, results):
             stats.add(result)
             line: dict[str, object] = {"frame": item.index, "source": item.name}
@@ -361,9 +383,20 @@ def run_source(
         return keep_going
 
     pending: list[SourceFrame] = []
+    warn = lambda m: print(f"warning: {m}", file=err)  # noqa: E731
+    live = LiveExport(runtime, warn) if owned else None  # a newly committed export is picked up between batches
     try:
-        warn = lambda m: print(f"warning: {m}", file=err)  # noqa: E731
-        for item in iter_source(source, options.camera_retries, options.retry_delay_s, warn):
+        frames = iter_followed(source) if options.follow else iter_source(
+            source, options.camera_retries, options.retry_delay_s, warn)  # fmt: skip
+        for item in frames:
+            if item is None:  # a followed folder is quiet: score what waits, or look for a new export
+                if pending:
+                    batch, pending = pending, []
+                    if not process(batch):
+                        break
+                elif live is not None:
+                    runtime = live.current()
+                continue
             if options.max_frames is not None and stats.frames + len(pending) >= options.max_frames:
                 break
             if item.error is not None:
@@ -371,9 +404,10 @@ def run_source(
                 emit({"frame": item.index, "source": item.name, "error": item.error})
                 continue
             pending.append(item)
-            if len(pending) >= options.batch_size:
+            last = options.max_frames is not None and stats.frames + len(pending) >= options.max_frames
+            if len(pending) >= options.batch_size or last:
                 batch, pending = pending, []
-                if not process(batch):
+                if not process(batch) or last:
                     break
         if pending:
             batch, pending = pending, []
@@ -403,10 +437,12 @@ def run_source(
         print(f"error: every frame failed ({stats.errors} of {stats.frames}); see the error lines", file=err)
         code = EXIT_ALL_FRAMES_FAILED
     summary = stats.summary(runtime, code)
+    if live is not None:
+        summary |= live.summary()
     emit({"summary": summary})
     print(_human_summary(summary), file=err)
-    if owned:
-        runtime.close()
+    if live is not None:
+        live.close()
     return code
 
 

@@ -94,6 +94,17 @@ class EngineCache:
         while over():
             self.evict(next(iter(self._engines)))
 
+    def take_over(self, previous: EngineCache, keep: Callable[[str], bool]) -> None:
+        """Continue ``previous`` (a live switch to a newly committed export): its engines of the tasks
+        ``keep`` accepts move here, still warm and in the same LRU order, the others are closed, and
+        the stats go on counting. ``previous`` is left empty."""
+        self.stats = previous.stats
+        for task in previous.resident:
+            if keep(task):
+                self._engines[task] = previous._engines.pop(task)
+            else:
+                previous.evict(task)
+
     def evict(self, task: str) -> None:
         engine = self._engines.pop(task)
         engine.close()

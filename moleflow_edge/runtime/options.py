@@ -96,7 +96,8 @@ class RunOptions:
     One JSON line per frame; overlays to ``save_dir`` when given, a window with ``show``;
     ``batch_size`` frames per inference call; at most ``max_frames``; a camera or stream that
     stops is reopened ``camera_retries`` times, ``retry_delay_s`` apart; ``check`` loads every
-    task's graph before the first frame.
+    task's graph before the first frame; ``follow`` keeps taking new image files as they are
+    written to a folder source (runtime/folder_follow.py) until ``max_frames`` or Ctrl-C.
     """
 
     export_dir: str | Path
@@ -108,6 +109,7 @@ class RunOptions:
     camera_retries: int = 5
     retry_delay_s: float = 0.5
     check: bool = False
+    follow: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -55,6 +55,8 @@ class Runtime:
         self.max_map_side: int | None = DEFAULT_MAX_MAP_SIDE
         self.load_failures: dict[str, str] = {}  # task -> why its detector graph could not be loaded or run
         self.engine_choice: EngineChoice | None = None  # what a latency target chose, and why
+        self.options = RuntimeOptions()  # how it was opened (Runtime.load): a live switch opens the next export alike
+        self._owns_backend = True  # False once a successor took the backend over
 
     @classmethod
     def load(
@@ -83,10 +85,7 @@ class Runtime:
         elif fields or backend is not Backend.AUTO or precision is not None:
             raise ValueError("give Runtime.load either options=RuntimeOptions(...) or its fields, not both")
         root = Path(export_dir)
-        keys = None if options.trusted_keys is None else load_public_keys(options.trusted_keys)
-        manifest = load_manifest(root, verify=True, trusted_keys=keys)
-        if not manifest.tasks:
-            raise ManifestError(f"{root} holds no task: export at least one with moleflow-edge export")
+        manifest = cls.check_export(root, options)
         choice = None
         if options.latency_target_ms is not None:
             def open_candidate(c: Candidate) -> Runtime:
@@ -100,9 +99,21 @@ class Runtime:
         runtime.engine_choice = choice
         return runtime
 
+    @staticmethod
+    def check_export(root: Path, options: RuntimeOptions) -> Manifest:
+        """The export's manifest after every check a load makes (schema, containment, every file's sha256,
+        the signature with ``options.trusted_keys``, at least one task): at start and at a live switch."""
+        keys = None if options.trusted_keys is None else load_public_keys(options.trusted_keys)
+        manifest = load_manifest(root, verify=True, trusted_keys=keys)
+        if not manifest.tasks:
+            raise ManifestError(f"{root} holds no task: export at least one with moleflow-edge export")
+        return manifest
+
     @classmethod
-    def _open(cls, root: Path, manifest: Manifest, options: RuntimeOptions) -> Runtime:
-        """Load one engine for a checked manifest: the backend, the router and the engine cache."""
+    def _open(cls, root: Path, manifest: Manifest, options: RuntimeOptions, previous: Runtime | None = None) -> Runtime:
+        """Load one engine for a checked manifest: the backend, the router and the engine cache. With
+        ``previous`` (a live switch), its backend and warm task engines are taken over where they still
+        apply (``successor``); until everything new is loaded, ``previous`` is left as it was."""
         kind, _ = resolve_backend(options.backend)
         prec = options.chosen_precision
         if kind is not Backend.TENSORRT:
@@ -113,10 +124,13 @@ class Runtime:
                         f"(has {sorted(entry.graphs)}): export it with --precision {prec.value}"
                     )
         router = load_router_table(root, manifest)
-        graphs, skipped = create_backend(
-            options.backend, root, manifest, prec, threads=options.threads, device_id=options.device_id,
-            providers=None if options.providers is None else list(options.providers), io_binding=options.io_binding,
-        )  # fmt: skip
+        if previous is not None and previous._backend.runs_unchanged(manifest):
+            graphs, skipped = previous._backend, previous.skipped_backends
+        else:
+            graphs, skipped = create_backend(
+                options.backend, root, manifest, prec, threads=options.threads, device_id=options.device_id,
+                providers=None if options.providers is None else list(options.providers), io_binding=options.io_binding,
+            )  # fmt: skip
         budget = None if options.memory_budget_mb is None else int(options.memory_budget_mb * 2**20)
         engines = EngineCache(
             lambda task: graphs.load_detector(manifest.task(task)),
@@ -124,13 +138,41 @@ class Runtime:
             budget,
             estimate=lambda task: graphs.estimate_bytes(manifest.task(task)),
         )
+        if previous is not None:
+            previous._hand_over(manifest, graphs, engines)
         runtime = cls(root, manifest, graphs, router, engines)
-        runtime.skipped_backends = skipped
+        runtime.skipped_backends, runtime.options = skipped, options
         runtime.max_map_side = options.max_map_side
         if options.preload:
             for task in manifest.task_names[: options.max_resident_tasks or None]:
                 engines.get(task)
         return runtime
+
+    def successor(self, manifest: Manifest) -> Runtime:
+        """The runtime of ``manifest``, newly committed to this export and checked by ``check_export``,
+        taking this one's place: opened as this one was, keeping the backend when it runs the new
+        manifest unchanged, and with it the loaded task engines whose graph's content address did not
+        change; other tasks load lazily, as at start. This runtime is spent afterwards; when opening
+        the new one fails it is left as it was and goes on."""
+        runtime = self._open(self.root, manifest, replace(self.options, preload=False), previous=self)
+        runtime.engine_choice, runtime.max_map_side = self.engine_choice, self.max_map_side
+        return runtime
+
+    def _hand_over(self, manifest: Manifest, backend: GraphBackend, engines: EngineCache) -> None:
+        """Give ``engines`` (the successor's) this runtime's warm engines that still apply, close the rest."""
+        kept = backend is self._backend
+        if kept:
+            self._owns_backend = False
+            backend.manifest = manifest
+        prec = self.precision.value
+        new = {entry.name: entry for entry in manifest.tasks}
+
+        def unchanged(task: str) -> bool:
+            old, entry = self._entries[task], new.get(task)
+            return entry is not None and old.graphs.get(prec) == entry.graphs.get(prec) and old.engines == entry.engines
+
+        engines.take_over(self.engines, lambda task: kept and unchanged(task))
+        self.close()
 
     def check_graphs(self) -> None:
         """Load every task's detector graph once (the resident cap still applies), so that a graph
@@ -349,7 +391,8 @@ class Runtime:
     def close(self) -> None:
         """Unload every engine and release the backend's sessions and device memory."""
         self.engines.clear()
-        self._backend.close()
+        if self._owns_backend:
+            self._backend.close()
 
     def __enter__(self) -> Runtime:
         return self

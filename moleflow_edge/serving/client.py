@@ -145,8 +145,10 @@ class RemoteRuntime:
 
         reply = self._call(send)
         outputs = reply.get_response()["outputs"] if self.protocol == "http" else reply.get_response().outputs
-        names = [o["name"] if isinstance(o, dict) else o.name for o in outputs]
-        return decode_results({n: reply.as_numpy(n) for n in names}, self.tasks)
+        arrays = {n: reply.as_numpy(n) for n in (o["name"] if isinstance(o, dict) else o.name for o in outputs)}
+        if arrays["distances"].shape[1] != len(self.tasks):  # the server switched to a new export: its tasks
+            self._info = self._call(self._fetch_info)
+        return decode_results(arrays, self.tasks)
 
     # --- inference -------------------------------------------------------------------------------
     def infer(self, frames: object, *, with_maps: bool = True) -> list[FrameResult]:

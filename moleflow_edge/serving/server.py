@@ -24,6 +24,7 @@ import numpy as np
 from moleflow_edge.contract import ManifestError
 from moleflow_edge.runtime.backend import BackendError
 from moleflow_edge.runtime.camera_loop import EXIT_BACKEND_ERROR, EXIT_LOAD_ERROR
+from moleflow_edge.runtime.live_export import LiveExport
 from moleflow_edge.runtime.runtime import Runtime
 from moleflow_edge.serving.libpython import ServingUnavailable, prepare_stub_environment, serving_problem
 from moleflow_edge.serving.protocol import (
@@ -65,13 +66,14 @@ class ServeOptions:
 
 
 class InferenceServer:
-    """A loaded Runtime behind a Triton server. ``start`` returns once Triton is ready; ``wait``
-    blocks until SIGTERM or SIGINT, ``stop`` drains and stops (also on leaving a with block)."""
+    """A loaded Runtime behind a Triton server, switching to a newly committed export between batches
+    (LiveExport). ``start`` returns once Triton is ready; ``wait`` blocks until SIGTERM or SIGINT,
+    ``stop`` drains and stops (also on leaving a with block)."""
 
-    def __init__(self, runtime: Runtime, options: ServeOptions) -> None:
-        self.runtime = runtime
+    def __init__(self, live: LiveExport, options: ServeOptions) -> None:
+        self.live = live
         self.options = options
-        runtime.max_map_side = options.map_side_cap  # maps are made at the cap, shrunk per request
+        live.runtime.max_map_side = options.map_side_cap  # maps are made at the cap, shrunk per request
         self._triton: Any = None
         self._stop_requested = threading.Event()
 
@@ -139,13 +141,20 @@ class InferenceServer:
 
     # --- the models ------------------------------------------------------------------------------
     def _info(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
-        text = json.dumps(describe(self.runtime, self.options.max_batch, self.options.map_side_cap)).encode()
+        with self.live.use() as runtime:  # also which export scored which frames (LiveExport.summary)
+            info = describe(runtime, self.options.max_batch, self.options.map_side_cap) | self.live.summary()
+        text = json.dumps(info).encode()
         return [{INFO: np.array([text], np.bytes_)} for _ in requests]
 
     def _infer(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
-        """One dynamic batch: every request's frames through one Runtime.infer, split back per request."""
+        """One dynamic batch: every request's frames through one Runtime.infer, split back per request;
+        on the export current when it starts (a newly committed one is switched to first)."""
         cap = self.options.map_side_cap
-        return answer_requests(self.runtime, [(r.data, min(map_side(r.parameters), cap)) for r in requests])
+        with self.live.use() as runtime:
+            answers = answer_requests(runtime, [(r.data, min(map_side(r.parameters), cap)) for r in requests])
+            first = self.live.scored
+            self.live.record(range(first, first + sum(len(a["task"]) for a in answers)))
+        return answers
 
 
 def serve_export(
@@ -157,8 +166,9 @@ def serve_export(
     precision: str | None = None,
     trusted_keys: list[str | Path] | None = None,
 ) -> int:
-    """`moleflow-edge serve`: check and load the export once (signature with ``trusted_keys``, every
-    task's graph), start Triton, serve until SIGTERM or SIGINT. Returns the exit code: 0 after a clean
+    """`moleflow-edge serve`: check and load the export (signature with ``trusted_keys``, every
+    task's graph), start Triton, serve until SIGTERM or SIGINT, switching to an export newly committed
+    to the folder between batches (LiveExport). Returns the exit code: 0 after a clean
     stop, 1 when it could not start, 4 when tritonserver died. What goes wrong is one line through
     ``say``, never a traceback."""
     try:
@@ -174,13 +184,13 @@ def serve_export(
     except (ManifestError, BackendError, ValueError, OSError) as exc:
         say(f"error: cannot load the export {export_dir}: {exc}")
         return EXIT_LOAD_ERROR
-    with runtime:
+    with LiveExport(runtime, say) as live:  # closes the runtime current at the end
         try:
             runtime.check_graphs()
         except BackendError as exc:
             say(f"error: {exc}")
             return EXIT_LOAD_ERROR
-        server = InferenceServer(runtime, options)
+        server = InferenceServer(live, options)
         try:
             server.start()
         except Exception as exc:  # tritonserver failed to start or load the model: its log above says more
