@@ -122,7 +122,8 @@ class Deployed:
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = model_dir
         self.model, prototypes = ModelStore(model_dir).load()
-        self.table = RouterTable(self.model.tasks, [prototypes[t] for t in self.model.tasks])
+        tasks = self.model.tasks
+        self.table = RouterTable(tasks, [prototypes[t] for t in tasks], [self.model.kind(t).value for t in tasks])
         self.detectors = TaskDetectors(self.model)
 
 

@@ -79,7 +79,7 @@ def evaluate(
     unknown = [t for t in wanted if t not in order]
     if unknown:
         raise ValueError(f"tasks {unknown} are not trained in {model_dir} (trained: {order})")
-    table = RouterTable(order, [prototypes[t] for t in order])
+    table = RouterTable(order, [prototypes[t] for t in order], [model.kind(t).value for t in order])
     detectors = TaskDetectors(model)
 
     results: dict[str, TaskMetrics] = {}
