@@ -18,7 +18,7 @@ from moleflow_edge.detectors import detector_of
 from moleflow_edge.features import ImageFeatures
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model.scorer import PatchScorer
-from moleflow_edge.router import UNKNOWN, RouterTable
+from moleflow_edge.router import UNKNOWN, Prototype, RouterTable
 
 
 class TaskDetectors:
@@ -44,6 +44,11 @@ class TaskDetectors:
             task_patch, task_image = self[task](embedded[idx])
             patch[idx], image[idx] = task_patch.float().cpu().numpy(), task_image.float().cpu().numpy()
         return patch, image
+
+
+def router_table(model: MoleFlow, prototypes: dict[str, Prototype]) -> RouterTable:
+    """The router over every task of ``model`` in learning order, knowing each task's detector kind."""
+    return RouterTable(model.tasks, [prototypes[t] for t in model.tasks], [model.kind(t).value for t in model.tasks])
 
 
 @dataclass(frozen=True)
