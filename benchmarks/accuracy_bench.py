@@ -42,8 +42,8 @@ from moleflow_edge.export.exporter import export_model
 from moleflow_edge.features import extract_features
 from moleflow_edge.metrics import auroc
 from moleflow_edge.model_store import ModelStore
-from moleflow_edge.router import UNKNOWN, RouterTable, ledoit_wolf, mahalanobis_whitener
-from moleflow_edge.scoring import RoutedScores, TaskDetectors, score_routed
+from moleflow_edge.router import UNKNOWN, ledoit_wolf, mahalanobis_whitener
+from moleflow_edge.scoring import RoutedScores, TaskDetectors, router_table, score_routed
 from moleflow_edge.train import train_task
 
 SMOKE_IMAGES = 10  # fewer training images than this: a smoke test, out of the means
@@ -122,7 +122,7 @@ class Deployed:
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = model_dir
         self.model, prototypes = ModelStore(model_dir).load()
-        self.table = RouterTable(self.model.tasks, [prototypes[t] for t in self.model.tasks])
+        self.table = router_table(self.model, prototypes)
         self.detectors = TaskDetectors(self.model)
 
 

@@ -71,8 +71,7 @@ def training_section(work: Path) -> dict[str, object]:
     from moleflow_edge.export.exporter import export_model
     from moleflow_edge.features import extract_features
     from moleflow_edge.model_store import ModelStore
-    from moleflow_edge.router import RouterTable
-    from moleflow_edge.scoring import TaskDetectors, score_routed
+    from moleflow_edge.scoring import TaskDetectors, router_table, score_routed
     from moleflow_edge.train import train_task
 
     config = MoleFlowConfig(**TRAIN_CONFIG_FIELDS)
@@ -88,7 +87,7 @@ def training_section(work: Path) -> dict[str, object]:
             seconds += report.feature_seconds + report.train_seconds
         metrics = evaluate(data, model_dir, device="cpu")["tasks"]
         model, prototypes = ModelStore(model_dir).load()
-        table = RouterTable(model.tasks, [prototypes[t] for t in model.tasks])
+        table = router_table(model, prototypes)
         detectors, routes, scores = TaskDetectors(model), [], []
         for task in TASKS:
             images = load_split(data, task, "test", config.image_size).images

@@ -23,8 +23,8 @@ from moleflow_edge.device import names_batch_on_oom, resolve_device
 from moleflow_edge.features import FEATURE_BATCH, extract_features
 from moleflow_edge.metrics import aupro, auroc, average_precision
 from moleflow_edge.model_store import ModelStore
-from moleflow_edge.router import UNKNOWN, RouterTable
-from moleflow_edge.scoring import RoutedScores, TaskDetectors, route, score_routed
+from moleflow_edge.router import UNKNOWN
+from moleflow_edge.scoring import RoutedScores, TaskDetectors, route, router_table, score_routed
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 
@@ -79,7 +79,7 @@ def evaluate(
     unknown = [t for t in wanted if t not in order]
     if unknown:
         raise ValueError(f"tasks {unknown} are not trained in {model_dir} (trained: {order})")
-    table = RouterTable(order, [prototypes[t] for t in order])
+    table = router_table(model, prototypes)
     detectors = TaskDetectors(model)
 
     results: dict[str, TaskMetrics] = {}

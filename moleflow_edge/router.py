@@ -41,7 +41,7 @@ MIN_IMAGES = 2  # a mean and a spread need two images
 LIMIT_FOLDS = 5  # held-out folds for the limit; leave-one-out below this many images
 FEW_IMAGES = 10  # below this a product is "few-image": its limit is widened
 PRIOR_IMAGES = 2  # weight of the shrinkage target, in images
-EXPLAIN_CANDIDATES = 3  # a frame beyond every limit is shown under the best of its nearest tasks' flows
+EXPLAIN_CANDIDATES = 3  # a frame beyond every limit is shown under the best of its nearest tasks' detectors
 
 
 @dataclass(frozen=True)
@@ -158,10 +158,15 @@ def fit_prototype(
 class RouterTable:
     """All prototypes stacked so that one matrix product gives every task's distance."""
 
-    def __init__(self, tasks: list[str], prototypes: list[Prototype]) -> None:
+    def __init__(self, tasks: list[str], prototypes: list[Prototype], kinds: list[str] | None = None) -> None:
+        """``kinds``: each task's detector kind (one kind for all where None): patch scores of different
+        kinds are on scales that cannot be compared (see ``explaining_task``)."""
         if not tasks:
             raise ValueError("a router needs at least one task")
+        if kinds is not None and len(kinds) != len(tasks):
+            raise ValueError(f"{len(kinds)} detector kinds for {len(tasks)} tasks")
         self.tasks = list(tasks)
+        self.kinds = dict(zip(self.tasks, kinds or [""] * len(self.tasks)))
         self.whiteners = np.stack([p.whitener for p in prototypes]).astype(np.float32)  # (T,C,C)
         self.stacked = self.whiteners.reshape(-1, self.whiteners.shape[-1]).T.copy()  # (C, T*C)
         self.shift = np.stack([p.whitener @ p.mean for p in prototypes]).astype(np.float32)  # (T,C) = W_t mu_t
@@ -180,21 +185,35 @@ class RouterTable:
 
     def candidates(self, distances: np.ndarray, known: int | None = None) -> list[tuple[str, ...]]:
         """The ``EXPLAIN_CANDIDATES`` nearest of the first ``known`` tasks per frame, nearest first:
-        whose flows may explain a frame that ``route`` finds beyond every limit."""
+        whose detectors may explain a frame that ``route`` finds beyond every limit."""
         order = np.argsort(distances[:, :known], axis=1, kind="stable")[:, :EXPLAIN_CANDIDATES]
         return [tuple(self.tasks[i] for i in row) for row in order]
 
-    def explaining_task(self, candidates: tuple[str, ...], patch_scores: list[np.ndarray]) -> str:
-        """Of a frame's candidate tasks and their flows' patch scores (H,W) for it, the task that explains
-        the frame best: the lowest median patch score, in units of each task's normal ``patch_level``.
-        A frame beyond every limit is often a damaged part of a known product; its pooled routing
-        feature moves as a whole, while the product's own flow still finds most of its patches
-        normal. The runtime and eval draw such a frame's map from this task."""
+    def explaining_task(
+        self, candidates: tuple[str, ...], patch_scores: list[np.ndarray], distances: np.ndarray
+    ) -> str:
+        """Of a frame's candidate tasks, their detectors' patch scores (H,W) for it and its distances (T,)
+        to every prototype, the task that explains the frame best. A frame beyond every limit is often a
+        damaged part of a known product: its pooled routing feature moves as a whole, while the
+        product's own detector still finds most of its patches normal. So among tasks of one detector
+        kind, the lowest median patch score in units of each task's normal ``patch_level`` wins. Kinds
+        grow differently away from normal (a flow's -log p with the squared distance, a memory bank's
+        nearest distance linearly), so between the best of each kind the routing distance decides, in
+        units of each task's limit. The runtime and eval draw such a frame's map from this task."""
         levels = [self.patch_levels[t] for t in candidates]
         if any(level is None for level in levels):  # a task trained before levels were recorded: raw scores
             levels = [(0.0, 1.0)] * len(candidates)
         excess = [(np.median(p) - centre) / spread for p, (centre, spread) in zip(patch_scores, levels)]
-        return candidates[int(np.argmin(excess))]
+        best_of_kind: dict[str, int] = {}
+        for i, task in enumerate(candidates):
+            kind = self.kinds[task]
+            if kind not in best_of_kind or excess[i] < excess[best_of_kind[kind]]:
+                best_of_kind[kind] = i
+        column = {t: i for i, t in enumerate(self.tasks)}
+        reach = {
+            i: distances[column[candidates[i]]] / self.limits[column[candidates[i]]] for i in best_of_kind.values()
+        }
+        return candidates[min(reach, key=lambda i: reach[i])]
 
     def route(self, distances: np.ndarray, known: int | None = None) -> list[str]:
         """Nearest of the first ``known`` tasks per frame, or UNKNOWN where even the nearest is

@@ -9,7 +9,7 @@ deployed runtime's by construction.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from moleflow_edge.detectors import detector_of
 from moleflow_edge.features import ImageFeatures
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model.scorer import PatchScorer
-from moleflow_edge.router import UNKNOWN, RouterTable
+from moleflow_edge.router import UNKNOWN, Prototype, RouterTable
 
 
 class TaskDetectors:
@@ -46,6 +46,11 @@ class TaskDetectors:
         return patch, image
 
 
+def router_table(model: MoleFlow, prototypes: dict[str, Prototype]) -> RouterTable:
+    """The router over every task of ``model`` in learning order, knowing each task's detector kind."""
+    return RouterTable(model.tasks, [prototypes[t] for t in model.tasks], [model.kind(t).value for t in model.tasks])
+
+
 @dataclass(frozen=True)
 class Routing:
     """The router's decision for a batch, limits included (see ``route``)."""
@@ -53,6 +58,7 @@ class Routing:
     tasks: list[str]  # routed task per image, UNKNOWN beyond every limit
     nearest: list[str]  # the nearest task per image, limits aside: which product the router sees
     candidates: list[tuple[str, ...]]  # beyond every limit: tasks whose detectors may explain it; () otherwise
+    distances: np.ndarray = field(compare=False)  # (N,T) to every prototype; candidates already depend on it
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,10 @@ def route(table: RouterTable, routing: np.ndarray, known: int | None = None) -> 
     tasks = table.route(distances, known)
     candidates = table.candidates(distances, known)
     return Routing(
-        tasks, table.nearest(distances, known), [c if t == UNKNOWN else () for t, c in zip(tasks, candidates)]
+        tasks,
+        table.nearest(distances, known),
+        [c if t == UNKNOWN else () for t, c in zip(tasks, candidates)],
+        distances,
     )
 
 
@@ -110,6 +119,6 @@ def score_routed(
         by_task = {task: detectors.score(embedded[rejected], [task] * len(rejected))[0] for task in needed}
         for j, i in enumerate(rejected):
             candidates = routing.candidates[i]
-            shown[i] = table.explaining_task(candidates, [by_task[t][j] for t in candidates])
+            shown[i] = table.explaining_task(candidates, [by_task[t][j] for t in candidates], routing.distances[i])
             patch[i] = by_task[shown[i]][j]
     return RoutedScores(routing, shown, patch, image)

@@ -192,12 +192,40 @@ def test_a_frame_beyond_every_limit_is_shown_under_the_flow_that_explains_most_o
     damaged = np.full((4, 4), 1.0)
     damaged[0, :] = 50.0  # a defect across one row: the max is high, the median is not
     everywhere = np.full((4, 4), 5.0)
-    assert table.explaining_task(("c", "b"), [everywhere, damaged]) == "b"
-    assert table.explaining_task(("c", "b"), [damaged, everywhere]) == "c"
+    frame = distances[0]
+    assert table.explaining_task(("c", "b"), [everywhere, damaged], frame) == "b"
+    assert table.explaining_task(("c", "b"), [damaged, everywhere], frame) == "c"
     # d's normal patches score 100 +- 50: 120 is normal for d, 5 is 5 spreads above normal for c
-    assert table.explaining_task(("c", "d"), [everywhere, np.full((4, 4), 120.0)]) == "d"
+    assert table.explaining_task(("c", "d"), [everywhere, np.full((4, 4), 120.0)], frame) == "d"
     unrecorded = RouterTable(["c", "d"], [Prototype(np.zeros(2, np.float32), np.eye(2, dtype=np.float32), 1.0)] * 2)
-    assert unrecorded.explaining_task(("c", "d"), [everywhere, np.full((4, 4), 120.0)]) == "c"  # raw scores
+    assert unrecorded.explaining_task(("c", "d"), [everywhere, np.full((4, 4), 120.0)], frame[2:]) == "c"  # raw
+
+
+def test_an_unknown_frame_is_explained_across_kinds_by_routing_distance() -> None:
+    """A flow's -log p outgrows a memory bank's distance far from normal, so their patch levels are not
+    compared: within a kind the patch levels decide, between kinds the distance in units of each limit."""
+    level = (0.0, 1.0)
+    table = RouterTable(
+        ["flow_a", "memory_b", "flow_c"],
+        [
+            Prototype(np.array([0.0, 0.0], np.float32), np.eye(2, dtype=np.float32), 4.0, patch_level=level),
+            Prototype(np.array([3.0, 0.0], np.float32), np.eye(2, dtype=np.float32), 1.0, patch_level=level),
+            Prototype(np.array([1.5, 1.0], np.float32), np.eye(2, dtype=np.float32), 4.0, patch_level=level),
+        ],
+        ["flow", "memory", "flow"],
+    )
+    frame = table.distances(np.array([[2.5, 0.0]], np.float32))[0]  # 6.25 / 4 from a, 0.25 / 1 from b
+    far, near = np.full((4, 4), 30.0), np.full((4, 4), 2.0)
+    # the memory bank finds the frame most normal on its own scale; across kinds that is not comparable,
+    # and b is nearer in units of its limit: b explains it
+    assert table.explaining_task(("flow_a", "memory_b", "flow_c"), [far, near, far], frame) == "memory_b"
+    frame = table.distances(np.array([[1.5, 0.0]], np.float32))[0]  # 2.25 / 4 from a, 2.25 / 1 from b
+    assert table.explaining_task(("flow_a", "memory_b", "flow_c"), [far, near, far], frame) == "flow_a"
+    # within the flow kind the patch levels still decide, whichever flow is nearer (c: 1.0 / 4)
+    assert table.explaining_task(("flow_a", "memory_b", "flow_c"), [near, near, far], frame) == "flow_a"
+    assert table.explaining_task(("flow_a", "memory_b", "flow_c"), [far, near, near], frame) == "flow_c"
+    with pytest.raises(ValueError, match="2 detector kinds for 3 tasks"):
+        RouterTable(table.tasks, [Prototype(np.zeros(2, np.float32), np.eye(2, dtype=np.float32), 1.0)] * 3, ["a", "b"])
 
 
 def test_patch_level_is_the_median_and_robust_spread() -> None:

@@ -28,9 +28,9 @@ from moleflow_edge.features import extract_features
 from moleflow_edge.model.coreset import coreset_size, greedy_coreset
 from moleflow_edge.model.memory_bank import MemoryScorer
 from moleflow_edge.model_store import SHARED_FILE, TASK_LIST_FILE, ModelStore
-from moleflow_edge.router import UNKNOWN, RouterTable
+from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime import Runtime
-from moleflow_edge.scoring import TaskDetectors, score_routed
+from moleflow_edge.scoring import TaskDetectors, router_table, score_routed
 from moleflow_edge.train import train_task
 from tests.conftest import TINY_CONFIG
 
@@ -94,7 +94,7 @@ def test_the_export_records_each_kind_and_runs_torch_free_with_parity(mixed: dic
     assert {t.name: t.detector for t in manifest.tasks} == {t: k.value for t, k in SEQUENCE}
     assert all(a.file.startswith(f"{DETECTOR_DIR}/") for t in manifest.tasks for a in t.graphs.values())
     model, prototypes = ModelStore(mixed["model_dir"]).load()
-    table = RouterTable(model.tasks, [prototypes[t] for t in model.tasks])
+    table = router_table(model, prototypes)
     runtime = Runtime.load(mixed["export_dir"], backend="onnxruntime-cpu", precision="fp32")
     for task in [t for t, _ in SEQUENCE] + [UNTRAINED]:
         images = load_split(mixed["data"], task, "test", CONFIG.image_size).images

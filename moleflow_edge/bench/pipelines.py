@@ -32,12 +32,11 @@ class TorchPipeline:
         import torch
 
         from moleflow_edge.model_store import ModelStore
-        from moleflow_edge.router import RouterTable
-        from moleflow_edge.scoring import TaskDetectors
+        from moleflow_edge.scoring import TaskDetectors, router_table
 
         self.torch = torch
         self.model, prototypes = ModelStore(model_dir).load()
-        self.table = RouterTable(self.model.tasks, [prototypes[t] for t in self.model.tasks])
+        self.table = router_table(self.model, prototypes)
         self.detectors = TaskDetectors(self.model)
         self.size = self.model.config.image_size
 

@@ -40,4 +40,4 @@ def load_router_table(root: Path, manifest: Manifest) -> RouterTable:
                 patch_level=None if level is None else (float(level[0]), float(level[1])),
             )
         )
-    return RouterTable(manifest.task_names, prototypes)
+    return RouterTable(manifest.task_names, prototypes, [entry.detector for entry in manifest.tasks])

@@ -312,7 +312,7 @@ class Runtime:
                 else:
                     results[k].patch_scores, results[k].image_score = scored[k]
         if unknown:
-            self._explain_unknown(unknown, candidates, features, results)
+            self._explain_unknown(unknown, candidates, distances, features, results)
 
         for result in results:
             if result.patch_scores is None or result.error is not None:
@@ -352,6 +352,7 @@ class Runtime:
         self,
         unknown: dict[str, list[int]],
         candidates: list[tuple[str, ...]],
+        distances: np.ndarray,
         features: FeatureBatch,
         results: list[FrameResult],
     ) -> None:
@@ -364,7 +365,7 @@ class Runtime:
             named = tuple(t for t in candidates[k] if t in by_task)
             if not named:
                 continue
-            best = self.router.explaining_task(named, [by_task[t][k][0] for t in named])
+            best = self.router.explaining_task(named, [by_task[t][k][0] for t in named], distances[k])
             results[k].explained_by, results[k].patch_scores = best, by_task[best][k][0]
 
     def score_as(self, resized: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
