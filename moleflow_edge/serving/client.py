@@ -30,6 +30,7 @@ from moleflow_edge.runtime.options import DEFAULT_MAX_MAP_SIDE, LinkOptions
 from moleflow_edge.runtime.result import FrameResult
 from moleflow_edge.serving.protocol import (
     ENCODED,
+    EXPLAIN_PARAMETER,
     IMAGES,
     INFO,
     INFO_MODEL,
@@ -203,14 +204,13 @@ class RemoteRuntime:
         reply = client.infer(INFO_MODEL, [query], **bound)
         return json.loads(reply.as_numpy(INFO)[0])
 
-    def _request(self, name: str, data: np.ndarray, map_side: int) -> list[FrameResult]:
+    def _request(self, name: str, data: np.ndarray, parameters: dict[str, object]) -> list[FrameResult]:
         module = self._module()
         tensor = module.InferInput(name, list(data.shape), "UINT8" if name == IMAGES else "BYTES")
         tensor.set_data_from_numpy(data)
-        parameters = {MAP_SIDE_PARAMETER: map_side} if map_side else None
 
         def send(client: Any, bound: dict[str, float]) -> Any:
-            return client.infer(MODEL, [tensor], parameters=parameters, **bound)
+            return client.infer(MODEL, [tensor], parameters=parameters or None, **bound)
 
         reply = self._call(send)
         outputs = reply.get_response()["outputs"] if self.protocol == "http" else reply.get_response().outputs
@@ -230,6 +230,8 @@ class RemoteRuntime:
             except FrameError as exc:
                 results[i] = FrameResult(index=i, error=str(exc))
         side = (self.max_map_side or self._info["map_side_cap"]) if with_maps and self.maps else 0
+        # with_maps and no map sent back (``maps`` False): still what Runtime.infer gives, explained_by included
+        parameters = {MAP_SIDE_PARAMETER: side} if side else {EXPLAIN_PARAMETER: True} if with_maps else {}
         step = int(self._info["max_batch"])
         while payload:
             first_shape = _shape(payload[0][1])
@@ -240,7 +242,7 @@ class RemoteRuntime:
                 data, name = np.stack([g[1] for g in group]), IMAGES
             else:
                 data, name = np.array([[g[1]] for g in group], np.object_), ENCODED
-            for (i, _), result in zip(group, self._request(name, data, side)):
+            for (i, _), result in zip(group, self._request(name, data, parameters)):
                 result.index = i
                 results[i] = result
         return results  # type: ignore[return-value] - every slot is filled above

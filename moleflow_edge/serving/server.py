@@ -36,7 +36,6 @@ from moleflow_edge.serving.protocol import (
     OUTPUTS,
     answer_requests,
     describe,
-    map_side,
 )
 
 __all__ = ["InferenceServer", "ServeOptions", "serve_export"]
@@ -144,8 +143,7 @@ class InferenceServer:
 
     def _infer(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
         """One dynamic batch: every request's frames through one Runtime.infer, split back per request."""
-        cap = self.options.map_side_cap
-        return answer_requests(self.runtime, [(r.data, min(map_side(r.parameters), cap)) for r in requests])
+        return answer_requests(self.runtime, [(r.data, r.parameters) for r in requests], self.options.map_side_cap)
 
 
 def serve_export(
