@@ -212,15 +212,17 @@ def run(
     retries: int = typer.Option(5, min=0, help="Times a camera or stream that stops is reopened before exit 3."),
     retry_delay: float = typer.Option(2.0, min=0.0, help="Seconds between reopening attempts."),
     connect_timeout: float = typer.Option(
-        default_factory=lambda: _link_default("connect_timeout_s"), show_default=False,
+        default_factory=lambda: _link_default("connect_timeout_s"),
+        show_default=False,
         help="With --server, seconds to wait for a connection (gRPC: for a readiness or info call) before it counts "
         "as a failed try [default: LinkOptions.connect_timeout_s, README Serving].",
-    ),  # fmt: skip
+    ),
     timeout: float = typer.Option(
-        default_factory=lambda: _link_default("timeout_s"), show_default=False,
+        default_factory=lambda: _link_default("timeout_s"),
+        show_default=False,
         help="With --server, seconds an inference request may go unanswered before it counts as a failed try; "
         "after --retries failed tries, one line and exit 3 [default: LinkOptions.timeout_s, README Serving].",
-    ),  # fmt: skip
+    ),
 ) -> None:
     """Inspect frames: one JSON line per frame on stdout, a summary at the end."""
     from moleflow_edge.runtime import RunOptions, RuntimeOptions, run_source

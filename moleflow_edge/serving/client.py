@@ -4,8 +4,9 @@ camera loop (``run --server``) and Python code can use a server where they used 
 ``HOST:PORT`` or ``http://HOST:PORT`` talks to Triton's HTTP port, ``grpc://HOST:PORT`` to its gRPC
 port. Every call has a deadline (LinkOptions), and every way the link can fail (refused, reset or
 closed connections, a server silent past the deadline, gRPC UNAVAILABLE) is one path: tried again
-``retries`` times, ``retry_delay_s`` apart, then ServerLost naming the server and the cause. Frames travel raw (exact, what the local runtime sees) or encoded as PNG (lossless,
-smaller) or JPEG (what most cameras send; lossy: it can change decisions, README, Serving).
+``retries`` times, ``retry_delay_s`` apart, then ServerLost naming the server and the cause.
+Frames travel raw (exact, what the local runtime sees) or encoded as PNG (lossless, smaller) or
+JPEG (what most cameras send; lossy: it can change decisions, README, Serving).
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ class RemoteRuntime:
         self._lost = True
         raise ServerLost(
             f"the inference server at {self.protocol}://{self.url} is not answering ({'; then '.join(causes)}); "
-            f"tried {self.link.retries + 1} times over {time.monotonic() - started:.1f} s"
+            f"tried {self.link.retries + 1} time{'s' if self.link.retries else ''} over {time.monotonic() - started:.1f} s"
         )
 
     def _lost_model(self, client: Any, refused: str) -> str | None:

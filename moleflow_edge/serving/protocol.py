@@ -6,8 +6,9 @@ Per request: a batch of raw frames ``images`` uint8 (B,H,W,3) BGR, or of encoded
 (B,1) bytes (JPEG, PNG, whatever OpenCV decodes); the request parameter ``map_side`` (int, 0 or
 absent: no map) asks for anomaly maps whose longer side is at most that many pixels (and the
 server's cap), and ``explain`` (bool) for what a map implies without the map: each unknown frame's
-``explained_by`` (the explaining detectors run, as in Runtime.infer with maps). Per image back: the fields of FrameResult, one output each; maps are zero-padded to
-the batch's largest map, ``map_shape`` says each one's own size.
+``explained_by`` (the explaining detectors run, as in Runtime.infer with maps). Per image back:
+the fields of FrameResult, one output each; maps are zero-padded to the batch's largest map,
+``map_shape`` says each one's own size.
 """
 
 from __future__ import annotations
