@@ -176,9 +176,10 @@ class RemoteRuntime:
                 if attempt < self.link.retries:
                     time.sleep(self.link.retry_delay_s)
         self._lost = True
+        tries = f"{self.link.retries + 1} time{'s' if self.link.retries else ''}"
         raise ServerLost(
             f"the inference server at {self.protocol}://{self.url} is not answering ({'; then '.join(causes)}); "
-            f"tried {self.link.retries + 1} time{'s' if self.link.retries else ''} over {time.monotonic() - started:.1f} s"
+            f"tried {tries} over {time.monotonic() - started:.1f} s"
         )
 
     def _lost_model(self, client: Any, refused: str) -> str | None:
