@@ -216,6 +216,18 @@ def run(
     map_size: int = typer.Option(2048, min=1, help="Longest side of the anomaly map in pixels (caps huge frames)."),
     retries: int = typer.Option(5, min=0, help="Times a camera or stream that stops is reopened before exit 3."),
     retry_delay: float = typer.Option(2.0, min=0.0, help="Seconds between reopening attempts."),
+    connect_timeout: float = typer.Option(
+        default_factory=lambda: _link_default("connect_timeout_s"),
+        show_default=False,
+        help="With --server, seconds to wait for a connection (gRPC: for a readiness or info call) before it counts "
+        "as a failed try [default: LinkOptions.connect_timeout_s, README Serving].",
+    ),
+    timeout: float = typer.Option(
+        default_factory=lambda: _link_default("timeout_s"),
+        show_default=False,
+        help="With --server, seconds an inference request may go unanswered before it counts as a failed try; "
+        "after --retries failed tries, one line and exit 3 [default: LinkOptions.timeout_s, README Serving].",
+    ),
 ) -> None:
     """Inspect frames: one JSON line per frame on stdout, a summary at the end."""
     from moleflow_edge.runtime import RunOptions, RuntimeOptions, run_source
@@ -231,6 +243,7 @@ def run(
             from moleflow_edge.serving.client import RemoteRuntime
 
             remote = RemoteRuntime(server, encoding=send, retries=retries, retry_delay_s=retry_delay,
+                                   connect_timeout_s=connect_timeout, timeout_s=timeout,
                                    max_map_side=map_size, maps=save is not None or show)  # maps only for overlays
         loading = RuntimeOptions(
             backend.value, precision, trusted_keys=trusted_key, max_map_side=map_size, latency_target_ms=latency_target
@@ -245,6 +258,13 @@ def run(
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(EXIT_CAMERA_LOST) from None
     raise typer.Exit(code)
+
+
+def _link_default(name: str) -> float:
+    """A default of run --server's deadlines, from the one place that holds them (imported only when run runs)."""
+    from moleflow_edge.runtime.options import LinkOptions
+
+    return getattr(LinkOptions(), name)
 
 
 app.command()(serve)  # moleflow_edge/serving/command.py: its options are the server's

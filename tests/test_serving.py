@@ -25,6 +25,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moleflow_edge.cli import app
+from moleflow_edge.data.synth import generate
 from moleflow_edge.runtime import UNKNOWN, FrameResult, Runtime
 from moleflow_edge.serving.libpython import interpreter_libpython, prepare_stub_environment, serving_problem
 from moleflow_edge.serving.serve_process import ServeProcess, free_local_ports
@@ -198,12 +199,16 @@ def test_a_client_that_disconnects_mid_request_does_not_hurt_the_others(
 
 
 def test_run_server_prints_what_run_export_prints(server: ServeProcess, built: dict, tmp_path: Path) -> None:
+    """Without --save (no maps travel) too: every field of run --export's lines, explained_by of the
+    unknown frames (a product the export never learned) included."""
     source = tmp_path / "frames"
     for category in ("weave", "tiles"):
         for f in sorted((built["data"] / category / "test").rglob("*.png"))[::6]:
             target = source / category / f.parent.name / f.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(f, target)
+    generate(tmp_path / "other", ["cap"], seed=3, image_size=128, n_train=1, n_test_good=2, n_test_defect=0)
+    shutil.copytree(tmp_path / "other" / "cap" / "test" / "good", source / "cap")
 
     def lines(*where: str) -> list[dict]:
         done = CliRunner().invoke(app, ["run", *where, "--source", str(source), "--batch-size", "3"])
@@ -211,8 +216,10 @@ def test_run_server_prints_what_run_export_prints(server: ServeProcess, built: d
         return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
     here, there = lines("--export", str(server.export)), lines("--server", server.grpc)
-    keys = ("source", "task", "score", "anomaly", "threshold", "nearest_task", "distance")
+    keys = ("source", "task", "score", "anomaly", "threshold", "nearest_task", "explained_by", "distance")
     assert [[line.get(k) for k in keys] for line in here[:-1]] == [[line.get(k) for k in keys] for line in there[:-1]]
+    explained = [line["explained_by"] for line in there if line.get("task") == UNKNOWN]
+    assert explained and all(explained)  # the cap frames: unknown, and a learned product explains each
     assert len(here) > 5 and here[-1]["summary"]["tasks"] == there[-1]["summary"]["tasks"]
     assert there[-1]["summary"]["backend"].startswith("Triton at grpc://")
 

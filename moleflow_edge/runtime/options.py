@@ -116,3 +116,34 @@ class RunOptions:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_frames is not None and self.max_frames < 0:
             raise ValueError(f"max_frames must be >= 0, got {self.max_frames}")
+
+
+@dataclass(frozen=True)
+class LinkOptions:
+    """How a client (RemoteRuntime, ``run --server``) waits on a moleflow-edge serve, so that it never hangs.
+
+    ``connect_timeout_s`` bounds opening a connection and the small calls (readiness, what is served);
+    ``timeout_s`` bounds each inference request, from sending it to its whole answer (a server that
+    stops answering mid-stream ends there). A call that fails on the way (refused, reset, closed,
+    unavailable, past its deadline) is tried again ``retries`` times, ``retry_delay_s`` apart; then
+    the client gives up (ServerLost: ``run`` exits 3). The longest wait before that is
+    ``(retries + 1) * timeout_s + retries * retry_delay_s``.
+    """
+
+    connect_timeout_s: float = 5.0
+    timeout_s: float = 30.0  # a cold engine load on the server answers its first frame late
+    retries: int = 5
+    retry_delay_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("connect_timeout_s", "timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+        if self.retries < 0 or not self.retry_delay_s >= 0:
+            raise ValueError(f"retries and retry_delay_s must be >= 0, got {self.retries} and {self.retry_delay_s}")
+
+    @property
+    def longest_wait_s(self) -> float:
+        """The longest a failing call keeps the caller before ServerLost."""
+        return (self.retries + 1) * self.timeout_s + self.retries * self.retry_delay_s

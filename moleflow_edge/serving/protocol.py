@@ -5,8 +5,10 @@ model repository's Python-backend model (export/triton_models/moleflow_model.py)
 Per request: a batch of raw frames ``images`` uint8 (B,H,W,3) BGR, or of encoded images ``encoded``
 (B,1) bytes (JPEG, PNG, whatever OpenCV decodes); the request parameter ``map_side`` (int, 0 or
 absent: no map) asks for anomaly maps whose longer side is at most that many pixels (and the
-server's cap). Per image back: the fields of FrameResult, one output each; maps are zero-padded to
-the batch's largest map, ``map_shape`` says each one's own size.
+server's cap), and ``explain`` (bool) for what a map implies without the map: each unknown frame's
+``explained_by`` (the explaining detectors run, as in Runtime.infer with maps). Per image back:
+the fields of FrameResult, one output each; maps are zero-padded to the batch's largest map,
+``map_shape`` says each one's own size.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def task_model(task: str) -> str:
     return f"moleflow_task_{task}"
 
 
-IMAGES, ENCODED, MAP_SIDE_PARAMETER = "images", "encoded", "map_side"
+IMAGES, ENCODED, MAP_SIDE_PARAMETER, EXPLAIN_PARAMETER = "images", "encoded", "map_side", "explain"
 INFO_QUERY, INFO = "query", "info"
 # output name -> (numpy dtype, per-image shape; -1 varies)
 OUTPUTS: dict[str, tuple[type, tuple[int, ...]]] = {
@@ -120,14 +122,16 @@ def complete_results(
 
 
 def answer_requests(
-    runtime: Runtime, requests: list[tuple[Mapping[str, np.ndarray], int]]
+    runtime: Runtime, requests: list[tuple[Mapping[str, np.ndarray], Mapping[str, object] | None]], map_side_cap: int
 ) -> list[dict[str, np.ndarray]]:
-    """Requests, each its input tensors by name and the map side it may have (already capped), through
-    one Runtime.infer -> each request's output arrays: what `serve` and the repository's ``moleflow`` run."""
+    """Requests, each its input tensors by name and its parameters, through one Runtime.infer -> each
+    request's output arrays: what `serve` and the repository's ``moleflow`` run. Maps are at most
+    ``map_side_cap`` pixels; unknown frames are explained when any request asks for a map or ``explain``."""
     per_request = [request_frames(inputs) for inputs, _ in requests]
-    sides = [side for _, side in requests]
+    sides = [min(map_side(parameters), map_side_cap) for _, parameters in requests]
+    explain = max(sides) > 0 or any(bool((parameters or {}).get(EXPLAIN_PARAMETER)) for _, parameters in requests)
     frames = [f for items, _ in per_request for f in items if not isinstance(f, FrameResult)]
-    computed = iter(runtime.infer(frames, with_maps=max(sides) > 0) if frames else [])
+    computed = iter(runtime.infer(frames, with_maps=explain) if frames else [])
     return [
         encode_results(complete_results(items, computed, decode_ms, side), runtime.tasks)
         for (items, decode_ms), side in zip(per_request, sides)

@@ -37,7 +37,6 @@ from moleflow_edge.serving.protocol import (
     OUTPUTS,
     answer_requests,
     describe,
-    map_side,
 )
 
 __all__ = ["InferenceServer", "ServeOptions", "serve_export"]
@@ -149,9 +148,8 @@ class InferenceServer:
     def _infer(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
         """One dynamic batch: every request's frames through one Runtime.infer, split back per request;
         on the export current when it starts (a newly committed one is switched to first)."""
-        cap = self.options.map_side_cap
         with self.live.use() as runtime:
-            answers = answer_requests(runtime, [(r.data, min(map_side(r.parameters), cap)) for r in requests])
+            answers = answer_requests(runtime, [(r.data, r.parameters) for r in requests], self.options.map_side_cap)
             first = self.live.scored
             self.live.record(range(first, first + sum(len(a["task"]) for a in answers)))
         return answers
