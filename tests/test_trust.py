@@ -30,7 +30,7 @@ from moleflow_edge.contract import MANIFEST_FILE, ManifestError, content_name, f
 from moleflow_edge.locking import FolderLock, FolderLocked
 from moleflow_edge.preprocess import read_image_bgr
 from moleflow_edge.runtime import BackendError, RunOptions, Runtime, RuntimeOptions, render_overlay, run_source
-from moleflow_edge.signing import generate_keypair, key_id, load_private_key, load_public_keys, signed_by
+from moleflow_edge.signing import SIGNED_MARKER, generate_keypair, key_id, load_private_key, load_public_keys, signed_by
 from tests.export_fixture import TASKS, normal_subset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,13 +110,17 @@ def _swap_in_place(export_dir: Path) -> tuple[str, bytes]:
     name = manifest.task(TASKS[0]).graphs["fp32"].file
     genuine = (export_dir / name).read_bytes()
     shutil.copy(export_dir / manifest.task(TASKS[1]).graphs["fp32"].file, export_dir / name)
-    _edit_manifest(export_dir, lambda data: data["tasks"][0]["graphs"]["fp32"].update(sha256=file_sha256(export_dir / name)))
+    sha = file_sha256(export_dir / name)
+    _edit_manifest(export_dir, lambda data: data["tasks"][0]["graphs"]["fp32"].update(sha256=sha))
     return name, genuine
 
 
+@pytest.mark.parametrize("marker_deleted", [False, True], ids=["stripped", "stripped-and-marker-deleted"])
 def test_a_stripped_signature_is_rebuilt_from_the_model_never_signed_again(
-    built: dict, export_copy: Path, tmp_path: Path
+    built: dict, export_copy: Path, tmp_path: Path, marker_deleted: bool
 ) -> None:
+    """The probe: a signed export, one graph swapped for another task's with its sha256 updated, the
+    signature deleted (and, the second time, the signers' marker too); then signing it again."""
     from moleflow_edge.export.exporter import export_model
 
     key, public = generate_keypair(tmp_path / "build.key")
@@ -126,11 +130,17 @@ def test_a_stripped_signature_is_rebuilt_from_the_model_never_signed_again(
         export_model(built["model_dir"], export_copy, trusted_keys=[public])
     name, genuine = _swap_in_place(export_copy)
     _edit_manifest(export_copy, lambda data: data.pop("signature"))
-    for keys in (None, [public]):  # treated as tampered, with or without trusted keys
-        with pytest.raises(ManifestError, match="was signed before"):
+    if marker_deleted:
+        (export_copy / SIGNED_MARKER).unlink()
+    refusals = {  # treated as tampered with or without trusted keys; without the marker, the name tells
+        "none": "content-addressed name" if marker_deleted else "was signed before",
+        "trusted": "not signed, and trusted keys are configured" if marker_deleted else "was signed before",
+    }
+    for keys, refusal in ((None, refusals["none"]), ([public], refusals["trusted"])):
+        with pytest.raises(ManifestError, match=refusal):
             Runtime.load(export_copy, backend="onnxruntime", trusted_keys=keys)
     code, _, err = _run(export_copy, tmp_path, trusted_keys=[public])
-    assert code == 1 and "was signed before" in err
+    assert code == 1 and refusals["trusted"] in err
     stripped = (export_copy / MANIFEST_FILE).read_bytes()
     runner, model, out = CliRunner(), str(built["model_dir"]), str(export_copy)
     for args in (["calibrate", "--export", out, "--data", str(built["data"])],
@@ -150,18 +160,16 @@ def test_a_stripped_signature_is_rebuilt_from_the_model_never_signed_again(
     assert load_manifest(export_copy).task(TASKS[0]).graphs["fp32"].sha256 == hashlib.sha256(genuine).hexdigest()
 
 
-def test_a_file_unlike_its_content_name_is_refused_signed_or_not(built: dict, export_copy: Path, tmp_path: Path) -> None:
+def test_a_file_unlike_its_content_name_is_refused_unsigned(built: dict, export_copy: Path, tmp_path: Path) -> None:
     from moleflow_edge.export.exporter import export_model
 
-    name, genuine = _swap_in_place(export_copy)  # never signed: the hashes alone all match
+    name, genuine = _swap_in_place(export_copy)  # never signed: every sha256 in the manifest matches
     with pytest.raises(ManifestError) as caught:
         Runtime.load(export_copy, backend="onnxruntime")
-    assert str(caught.value).count("\n") == 0 and name in str(caught.value) and "content-addressed name" in str(caught.value)
+    message = str(caught.value)
+    assert "\n" not in message and name in message and "content-addressed name" in message
     code, _, err = _run(export_copy, tmp_path)
     assert code == 1 and name in err
-    key, _ = generate_keypair(tmp_path / "build.key")
-    with pytest.raises(CalibrationError, match=r"is not signed, so calibrate will not sign it: sign it from the model"):
-        calibrate(export_copy, built["data"], target_fpr=0.1, sign=key)
     report = export_model(built["model_dir"], export_copy)  # unsigned: the swapped graph is rebuilt, not reused
     assert report.rebuilt == [name] and (export_copy / name).read_bytes() == genuine
     with Runtime.load(export_copy, backend="onnxruntime") as runtime:

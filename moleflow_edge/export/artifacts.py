@@ -55,7 +55,8 @@ class ExportReport:
             lines.append(f"{f.file:<40} {f.bytes / 2**20:>8.2f} {f.seconds:>7.1f}  {status}")
         lines += [f"{name:<40} {'':>8} {'':>7}  removed" for name in self.removed]
         lines += [f"warning: {name} did not match its sha256 in the manifest or its content-addressed name "
-                  "(changed, swapped or missing): rebuilt from the model, not reused" for name in self.rebuilt]  # fmt: skip
+                  "(changed, swapped or missing): rebuilt from the model, not reused"
+                  for name in self.rebuilt]  # fmt: skip
         return "\n".join(lines + [f"note: {note}" for note in self.notes])
 
 

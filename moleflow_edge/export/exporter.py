@@ -35,6 +35,7 @@ from moleflow_edge.contract import (
     ROUTER_WEIGHTS,
     ArtifactFile,
     Manifest,
+    ManifestError,
     Precision,
     TaskEntry,
     file_sha256,
@@ -54,7 +55,7 @@ from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import CONFIG_FILE, SHARED_FILE, ModelStore
 from moleflow_edge.router import Prototype, RouterTable, router_weights
 from moleflow_edge.runtime.trt_api import DEFAULT_BATCH_PROFILE
-from moleflow_edge.signing import load_private_key, load_public_keys, sign_from_model
+from moleflow_edge.signing import load_private_key, load_public_keys, sign_from_model, signed_by
 from moleflow_edge.targets import ExportFormat, check_export_args
 
 CALIB_LIMIT = 256  # images per INT8 calibration set, evenly spread over the sorted file list
@@ -152,6 +153,8 @@ def export_model(
     check_writable(out_dir, "--out", directory=True)
     signing_key = None if sign is None else load_private_key(sign)
     trusted = load_public_keys(trusted_keys) if trusted_keys else []
+    if signing_key is None and (signers := signed_by(out_dir)):  # manifest or not: a signed folder stays signed
+        raise ManifestError(f"{out_dir} is signed: pass --sign KEYFILE so that it stays signed (key {signers[0]})")
     store = ModelStore(model_dir)
     trained = store.tasks()
     wanted = list(trained if tasks is None else dict.fromkeys(tasks))

@@ -250,7 +250,7 @@ def export_engines(
         report.files.append(
             ExportedFile(relative, spec.engine_path.stat().st_size, time.perf_counter() - started, False)
         )
-        save_manifest(out, manifest, signing_key)  # after each engine: a long build interrupted later keeps what it built
+        save_manifest(out, manifest, signing_key)  # after each engine: an interrupted build keeps what it built
         if existing and existing["file"] != relative:  # built from another record: no longer listed
             (out / existing["file"]).unlink(missing_ok=True)
     report.manifest = manifest
