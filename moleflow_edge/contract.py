@@ -17,11 +17,9 @@ File names carry a content hash (``detectors/<task>.<precision>.<sha16>.onnx``),
 never overwrites a file the live manifest lists. ``load_manifest`` refuses, with one line per
 problem: a manifest that breaks the schema (types, ranges, required fields, format version), a
 listed path that is absolute, not normalised, or resolves outside the export directory, a file
-whose sha256 differs (damage, a half copy) or whose content does not match its content-addressed
-name (a file swapped in under another's name), an unsigned manifest in a folder that was signed
-before (a stripped signature), and, where trusted keys are given, a manifest that is not signed
-by one of them (tampering: the sha256 list alone cannot catch a file replaced together with its
-hash).
+whose sha256 differs (damage, a half copy) or whose content differs from its content-addressed name
+(a swap), an unsigned manifest in a folder signed before (a stripped signature) and, where trusted
+keys are given, one not signed by one of them (tampering: a hash can be changed with its file).
 """
 
 from __future__ import annotations
@@ -240,17 +238,13 @@ def load_manifest(
         raise ManifestError(f"{path} is not a manifest (a JSON object is expected)")
     signed = data.get(SIGNATURE_FIELD) is not None
     if not signed and (signers := signed_by(root)):
-        raise ManifestError(
-            f"{path} is not signed, but {root} was signed before (key {', '.join(signers)}): "
-            f"treated as tampered until rebuilt; {sign_from_model(root)}"
-        )
+        raise ManifestError(f"{path} is not signed, but {root} was signed before (key {signers[0]}): "
+                            f"treated as tampered until rebuilt; {sign_from_model(root)}")  # fmt: skip
     keys = checking_keys(signing_key, trusted_keys or ())
     if trusted_keys is not None or (rewrite and signed):
         if rewrite and signing_key is None:
-            raise ManifestError(
-                f"{path} is signed: pass --sign KEYFILE (with --trusted-key KEY.pub for an older key) "
-                "so that it is checked and signed again"
-            )
+            raise ManifestError(f"{path} is signed: pass --sign KEYFILE (and --trusted-key KEY.pub for an older "
+                                "key) so that it is checked and signed again")  # fmt: skip
         try:
             verify_signature(data, keys)
         except SignatureError as exc:
@@ -273,10 +267,9 @@ def load_manifest(
 def is_signed(export_dir: str | Path) -> bool:
     """Whether EXPORT/manifest.json carries a signature (verified or not); False when it cannot be read."""
     try:
-        data = json.loads((Path(export_dir) / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
+        return json.loads((Path(export_dir) / MANIFEST_FILE).read_text()).get(SIGNATURE_FIELD) is not None
+    except (OSError, ValueError, AttributeError):  # AttributeError: JSON that is not an object
         return False
-    return isinstance(data, dict) and data.get(SIGNATURE_FIELD) is not None
 
 
 def verify_signature(data: dict, trusted_keys: Sequence[Ed25519PublicKey]) -> str:
@@ -329,10 +322,8 @@ def verify_files(root: Path, manifest: Manifest) -> None:
                 )
     for artifact in manifest.content_addressed():
         if not named_by_content(artifact.file, artifact.sha256):
-            raise ManifestError(
-                f"{root / artifact.file} holds content (sha256 {artifact.sha256[:16]}...) other than its "
-                "content-addressed name says: a file swapped in under another's name; re-export it"
-            )
+            raise ManifestError(f"{root / artifact.file} holds content (sha256 {artifact.sha256[:16]}...) other "
+                                "than its content-addressed name says: a file swapped in; re-export it")  # fmt: skip
 
 
 def save_manifest(export_dir: str | Path, manifest: Manifest, signing_key: Ed25519PrivateKey | None = None) -> None:

@@ -130,7 +130,9 @@ def verify(payload: bytes, record: object, trusted: Sequence[Ed25519PublicKey]) 
     """Check ``record`` over ``payload`` against the trusted keys; returns the key id that signed it."""
     _, _, invalid = _crypto()
     if record is None:
-        raise SignatureError("it is not signed, and trusted keys are configured (sign it from the model: export --all --sign KEY)")
+        raise SignatureError(
+            "it is not signed, and trusted keys are configured (sign it from the model: export --all --sign KEY)"
+        )
     if not isinstance(record, dict) or record.get("algorithm") != ALGORITHM or not isinstance(record.get("value"), str):
         raise SignatureError(f"its signature record is malformed (expected an {ALGORITHM} signature)")
     try:
