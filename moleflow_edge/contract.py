@@ -17,9 +17,9 @@ File names carry a content hash (``detectors/<task>.<precision>.<sha16>.onnx``),
 never overwrites a file the live manifest lists. ``load_manifest`` refuses, with one line per
 problem: a manifest that breaks the schema (types, ranges, required fields, format version), a
 listed path that is absolute, not normalised, or resolves outside the export directory, a file
-whose sha256 differs (damage, a half copy) and, where trusted keys are given, a manifest that is
-not signed by one of them (tampering: the sha256 list alone cannot catch a file replaced
-together with its hash).
+whose sha256 differs (damage, a half copy) or whose content differs from its content-addressed name
+(a swap), an unsigned manifest in a folder signed before (a stripped signature) and, where trusted
+keys are given, one not signed by one of them (tampering: a hash can be changed with its file).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from moleflow_edge import __version__
 from moleflow_edge.atomic import write_text_atomic
 from moleflow_edge.config import DetectorKind
 from moleflow_edge.json_checks import Check, int_at_least, is_object, number, text
-from moleflow_edge.signing import SignatureError, checking_keys, sign, verify
+from moleflow_edge.signing import SignatureError, checking_keys, record_signer, sign, sign_from_model, signed_by, verify
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -70,6 +70,11 @@ def content_name(relative: str, sha256: str) -> str:
     listed under, so that a new export never overwrites a file the live manifest lists."""
     pure = PurePosixPath(relative)
     return (pure.parent / f"{pure.stem}.{sha256[:16]}{pure.suffix}").as_posix()
+
+
+def named_by_content(name: str, sha256: str) -> bool:
+    """Whether ``name`` carries the first 16 hex digits of ``sha256`` as content_name writes them."""
+    return PurePosixPath(name).stem.endswith("." + sha256[:16])
 
 
 def file_sha256(path: Path) -> str:
@@ -155,11 +160,16 @@ class Manifest:
                 return entry
         raise ManifestError(f"task {name!r} is not in this export (tasks: {self.task_names})")
 
-    def artifacts(self) -> list[ArtifactFile]:
+    def content_addressed(self) -> list[ArtifactFile]:
+        """The graphs and router files: each ``file`` is named by its content (content_name)."""
         listed = [*self.backbone_graphs.values()]
         listed += [a for a in (self.router_file, self.router_graph) if a is not None]
         for entry in self.tasks:
             listed += entry.graphs.values()
+        return listed
+
+    def artifacts(self) -> list[ArtifactFile]:
+        listed = self.content_addressed()
         engines = [*self.engines.values(), *(e for entry in self.tasks for e in entry.engines.values())]
         listed += [ArtifactFile(engine["file"], engine["sha256"]) for engine in engines]
         return listed
@@ -217,9 +227,11 @@ def load_manifest(
     signing_key: Ed25519PrivateKey | None = None,
 ) -> Manifest:
     """Read EXPORT/manifest.json and check its schema and that every path stays inside the export;
-    with ``verify``, check every listed file's sha256; with ``trusted_keys``, refuse a manifest
-    that is not signed by one of them. ``rewrite`` (to be rewritten, perhaps signed with ``signing_key``):
-    a signed manifest must verify with those keys, so that re-signing never launders a tampered export."""
+    with ``verify``, check every listed file's sha256 and content-addressed name; with
+    ``trusted_keys``, refuse a manifest that is not signed by one of them. An unsigned manifest in a
+    folder signed before is refused whatever the keys. ``rewrite`` (to be rewritten, signed with
+    ``signing_key``): a signed manifest must verify with those keys and be signed again, so that
+    re-signing never launders a tampered export and a rewrite never strips a signature."""
     root = Path(export_dir)
     path = root / MANIFEST_FILE
     if not path.is_file():
@@ -230,10 +242,15 @@ def load_manifest(
         raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ManifestError(f"{path} is not a manifest (a JSON object is expected)")
+    signed = data.get(SIGNATURE_FIELD) is not None
+    if not signed and (signers := signed_by(root)):
+        raise ManifestError(f"{path} is not signed, but {root} was signed before (key {signers[0]}): "
+                            f"treated as tampered until rebuilt; {sign_from_model(root)}")  # fmt: skip
     keys = checking_keys(signing_key, trusted_keys or ())
-    if trusted_keys is not None or (rewrite and data.get(SIGNATURE_FIELD) is not None):
-        if rewrite and not keys:
-            raise ManifestError(f"{path} is signed: pass --sign KEYFILE (or --trusted-key KEY.pub) to check it")
+    if trusted_keys is not None or (rewrite and signed):
+        if rewrite and signing_key is None:
+            raise ManifestError(f"{path} is signed: pass --sign KEYFILE (and --trusted-key KEY.pub for an older "
+                                "key) so that it is checked and signed again")  # fmt: skip
         try:
             verify_signature(data, keys)
         except SignatureError as exc:
@@ -251,6 +268,14 @@ def load_manifest(
     if verify:
         verify_files(root, manifest)
     return manifest
+
+
+def is_signed(export_dir: str | Path) -> bool:
+    """Whether EXPORT/manifest.json carries a signature (verified or not); False when it cannot be read."""
+    try:
+        return json.loads((Path(export_dir) / MANIFEST_FILE).read_text()).get(SIGNATURE_FIELD) is not None
+    except (OSError, ValueError, AttributeError):  # AttributeError: JSON that is not an object
+        return False
 
 
 def verify_signature(data: dict, trusted_keys: Sequence[Ed25519PublicKey]) -> str:
@@ -288,7 +313,8 @@ def check_contained(root: Path, manifest: Manifest) -> None:
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:
-    """Refuse an export whose files are missing or differ from the hashes in the manifest."""
+    """Refuse an export whose files are missing, differ from the hashes in the manifest, or (graphs
+    and router files) hold content other than their content-addressed name says, signed or not."""
     for artifact in manifest.artifacts():
         for name, expected in artifact.paths():
             path = root / name
@@ -300,12 +326,19 @@ def verify_files(root: Path, manifest: Manifest) -> None:
                     f"{path} does not match the manifest (sha256 {actual[:12]}..., expected {expected[:12]}...): "
                     "the file was modified or damaged; re-export it"
                 )
+    for artifact in manifest.content_addressed():
+        if not named_by_content(artifact.file, artifact.sha256):
+            raise ManifestError(f"{root / artifact.file} holds content (sha256 {artifact.sha256[:16]}...) other "
+                                "than its content-addressed name says: a file swapped in; re-export it")  # fmt: skip
 
 
 def save_manifest(export_dir: str | Path, manifest: Manifest, signing_key: Ed25519PrivateKey | None = None) -> None:
     """Replace EXPORT/manifest.json atomically (signed with ``signing_key`` when given): the old
-    manifest stays valid until the new one is whole; this rename is an export's one commit."""
+    manifest stays valid until the new one is whole; this rename is an export's one commit. A
+    signing key's id is then added to SIGNED_MARKER, which outlives a signature deleted later."""
     write_text_atomic(Path(export_dir) / MANIFEST_FILE, manifest.to_json(signing_key))
+    if signing_key is not None:
+        record_signer(export_dir, signing_key)
 
 
 # --- schema -----------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 The sha256 list in a manifest catches damaged or half-copied files, but anyone who can write
 the export directory can change a graph and its hash together. A signature over the manifest
 (which holds every file's sha256) ties the whole export to a private key that never leaves
-the build machine; the line PC keeps only public keys. Torch-free; needs the ``cryptography``
+the build machine; the line PC keeps only public keys. A folder once signed keeps the ids of its
+signers in SIGNED_MARKER, so that a signature deleted later reads as tampering. Torch-free; needs the ``cryptography``
 package (``pip install moleflow-edge[sign]``) only where keys are used.
 """
 
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moleflow_edge.atomic import write_atomic
+from moleflow_edge.atomic import write_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
 ALGORITHM = "ed25519"
 PUBLIC_SUFFIX = ".pub"
 PRIVATE_KEY_MODE = 0o600  # whatever the umask: the one file only its owner may read
+# beside a signed manifest: the ids of the keys that ever signed that folder, one a line. Never
+# removed by the toolkit, so a signature field deleted later is seen as tampering
+SIGNED_MARKER = "signed-by"
+UNKNOWN_SIGNER = "unknown"  # what an unreadable marker says: the folder was signed, by whom is not known
 
 
 class SignatureError(ValueError):
@@ -125,7 +130,9 @@ def verify(payload: bytes, record: object, trusted: Sequence[Ed25519PublicKey]) 
     """Check ``record`` over ``payload`` against the trusted keys; returns the key id that signed it."""
     _, _, invalid = _crypto()
     if record is None:
-        raise SignatureError("it is not signed, and trusted keys are configured (export it with --sign KEYFILE)")
+        raise SignatureError(
+            "it is not signed, and trusted keys are configured (sign it from the model: export --all --sign KEY)"
+        )
     if not isinstance(record, dict) or record.get("algorithm") != ALGORITHM or not isinstance(record.get("value"), str):
         raise SignatureError(f"its signature record is malformed (expected an {ALGORITHM} signature)")
     try:
@@ -143,3 +150,28 @@ def verify(payload: bytes, record: object, trusted: Sequence[Ed25519PublicKey]) 
         f"its signature (key {record.get('key_id')!r}) does not verify with any trusted key ({trusted_ids}): "
         "the manifest was changed after signing, or it was signed by a key this machine does not trust"
     )
+
+
+def signed_by(folder: str | Path) -> list[str]:
+    """The ids of the keys that ever signed the export in ``folder`` ([] when none did). A marker that
+    cannot be read still says the folder was signed: doubt is answered by a rebuild from the model."""
+    path = Path(folder) / SIGNED_MARKER
+    if not (path.exists() or path.is_symlink()):
+        return []
+    try:
+        return path.read_text(errors="replace").split() or [UNKNOWN_SIGNER]
+    except OSError:
+        return [UNKNOWN_SIGNER]
+
+
+def record_signer(folder: str | Path, key: Ed25519PrivateKey) -> None:
+    """Add ``key``'s id to ``folder``'s SIGNED_MARKER (called once a manifest it signed is written)."""
+    known, signer = signed_by(folder), key_id(key.public_key())
+    if signer not in known:
+        ids = [k for k in known if k != UNKNOWN_SIGNER] + [signer]
+        write_text_atomic(Path(folder) / SIGNED_MARKER, "".join(f"{k}\n" for k in ids))
+
+
+def sign_from_model(folder: str | Path) -> str:
+    """The one way to sign an export that is not known good: every graph rebuilt from the model."""
+    return f"sign it from the model: moleflow-edge export --model MODEL --all --out {folder} --sign KEY"

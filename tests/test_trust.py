@@ -7,6 +7,7 @@ Uses the session's shared small export (tests/export_fixture.py), copied before 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -25,11 +26,11 @@ from typer.testing import CliRunner
 from moleflow_edge.atomic import OutputError, check_writable, write_text_atomic
 from moleflow_edge.calibration import CalibrationError, calibrate
 from moleflow_edge.cli import app
-from moleflow_edge.contract import MANIFEST_FILE, ManifestError, file_sha256, load_manifest, save_manifest
+from moleflow_edge.contract import MANIFEST_FILE, ManifestError, content_name, file_sha256, load_manifest, save_manifest
 from moleflow_edge.locking import FolderLock, FolderLocked
 from moleflow_edge.preprocess import read_image_bgr
 from moleflow_edge.runtime import BackendError, RunOptions, Runtime, RuntimeOptions, render_overlay, run_source
-from moleflow_edge.signing import generate_keypair, load_private_key, load_public_keys
+from moleflow_edge.signing import SIGNED_MARKER, generate_keypair, key_id, load_private_key, load_public_keys, signed_by
 from tests.export_fixture import TASKS, normal_subset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +103,79 @@ def test_signed_exports_good_bad_and_missing(export_copy: Path, tmp_path: Path) 
         generate_keypair(key)  # a key is never overwritten
 
 
+def _swap_in_place(export_dir: Path) -> tuple[str, bytes]:
+    """The probe: task 0's fp32 graph file overwritten with task 1's, its sha256 updated in the
+    manifest, its name kept. Returns that file's name and its genuine bytes."""
+    manifest = load_manifest(export_dir)
+    name = manifest.task(TASKS[0]).graphs["fp32"].file
+    genuine = (export_dir / name).read_bytes()
+    shutil.copy(export_dir / manifest.task(TASKS[1]).graphs["fp32"].file, export_dir / name)
+    sha = file_sha256(export_dir / name)
+    _edit_manifest(export_dir, lambda data: data["tasks"][0]["graphs"]["fp32"].update(sha256=sha))
+    return name, genuine
+
+
+@pytest.mark.parametrize("marker_deleted", [False, True], ids=["stripped", "stripped-and-marker-deleted"])
+def test_a_stripped_signature_is_rebuilt_from_the_model_never_signed_again(
+    built: dict, export_copy: Path, tmp_path: Path, marker_deleted: bool
+) -> None:
+    """The probe: a signed export, one graph swapped for another task's with its sha256 updated, the
+    signature deleted (and, the second time, the signers' marker too); then signing it again."""
+    from moleflow_edge.export.exporter import export_model
+
+    key, public = generate_keypair(tmp_path / "build.key")
+    save_manifest(export_copy, load_manifest(export_copy), load_private_key(key))
+    assert signed_by(export_copy) == [key_id(load_private_key(key).public_key())]
+    with pytest.raises(ManifestError, match="is signed: pass --sign"):  # never rewritten unsigned
+        export_model(built["model_dir"], export_copy, trusted_keys=[public])
+    name, genuine = _swap_in_place(export_copy)
+    _edit_manifest(export_copy, lambda data: data.pop("signature"))
+    if marker_deleted:
+        (export_copy / SIGNED_MARKER).unlink()
+    refusals = {  # treated as tampered with or without trusted keys; without the marker, the name tells
+        "none": "content-addressed name" if marker_deleted else "was signed before",
+        "trusted": "not signed, and trusted keys are configured" if marker_deleted else "was signed before",
+    }
+    for keys, refusal in ((None, refusals["none"]), ([public], refusals["trusted"])):
+        with pytest.raises(ManifestError, match=refusal):
+            Runtime.load(export_copy, backend="onnxruntime", trusted_keys=keys)
+    code, _, err = _run(export_copy, tmp_path, trusted_keys=[public])
+    assert code == 1 and refusals["trusted"] in err
+    stripped = (export_copy / MANIFEST_FILE).read_bytes()
+    runner, model, out = CliRunner(), str(built["model_dir"]), str(export_copy)
+    for args in (["calibrate", "--export", out, "--data", str(built["data"])],
+                 ["export", "--model", model, "--task", TASKS[0], "--out", out]):  # fmt: skip
+        result = runner.invoke(app, [*args, "--sign", str(key)])
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+        assert f"export --model MODEL --all --out {out} --sign KEY" in errors[0]
+    assert (export_copy / MANIFEST_FILE).read_bytes() == stripped  # nothing signed, nothing written
+    result = runner.invoke(app, ["export", "--model", model, "--all", "--out", out, "--sign", str(key)])
+    assert result.exit_code == 0, result.output
+    assert "up to date" not in result.output and f"warning: {name} did not match" in result.output
+    assert "every graph was rebuilt from the model" in result.output
+    assert (export_copy / name).read_bytes() == genuine  # the swapped graph rebuilt, same name, genuine bytes
+    with Runtime.load(export_copy, backend="onnxruntime", trusted_keys=[public]) as runtime:
+        assert runtime.tasks == TASKS and runtime.uncalibrated  # its thresholds were not known good either
+    assert load_manifest(export_copy).task(TASKS[0]).graphs["fp32"].sha256 == hashlib.sha256(genuine).hexdigest()
+
+
+def test_a_file_unlike_its_content_name_is_refused_unsigned(built: dict, export_copy: Path, tmp_path: Path) -> None:
+    from moleflow_edge.export.exporter import export_model
+
+    name, genuine = _swap_in_place(export_copy)  # never signed: every sha256 in the manifest matches
+    with pytest.raises(ManifestError) as caught:
+        Runtime.load(export_copy, backend="onnxruntime")
+    message = str(caught.value)
+    assert "\n" not in message and name in message and "content-addressed name" in message
+    code, _, err = _run(export_copy, tmp_path)
+    assert code == 1 and name in err
+    report = export_model(built["model_dir"], export_copy)  # unsigned: the swapped graph is rebuilt, not reused
+    assert report.rebuilt == [name] and (export_copy / name).read_bytes() == genuine
+    with Runtime.load(export_copy, backend="onnxruntime") as runtime:
+        assert runtime.tasks == TASKS
+
+
 # --- 3. schema and graphs that cannot load ----------------------------------------------------------
 def test_schema_errors_are_listed_one_per_line_and_run_exits_1(export_copy: Path, built: dict) -> None:
     def break_it(data: dict) -> None:
@@ -127,10 +201,10 @@ def test_schema_errors_are_listed_one_per_line_and_run_exits_1(export_copy: Path
 
 
 def test_a_graph_that_cannot_load_fails_run_and_check(export_copy: Path, built: dict) -> None:
-    manifest = load_manifest(export_copy)
-    broken = export_copy / manifest.task(TASKS[1]).graphs["fp32"].file
-    broken.write_bytes(b"not an onnx graph")
-    _edit_manifest(export_copy, lambda data: data["tasks"][1]["graphs"]["fp32"].update(sha256=file_sha256(broken)))
+    broken = export_copy / content_name(f"detectors/{TASKS[1]}.fp32.onnx", hashlib.sha256(b"not a graph").hexdigest())
+    broken.write_bytes(b"not a graph")  # under its own content name, so that only loading it can fail
+    _edit_manifest(export_copy, lambda data: data["tasks"][1]["graphs"]["fp32"].update(
+        file=broken.relative_to(export_copy).as_posix(), sha256=file_sha256(broken)))  # fmt: skip
     frames = built["data"] / TASKS[1] / "test" / "good"
     code, out, err = _run(export_copy, frames)
     assert code == 4 and "detector graphs failed" in err  # frames ran, but the export is not healthy

@@ -32,6 +32,7 @@ from moleflow_edge.contract import (
     save_manifest,
 )
 from moleflow_edge.router import Prototype, router_weights
+from moleflow_edge.signing import SIGNED_MARKER
 
 TASK_COUNTS = (1, 5, 15, 50)
 
@@ -52,7 +53,8 @@ def task_growth(export_dir: str | Path, counts: Sequence[int] = TASK_COUNTS, ite
     with tempfile.TemporaryDirectory(prefix="bench_tasks_") as tmp:
         for count in counts:
             work = Path(tmp) / str(count)
-            shutil.copytree(root, work, ignore=shutil.ignore_patterns("engines"))
+            # a grown copy is unsigned by design: it leaves the signers' marker out with the engines
+            shutil.copytree(root, work, ignore=shutil.ignore_patterns("engines", SIGNED_MARKER))
             names = [f"task{i:03d}" for i in range(count)]
             prototypes = {
                 name: Prototype((mean + 0.1 * i * rng.standard_normal(mean.shape)).astype(np.float32), whitener, np.inf)

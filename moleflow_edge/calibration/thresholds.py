@@ -30,7 +30,6 @@ fit the prototype, so their largest distance is an honest 1/(n+1) tail estimate;
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,12 +37,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from moleflow_edge.contract import MANIFEST_FILE, SIGNATURE_FIELD, Manifest, load_manifest, save_manifest
+from moleflow_edge.contract import MANIFEST_FILE, Manifest, is_signed, load_manifest, save_manifest
 from moleflow_edge.data.mvtec import GOOD, DatasetError, _image_files, test_samples, train_samples
 from moleflow_edge.locking import FolderLock
 from moleflow_edge.metrics import auroc
 from moleflow_edge.preprocess import read_image_bgr, resize_frame
-from moleflow_edge.signing import load_private_key, load_public_keys
+from moleflow_edge.signing import load_private_key, load_public_keys, sign_from_model
 
 if TYPE_CHECKING:
     from moleflow_edge.runtime import Runtime
@@ -325,7 +324,8 @@ def calibrate(
     docstring); fewer than ``min_count`` (default MIN_NORMALS) images are refused. ``sign``: the
     private key file that signs the calibrated manifest (required when the export was signed: the
     existing signature must verify with its public half or ``trusted_keys`` first, so that a
-    tampered export is never signed again). Scores go through the runtime (onnxruntime CPU,
+    tampered export is never signed again); an unsigned export is refused, since only export
+    --sign from the model makes one known good. Scores go through the runtime (onnxruntime CPU,
     ``precision`` graphs: calibrate the precision you deploy). Writes that precision's threshold
     and calibration record, the distance_limit and, where defect images exist, that precision's
     image AUROC per task into the manifest atomically; other precisions' records are kept. No
@@ -336,13 +336,11 @@ def calibrate(
     root, data = Path(export_dir), Path(data_root)
     signing_key = None if sign is None else load_private_key(sign)
     trusted = load_public_keys(trusted_keys) if trusted_keys else None
+    if write and signing_key is not None and (root / MANIFEST_FILE).is_file() and not is_signed(root):
+        raise CalibrationError(f"{root} is not signed, so calibrate will not sign it: {sign_from_model(root)}, "
+                               "then calibrate --sign KEY")  # fmt: skip
     manifest: Manifest = load_manifest(root, verify=True, trusted_keys=trusted, rewrite=write, signing_key=signing_key)
     original = (root / MANIFEST_FILE).read_bytes()
-    if write and signing_key is None and json.loads(original).get(SIGNATURE_FIELD) is not None:
-        raise CalibrationError(
-            f"{root} is signed: pass --sign KEYFILE so that the calibrated manifest is signed again "
-            "(an unsigned one would be refused wherever trusted keys are configured)"
-        )
     chosen = manifest.task_names if tasks is None else list(tasks)
     min_normal_count(target_fpr, confidence)  # checks the rate before any image is scored
     needed = max(min_count or 0, MIN_NORMALS)

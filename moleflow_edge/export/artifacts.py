@@ -40,7 +40,8 @@ class ExportReport:
     manifest: Manifest
     files: list[ExportedFile] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
-    rebuilt: list[str] = field(default_factory=list)  # files that no longer matched their sha256
+    rebuilt: list[str] = field(default_factory=list)  # files that no longer matched their sha256 or name
+    notes: list[str] = field(default_factory=list)  # what the run decided about the folder as a whole
 
     @property
     def written(self) -> list[ExportedFile]:
@@ -53,9 +54,10 @@ class ExportReport:
             status = "up to date" if f.skipped else "written"
             lines.append(f"{f.file:<40} {f.bytes / 2**20:>8.2f} {f.seconds:>7.1f}  {status}")
         lines += [f"{name:<40} {'':>8} {'':>7}  removed" for name in self.removed]
-        lines += [f"warning: {name} did not match its sha256 in the manifest (changed or missing): rebuilt, "
-                  "not reused" for name in self.rebuilt]  # fmt: skip
-        return "\n".join(lines)
+        lines += [f"warning: {name} did not match its sha256 in the manifest or its content-addressed name "
+                  "(changed, swapped or missing): rebuilt from the model, not reused"
+                  for name in self.rebuilt]  # fmt: skip
+        return "\n".join(lines + [f"note: {note}" for note in self.notes])
 
 
 def source_hash(*parts: object) -> str:

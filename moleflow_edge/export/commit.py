@@ -8,7 +8,8 @@ and the one atomic rename of manifest.json is the commit: a kill at any moment l
 the previous export or the new one loadable. Files no manifest lists and staging folders left
 by killed runs are swept after the commit (and stale staging folders before a run starts).
 ExportRun is one run on top of that: each artifact reused while intact, else built, checked and
-staged, and a report of both (a file that no longer matches its sha256 is rebuilt, and said).
+staged, and a report of both (a file that no longer matches its sha256 or its content-addressed
+name is rebuilt, and said).
 The sweep deletes only regular files (or links themselves) inside the real folder, never
 through a symlinked sub-folder.
 """
@@ -33,6 +34,7 @@ from moleflow_edge.contract import (
     Manifest,
     content_name,
     file_sha256,
+    named_by_content,
     save_manifest,
 )
 from moleflow_edge.export import onnx_graphs
@@ -76,7 +78,10 @@ class Staging:
 
 
 def _damaged(out: Path, artifact: ArtifactFile) -> list[str]:
-    """The files of ``artifact`` that are missing or no longer match their sha256."""
+    """The files of ``artifact`` that are missing, no longer match their sha256, or (its graph) hold
+    content other than their content-addressed name says: a hash updated with a swapped file."""
+    if not named_by_content(artifact.file, artifact.sha256):
+        return [artifact.file]
     return [name for name, sha in artifact.paths() if not (out / name).is_file() or file_sha256(out / name) != sha]
 
 
@@ -113,6 +118,9 @@ class ExportRun:
             data = onnx_graphs.save_onnx(made, path)
         sha = file_sha256(path)
         artifact = ArtifactFile(content_name(relative, sha), sha, source)
+        live = self.out / artifact.file  # the commit replaces a file that holds other content under this name
+        if live.is_file() and artifact.file not in self.report.rebuilt and file_sha256(live) != sha:
+            self.report.rebuilt.append(artifact.file)
         self.staging.keep(path, artifact.file)
         size = path.stat().st_size
         if data is not None:  # named inside the graph, so it keeps its run-unique name

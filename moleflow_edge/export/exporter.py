@@ -35,11 +35,12 @@ from moleflow_edge.contract import (
     ROUTER_WEIGHTS,
     ArtifactFile,
     Manifest,
+    ManifestError,
     Precision,
     TaskEntry,
     file_sha256,
+    is_signed,
     load_manifest,
-    save_manifest,
 )
 from moleflow_edge.data.mvtec import DatasetError, Sample, load_images, train_samples
 from moleflow_edge.detectors import detector_of
@@ -54,7 +55,7 @@ from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model_store import CONFIG_FILE, SHARED_FILE, ModelStore
 from moleflow_edge.router import Prototype, RouterTable, router_weights
 from moleflow_edge.runtime.trt_api import DEFAULT_BATCH_PROFILE
-from moleflow_edge.signing import load_private_key, load_public_keys
+from moleflow_edge.signing import load_private_key, load_public_keys, sign_from_model, signed_by
 from moleflow_edge.targets import ExportFormat, check_export_args
 
 CALIB_LIMIT = 256  # images per INT8 calibration set, evenly spread over the sorted file list
@@ -138,7 +139,9 @@ def export_model(
     layout whose <task>/train/good images calibrate the QDQ graphs. ``sign``: an Ed25519
     private key file (moleflow-edge keygen) that signs the manifest. A signed export already in
     ``out_dir`` must verify with that key's public half or one of ``trusted_keys`` (public key
-    files) before anything in it is reused or signed again. ``device_id``: the GPU that
+    files) before anything in it is reused or signed again, and is never rewritten unsigned; an
+    unsigned one is signed only from the model (``tasks`` None: every graph rebuilt, nothing of it
+    reused, its calibration dropped). ``device_id``: the GPU that
     builds the engines. The ONNX graphs are always traced on the CPU, so a model exports to the
     same bytes whichever device trained it or runs the export.
     """
@@ -150,6 +153,8 @@ def export_model(
     check_writable(out_dir, "--out", directory=True)
     signing_key = None if sign is None else load_private_key(sign)
     trusted = load_public_keys(trusted_keys) if trusted_keys else []
+    if signing_key is None and (signers := signed_by(out_dir)):  # manifest or not: a signed folder stays signed
+        raise ManifestError(f"{out_dir} is signed: pass --sign KEYFILE so that it stays signed (key {signers[0]})")
     store = ModelStore(model_dir)
     trained = store.tasks()
     wanted = list(trained if tasks is None else dict.fromkeys(tasks))
@@ -162,7 +167,10 @@ def export_model(
         remove_stale_staging(out)
         identity = model_identity(store, model)
         previous = None
-        if (out / MANIFEST_FILE).is_file():  # hashes are checked file by file as each is reused
+        untrusted = signing_key is not None and (out / MANIFEST_FILE).is_file() and not is_signed(out)
+        if untrusted and tasks is not None:
+            raise ExportError(f"{out} is not signed, so nothing in it is known good: {sign_from_model(out)}")
+        if (out / MANIFEST_FILE).is_file() and not untrusted:  # hashes are checked file by file as each is reused
             previous = load_manifest(out, False, trusted or None, rewrite=True, signing_key=signing_key)
         manifest = _new_manifest(model, identity)
         if previous is not None and previous.model_sha256 == identity:
@@ -177,6 +185,9 @@ def export_model(
         export_tasks = [t for t in trained if t in wanted or t in manifest.task_names]
 
         run = ExportRun(out, manifest)
+        if untrusted:  # signed only from the model: no file, threshold or limit of the unsigned manifest is kept
+            run.report.notes.append(f"{out} was not signed: every graph was rebuilt from the model and its "
+                                    "calibration dropped; run calibrate --sign KEY again")  # fmt: skip
         try:
             with _quiet_third_party():
                 _export_graphs(run, store, model, prototypes, wanted, export_tasks, chosen, calib_data)
@@ -184,9 +195,7 @@ def export_model(
         finally:
             run.staging.discard()
         if export_format is ExportFormat.ENGINE:
-            export_engines(out, wanted, chosen, batch_profile, run.report, device_id)
-            if signing_key is not None:  # the engine builder saves the manifest unsigned as it goes
-                save_manifest(out, run.report.manifest, signing_key)
+            export_engines(out, wanted, chosen, batch_profile, run.report, device_id, signing_key)
     return run.report
 
 

@@ -17,12 +17,15 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moleflow_edge.atomic import write_atomic
 from moleflow_edge.contract import ArtifactFile, Precision, file_sha256, load_manifest, save_manifest
 from moleflow_edge.export.artifacts import ExportedFile, ExportReport, source_hash
 from moleflow_edge.runtime import trt_api
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 WORKSPACE_BYTES = 1 << 30
 TRTEXEC_TIMING_CACHE = "engines/timing/trtexec.cache"
@@ -202,12 +205,14 @@ def export_engines(
     batch: tuple[int, int, int],
     report: ExportReport,
     device_id: int = 0,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> None:
     """Build (or reuse) engines for the backbone, router and wanted tasks' graphs. An engine is
     reused only when its build record (graph sha256, precision, batch profile, workspace, TensorRT
     version, GPU) is unchanged; its file name carries a hash of that record, so a rebuilt engine
     never overwrites the one the manifest still lists. Input shapes come from the manifest, which the
-    graph export just wrote from the model's config."""
+    graph export just wrote from the model's config. Each save is signed with ``signing_key`` when
+    given, so that a signed export is never left unsigned between two engines."""
     manifest = load_manifest(out)
     image = (manifest.image_size, manifest.image_size, 3)
     embedding = (manifest.embed_dim, manifest.grid, manifest.grid)
@@ -245,7 +250,7 @@ def export_engines(
         report.files.append(
             ExportedFile(relative, spec.engine_path.stat().st_size, time.perf_counter() - started, False)
         )
-        save_manifest(out, manifest)  # after each engine: a long build interrupted later keeps what it built
+        save_manifest(out, manifest, signing_key)  # after each engine: an interrupted build keeps what it built
         if existing and existing["file"] != relative:  # built from another record: no longer listed
             (out / existing["file"]).unlink(missing_ok=True)
     report.manifest = manifest
