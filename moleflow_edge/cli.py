@@ -214,19 +214,25 @@ def run(
         None, help="Public key file (repeatable): refuse exports not signed by one of these keys."
     ),
     map_size: int = typer.Option(2048, min=1, help="Longest side of the anomaly map in pixels (caps huge frames)."),
-    retries: int = typer.Option(5, min=0, help="Times a camera or stream that stops is reopened before exit 3."),
-    retry_delay: float = typer.Option(2.0, min=0.0, help="Seconds between reopening attempts."),
+    retries: Optional[int] = typer.Option(
+        None, min=0, show_default=False, help="Times a camera or stream that stops is reopened, or a lost server "
+        "tried again, before exit 3 (default: RunOptions.camera_retries; with --server, LinkOptions.retries)."
+    ),
+    retry_delay: Optional[float] = typer.Option(
+        None, min=0.0, show_default=False, help="Seconds between those tries "
+        "(default: RunOptions.retry_delay_s; with --server, LinkOptions.retry_delay_s)."
+    ),
     connect_timeout: float = typer.Option(
         default_factory=lambda: _link_default("connect_timeout_s"),
         show_default=False,
         help="With --server, seconds to wait for a connection (gRPC: for a readiness or info call) before it counts "
-        "as a failed try [default: LinkOptions.connect_timeout_s, README Serving].",
+        "as a failed try (default: LinkOptions.connect_timeout_s, README Serving).",
     ),
     timeout: float = typer.Option(
         default_factory=lambda: _link_default("timeout_s"),
         show_default=False,
         help="With --server, seconds an inference request may go unanswered before it counts as a failed try; "
-        "after --retries failed tries, one line and exit 3 [default: LinkOptions.timeout_s, README Serving].",
+        "after --retries failed tries, one line and exit 3 (default: LinkOptions.timeout_s, README Serving).",
     ),
 ) -> None:
     """Inspect frames: one JSON line per frame on stdout, a summary at the end."""
@@ -237,20 +243,22 @@ def run(
         fail("give exactly one of --export DIR (run here) or --server HOST:PORT (run on a moleflow-edge serve)")
     if server is not None and (backend.value != "auto" or precision or latency_target is not None or trusted_key):
         fail("--backend, --precision, --latency-target and --trusted-key are options of the server (serve), not here")
+    given = {"retries": retries, "retry_delay_s": retry_delay}  # unset ones keep their options class's default
+    given = {k: v for k, v in given.items() if v is not None}
     try:
         remote = None
         if server is not None:
             from moleflow_edge.serving.client import RemoteRuntime
 
-            remote = RemoteRuntime(server, encoding=send, retries=retries, retry_delay_s=retry_delay,
-                                   connect_timeout_s=connect_timeout, timeout_s=timeout,
-                                   max_map_side=map_size, maps=save is not None or show)  # maps only for overlays
+            remote = RemoteRuntime(server, encoding=send, connect_timeout_s=connect_timeout, timeout_s=timeout,
+                                   max_map_side=map_size, maps=save is not None or show, **given)  # fmt: skip
         loading = RuntimeOptions(
             backend.value, precision, trusted_keys=trusted_key, max_map_side=map_size, latency_target_ms=latency_target
         )
         where = export_dir or server  # only named in messages when a RemoteRuntime is given
-        options = RunOptions(where, loading, save, show, batch_size, max_frames, camera_retries=retries,
-                             retry_delay_s=retry_delay, check=check, follow=follow)  # fmt: skip
+        camera = {"camera_retries": given["retries"]} if "retries" in given else {}
+        options = RunOptions(where, loading, save, show, batch_size, max_frames, check=check, follow=follow,
+                             **camera, **{k: v for k, v in given.items() if k == "retry_delay_s"})  # fmt: skip
         code = run_source(source, options, runtime=remote)
     except USER_ERRORS as exc:
         fail(str(exc))

@@ -89,7 +89,10 @@ def open_capture(source: int | str) -> cv2.VideoCapture:
 
 
 def iter_source(
-    source: str, retries: int = 5, retry_delay_s: float = 0.5, warn: Callable[[str], None] | None = None
+    source: str,
+    retries: int = RunOptions.camera_retries,
+    retry_delay_s: float = RunOptions.retry_delay_s,
+    warn: Callable[[str], None] | None = None,
 ) -> Iterator[SourceFrame]:
     """Frames of a folder (images, recursively, sorted), an image file, a video file, camera:N, a stream
     URL (rtsp://, http://, ...) or a GStreamer pipeline ending in appsink. Live sources that stop are

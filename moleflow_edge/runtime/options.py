@@ -107,7 +107,7 @@ class RunOptions:
     batch_size: int = 1
     max_frames: int | None = None
     camera_retries: int = 5
-    retry_delay_s: float = 0.5
+    retry_delay_s: float = 2.0
     check: bool = False
     follow: bool = False
 
@@ -133,7 +133,7 @@ class LinkOptions:
     connect_timeout_s: float = 5.0
     timeout_s: float = 30.0  # a cold engine load on the server answers its first frame late
     retries: int = 5
-    retry_delay_s: float = 1.0
+    retry_delay_s: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("connect_timeout_s", "timeout_s"):
