@@ -126,8 +126,9 @@ class MoleFlowConfig:
     router_pooling: RouterPooling = RouterPooling.STRIDE16
     router_covariance: Covariance = Covariance.LEDOIT_WOLF
     router_ridge: float = 1e-5  # lambda_reg of the papers' ridge option
-    router_limit_quantile: float = 0.99  # unknown-product limit: this quantile of
-    router_limit_margin: float = 4.0  # 5-fold held-out training distances, times this margin
+    router_limit_quantile: float = 0.99  # unknown-product limit (router.distance_limit): this quantile of
+    router_limit_margin: float = 4.0  # held-out normal distances, JPEG round trips included, times this margin;
+    # recorded in the export's manifest, so that calibrate sets limits by the same rule
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():  # JSON and the CLI give values: kept as members
