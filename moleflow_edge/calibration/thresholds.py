@@ -250,7 +250,7 @@ def score_as_task(runtime: Runtime, files: list[Path], task: str) -> tuple[np.nd
 def round_trip_distances(runtime: Runtime, files: list[Path]) -> np.ndarray:
     """Distances (Q*n,T) to every prototype of the images' JPEG round trips at each CAMERA_JPEG_QUALITIES,
     the variants the router's prototypes and limits were fitted with."""
-    trips = [runtime.routing_distances(t) for batch in _resized_batches(runtime, files) for t in jpeg_round_trips(batch)]
+    trips = [runtime.routing_distances(t) for b in _resized_batches(runtime, files) for t in jpeg_round_trips(b)]
     return np.concatenate(trips).astype(np.float64)
 
 
@@ -344,10 +344,12 @@ def calibrate(
     tampered export is never signed again). Scores go through the runtime (onnxruntime CPU,
     ``precision`` graphs: calibrate the precision you deploy). Writes that precision's threshold
     and calibration record, the distance_limit and, where defect images exist, that precision's
-    image AUROC per task into the manifest atomically; other precisions' records are kept. No
+    image AUROC per task into the manifest atomically; other precisions' records are kept, and a
+    Triton repository in EXPORT/triton gets the new manifest (serving/triton_decisions.py). No
     timestamps, so calibrating twice gives a byte-identical manifest.
     """
     from moleflow_edge.runtime import Runtime
+    from moleflow_edge.serving.triton_decisions import refresh_triton_repository
 
     root, data = Path(export_dir), Path(data_root)
     signing_key = None if sign is None else load_private_key(sign)
@@ -380,7 +382,9 @@ def calibrate(
             distances = np.concatenate([all_distances, round_trip_distances(runtime, files)])[:, column]
             rule = supported_threshold(scores, target_fpr, confidence=confidence)
             routed = float(np.mean(np.argmin(all_distances, axis=1) == column))
-            limit = distance_limit(distances, len(files), manifest.router_limit_quantile, manifest.router_limit_margin)
+            limit = distance_limit(
+                distances, len(files), manifest.router_limit_quantile, manifest.router_limit_margin
+            )
             result = TaskCalibration(
                 task=name, source=source, n=rule.n, threshold=rule.threshold, k=rule.k,
                 expected_fpr=rule.expected_fpr, fpr_upper95=rule.fpr_upper95, distance_limit=limit,
@@ -416,6 +420,7 @@ def calibrate(
             if (root / MANIFEST_FILE).read_bytes() != original:
                 raise CalibrationError(f"{root / MANIFEST_FILE} changed while calibrating (a new export?); run it again")
             save_manifest(root, manifest, signing_key)
+            refresh_triton_repository(root)  # EXPORT/triton serves the new thresholds and limits too
     return report
 
 
