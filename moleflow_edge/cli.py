@@ -167,17 +167,29 @@ def export(
     try:
         report = export_model(model, out, None if all_tasks else [task], precisions, "onnx" if triton else fmt.value,
                               calib_data, sign=sign, device_id=where.index or 0, trusted_keys=trusted_key or ())  # fmt: skip
-        if triton:
-            from moleflow_edge.export.triton_repository import write_triton_repository
-
-            written = write_triton_repository(out, out / "triton", precision=precisions[0])
+        repository = _triton_repository(out, precisions[0] if triton else None)
     except TensorRTUnavailable as exc:
         fail(str(exc))
     except USER_ERRORS as exc:
         fail(str(exc))
     typer.echo(report.table())
-    if triton:
-        typer.echo(f"Triton model repository ({precisions[0]}): {out / 'triton'}, {len(written)} models")
+    if repository:
+        typer.echo(repository)
+
+
+def _triton_repository(out: Path, precision: str | None) -> str | None:
+    """After an export: write OUT/triton at ``precision`` (--format triton), or rewrite the one an earlier
+    --format triton left there with its own options, so that it serves what the manifest now says."""
+    from moleflow_edge.serving.triton_decisions import TRITON_FOLDER, RepositoryOptions, read_options
+
+    repo = out / TRITON_FOLDER
+    if precision is None and not repo.exists():
+        return None
+    from moleflow_edge.export.triton_repository import write_triton_repository
+
+    options = RepositoryOptions(precision) if precision else read_options(repo)
+    written = write_triton_repository(out, repo, options)
+    return f"Triton model repository ({options.precision}): {repo}, {len(written)} models"
 
 
 @app.command()

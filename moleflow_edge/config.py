@@ -8,9 +8,11 @@ model is always rebuilt with the sizes it was trained with. Torch-free.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 
 class BackboneName(str, Enum):
@@ -70,11 +72,63 @@ class Covariance(str, Enum):
     RIDGE = "ridge"
 
 
-# config fields that take one of a fixed set of values, and their Enum
-_CHOICES: dict[str, type[Enum]] = {
-    "backbone": BackboneName, "patch_stride": PatchStride, "whitening": Whitening, "detector": DetectorKind,
-    "anomaly_score": AnomalyScore, "router_pooling": RouterPooling, "router_covariance": Covariance,
+@dataclass(frozen=True)
+class Span:
+    """The values a numeric config field may take beyond its type: from ``low`` to ``high``, either end open."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if math.isinf(self.high):
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+
+
+COUNT, AT_LEAST_0, POSITIVE = Span(1), Span(0), Span(0, open_low=True)
+FRACTION = Span(0, 1, open_low=True)  # a ratio or quantile: more than none, at most all
+# numeric fields and their spans; the types come from the field annotations (_type_problem)
+SPANS: dict[str, Span] = {
+    "image_size": Span(32), "embed_dim": COUNT, "num_mole_blocks": COUNT, "num_dia_blocks": AT_LEAST_0,
+    "lora_rank": COUNT, "lora_alpha": POSITIVE, "hidden_ratio": POSITIVE, "clamp": POSITIVE,
+    "scale_context_kernel": AT_LEAST_0, "coreset_ratio": FRACTION, "coreset_min": COUNT, "coreset_max": COUNT,
+    "top_k": COUNT, "map_sigma": AT_LEAST_0, "lambda_tail": AT_LEAST_0, "tail_fraction": FRACTION,
+    "lambda_logdet": AT_LEAST_0, "lr": POSITIVE, "weight_decay": AT_LEAST_0, "dia_lr_factor": AT_LEAST_0,
+    "batch_size": COUNT, "max_steps": COUNT, "holdout_fraction": Span(0, 1, open_high=True), "eval_every": COUNT,
+    "patience": COUNT, "feature_noise": AT_LEAST_0, "augment_copies": AT_LEAST_0,
+    "augment_strength": Span(0, 1, open_high=True), "seed": AT_LEAST_0, "router_ridge": AT_LEAST_0,
+    "router_limit_quantile": FRACTION, "router_limit_margin": POSITIVE,
 }  # fmt: skip
+
+
+def _type_problem(value: object, kind: object) -> str | None:
+    """What is wrong with ``value`` for a field annotated ``kind`` (None when nothing is): JSON gives
+    strings, lists and 1.5 where an int is meant, and a bool is no number."""
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        if isinstance(value, kind) or any(type(value) is type(m.value) and value == m.value for m in kind):
+            return None
+        return f"must be one of {', '.join(repr(m.value) for m in kind)}, got {value!r}"
+    alternatives = get_args(kind) or (kind,)  # str | None: either
+    if type(None) in alternatives and value is None:
+        return None
+    if bool in alternatives:
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    if int in alternatives:
+        return None if isinstance(value, int) and not isinstance(value, bool) else f"must be an integer, got {value!r}"
+    if float in alternatives:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if number else f"must be a finite number, got {value!r}"
+    if str in alternatives:
+        text = "a string or null" if type(None) in alternatives else "a string"
+        return None if isinstance(value, str) else f"must be {text}, got {value!r}"
+    raise TypeError(f"no check for config fields of type {kind}")  # a new field's type: add its check here
 
 
 @dataclass(frozen=True)
@@ -126,30 +180,29 @@ class MoleFlowConfig:
     router_pooling: RouterPooling = RouterPooling.STRIDE16
     router_covariance: Covariance = Covariance.LEDOIT_WOLF
     router_ridge: float = 1e-5  # lambda_reg of the papers' ridge option
-    router_limit_quantile: float = 0.99  # unknown-product limit: this quantile of
-    router_limit_margin: float = 4.0  # 5-fold held-out training distances, times this margin
+    router_limit_quantile: float = 0.99  # unknown-product limit (router.distance_limit): this quantile of
+    router_limit_margin: float = 4.0  # held-out normal distances, JPEG round trips included, times this margin;
+    # recorded in the export's manifest, so that calibrate sets limits by the same rule
 
     def __post_init__(self) -> None:
-        for name, choices in _CHOICES.items():  # JSON and the CLI give values: kept as members
-            object.__setattr__(self, name, choices(getattr(self, name)))
-        if self.image_size % 16 or self.image_size < 32:
-            raise ValueError(f"image_size must be a multiple of 16 and >= 32, got {self.image_size}")
-        if not 0.0 < self.coreset_ratio <= 1.0:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        if not 1 <= self.coreset_min <= self.coreset_max:
-            raise ValueError(f"coreset sizes must be 1 <= coreset_min <= coreset_max, got {self.coreset_min}, {self.coreset_max}")
-        if not 0.0 <= self.holdout_fraction < 1.0:
-            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
-        for name in ("feature_noise", "augment_copies", "augment_strength"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"config field {name} must be >= 0, got {getattr(self, name)}")
-        for name in ("embed_dim", "num_mole_blocks", "lora_rank", "top_k", "batch_size", "max_steps", "eval_every", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"config field {name} must be >= 1, got {getattr(self, name)}")
-        if self.scale_context_kernel < 0 or (self.scale_context_kernel and self.scale_context_kernel % 2 == 0):
-            raise ValueError(f"scale_context_kernel must be 0 (none) or odd, got {self.scale_context_kernel}")
+        """Every field checked against its annotation and span, with the field named: a config comes from JSON."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), _FIELD_TYPES[f.name]
+            if problem := _type_problem(value, kind):
+                raise ValueError(f"config field {f.name} {problem}")
+            if isinstance(kind, type) and issubclass(kind, Enum):  # kept as members
+                object.__setattr__(self, f.name, kind(value))
+            if f.name in SPANS and value not in SPANS[f.name]:
+                raise ValueError(f"config field {f.name} must be {SPANS[f.name]}, got {value!r}")
+        if self.image_size % 16:
+            raise ValueError(f"config field image_size must be a multiple of 16, got {self.image_size}")
+        if self.coreset_min > self.coreset_max:
+            raise ValueError(f"config fields coreset_min and coreset_max: {self.coreset_min} > {self.coreset_max}")
+        if self.scale_context_kernel % 2 == 0 and self.scale_context_kernel:
+            kernel = self.scale_context_kernel
+            raise ValueError(f"config field scale_context_kernel must be 0 (none) or odd, got {kernel}")
         if self.embed_dim % 2:
-            raise ValueError(f"embed_dim must be even (coupling splits it in halves), got {self.embed_dim}")
+            raise ValueError(f"config field embed_dim must be even (coupling splits it in two), got {self.embed_dim}")
 
     @property
     def grid_size(self) -> int:
@@ -166,10 +219,23 @@ class MoleFlowConfig:
     @classmethod
     def from_json(cls, path: Path, defaults: dict[str, object] | None = None) -> MoleFlowConfig:
         """The config of a JSON file; a field the file lacks takes ``defaults``' value if given there,
-        else the class default."""
-        data = {**(defaults or {}), **json.loads(Path(path).read_text())}
+        else the class default. ValueError, naming the file (and the field), for anything else."""
+        try:
+            given = json.loads(Path(path).read_text())
+        except ValueError as exc:  # not JSON, or not UTF-8 text
+            raise ValueError(f"{path}: not a JSON config file ({exc})") from None
+        if not isinstance(given, dict):  # a user's file: ValueError, which the CLI reports in one line
+            kind = type(given).__name__
+            raise ValueError(f"{path}: a config file is a JSON object of fields, got a {kind}")  # noqa: TRY004
+        data = {**(defaults or {}), **given}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown config fields {unknown}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+
+_FIELD_TYPES = get_type_hints(MoleFlowConfig)  # the annotations, resolved: what __post_init__ checks against

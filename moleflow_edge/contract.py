@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from moleflow_edge import __version__
 from moleflow_edge.atomic import write_text_atomic
-from moleflow_edge.config import DetectorKind
+from moleflow_edge.config import DetectorKind, MoleFlowConfig
 from moleflow_edge.json_checks import Check, int_at_least, is_object, number, text
 from moleflow_edge.signing import SignatureError, checking_keys, record_signer, sign, sign_from_model, signed_by, verify
 
@@ -144,6 +144,10 @@ class Manifest:
     engines: dict[str, dict] = field(default_factory=dict)  # backbone/router engines
     int8_calibration: dict = field(default_factory=dict)  # images used for QDQ graphs: count, list hash
     model_sha256: str = ""  # the shared model (config, shared weights, backbone) every graph here belongs to
+    # the model's unknown-product limit rule (router.distance_limit), so that calibrate sets limits by it
+    # too; manifests written before it was recorded take the config's defaults
+    router_limit_quantile: float = MoleFlowConfig.router_limit_quantile
+    router_limit_margin: float = MoleFlowConfig.router_limit_margin
     input_layout: str = "NHWC"
     input_dtype: str = "uint8"
     channel_order: str = "BGR"
@@ -409,6 +413,8 @@ _TOP: dict[str, Check] = {
     "toolkit_version": text(),
     "model_sha256": text(),
     "int8_calibration": is_object,
+    "router_limit_quantile": number(0.0, upper=1.0),
+    "router_limit_margin": number(0.0),
 }
 _TASK: dict[str, Check] = {
     "detector": text(*(k.value for k in DetectorKind)),

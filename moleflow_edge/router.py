@@ -94,6 +94,14 @@ def limit_widening(images: int) -> float:
     return max(1.0, math.log(FEW_IMAGES + 1) / math.log(images + 1))
 
 
+def distance_limit(normal: np.ndarray, images: int, quantile: float, margin: float) -> float:
+    """The unknown-product limit from squared distances (any shape) of ``images`` normal images and their
+    camera variants to a prototype not fitted on them: ``margin`` x ``limit_widening(images)`` x their
+    ``quantile``. Training applies it to held-out folds and ``calibrate`` to held-out calibration images
+    and their JPEG round trips, so both leave a product the same tolerance."""
+    return float(np.quantile(np.asarray(normal, dtype=np.float64), quantile) * margin * limit_widening(images))
+
+
 def _mean_and_whitener(
     features: np.ndarray, images: int, covariance: str, ridge: float, target: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -119,9 +127,9 @@ def fit_prototype(
 ) -> Prototype:
     """Prototype from a task's pooled training features (N,C), N >= MIN_IMAGES.
 
-    The unknown-product limit is ``limit_margin`` x ``limit_widening(N)`` x the ``limit_quantile``
-    of held-out distances (each fold scored by a prototype fitted without it), because in-sample
-    distances understate how far a new normal image of the product lands.
+    The unknown-product limit is ``distance_limit`` of held-out distances (each fold scored by a
+    prototype fitted without it), because in-sample distances understate how far a new normal
+    image of the product lands.
 
     ``variants`` (V,N,C): the same images' features after changes a camera makes to a good part
     (JPEG round trips, augment.jpeg_round_trips). They enter the mean and covariance as more rows
@@ -151,7 +159,7 @@ def fit_prototype(
         fitted = np.flatnonzero(folds != fold)
         fold_mean, fold_whitener = _mean_and_whitener(rows(fitted), len(fitted), covariance, ridge, target)
         held_out.append(np.sum(((rows(np.flatnonzero(folds == fold)) - fold_mean) @ fold_whitener.T) ** 2, axis=1))
-    limit = float(np.quantile(np.concatenate(held_out), limit_quantile) * limit_margin * limit_widening(n))
+    limit = distance_limit(np.concatenate(held_out), n, limit_quantile, limit_margin)
     return Prototype(np.ascontiguousarray(mean, np.float32), np.ascontiguousarray(whitener, np.float32), limit, n)
 
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
 
-from moleflow_edge.bench.graph_cost import graph_macs
+from moleflow_edge.bench.graph_cost import flop_report, graph_macs
+from moleflow_edge.bench.machine import Peak
 from moleflow_edge.bench.measure import measure_calls, measure_interleaved
 from moleflow_edge.bench.run import BenchError, bench
 from moleflow_edge.bench.tables import summary_table
@@ -36,6 +38,8 @@ def load_script(name: str) -> ModuleType:
 
 @pytest.fixture(scope="module")
 def report(built: dict) -> dict:
+    """The JSON report, with the lines bench printed under ``printed``."""
+    printed: list[str] = []
     out = bench(
         built["export_dir"],
         backends=("torch-eager", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"),
@@ -45,9 +49,9 @@ def report(built: dict) -> dict:
         data_root=built["data"],
         model_dir=None,  # torch-eager must be skipped, with the reason
         task_counts=(1, 3),
-        printer=None,
+        printer=printed.append,
     )
-    return json.loads(json.dumps(out))  # what --json writes
+    return {**json.loads(json.dumps(out)), "printed": "\n".join(printed)}  # what --json writes
 
 
 def test_every_backend_that_ran_has_every_stage_and_percentile(report: dict) -> None:
@@ -63,7 +67,7 @@ def test_every_backend_that_ran_has_every_stage_and_percentile(report: dict) -> 
         assert row["end_to_end_ms"]["p50"] <= row["end_to_end_ms"]["p99"]
         assert row["throughput_fps"] > 0 and row["peak_rss_mb"] > 0 and 0 <= row["image_auroc"] <= 1
     assert sorted(r["batch"] for r in report["results"] if r["precision"] == "fp32") == [1, 2]
-    assert set(report["machine"]) >= {"cpus", "numpy_matmul_gflops", "int8_dot_product", "onnxruntime"}
+    assert set(report["machine"]) >= {"cpus", "int8_dot_product", "onnxruntime"}
 
 
 def test_skipped_backends_are_named_with_a_reason(report: dict) -> None:
@@ -92,6 +96,31 @@ def test_flops_and_task_growth(report: dict, built: dict) -> None:
     assert 0 < backbone["fraction_of_peak"]
     assert [g["tasks"] for g in report["task_growth"]] == [1, 3]
     assert all(g["routing_ms_p50"] > 0 and g["engine_load_ms_mean"] > 0 for g in report["task_growth"])
+
+
+def test_no_stage_is_above_the_peak_and_the_peak_says_what_it_was_measured_with(report: dict) -> None:
+    peak = report["peak"]
+    timed = [r for r in report["flops"] if "fraction_of_peak" in r]
+    assert len(timed) == 2 and all(0 < r["fraction_of_peak"] <= 1 for r in timed)  # backbone and a detector
+    assert all(r["achieved_gflops"] <= peak["gflops"] * (1 + 1e-3) for r in timed)
+    shares = re.findall(r"([0-9.]+)% of peak", report["printed"])
+    assert shares and all(float(s) <= 100.0 for s in shares)
+    line = next(line for line in report["printed"].splitlines() if line.startswith("peak: "))
+    assert "MatMul graph in onnxruntime CPU" in line and "best of 7 runs" in line and "threads" in line
+    assert ("above the MatMul's" in line) == (peak["note"] is not None)
+
+
+def test_a_stage_faster_than_the_measured_peak_becomes_the_peak(built: dict) -> None:
+    """The MatMul's rate is a measurement too; a stage that beats it sets the peak (said so), not 100+ %."""
+    manifest = load_manifest(built["export_dir"])
+    slow = Peak(1e-3, "a deliberately slow stand-in figure")
+    rows, peak = flop_report(Path(built["export_dir"]), manifest, {"backbone": 1.0, "detector": 0.5}, slow)
+    fastest = max(rows, key=lambda r: r["achieved_gflops"])
+    assert len(rows) == 2 and fastest["fraction_of_peak"] == 1.0 and all(r["fraction_of_peak"] <= 1 for r in rows)
+    assert peak["gflops"] == pytest.approx(fastest["achieved_gflops"], rel=1e-3)
+    assert peak["measured_with"] == slow.measured_with and fastest["graph"] in peak["note"]
+    rows, peak = flop_report(Path(built["export_dir"]), manifest, {"backbone": 1.0}, Peak(1e9, "a huge figure"))
+    assert peak["gflops"] == 1e9 and peak["note"] is None and rows[0]["fraction_of_peak"] < 1e-3
 
 
 def test_auroc_floor_fails_below_it(built: dict) -> None:

@@ -12,11 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moleflow_edge.augment import jpeg_round_trips
 from moleflow_edge.calibration import CalibrationError, calibrate, threshold_for_fpr
 from moleflow_edge.calibration.thresholds import fpr_upper_bound, min_normal_count
-from moleflow_edge.contract import load_manifest
+from moleflow_edge.contract import MANIFEST_FILE, load_manifest
+from moleflow_edge.data.mvtec import load_split
+from moleflow_edge.data.synth import generate
 from moleflow_edge.preprocess import read_image_bgr
+from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime import Runtime
+from tests.conftest import TINY_CONFIG
 from tests.export_fixture import N_TEST_GOOD, TASKS
 
 TARGET = 0.1  # the fixture has 24 normal test images per task
@@ -80,6 +85,45 @@ def test_calibrate_sets_thresholds_the_runtime_uses(built: dict, export_copy: Pa
             assert sum(r.is_anomaly for r in routed) <= 1
 
 
+def test_calibrated_limits_let_jpeg_good_frames_of_known_products_in(
+    built: dict, export_copy: Path, synth_root: Path, tmp_path: Path
+) -> None:
+    """Fresh good frames of the calibrated products, sent as JPEG q90 and q75, are never stopped as
+    unknown (calibrate keeps the router's tolerance); products never learned still are."""
+    fresh = tmp_path / "fresh"  # other good images of the same products than those calibrated on
+    generate(fresh, TASKS, seed=7, image_size=TINY_CONFIG.image_size, n_train=2, n_test_good=30, n_test_defect=1)
+    calibrate(export_copy, built["data"], target_fpr=TARGET)
+    with Runtime.load(export_copy, backend="onnxruntime") as runtime:
+        for task in TASKS:
+            split = load_split(fresh, task, "test", TINY_CONFIG.image_size)
+            for quality in (90, 75):
+                frames = jpeg_round_trips(split.images[split.labels == 0], (quality,))[0]
+                routed = [r.task for r in runtime.infer(list(frames), with_maps=False)]
+                assert routed == [task] * len(frames), f"{task} at JPEG {quality}: {routed.count(UNKNOWN)} stopped"
+        for product in ("screw", "cap"):  # in synth_root, never learned by the fixture
+            images = load_split(synth_root, product, "test", TINY_CONFIG.image_size).images
+            jpeg = jpeg_round_trips(images, (75,))[0]
+            assert {r.task for r in runtime.infer([*images, *jpeg], with_maps=False)} == {UNKNOWN}
+
+
+def test_calibrate_sets_limits_by_the_rule_the_export_records(built: dict, export_copy: Path) -> None:
+    """The limit's margin and quantile come from the manifest (export records the model's config): a
+    margin twice as large gives limits twice as large, and the record says how they were made."""
+    manifest = load_manifest(export_copy)
+    assert (manifest.router_limit_margin, manifest.router_limit_quantile) == (
+        TINY_CONFIG.router_limit_margin, TINY_CONFIG.router_limit_quantile)  # fmt: skip
+    first = calibrate(export_copy, built["data"], target_fpr=TARGET)
+    data = json.loads((export_copy / MANIFEST_FILE).read_text())
+    data["router_limit_margin"] = 2 * TINY_CONFIG.router_limit_margin
+    (export_copy / MANIFEST_FILE).write_text(json.dumps(data))
+    second = calibrate(export_copy, built["data"], target_fpr=TARGET)
+    for a, b in zip(first.tasks, second.tasks):
+        assert b.distance_limit == pytest.approx(2 * a.distance_limit, rel=1e-9)
+        assert a.max_normal_distance < a.distance_limit
+    method = load_manifest(export_copy).tasks[0].calibrations["fp32"]["distance_limit_method"]
+    assert f"{2 * TINY_CONFIG.router_limit_margin:g} x" in method and "JPEG round trips" in method
+
+
 def test_calibrating_twice_gives_an_identical_manifest(built: dict, export_copy: Path) -> None:
     calibrate(export_copy, built["data"], target_fpr=TARGET)
     first = (export_copy / "manifest.json").read_bytes()
@@ -112,6 +156,7 @@ def test_calibration_imports_no_torch() -> None:
         """
         import sys
         import moleflow_edge.calibration
+        import moleflow_edge.serving.triton_decisions  # what calibrate refreshes a Triton repository with
         assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
         """
     )

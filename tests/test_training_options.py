@@ -152,3 +152,39 @@ def test_without_a_scale_context_each_patch_is_embedded_from_its_own_features(ke
 def test_scale_context_kernel_must_be_zero_or_odd(kernel: int) -> None:
     with pytest.raises(ValueError, match="scale_context_kernel"):
         MoleFlowConfig(scale_context_kernel=kernel)
+
+
+# --- config files: every field type-checked, one line naming the file and the field --------------------
+BAD_CONFIGS = [
+    ('{"coreset_ratio": "x"}', "config field coreset_ratio must be a finite number, got 'x'"),
+    ('{"max_steps": "10"}', "config field max_steps must be an integer, got '10'"),
+    ('{"coreset_min": 1.5}', "config field coreset_min must be an integer, got 1.5"),
+    ('{"max_steps": [10]}', "config field max_steps must be an integer, got [10]"),
+    ('[{"max_steps": 10}]', "a config file is a JSON object of fields, got a list"),
+    ('{"max_steps": 10,}', "not a JSON config file (Expecting property name"),
+    ('{"coreset_ratio": 0}', "config field coreset_ratio must be in (0, 1], got 0"),
+    ('{"gain_normalise": 1}', "config field gain_normalise must be true or false, got 1"),
+    ('{"patch_stride": "16"}', "config field patch_stride must be one of 16, 8, got '16'"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_CONFIGS)
+def test_a_bad_config_file_fails_in_one_line_naming_the_file_and_field(tmp_path: Path, text: str, message: str) -> None:
+    from typer.testing import CliRunner
+
+    from moleflow_edge.cli import app
+
+    config, model = tmp_path / "bad.json", tmp_path / "model"
+    config.write_text(text)
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--task", "weave", "--model", str(model),
+                                      "--config", str(config), "--device", "cpu", "--threads", "1"])  # fmt: skip
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output  # no traceback
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [line for line in result.output.splitlines() if "device:" not in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {config}: {message}")
+    assert not model.exists()
+
+
+def test_every_shipped_config_file_passes_the_checks() -> None:
+    for path in sorted((Path(__file__).parent.parent / "configs").glob("*.json")):
+        assert MoleFlowConfig.from_json(path) != MoleFlowConfig(), path  # each changes something

@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -23,6 +25,7 @@ from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime import Runtime
 from moleflow_edge.serving.libpython import prepare_stub_environment, serving_problem
 from moleflow_edge.serving.serve_process import free_local_ports
+from tests.export_fixture import TASKS
 
 pytestmark = pytest.mark.skipif(serving_problem() is not None, reason=f"serving unavailable: {serving_problem()}")
 
@@ -51,12 +54,13 @@ def repository(built: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     """(export, repository): a calibrated copy of the shared export and its Triton repository."""
     from moleflow_edge.calibration import calibrate
     from moleflow_edge.export.triton_repository import write_triton_repository
+    from moleflow_edge.serving.triton_decisions import RepositoryOptions
 
     base = tmp_path_factory.mktemp("triton")
     export = base / "export"
     shutil.copytree(built["export_dir"], export)
     calibrate(export, built["data"], 0.1)
-    write_triton_repository(export, base / "repo", max_batch=4)
+    write_triton_repository(export, base / "repo", RepositoryOptions(max_batch=4))
     return export, base / "repo"
 
 
@@ -92,25 +96,25 @@ def test_every_config_parses_and_names_its_model(repository: tuple[Path, Path]) 
     assert (repo / "moleflow_backbone" / "1" / "model.onnx").read_bytes() == graph.read_bytes()
 
 
-def test_the_repository_serves_what_the_runtime_gives(
-    repository: tuple[Path, Path], built: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import pytriton
-    import tritonclient.http as triton_http
+def python_stand_ins(repo: Path) -> None:
+    """The repository's ONNX models as Python-backend models running the same model.onnx (the bundled
+    server has no onnxruntime backend)."""
     from google.protobuf import text_format
-    from tritonclient.utils import InferenceServerException
 
-    from moleflow_edge.serving import RemoteRuntime
-
-    export, source = repository
-    repo = tmp_path / "repo"
-    shutil.copytree(source, repo)
     for folder in [repo / "moleflow_backbone", *repo.glob("moleflow_task_*")]:
         config = parse(folder / "config.pbtxt")
         config.ClearField("platform")
         config.backend = "python"
         (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
         (folder / "1" / "model.py").write_text(ONNX_AS_PYTHON)
+
+
+@contextmanager
+def tritonserver(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *options: str) -> Iterator[int]:
+    """PyTriton's bundled tritonserver on ``repo``, on free 127.0.0.1 ports, ready: its HTTP port; stopped after."""
+    import pytriton
+    import tritonclient.http as triton_http
+    from tritonclient.utils import InferenceServerException
 
     monkeypatch.setenv("LD_LIBRARY_PATH", os.environ.get("LD_LIBRARY_PATH", ""))  # restored after the test
     prepare_stub_environment()
@@ -133,6 +137,7 @@ def test_the_repository_serves_what_the_runtime_gives(
         str(server / "bin" / "tritonserver"), "--model-repository", str(repo), "--backend-directory", str(server / "backends"),
         "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--metrics-address", "127.0.0.1",
         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--exit-timeout-secs", "5",
+        *options,
     ]  # fmt: skip
     log = tmp_path / "tritonserver.log"
     with open(log, "wb") as sink:
@@ -149,7 +154,26 @@ def test_the_repository_serves_what_the_runtime_gives(
             time.sleep(0.5)
         client.close()
         assert process.poll() is None, f"tritonserver exited; its log ends:\n{log.read_text()[-3000:]}"
+        yield http
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
+
+def test_the_repository_serves_what_the_runtime_gives(
+    repository: tuple[Path, Path], built: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moleflow_edge.serving import RemoteRuntime
+
+    export, source = repository
+    repo = tmp_path / "repo"
+    shutil.copytree(source, repo)
+    python_stand_ins(repo)
+    with tritonserver(repo, tmp_path, monkeypatch) as http:
         files = [f for task in ("weave", "tiles") for f in sorted((built["data"] / task / "test").rglob("*.png"))[::7]]
         frames = [cv2.imread(str(f)) for f in files] + [np.full((96, 160, 3), (30, 200, 90), np.uint8)]
         with Runtime.load(export) as runtime:
@@ -171,10 +195,55 @@ def test_the_repository_serves_what_the_runtime_gives(
             assert g.explained_by == w.explained_by  # an unknown frame's map: the task that explains it best
             assert g.anomaly_map.shape == w.anomaly_map.shape
             assert np.allclose(g.anomaly_map, w.anomaly_map, rtol=1e-4, atol=1e-4)
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+
+
+def test_calibrate_after_export_format_triton_changes_the_served_thresholds(
+    built: dict, export_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`export --format triton`, a tritonserver serving EXPORT/triton, then `calibrate`: once the server
+    reloads its models it serves the calibrated thresholds (it served none before)."""
+    import tritonclient.http as triton_http
+    from typer.testing import CliRunner
+
+    from moleflow_edge.calibration import calibrate
+    from moleflow_edge.cli import app
+    from moleflow_edge.contract import load_manifest
+    from moleflow_edge.serving import RemoteRuntime
+
+    exported = CliRunner().invoke(
+        app, ["export", "--model", str(built["model_dir"]), "--all", "--out", str(export_copy), "--format", "triton"]
+    )
+    assert exported.exit_code == 0, exported.output
+    repo = export_copy / "triton"
+    python_stand_ins(repo)  # the graphs stay the export's: calibrate checks them before refreshing
+    frames = [cv2.imread(str(min((built["data"] / t / "test" / "good").glob("*.png")))) for t in TASKS]
+
+    def served() -> list[tuple[str | None, float | None]]:
+        with RemoteRuntime(f"127.0.0.1:{http}", retries=0) as remote:
+            return [(r.task, r.threshold) for r in remote.infer(frames, with_maps=False)]
+
+    with tritonserver(repo, tmp_path, monkeypatch, "--model-control-mode", "explicit", "--load-model", "*") as http:
+        assert served() == [(t, None) for t in TASKS]  # uncalibrated: no threshold, no decision
+        calibrate(export_copy, built["data"], 0.1)
+        client = triton_http.InferenceServerClient(f"127.0.0.1:{http}")
+        for model in ("moleflow", "moleflow_info"):  # what a rolling update or a restart does
+            client.load_model(model)
+        client.close()
+        thresholds = load_manifest(export_copy).task
+        assert served() == [(t, thresholds(t).thresholds["fp32"]) for t in TASKS]
+
+
+def test_a_repository_with_other_graphs_is_not_refreshed(repository: tuple[Path, Path], tmp_path: Path) -> None:
+    from moleflow_edge.serving.triton_decisions import refresh_triton_repository
+
+    export, source = repository
+    copy = tmp_path / "export"
+    shutil.copytree(export, copy)
+    shutil.copytree(source, copy / "triton")
+    assert refresh_triton_repository(copy) == copy / "triton"
+    graph = copy / "triton" / "moleflow_task_weave" / "1" / "model.onnx"
+    graph.write_bytes(graph.read_bytes() + b"\0")  # as if written from another export of the task
+    before = (copy / "triton" / "moleflow" / "1" / "manifest.json").read_bytes()
+    with pytest.raises(ValueError, match="moleflow_task_weave.*export --format triton"):
+        refresh_triton_repository(copy)
+    assert (copy / "triton" / "moleflow" / "1" / "manifest.json").read_bytes() == before

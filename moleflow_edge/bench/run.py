@@ -12,7 +12,7 @@ from pathlib import Path
 
 from moleflow_edge.atomic import check_writable
 from moleflow_edge.bench.graph_cost import export_size_mb, flop_report
-from moleflow_edge.bench.machine import machine_info, peak_rss_mb, reset_peak_rss
+from moleflow_edge.bench.machine import machine_info, onnxruntime_peak, peak_rss_mb, reset_peak_rss
 from moleflow_edge.bench.measure import image_auroc, load_test_frames, measure, score_all
 from moleflow_edge.bench.pipelines import BACKENDS, EAGER, make_pipeline
 from moleflow_edge.bench.tables import markdown_table, save_chart, summary_table
@@ -49,8 +49,9 @@ def bench(
     Keys: machine, export, iters, results (one row per backend x precision x batch: stages_ms and
     end_to_end_ms as {p50, p90, p99}, throughput_fps, peak_rss_mb, image_auroc, warning where
     flagged), skipped ({backend, precision, reason}), summary (the printed table's rows), flops,
-    task_growth, chart (the PNG path, or why none was written). ``backends`` defaults to every
-    backend known, so that the missing GPU ones are listed as skipped with the reason.
+    peak (what flops' fraction_of_peak is a share of, and what it was measured with), task_growth,
+    chart (the PNG path, or why none was written). ``backends`` defaults to every backend known, so
+    that the missing GPU ones are listed as skipped with the reason.
 
     ``auroc_floor``: raise BenchError when a backend that ran scores below it (a regression check).
     ``chart``: write a PNG of stacked per-stage latency (needs matplotlib; skipped with a note without).
@@ -107,6 +108,7 @@ def bench(
     reference = next((r for r in results if r["backend"] == "onnxruntime-cpu" and r["precision"] == "fp32"
                       and r["batch"] == 1), None)  # fmt: skip
     stage_p50 = None if reference is None else {s: v["p50"] for s, v in reference["stages_ms"].items()}
+    flops, peak = flop_report(root, manifest, stage_p50, onnxruntime_peak(threads))  # as the stages ran
     report = {
         "machine": machine,
         "export": str(root),
@@ -114,7 +116,8 @@ def bench(
         "results": results,
         "skipped": skipped,
         "summary": summary,
-        "flops": flop_report(root, manifest, stage_p50, machine["numpy_matmul_gflops"]),
+        "flops": flops,
+        "peak": peak,  # {gflops, measured_with, note}: what every fraction_of_peak is a share of
         "task_growth": task_growth(root, task_counts) if task_counts else [],
     }
     report["chart"] = save_chart(results, chart) if chart else None
@@ -126,8 +129,11 @@ def bench(
         printer(markdown_table(results))
         for row in report["flops"]:
             if "gflop" in row:
-                peak = f", {100 * row['fraction_of_peak']:.1f}% of peak" if "fraction_of_peak" in row else ""
-                printer(f"FLOPs {row['graph']}: {row['gflop']:.3f} GFLOP/image{peak}")
+                share = f", {100 * row['fraction_of_peak']:.1f}% of peak" if "fraction_of_peak" in row else ""
+                printer(f"FLOPs {row['graph']}: {row['gflop']:.3f} GFLOP/image{share}")
+        if peak is not None:
+            printer(f"peak: {peak['gflops']:.1f} GFLOP/s fp32, {peak['measured_with']}"
+                    + (f" ({peak['note']})" if peak["note"] else ""))  # fmt: skip
         for row in report["task_growth"]:
             printer(f"tasks {row['tasks']}: {json.dumps({k: v for k, v in row.items() if k != 'tasks'})}")
     if auroc_floor is not None:

@@ -22,26 +22,33 @@ rate the data supports: t = the largest normal score (k = 1), whose expected FPR
 (0.09 with 10 images), and it says so: the method, the rate reached, its 95 % bound, and how
 many images the requested rate would need. Below ``MIN_NORMALS`` images it refuses.
 
-Routing limit. Each normal image's squared Mahalanobis distance to its own task's
-prototype; limit = ``limit_margin`` x the largest of them. These images were not used to
-fit the prototype, so their largest distance is an honest 1/(n+1) tail estimate; the margin
-(the config's router_limit_margin, 2.0) leaves room for lighting drift on the line.
+Routing limit. By the rule the router was fitted with (``router.distance_limit``, its quantile
+and margin read from the manifest, where export records the model's config): the squared
+Mahalanobis distances to the task's own prototype of the normal images and of their JPEG round
+trips at each ``CAMERA_JPEG_QUALITIES`` (what an MJPEG camera sends of a good part), their
+``router_limit_quantile`` x ``router_limit_margin`` (x the few-image widening below 10 images).
+These images were not used to fit the prototype, so their distances are honest held-out ones,
+as the router's folds are; with the round trips a compressed good frame keeps the tolerance
+training gave it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from moleflow_edge.augment import CAMERA_JPEG_QUALITIES, jpeg_round_trips
 from moleflow_edge.contract import MANIFEST_FILE, Manifest, is_signed, load_manifest, save_manifest
 from moleflow_edge.data.mvtec import GOOD, DatasetError, _image_files, test_samples, train_samples
 from moleflow_edge.locking import FolderLock
 from moleflow_edge.metrics import auroc
 from moleflow_edge.preprocess import read_image_bgr, resize_frame
+from moleflow_edge.router import distance_limit, limit_widening
 from moleflow_edge.signing import load_private_key, load_public_keys, sign_from_model
 
 if TYPE_CHECKING:
@@ -60,7 +67,6 @@ __all__ = [
 ]
 
 CALIB_FOLDER = "calib"  # ROOT/<task>/calib/good: held-out normal images, preferred over test/good
-DEFAULT_LIMIT_MARGIN = 2.0  # mirrors MoleFlowConfig.router_limit_margin
 BATCH = 8
 UPPER_BOUND_LEVEL = 0.95
 MIN_NORMALS = 5  # fewer normal images give no threshold worth deploying (E[FPR] of the maximum: 1/6)
@@ -233,12 +239,23 @@ def score_as_task(runtime: Runtime, files: list[Path], task: str) -> tuple[np.nd
     task still counts for its own task's threshold.
     """
     scores, distances = [], []
-    for start in range(0, len(files), BATCH):
-        images = np.stack([resize_frame(read_image_bgr(f), runtime.image_size) for f in files[start : start + BATCH]])
+    for images in _resized_batches(runtime, files):
         image_scores, image_distances = runtime.score_as(images, task)
         scores.append(image_scores)
         distances.append(image_distances)
     return np.concatenate(scores), np.concatenate(distances).astype(np.float64)
+
+
+def round_trip_distances(runtime: Runtime, files: list[Path]) -> np.ndarray:
+    """Distances (Q*n,T) to every prototype of the images' JPEG round trips at each CAMERA_JPEG_QUALITIES,
+    the variants the router's prototypes and limits were fitted with."""
+    trips = [runtime.routing_distances(t) for b in _resized_batches(runtime, files) for t in jpeg_round_trips(b)]
+    return np.concatenate(trips).astype(np.float64)
+
+
+def _resized_batches(runtime: Runtime, files: list[Path]) -> Iterator[np.ndarray]:
+    for start in range(0, len(files), BATCH):
+        yield np.stack([resize_frame(read_image_bgr(f), runtime.image_size) for f in files[start : start + BATCH]])
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -252,7 +269,7 @@ class TaskCalibration:
     expected_fpr: float
     fpr_upper95: float
     distance_limit: float
-    max_normal_distance: float
+    max_normal_distance: float  # the largest distance the limit was set from (round trips included)
     routed_to_own_task: float  # fraction of the normal images the router sends to this task
     defects: int = 0
     precision: float | None = None  # at the chosen threshold, on test/<defect> + the normal images
@@ -310,7 +327,6 @@ def calibrate(
     min_count: int | None = None,
     *,
     confidence: float | None = None,
-    limit_margin: float = DEFAULT_LIMIT_MARGIN,
     precision: str = "fp32",
     tasks: list[str] | None = None,
     threads: int | None = None,
@@ -328,10 +344,12 @@ def calibrate(
     --sign from the model makes one known good. Scores go through the runtime (onnxruntime CPU,
     ``precision`` graphs: calibrate the precision you deploy). Writes that precision's threshold
     and calibration record, the distance_limit and, where defect images exist, that precision's
-    image AUROC per task into the manifest atomically; other precisions' records are kept. No
+    image AUROC per task into the manifest atomically; other precisions' records are kept, and a
+    Triton repository in EXPORT/triton gets the new manifest (serving/triton_decisions.py). No
     timestamps, so calibrating twice gives a byte-identical manifest.
     """
     from moleflow_edge.runtime import Runtime
+    from moleflow_edge.serving.triton_decisions import refresh_triton_repository
 
     root, data = Path(export_dir), Path(data_root)
     signing_key = None if sign is None else load_private_key(sign)
@@ -359,10 +377,12 @@ def calibrate(
                 )
             scores, all_distances = score_as_task(runtime, files, name)
             column = runtime.router.tasks.index(name)
-            distances = all_distances[:, column]
+            distances = np.concatenate([all_distances, round_trip_distances(runtime, files)])[:, column]
             rule = supported_threshold(scores, target_fpr, confidence=confidence)
             routed = float(np.mean(np.argmin(all_distances, axis=1) == column))
-            limit = float(limit_margin * distances.max())
+            limit = distance_limit(
+                distances, len(files), manifest.router_limit_quantile, manifest.router_limit_margin
+            )
             result = TaskCalibration(
                 task=name, source=source, n=rule.n, threshold=rule.threshold, k=rule.k,
                 expected_fpr=rule.expected_fpr, fpr_upper95=rule.fpr_upper95, distance_limit=limit,
@@ -384,7 +404,7 @@ def calibrate(
                 "target_met": rule.target_met,
                 "source": source,
                 "precision": runtime.precision.value,
-                "distance_limit_method": f"{limit_margin:g} x max squared Mahalanobis distance of the same images",
+                "distance_limit_method": limit_method(manifest, len(files)),
                 "max_normal_distance": result.max_normal_distance,
             }
             if result.image_auroc is None:  # no defect images now: an older figure for this precision would mislead
@@ -398,7 +418,16 @@ def calibrate(
             if (root / MANIFEST_FILE).read_bytes() != original:
                 raise CalibrationError(f"{root / MANIFEST_FILE} changed while calibrating (a new export?); run it again")
             save_manifest(root, manifest, signing_key)
+            refresh_triton_repository(root)  # EXPORT/triton serves the new thresholds and limits too
     return report
+
+
+def limit_method(manifest: Manifest, images: int) -> str:
+    """How ``calibrate`` set a task's routing limit from ``images`` images, for the calibration record."""
+    qualities = ", ".join(map(str, CAMERA_JPEG_QUALITIES))
+    return (f"router rule: {manifest.router_limit_margin:g} x widening {limit_widening(images):.2f} x the "
+            f"{manifest.router_limit_quantile:g} quantile of squared Mahalanobis distances of the same images "
+            f"and their JPEG round trips (quality {qualities})")  # fmt: skip
 
 
 def _train_images(data: Path, task: str) -> int | None:

@@ -232,6 +232,8 @@ def _new_manifest(model: MoleFlow, identity: str) -> Manifest:
         opset=onnx_graphs.OPSET,
         router_pooling=cfg.router_pooling,
         model_sha256=identity,
+        router_limit_quantile=cfg.router_limit_quantile,
+        router_limit_margin=cfg.router_limit_margin,
     )
 
 

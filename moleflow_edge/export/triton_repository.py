@@ -10,19 +10,20 @@ container, KServe or Triton on Kubernetes), read from an export directory's mani
 Each with a config.pbtxt written through Triton's own protobuf types (tritonclient's model_config_pb2):
 max_batch_size, dynamic batching, instance groups (KIND_AUTO: the GPU where there is one). ``moleflow``
 speaks serving/protocol.py, so `run --server` and RemoteRuntime work against it as against `serve`.
-The repository is built beside the target and swapped in whole.
+The repository is built beside the target and swapped in whole. Its manifest copy and info.json are
+written by serving/triton_decisions.py, which ``calibrate`` also calls, so the repository in EXPORT/triton
+serves the thresholds and limits of the export's latest manifest.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from moleflow_edge.contract import ArtifactFile, Precision, load_manifest
+from moleflow_edge.contract import ArtifactFile, load_manifest
 from moleflow_edge.export.triton_models import info_model, moleflow_model
 from moleflow_edge.serving.protocol import (
     BACKBONE_MODEL,
@@ -33,9 +34,9 @@ from moleflow_edge.serving.protocol import (
     INFO_QUERY,
     MODEL,
     OUTPUTS,
-    describe,
     task_model,
 )
+from moleflow_edge.serving.triton_decisions import TRITON_FOLDER, RepositoryOptions, version_folder, write_decisions
 
 __all__ = ["write_triton_repository"]
 
@@ -100,64 +101,43 @@ def _onnx_model(root: Path, artifact: ArtifactFile, folder: Path, name: str, bat
 
 
 def write_triton_repository(
-    export_dir: str | Path,
-    out: str | Path,
-    *,
-    precision: Precision | str = Precision.FP32,
-    max_batch: int = 8,
-    max_queue_delay_us: int = 2000,
-    instances: int = 1,
-    map_side_cap: int = 1024,
+    export_dir: str | Path, out: str | Path | None = None, options: RepositoryOptions | None = None
 ) -> list[Path]:
-    """Write the repository for ``export_dir``'s graphs at ``precision`` to ``out`` (replacing a previous
-    one whole); returns every config.pbtxt written."""
+    """Write the repository for ``export_dir``'s graphs to ``out`` (default EXPORT/triton, the one every
+    command that rewrites the export's manifest keeps in step), replacing a previous one whole; returns
+    every config.pbtxt written."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as pb
 
-    from moleflow_edge.runtime.runtime import Runtime
-
-    root, out, prec = Path(export_dir), Path(out), Precision(getattr(precision, "value", precision))
-    if max_batch < 1 or max_queue_delay_us < 0 or instances < 1:
-        raise ValueError("max_batch and instances must be >= 1, max_queue_delay_us >= 0")
+    root, options = Path(export_dir), options or RepositoryOptions()
+    out, prec = Path(out) if out is not None else root / TRITON_FOLDER, options.precision
     manifest = load_manifest(root, verify=True)
-    missing = ([BACKBONE_MODEL] if prec.value not in manifest.backbone_graphs else []) + [
-        t.name for t in manifest.tasks if prec.value not in t.graphs
+    missing = ([BACKBONE_MODEL] if prec not in manifest.backbone_graphs else []) + [
+        t.name for t in manifest.tasks if prec not in t.graphs
     ]
     if missing or not manifest.tasks:
-        raise ValueError(f"{root} has no {prec.value} graph for {', '.join(missing) or 'any task'}: export it first")
+        raise ValueError(f"{root} has no {prec} graph for {', '.join(missing) or 'any task'}: export it first")
     staging = out.parent / f".{out.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    batching = (max_batch, max_queue_delay_us, instances)
-    configs = {
-        BACKBONE_MODEL: _onnx_model(root, manifest.backbone_graphs[prec.value], staging, BACKBONE_MODEL, batching)
-    }
+    batching = (options.max_batch, options.max_queue_delay_us, options.instances)
+    configs = {BACKBONE_MODEL: _onnx_model(root, manifest.backbone_graphs[prec], staging, BACKBONE_MODEL, batching)}
     for entry in manifest.tasks:
-        configs[task_model(entry.name)] = _onnx_model(
-            root, entry.graphs[prec.value], staging, task_model(entry.name), batching
-        )
+        name = task_model(entry.name)
+        configs[name] = _onnx_model(root, entry.graphs[prec], staging, name, batching)
 
-    bls = staging / MODEL / "1"
-    bls.mkdir(parents=True)
-    shutil.copyfile(moleflow_model.__file__, bls / "model.py")
-    shutil.copyfile(root / "manifest.json", bls / "manifest.json")
-    assert manifest.router_file is not None  # load_manifest refuses an export without one
-    shutil.copyfile(root / manifest.router_file.file, bls / manifest.router_file.file)
+    write_decisions(root, manifest, staging, options)  # the manifest, router weights, info.json, options
+    shutil.copyfile(moleflow_model.__file__, version_folder(staging, MODEL) / "model.py")
     inputs = [
         {"name": IMAGES, "data_type": "TYPE_UINT8", "dims": [-1, -1, 3], "optional": True},
         {"name": ENCODED, "data_type": "TYPE_STRING", "dims": [1], "optional": True},
     ]
     outputs = [{"name": n, "data_type": _numpy_type(t), "dims": list(shape)} for n, (t, shape) in OUTPUTS.items()]
     configs[MODEL] = _config(MODEL, *batching, backend="python", input=inputs, output=outputs,
-                             parameters={"map_side_cap": pb.ModelParameter(string_value=str(map_side_cap)),
-                                         "precision": pb.ModelParameter(string_value=prec.value)})  # fmt: skip
+                             parameters={"map_side_cap": pb.ModelParameter(string_value=str(options.map_side_cap)),
+                                         "precision": pb.ModelParameter(string_value=prec)})  # fmt: skip
 
-    info = staging / INFO_MODEL / "1"
-    info.mkdir(parents=True)
-    shutil.copyfile(info_model.__file__, info / "model.py")
-    with Runtime.load(root, "onnxruntime-cpu", prec) as runtime:
-        served = {**describe(runtime, max_batch, map_side_cap), "description": f"Triton model repository, {prec.value}"}
-    (info / "info.json").write_text(json.dumps(served) + "\n")
+    shutil.copyfile(info_model.__file__, version_folder(staging, INFO_MODEL) / "model.py")
     configs[INFO_MODEL] = _config(INFO_MODEL, 0, 0, 1, backend="python",
                                   input=[{"name": INFO_QUERY, "data_type": "TYPE_STRING", "dims": [1]}],
                                   output=[{"name": INFO, "data_type": "TYPE_STRING", "dims": [1]}])  # fmt: skip

@@ -376,6 +376,11 @@ class Runtime:
         _, image = engine.run(features, list(range(len(resized))))
         return np.asarray(image, dtype=np.float64), self._distances(features)
 
+    def routing_distances(self, resized: np.ndarray) -> np.ndarray:
+        """(B,S,S,3) resized frames -> distances (B,T) to every prototype, no detector run: what
+        calibration sets routing limits from."""
+        return self._distances(self._backend.backbone(resized))
+
     def _distances(self, features: FeatureBatch) -> np.ndarray:
         if self._backend.routes_on_device:
             distances = np.asarray(self._backend.distances(features), dtype=np.float32)

@@ -1,0 +1,110 @@
+"""What a Triton model repository (`export --format triton`) serves besides its graphs, kept in step
+with the export it was written from.
+
+The BLS model ``moleflow`` reads a copy of the export's manifest (thresholds, unknown-product limits,
+calibration records) and router weights beside it; ``moleflow_info`` answers with an info.json made from
+them. Both are copies, so that the repository can be shipped on its own (a KServe storageUri, an NGC
+container's mount); this module writes them. It is torch- and onnx-free, so that ``calibrate``, which
+rewrites the manifest on a line PC with the runtime alone, refreshes the repository written from the
+export (``EXPORT/triton``) in the same step, and a full Triton started from it (or reloading its models)
+serves the new thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from moleflow_edge.atomic import write_atomic, write_text_atomic
+from moleflow_edge.contract import MANIFEST_FILE, ArtifactFile, Manifest, Precision, file_sha256, load_manifest
+from moleflow_edge.serving.protocol import BACKBONE_MODEL, INFO_MODEL, MODEL, describe, task_model
+
+__all__ = ["TRITON_FOLDER", "RepositoryOptions", "read_options", "refresh_triton_repository", "write_decisions"]
+
+TRITON_FOLDER = "triton"  # EXPORT/triton: where `export --format triton` writes the repository
+OPTIONS_FILE = "repository.json"  # beside info.json: the options the repository was written with
+INFO_FILE = "info.json"
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    """How a repository is written: the graphs' precision, dynamic batching, instances per model, and
+    the largest anomaly map side ``moleflow`` makes."""
+
+    precision: str = Precision.FP32.value
+    max_batch: int = 8
+    max_queue_delay_us: int = 2000
+    instances: int = 1
+    map_side_cap: int = 1024
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", Precision(self.precision).value)
+        if self.max_batch < 1 or self.max_queue_delay_us < 0 or self.instances < 1 or self.map_side_cap < 1:
+            raise ValueError("max_batch, instances and map_side_cap must be >= 1, max_queue_delay_us >= 0")
+
+
+def version_folder(repo: Path, model: str) -> Path:
+    return repo / model / "1"
+
+
+def write_decisions(export_dir: Path, manifest: Manifest, repo: Path, options: RepositoryOptions) -> None:
+    """The manifest and router weights beside ``moleflow``, info.json and the options beside ``moleflow_info``,
+    each replaced atomically (a model loading meanwhile reads the old file or the new one, never half)."""
+    from moleflow_edge.runtime.runtime import Runtime
+
+    bls, info = version_folder(repo, MODEL), version_folder(repo, INFO_MODEL)
+    assert manifest.router_file is not None  # load_manifest refuses an export without one
+    for name in (MANIFEST_FILE, manifest.router_file.file):
+        write_atomic(bls / name, lambda tmp, name=name: shutil.copyfile(export_dir / name, tmp))
+    with Runtime.load(export_dir, "onnxruntime-cpu", options.precision) as runtime:
+        served = describe(runtime, options.max_batch, options.map_side_cap)
+    served["description"] = f"Triton model repository, {options.precision}"
+    write_text_atomic(info / INFO_FILE, json.dumps(served) + "\n")
+    write_text_atomic(info / OPTIONS_FILE, json.dumps(asdict(options)) + "\n")
+
+
+def read_options(repo: Path) -> RepositoryOptions:
+    """The options ``repo`` was written with; ValueError for a folder that is no such repository."""
+    path = version_folder(repo, INFO_MODEL) / OPTIONS_FILE
+    try:
+        return RepositoryOptions(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(
+            f"{repo} is not a Triton repository that this version of moleflow-edge wrote ({path}: {exc}); "
+            "run `moleflow-edge export --format triton` again"
+        ) from None
+
+
+def _stale_graphs(manifest: Manifest, repo: Path, precision: str) -> list[str]:
+    """The repository's models whose graph differs from the one the manifest lists at ``precision``,
+    and the tasks one side has and the other lacks."""
+    wanted: dict[str, ArtifactFile | None] = {BACKBONE_MODEL: manifest.backbone_graphs.get(precision)}
+    wanted |= {task_model(t.name): t.graphs.get(precision) for t in manifest.tasks}
+    held = {p.parent.name for p in repo.glob(f"{task_model('*')}/config.pbtxt")}
+    stale = sorted(held - set(wanted))
+    for model, artifact in wanted.items():
+        graph = version_folder(repo, model) / "model.onnx"
+        if artifact is None or not graph.is_file() or file_sha256(graph) != artifact.sha256:
+            stale.append(model)
+    return stale
+
+
+def refresh_triton_repository(export_dir: str | Path) -> Path | None:
+    """After the export's manifest was rewritten: the repository in EXPORT/triton serves it (its decision
+    files rewritten; its graphs, which only `export` changes, checked). None where there is no repository;
+    ValueError, naming the models, where its graphs are not the export's any more."""
+    root = Path(export_dir)
+    repo = root / TRITON_FOLDER
+    if not repo.exists():
+        return None
+    options = read_options(repo)
+    manifest = load_manifest(root)
+    if stale := _stale_graphs(manifest, repo, options.precision):
+        raise ValueError(
+            f"{repo} serves other graphs than {root / MANIFEST_FILE} lists ({', '.join(stale)}), so its "
+            "thresholds were not refreshed: run `moleflow-edge export --format triton` again"
+        )
+    write_decisions(root, manifest, repo, options)
+    return repo
