@@ -27,7 +27,7 @@ from moleflow_edge.runtime.backend import BackendError, DetectorEngine, FeatureB
 from moleflow_edge.runtime.engine_cache import EngineCache
 from moleflow_edge.runtime.router_file import load_router_table
 from moleflow_edge.runtime.runtime import Runtime
-from moleflow_edge.serving.protocol import BACKBONE_MODEL, ENCODED, answer_requests, map_side, task_model
+from moleflow_edge.serving.protocol import BACKBONE_MODEL, ENCODED, answer_requests, task_model
 from moleflow_edge.targets import Backend
 
 
@@ -53,9 +53,9 @@ class TritonPythonModel:
             for name in (IMAGES, ENCODED):
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 inputs[name] = None if tensor is None else tensor.as_numpy()
-            side = min(map_side(json.loads(request.parameters() or "{}")), self.map_side_cap)
+            parameters = json.loads(request.parameters() or "{}")
             try:
-                arrays = answer_requests(self.runtime, [(inputs, side)])[0]
+                arrays = answer_requests(self.runtime, [(inputs, parameters)], self.map_side_cap)[0]
             except BackendError as exc:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
                 continue
