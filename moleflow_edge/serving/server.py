@@ -57,7 +57,7 @@ from moleflow_edge.serving.protocol import (
 )
 from moleflow_edge.serving.watchdog import Watchdog
 
-__all__ = ["EXIT_UNANSWERED", "InferenceServer", "ServeOptions", "pending_requests", "serve_export"]
+__all__ = ["EXIT_UNANSWERED", "InferenceServer", "ServeOptions", "model_metrics", "serve_export"]
 
 EXIT_UNANSWERED = 6  # serve's exit code when the drain timeout passed before every accepted request was answered
 # tritonserver's --exit-timeout-secs, which only applies after the drain (nothing is in flight then):
@@ -93,11 +93,12 @@ class ServeOptions:
         return "127.0.0.1" if self.address in ("0.0.0.0", "", "::") else self.address
 
 
-def pending_requests(host: str, metrics_port: int) -> int:
-    """Requests Triton has accepted for ``moleflow`` and not yet handed to the model (its Prometheus gauge)."""
+def model_metrics(host: str, metrics_port: int) -> dict[str, float]:
+    """Triton's Prometheus figures for ``moleflow`` by name: ``nv_inference_pending_request_count``
+    (accepted, not yet handed to the model), ``nv_inference_request_success`` (answered), ..."""
     text = urllib.request.urlopen(f"http://{host}:{metrics_port}/metrics", timeout=5).read().decode()
-    rows = [r for r in text.splitlines() if r.startswith(f'nv_inference_pending_request_count{{model="{MODEL}"')]
-    return int(float(rows[0].split()[-1])) if rows else 0
+    rows = [r for r in text.splitlines() if r.startswith("nv_inference_") and f'model="{MODEL}"' in r]
+    return {r.split("{", 1)[0]: float(r.split()[-1]) for r in rows}
 
 
 class InferenceServer:
@@ -196,19 +197,28 @@ class InferenceServer:
         holder.start()
         self._held.wait(10.0)
         client = InferenceServerClient(url, network_timeout=10.0)
-        pending = 0
+        cut: int | None = None  # accepted requests not answered when the drain timeout passed
+        unloaded = False
         try:
             for model in (MODEL, INFO_MODEL):
                 client.unload_model(model, headers=headers)
             deadline = time.monotonic() + o.drain_timeout_s
             while not (unloaded := self._unloaded(client, headers)) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if not unloaded:
-                pending = pending_requests(o.local_host, o.metrics_port)
+            if not unloaded:  # taken by serve but not answered by Triton, or still queued: cut from here on
+                figures = model_metrics(o.local_host, o.metrics_port)
+                with self._count_lock:
+                    cut = self.accepted - round(figures.get("nv_inference_request_success", 0.0))
+                cut += round(figures.get("nv_inference_pending_request_count", 0.0))
+                # a batch on its way from Triton to serve is seen by neither; the unload says one is left
+                cut = max(cut, 1)
         except (OSError, InferenceServerException) as exc:  # tritonserver went away during the drain
             print(f"serve: the drain could not reach tritonserver ({type(exc).__name__}: {exc})", file=sys.stderr)
         finally:
             client.close()
+        if not unloaded and self._watchdog is not None:
+            self._watchdog.finish()  # the drain timeout passed: tritonserver and its stubs killed at once
+            self._watchdog = None
         stopper = threading.Thread(target=self.stop)
         stopper.start()  # SIGINT at once: tritonserver refuses new connections from then on
         _wait_refused(url, TRITON_EXIT_TIMEOUT_S)
@@ -217,12 +227,11 @@ class InferenceServer:
         stopper.join()
         self.stop()  # in this (the main) thread: the signal handlers back
         with self._count_lock:
-            return self.accepted - self.answered + pending
+            return cut if cut is not None else self.accepted - self.answered
 
     def _hold_readiness(self, url: str) -> None:
         """One info request that ``_info`` keeps (``_held``) until ``_release``: see ``drain``."""
         from tritonclient.http import InferInput, InferenceServerClient
-        from tritonclient.utils import InferenceServerException
 
         self._holding.set()
         query = InferInput(INFO_QUERY, [1], "BYTES")
@@ -230,8 +239,8 @@ class InferenceServer:
         client = InferenceServerClient(url, network_timeout=self.options.drain_timeout_s + 60)
         try:
             client.infer(INFO_MODEL, [query])
-        except (OSError, InferenceServerException):
-            pass  # tritonserver went away: nothing left to hold
+        except Exception:  # noqa: BLE001 - whatever the transport raises, tritonserver went away: nothing to hold
+            pass
         finally:
             client.close()
 
