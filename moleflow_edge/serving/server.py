@@ -102,9 +102,9 @@ def model_metrics(host: str, metrics_port: int) -> dict[str, float]:
 
 
 class InferenceServer:
-    """A loaded Runtime behind a Triton server. ``start`` warms up and returns once Triton is ready;
-    ``wait`` blocks until SIGTERM or SIGINT, ``drain`` stops it the way SIGTERM promises, ``stop``
-    stops it at once (also on leaving a with block)."""
+    """A loaded Runtime behind a Triton server. ``warm_up``, then ``start`` (returns once Triton is
+    ready); ``wait`` blocks until SIGTERM or SIGINT, ``drain`` stops it the way SIGTERM promises,
+    ``stop`` stops it without a drain (also on leaving a with block)."""
 
     def __init__(self, runtime: Runtime, options: ServeOptions) -> None:
         self.runtime = runtime
@@ -251,7 +251,8 @@ class InferenceServer:
         return not any(m["name"] == MODEL and m.get("state") in ("READY", "UNLOADING") for m in index)
 
     def stop(self) -> None:
-        """Stop tritonserver now (what is in flight is cut), then let the watchdog remove what is left."""
+        """Stop tritonserver (SIGINT: what is in flight after its exit timeout is cut), then let the watchdog
+        remove what is left."""
         if self._triton is not None:
             self._triton.stop()  # SIGINT to tritonserver, then PyTriton removes its workspace
             self._triton = None
