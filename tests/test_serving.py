@@ -29,6 +29,7 @@ from moleflow_edge.data.synth import generate
 from moleflow_edge.runtime import UNKNOWN, FrameResult, Runtime
 from moleflow_edge.serving.libpython import interpreter_libpython, prepare_stub_environment, serving_problem
 from moleflow_edge.serving.serve_process import ServeProcess, free_local_ports
+from moleflow_edge.serving.server import model_metrics
 
 pytestmark = pytest.mark.skipif(serving_problem() is not None, reason=f"serving unavailable: {serving_problem()}")
 
@@ -50,7 +51,8 @@ def calibrated(built: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(calibrated: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """`moleflow-edge serve` on free 127.0.0.1 ports for this module; stopped (SIGTERM, then kill) at the end."""
     log = tmp_path_factory.mktemp("serve_log") / "server.log"
-    with ServeProcess(calibrated, log, "--max-batch", "8", "--max-queue-delay-us", "2000") as process:
+    args = ("--max-batch", "8", "--max-queue-delay-us", "2000", "--drain-timeout", "300")  # 64 big frames drain
+    with ServeProcess(calibrated, log, *args) as process:
         yield process
 
 
@@ -241,11 +243,9 @@ def test_serve_refuses_a_bad_export_in_one_line(tmp_path: Path) -> None:
     assert done.output.count("\n") == 1 and "manifest.json is missing" in done.output
 
 
-def pending_requests(metrics_port: int) -> float:
-    """Requests Triton has accepted for moleflow and not started yet (its Prometheus gauge)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    rows = [r for r in text.splitlines() if r.startswith('nv_inference_pending_request_count{model="moleflow"')]
-    return float(rows[0].split()[-1]) if rows else 0.0
+def pending(metrics_port: int) -> float:
+    """Requests Triton has accepted for moleflow and not started yet."""
+    return model_metrics("127.0.0.1", metrics_port).get("nv_inference_pending_request_count", 0.0)
 
 
 def test_sigterm_answers_every_accepted_request_then_exits_0(
@@ -263,7 +263,7 @@ def test_sigterm_answers_every_accepted_request_then_exits_0(
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(c.infer, [big] * 8) for c in clients]
         deadline = time.monotonic() + 120
-        while pending_requests(server.metrics_port) + sum(f.done() for f in futures) < 7:
+        while pending(server.metrics_port) + sum(f.done() for f in futures) < 7:
             assert time.monotonic() < deadline, "the requests were never all accepted"
             time.sleep(0.02)
         server.process.send_signal(signal.SIGTERM)

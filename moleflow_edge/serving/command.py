@@ -27,16 +27,21 @@ def serve(
     grpc_port: int = typer.Option(8001, help="Triton's gRPC port."),
     metrics_port: int = typer.Option(8002, help="Triton's Prometheus metrics port (/metrics)."),
     map_size: int = typer.Option(1024, help="Longest side of an anomaly map a request may ask for, in pixels."),
+    drain_timeout: float = typer.Option(
+        30.0, help="After SIGTERM: seconds the accepted requests may take to be answered (exit 6 if not)."
+    ),
 ) -> None:
     """Serve the export to many cameras: a Triton Inference Server (PyTriton) with the model moleflow;
-    SIGTERM or Ctrl-C stops it after answering the requests it accepted."""
+    SIGTERM or Ctrl-C drains it: not ready, new requests refused, every accepted one answered."""
     from moleflow_edge.serving.server import ServeOptions, serve_export
 
     def say(line: str) -> None:
         typer.secho(line, fg=typer.colors.RED if line.startswith("error:") else None, err=True)
 
     try:
-        options = ServeOptions(address, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, map_size)
+        options = ServeOptions(
+            address, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, map_size, drain_timeout
+        )
     except ValueError as exc:
         say(f"error: {exc}")
         raise typer.Exit(2) from None

@@ -3,12 +3,12 @@ dtypes and how a FrameResult travels as arrays. The server (server.py), the clie
 model repository's Python-backend model (export/triton_models/moleflow_model.py) all speak it.
 
 Per request: a batch of raw frames ``images`` uint8 (B,H,W,3) BGR, or of encoded images ``encoded``
-(B,1) bytes (JPEG, PNG, whatever OpenCV decodes); the request parameter ``map_side`` (int, 0 or
-absent: no map) asks for anomaly maps whose longer side is at most that many pixels (and the
-server's cap), and ``explain`` (bool) for what a map implies without the map: each unknown frame's
-``explained_by`` (the explaining detectors run, as in Runtime.infer with maps). Per image back:
-the fields of FrameResult, one output each; maps are zero-padded to the batch's largest map,
-``map_shape`` says each one's own size.
+(B,1) bytes (JPEG, PNG, whatever OpenCV decodes); the request parameter ``map_side`` (a whole
+number >= 0; 0 or absent: no map; anything else is an error on every frame of the request) asks for
+anomaly maps whose longer side is at most that many pixels (and the server's cap), and ``explain``
+(bool) for what a map implies without the map: each unknown frame's ``explained_by`` (the explaining
+detectors run, as in Runtime.infer with maps). Per image back: the fields of FrameResult, one output
+each; maps are zero-padded to the batch's largest map, ``map_shape`` says each one's own size.
 """
 
 from __future__ import annotations
@@ -99,12 +99,15 @@ def request_frames(inputs: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray | 
     return items, decode_ms
 
 
-def map_side(parameters: Mapping[str, object] | None) -> int:
-    """The request's ``map_side`` parameter; 0 (no map) when absent or not a whole number."""
-    try:
-        return max(0, int((parameters or {}).get(MAP_SIDE_PARAMETER, 0)))  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        return 0
+def map_side(parameters: Mapping[str, object] | None, cap: int) -> int:
+    """The request's ``map_side`` parameter, capped at ``cap``; 0 (no map) when absent. FrameError (every
+    frame of the request gets it) when it is not a whole number >= 0: a string, a fraction, a float, -5."""
+    value = (parameters or {}).get(MAP_SIDE_PARAMETER, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise FrameError(
+            f"the request parameter {MAP_SIDE_PARAMETER} must be a whole number of pixels >= 0 (0: no map), got {value!r}"
+        )
+    return min(value, cap)
 
 
 def complete_results(
@@ -125,16 +128,25 @@ def answer_requests(
     runtime: Runtime, requests: list[tuple[Mapping[str, np.ndarray], Mapping[str, object] | None]], map_side_cap: int
 ) -> list[dict[str, np.ndarray]]:
     """Requests, each its input tensors by name and its parameters, through one Runtime.infer -> each
-    request's output arrays: what `serve` and the repository's ``moleflow`` run. Maps are at most
-    ``map_side_cap`` pixels; unknown frames are explained when any request asks for a map or ``explain``."""
-    per_request = [request_frames(inputs) for inputs, _ in requests]
-    sides = [min(map_side(parameters), map_side_cap) for _, parameters in requests]
-    explain = max(sides) > 0 or any(bool((parameters or {}).get(EXPLAIN_PARAMETER)) for _, parameters in requests)
-    frames = [f for items, _ in per_request for f in items if not isinstance(f, FrameResult)]
+    request's output arrays: what `serve` and the repository's ``moleflow`` run. A request whose
+    ``map_side`` is bad gets that error on every frame. Unknown frames are explained when any request
+    asks for a map or ``explain``."""
+    per_request = []
+    for inputs, parameters in requests:
+        items, decode_ms = request_frames(inputs)
+        try:
+            side = map_side(parameters, map_side_cap)
+        except FrameError as exc:
+            items, side = [FrameResult(index=k, error=str(exc)) for k in range(len(items))], 0
+        per_request.append((items, decode_ms, side))
+    explain = max(s for _, _, s in per_request) > 0 or any(
+        bool((parameters or {}).get(EXPLAIN_PARAMETER)) for _, parameters in requests
+    )
+    frames = [f for items, _, _ in per_request for f in items if not isinstance(f, FrameResult)]
     computed = iter(runtime.infer(frames, with_maps=explain) if frames else [])
     return [
         encode_results(complete_results(items, computed, decode_ms, side), runtime.tasks)
-        for (items, decode_ms), side in zip(per_request, sides)
+        for items, decode_ms, side in per_request
     ]
 
 

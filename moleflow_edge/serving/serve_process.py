@@ -44,7 +44,8 @@ class ServeProcess:
     def grpc(self) -> str:
         return f"grpc://127.0.0.1:{self.grpc_port}"
 
-    def __enter__(self) -> ServeProcess:
+    def launch(self) -> subprocess.Popen:
+        """Start serve (not waiting for it); its output goes to ``log``."""
         command = [
             sys.executable, "-m", "moleflow_edge.cli", "serve", "--export", str(self.export), "--address", "127.0.0.1",
             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
@@ -52,6 +53,10 @@ class ServeProcess:
         ]  # fmt: skip
         with open(self.log, "wb") as sink:
             self.process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        return self.process
+
+    def __enter__(self) -> ServeProcess:
+        self.launch()
         deadline = time.monotonic() + self.timeout_s
         while self.process.poll() is None and time.monotonic() < deadline:
             try:
@@ -63,7 +68,7 @@ class ServeProcess:
         raise RuntimeError(f"moleflow-edge serve did not become ready; its log ends:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> int | None:
-        """SIGTERM (a graceful stop), then a kill after 60 s; the exit code."""
+        """SIGTERM (a drain), then a kill after 60 s (serve's watchdog then removes what is left); the exit code."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
