@@ -234,7 +234,7 @@ class InferenceServer:
 
     def _hold_readiness(self, url: str) -> None:
         """One info request that ``_info`` keeps (``_held``) until ``_release``: see ``drain``."""
-        from tritonclient.http import InferInput, InferenceServerClient
+        from tritonclient.http import InferenceServerClient, InferInput
 
         self._holding.set()
         query = InferInput(INFO_QUERY, [1], "BYTES")
