@@ -165,6 +165,16 @@ def tritonserver(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *o
             process.wait(10)
 
 
+def run_printed_loads(output: str, http: int) -> list[str]:
+    """Run the curl lines a command printed for a Triton at 127.0.0.1:``http``, as printed; the models loaded."""
+    from moleflow_edge.serving.triton_decisions import TRITON_URL
+
+    loads = [line for line in output.splitlines() if line.startswith("curl ")]
+    for line in loads:
+        subprocess.run(line.replace(TRITON_URL, f"127.0.0.1:{http}").split(), check=True, timeout=120)
+    return [line.rsplit("/", 2)[-2] for line in loads]
+
+
 def test_the_repository_serves_what_the_runtime_gives(
     repository: tuple[Path, Path], built: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -202,11 +212,9 @@ def test_calibrate_after_export_format_triton_changes_the_served_thresholds(
     built: dict, export_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`export --format triton`, a tritonserver serving EXPORT/triton, then `calibrate`: once the server
-    reloads its models it serves the calibrated thresholds (it served none before)."""
-    import tritonclient.http as triton_http
+    loads the models `calibrate` prints it serves the calibrated thresholds (it served none before)."""
     from typer.testing import CliRunner
 
-    from moleflow_edge.calibration import calibrate
     from moleflow_edge.cli import app
     from moleflow_edge.contract import load_manifest
     from moleflow_edge.serving import RemoteRuntime
@@ -225,11 +233,11 @@ def test_calibrate_after_export_format_triton_changes_the_served_thresholds(
 
     with tritonserver(repo, tmp_path, monkeypatch, "--model-control-mode", "explicit", "--load-model", "*") as http:
         assert served() == [(t, None) for t in TASKS]  # uncalibrated: no threshold, no decision
-        calibrate(export_copy, built["data"], 0.1)
-        client = triton_http.InferenceServerClient(f"127.0.0.1:{http}")
-        for model in ("moleflow", "moleflow_info"):  # what a rolling update or a restart does
-            client.load_model(model)
-        client.close()
+        calibrated = CliRunner().invoke(
+            app, ["calibrate", "--export", str(export_copy), "--data", str(built["data"]), "--target-fpr", "0.1"]
+        )
+        assert calibrated.exit_code == 0, calibrated.output
+        assert run_printed_loads(calibrated.output, http) == ["moleflow_info", "moleflow"]  # no graph changed
         thresholds = load_manifest(export_copy).task
         assert served() == [(t, thresholds(t).thresholds["fp32"]) for t in TASKS]
 
@@ -262,7 +270,6 @@ def test_a_running_triton_picks_up_a_new_task_by_the_printed_load_requests(
     from moleflow_edge.cli import app
     from moleflow_edge.config import DetectorKind
     from moleflow_edge.serving import RemoteRuntime
-    from moleflow_edge.serving.triton_decisions import TRITON_URL
     from moleflow_edge.train import train_task
     from tests.conftest import TINY_CONFIG
 
@@ -297,12 +304,9 @@ def test_a_running_triton_picks_up_a_new_task_by_the_printed_load_requests(
             added = CliRunner().invoke(app, ["export", "--model", str(model), "--task", new, "--out", str(export)])
             assert added.exit_code == 0, added.output
             python_stand_ins(repo)  # the rewritten repository's ONNX models, as the bundled server runs them
-            loads = [line for line in added.output.splitlines() if line.startswith("curl ")]
-            assert loads[-2:] == [f"curl -fsS -X POST http://{TRITON_URL}/v2/repository/models/{m}/load"
-                                  for m in ("moleflow_info", "moleflow")]  # fmt: skip
-            assert f"moleflow_task_{new}" in " ".join(loads[:-2])
-            for line in loads:
-                subprocess.run(line.replace(TRITON_URL, f"127.0.0.1:{http}").split(), check=True, timeout=120)
+            loaded = run_printed_loads(added.output, http)
+            assert loaded == ["moleflow_backbone", *(f"moleflow_task_{t}" for t in sorted([*TASKS, new])),
+                              "moleflow_info", "moleflow"]  # fmt: skip
             deadline = time.monotonic() + 120  # the stream goes on until it has met the new export
             while streamer.is_alive() and not any(len(r.distances) == 3 for r in answered[-2:]):
                 assert time.monotonic() < deadline, "the streaming client never got an answer of the new export"
