@@ -180,7 +180,7 @@ def export(
 def _triton_repository(out: Path, precision: str | None) -> str | None:
     """After an export: write OUT/triton at ``precision`` (--format triton), or rewrite the one an earlier
     --format triton left there with its own options, so that it serves what the manifest now says."""
-    from moleflow_edge.serving.triton_decisions import TRITON_FOLDER, RepositoryOptions, read_options
+    from moleflow_edge.serving.triton_decisions import TRITON_FOLDER, RepositoryOptions, pickup_commands, read_options
 
     repo = out / TRITON_FOLDER
     if precision is None and not repo.exists():
@@ -189,7 +189,7 @@ def _triton_repository(out: Path, precision: str | None) -> str | None:
 
     options = RepositoryOptions(precision) if precision else read_options(repo)
     written = write_triton_repository(out, repo, options)
-    return f"Triton model repository ({options.precision}): {repo}, {len(written)} models"
+    return f"Triton model repository ({options.precision}): {repo}, {len(written)} models\n{pickup_commands(repo)}"
 
 
 @app.command()
@@ -303,6 +303,7 @@ def calibrate(
 ) -> None:
     """Score thresholds at a target false-positive rate and unknown-product limits, into the manifest."""
     from moleflow_edge.calibration import calibrate as calibrate_export
+    from moleflow_edge.serving.triton_decisions import TRITON_FOLDER, pickup_commands
 
     try:
         report = calibrate_export(export_dir, data, target_fpr, precision=precision, sign=sign,
@@ -310,6 +311,8 @@ def calibrate(
     except USER_ERRORS as exc:
         fail(str(exc))
     typer.echo(report.table())
+    if (export_dir / TRITON_FOLDER).exists():  # calibrate refreshed it: only its decisions changed
+        typer.echo(pickup_commands(export_dir / TRITON_FOLDER, graphs=False))
     for t in report.tasks:
         if t.train_images is not None and t.train_images < FEW_IMAGES:
             typer.echo(

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -164,6 +165,16 @@ def tritonserver(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *o
             process.wait(10)
 
 
+def run_printed_loads(output: str, http: int) -> list[str]:
+    """Run the curl lines a command printed for a Triton at 127.0.0.1:``http``, as printed; the models loaded."""
+    from moleflow_edge.serving.triton_decisions import TRITON_URL
+
+    loads = [line for line in output.splitlines() if line.startswith("curl ")]
+    for line in loads:
+        subprocess.run(line.replace(TRITON_URL, f"127.0.0.1:{http}").split(), check=True, timeout=120)
+    return [line.rsplit("/", 2)[-2] for line in loads]
+
+
 def test_the_repository_serves_what_the_runtime_gives(
     repository: tuple[Path, Path], built: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -201,11 +212,9 @@ def test_calibrate_after_export_format_triton_changes_the_served_thresholds(
     built: dict, export_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`export --format triton`, a tritonserver serving EXPORT/triton, then `calibrate`: once the server
-    reloads its models it serves the calibrated thresholds (it served none before)."""
-    import tritonclient.http as triton_http
+    loads the models `calibrate` prints it serves the calibrated thresholds (it served none before)."""
     from typer.testing import CliRunner
 
-    from moleflow_edge.calibration import calibrate
     from moleflow_edge.cli import app
     from moleflow_edge.contract import load_manifest
     from moleflow_edge.serving import RemoteRuntime
@@ -224,11 +233,11 @@ def test_calibrate_after_export_format_triton_changes_the_served_thresholds(
 
     with tritonserver(repo, tmp_path, monkeypatch, "--model-control-mode", "explicit", "--load-model", "*") as http:
         assert served() == [(t, None) for t in TASKS]  # uncalibrated: no threshold, no decision
-        calibrate(export_copy, built["data"], 0.1)
-        client = triton_http.InferenceServerClient(f"127.0.0.1:{http}")
-        for model in ("moleflow", "moleflow_info"):  # what a rolling update or a restart does
-            client.load_model(model)
-        client.close()
+        calibrated = CliRunner().invoke(
+            app, ["calibrate", "--export", str(export_copy), "--data", str(built["data"]), "--target-fpr", "0.1"]
+        )
+        assert calibrated.exit_code == 0, calibrated.output
+        assert run_printed_loads(calibrated.output, http) == ["moleflow_info", "moleflow"]  # no graph changed
         thresholds = load_manifest(export_copy).task
         assert served() == [(t, thresholds(t).thresholds["fp32"]) for t in TASKS]
 
@@ -247,3 +256,70 @@ def test_a_repository_with_other_graphs_is_not_refreshed(repository: tuple[Path,
     with pytest.raises(ValueError, match="moleflow_task_weave.*export --format triton"):
         refresh_triton_repository(copy)
     assert (copy / "triton" / "moleflow" / "1" / "manifest.json").read_bytes() == before
+
+
+def test_a_running_triton_picks_up_a_new_task_by_the_printed_load_requests(
+    built: dict, synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tritonserver (explicit model control) serving a 2-task `export --format triton`; an incremental
+    export adds a third product; the load requests that export prints, run as printed (curl), make the
+    same server score the new product as itself, and a client streaming frames all along gets every one
+    answered, first by the old export, then by the new one."""
+    from typer.testing import CliRunner
+
+    from moleflow_edge.cli import app
+    from moleflow_edge.config import DetectorKind
+    from moleflow_edge.serving import RemoteRuntime
+    from moleflow_edge.train import train_task
+    from tests.conftest import TINY_CONFIG
+
+    model, export, new = tmp_path / "model", tmp_path / "export", "screw"
+    shutil.copytree(built["model_dir"], model)
+    exported = CliRunner().invoke(
+        app, ["export", "--model", str(model), "--all", "--out", str(export), "--format", "triton"]
+    )
+    assert exported.exit_code == 0, exported.output
+    train_task(synth_root, new, model, TINY_CONFIG, progress=False, detector=DetectorKind.MEMORY)
+    repo = export / "triton"
+    python_stand_ins(repo)
+    old_frames = [cv2.imread(str(min((built["data"] / t / "test" / "good").glob("*.png")))) for t in TASKS]
+    new_frames = [cv2.imread(str(p)) for p in sorted((synth_root / new / "test").rglob("*.png"))[:4]]
+    answered, failures, stop = [], [], threading.Event()
+
+    def stream(http: int) -> None:  # bounded in count and time
+        with RemoteRuntime(f"127.0.0.1:{http}", retries=0) as remote:
+            deadline = time.monotonic() + 300
+            while not stop.is_set() and time.monotonic() < deadline and len(answered) < 4000:
+                try:
+                    answered.extend(remote.infer(old_frames, with_maps=False))
+                except Exception as exc:  # noqa: BLE001 - every failed request is one the switch lost
+                    failures.append(exc)
+
+    with tritonserver(repo, tmp_path, monkeypatch, "--model-control-mode", "explicit", "--load-model", "*") as http:
+        with RemoteRuntime(f"127.0.0.1:{http}", retries=0) as remote:
+            assert remote.tasks == TASKS and new not in {r.task for r in remote.infer(new_frames, with_maps=False)}
+        streamer = threading.Thread(target=stream, args=(http,))
+        streamer.start()
+        try:
+            added = CliRunner().invoke(app, ["export", "--model", str(model), "--task", new, "--out", str(export)])
+            assert added.exit_code == 0, added.output
+            python_stand_ins(repo)  # the rewritten repository's ONNX models, as the bundled server runs them
+            loaded = run_printed_loads(added.output, http)
+            assert loaded == ["moleflow_backbone", *(f"moleflow_task_{t}" for t in sorted([*TASKS, new])),
+                              "moleflow_info", "moleflow"]  # fmt: skip
+            deadline = time.monotonic() + 120  # the stream goes on until it has met the new export
+            while streamer.is_alive() and not any(len(r.distances) == 3 for r in answered[-2:]):
+                assert time.monotonic() < deadline, "the streaming client never got an answer of the new export"
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            streamer.join(60)
+        with Runtime.load(export) as runtime:
+            want = runtime.infer([*new_frames, *old_frames])
+        with RemoteRuntime(f"127.0.0.1:{http}", retries=0) as remote:
+            got = remote.infer([*new_frames, *old_frames], with_maps=False)
+    assert not failures and all(r.error is None for r in answered)
+    assert {len(r.distances) for r in answered} == {2, 3}  # answered by the old export, then by the new one
+    assert [r.task for r in answered] == TASKS * (len(answered) // len(TASKS))
+    assert new in [w.task for w in want] and [g.task for g in got] == [w.task for w in want]
+    assert all(g.image_score == pytest.approx(w.image_score, rel=1e-5) for g, w in zip(got, want) if w.image_score)

@@ -8,6 +8,14 @@ container's mount); this module writes them. It is torch- and onnx-free, so that
 rewrites the manifest on a line PC with the runtime alone, refreshes the repository written from the
 export (``EXPORT/triton``) in the same step, and a full Triton started from it (or reloading its models)
 serves the new thresholds.
+
+A running Triton picks a rewritten repository up through explicit model control (``--model-control-mode
+explicit``), never through polling: the repository is replaced whole by renames and its decision files
+one by one, which a poll could catch midway, and Triton does not know that ``moleflow`` calls the graph
+models, so a poll could load the new ``moleflow`` before a new task's model. ``pickup_commands`` gives
+the load requests in the one safe order: the graph models first (a new task's model is ready before
+anything calls it), then ``moleflow_info`` (so that a client which sees a new task set re-reads the new
+info), then ``moleflow``. Triton keeps serving a model's old instance until its new one is ready.
 """
 
 from __future__ import annotations
@@ -21,9 +29,18 @@ from moleflow_edge.atomic import write_atomic, write_text_atomic
 from moleflow_edge.contract import MANIFEST_FILE, ArtifactFile, Manifest, Precision, file_sha256, load_manifest
 from moleflow_edge.serving.protocol import BACKBONE_MODEL, INFO_MODEL, MODEL, describe, task_model
 
-__all__ = ["TRITON_FOLDER", "RepositoryOptions", "read_options", "refresh_triton_repository", "write_decisions"]
+__all__ = [
+    "TRITON_FOLDER",
+    "RepositoryOptions",
+    "pickup_commands",
+    "pickup_order",
+    "read_options",
+    "refresh_triton_repository",
+    "write_decisions",
+]
 
 TRITON_FOLDER = "triton"  # EXPORT/triton: where `export --format triton` writes the repository
+TRITON_URL = "TRITON_HOST:8000"  # stands for the server's HTTP address in the printed load requests
 OPTIONS_FILE = "repository.json"  # beside info.json: the options the repository was written with
 INFO_FILE = "info.json"
 
@@ -56,7 +73,7 @@ def write_decisions(export_dir: Path, manifest: Manifest, repo: Path, options: R
 
     bls, info = version_folder(repo, MODEL), version_folder(repo, INFO_MODEL)
     assert manifest.router_file is not None  # load_manifest refuses an export without one
-    for name in (MANIFEST_FILE, manifest.router_file.file):
+    for name in (manifest.router_file.file, MANIFEST_FILE):  # the router first: the manifest names it
         write_atomic(bls / name, lambda tmp, name=name: shutil.copyfile(export_dir / name, tmp))
     with Runtime.load(export_dir, "onnxruntime-cpu", options.precision) as runtime:
         served = describe(runtime, options.max_batch, options.map_side_cap)
@@ -108,3 +125,21 @@ def refresh_triton_repository(export_dir: str | Path) -> Path | None:
         )
     write_decisions(root, manifest, repo, options)
     return repo
+
+
+def pickup_order(repo: Path, graphs: bool = True) -> list[str]:
+    """The models a running Triton (explicit model control) loads, in this order, to serve ``repo`` as
+    rewritten: every graph model (``graphs``: after an export; a calibration changes none), then
+    ``moleflow_info``, then ``moleflow``, whose BLS calls need the graph models and whose new task set
+    makes clients re-read the info."""
+    held = sorted(p.parent.name for p in repo.glob("*/config.pbtxt") if p.parent.name not in (MODEL, INFO_MODEL))
+    return [*(held if graphs else []), INFO_MODEL, MODEL]
+
+
+def pickup_commands(repo: Path, graphs: bool = True, url: str = TRITON_URL) -> str:
+    """What a command that rewrote ``repo`` prints: the load requests, one curl per line, that make a
+    Triton started with ``--model-control-mode explicit`` serve it without a restart."""
+    loads = [f"curl -fsS -X POST http://{url}/v2/repository/models/{m}/load" for m in pickup_order(repo, graphs)]
+    return "\n".join(
+        [f"A Triton serving {repo} (--model-control-mode explicit) picks it up with, in this order:", *loads]
+    )
