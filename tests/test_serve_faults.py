@@ -103,7 +103,9 @@ def test_bad_map_side_is_one_line_on_every_frame(server: tuple[ServeProcess, dic
         client.close()
 
 
-def test_zero_sized_raw_frame_is_refused_and_serve_keeps_serving(server: tuple[ServeProcess, dict], built: dict) -> None:
+def test_zero_sized_raw_frame_is_refused_and_serve_keeps_serving(
+    server: tuple[ServeProcess, dict], built: dict
+) -> None:
     """A raw frame with a zero-length side is refused (PyTriton 0.7.0's stub cannot copy a zero-sized
     tensor into its shared-memory store, before serve sees it: README "Not fixed"), and only that
     request: a good frame sent next is answered. When this first assert fails, PyTriton passes such
