@@ -87,7 +87,7 @@ def main() -> int:
         return 1
     total, read, train, exported, calibrated = map(float, DONE.search(done.stdout).groups())  # type: ignore[union-attr]
     report = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
         "frames": args.frames,
         "frame_size": args.size,
         "seconds": {"read": read, "train": train, "export": exported, "calibrate": calibrated,

@@ -258,7 +258,7 @@ def calibrate(
         "and frames it stops as unknown are refused."
     ),
     threshold: Optional[float] = typer.Option(
-        None, help="Instead of --data or --source: set the one --task's threshold to this value (anomaly when score > V)."
+        None, help="Instead of --data or --source: set the one --task's threshold to V (anomaly when score > V)."
     ),
     task: Optional[str] = typer.Option(None, help="Comma-separated tasks to calibrate (default: every task)."),
     frames: Optional[int] = typer.Option(

@@ -45,7 +45,8 @@ class GoodFrames:
     repeats: int = 0  # refused as a repeat of a frame already taken
 
     def progress(self) -> str:
-        return f"{len(self.frames)}/{self.wanted} frames ({len(self.unreadable)} unreadable, {self.repeats} repeats refused)"
+        skipped = f"{len(self.unreadable)} unreadable, {self.repeats} repeats refused"
+        return f"{len(self.frames)}/{self.wanted} frames ({skipped})"
 
     def record(self) -> dict[str, object]:
         """What the manifest's calibration record keeps about where its frames came from."""

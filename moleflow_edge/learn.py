@@ -89,8 +89,8 @@ def _check_before_reading(task: str, model_dir: Path, export_dir: Path, options:
     if task in trained:
         raise ModelDirError(
             f"task {task!r} is already trained in {model_dir}; pick a new name (if a learn stopped after training, "
-            f"finish it: export --task {task}, then calibrate --source {model_dir / LEARNED_DIR / task / 'calib' / GOOD} "
-            f"--task {task})"
+            f"finish it: export --task {task}, then calibrate --source "
+            f"{model_dir / LEARNED_DIR / task / 'calib' / GOOD} --task {task})"
         )
     check_writable(model_dir, "--model", directory=True)
     check_writable(export_dir, "--export", directory=True)

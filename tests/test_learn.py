@@ -42,7 +42,8 @@ def test_good_frames_skip_unreadable_and_refuse_repeats(tmp_path: Path) -> None:
     assert len(taken.frames) == 8 and taken.read == 10 and taken.repeats == 1
     assert [Path(n).name for n in taken.unreadable] == ["005b.png"]
     assert "003b.png" not in {Path(n).name for n in taken.names}
-    with pytest.raises(FrameSourceError, match=r"10 frames read, 8/20 frames \(1 unreadable, 1 repeats refused\); need at least 9.*source ended"):
+    ended = r"10 frames read, 8/20 frames \(1 unreadable, 1 repeats refused\); need at least 9.*source ended"
+    with pytest.raises(FrameSourceError, match=ended):
         take_good_frames(str(frames), wanted=20, at_least=9)
 
 

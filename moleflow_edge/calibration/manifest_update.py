@@ -17,7 +17,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moleflow_edge.contract import MANIFEST_FILE, SIGNATURE_FIELD, Manifest, Precision, TaskEntry, load_manifest, save_manifest
+from moleflow_edge.contract import (
+    MANIFEST_FILE,
+    SIGNATURE_FIELD,
+    Manifest,
+    Precision,
+    TaskEntry,
+    load_manifest,
+    save_manifest,
+)
 from moleflow_edge.locking import FolderLock
 from moleflow_edge.signing import load_private_key, load_public_keys
 
@@ -83,7 +91,9 @@ def record_threshold(entry: TaskEntry, precision: str, value: float, reason: str
     if old is not None and not any(h["precision"] == precision for h in entry.threshold_history):
         entry.threshold_history.append({"value": old, "precision": precision, "time": None, "reason": BEFORE_HISTORY})
     entry.thresholds[precision] = value
-    entry.threshold_history.append({"value": value, "precision": precision, "time": when or now_utc(), "reason": reason})
+    entry.threshold_history.append(
+        {"value": value, "precision": precision, "time": when or now_utc(), "reason": reason}
+    )
     return True
 
 

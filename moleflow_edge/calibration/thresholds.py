@@ -366,7 +366,8 @@ def calibrate(
                 (files, source), record = normal_images(data, name), {}
             if len(files) < needed:
                 where = f"{source} gave" if data is None else f"{data / source} has"
-                add = "take more frames" if data is None else f"add held-out normal images to {data / name / CALIB_FOLDER / GOOD}"
+                add = "take more frames" if data is None else (
+                    f"add held-out normal images to {data / name / CALIB_FOLDER / GOOD}")  # fmt: skip
                 raise CalibrationError(
                     f"task {name!r}: {where} {len(files)} normal images; calibration needs at least {needed}: {add}"
                 )
