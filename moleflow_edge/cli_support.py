@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 
 from moleflow_edge.router import FEW_IMAGES, limit_widening
+
+if TYPE_CHECKING:
+    from moleflow_edge.good_frames import GoodFrames
 
 
 def fail(message: str) -> None:
@@ -98,3 +101,8 @@ def few_images_note(task: str, images: int | None) -> str | None:
         f"higher than for a well-covered product. Set its score threshold and limit with `calibrate` on held-out "
         f"good images (ROOT/{task}/calib/good) before trusting its decisions."
     )
+
+
+def frame_progress(taken: GoodFrames) -> None:
+    """Frames taken from a --source so far, on one stderr line rewritten in place (ended by the caller)."""
+    typer.echo(f"\rframes: {taken.progress()}", err=True, nl=False)

@@ -122,6 +122,9 @@ class TaskEntry:
     # precision -> image AUROC that calibrate measured with that precision's graphs (normal + defect
     # images): what latency-target engine selection ranks precisions by
     image_auroc: dict[str, float] = field(default_factory=dict)
+    # every value a threshold has had, oldest first: {"value", "precision", "time" (UTC, ISO 8601; null for
+    # one set before the history was kept), "reason"}; the last entry per precision is the live one
+    threshold_history: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -397,6 +400,23 @@ def _by_precision(check: Check, what: str) -> Check:
     return checked
 
 
+def _history(v: object) -> str | None:
+    """A threshold history: a list of {value, precision, time, reason}."""
+    precisions = {p.value for p in Precision}
+
+    def sound(e: object) -> bool:
+        return (
+            isinstance(e, dict) and set(e) == {"value", "precision", "time", "reason"}
+            and number(-math.inf)(e["value"]) is None and e["precision"] in precisions
+            and (e["time"] is None or isinstance(e["time"], str)) and isinstance(e["reason"], str)
+        )  # fmt: skip
+
+    if not isinstance(v, list):
+        return f"must be a list, got {type(v).__name__}"
+    bad = [e for e in v if not sound(e)]
+    return f"must hold objects {{value, precision, time, reason}}, got {bad[0]!r}" if bad else None
+
+
 _TOP: dict[str, Check] = {
     "backbone": text(),
     "image_size": int_at_least(16),
@@ -424,6 +444,7 @@ _TASK: dict[str, Check] = {
     "thresholds": _by_precision(number(-math.inf), "finite numbers"),
     "calibrations": _by_precision(is_object, "objects"),
     "image_auroc": _by_precision(number(0.0, upper=1.0), "numbers in [0, 1]"),
+    "threshold_history": _history,
 }
 
 

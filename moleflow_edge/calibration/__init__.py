@@ -1,5 +1,8 @@
-"""Calibration on the line PC (torch-free): score thresholds and routing limits from normal images."""
+"""Calibration on the line PC (torch-free): score thresholds and routing limits from normal images, from
+frames taken straight from a source, or set by hand; each change a new committed manifest with its history."""
 
+from moleflow_edge.calibration.from_source import calibrate_from_source
+from moleflow_edge.calibration.manifest_update import UpdateError, set_threshold
 from moleflow_edge.calibration.thresholds import (
     CalibrationError,
     CalibrationReport,
@@ -14,6 +17,9 @@ __all__ = [
     "CalibrationReport",
     "QuantileThreshold",
     "TaskCalibration",
+    "UpdateError",
     "calibrate",
+    "calibrate_from_source",
+    "set_threshold",
     "threshold_for_fpr",
 ]

@@ -43,13 +43,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moleflow_edge.augment import CAMERA_JPEG_QUALITIES, jpeg_round_trips
-from moleflow_edge.contract import MANIFEST_FILE, Manifest, is_signed, load_manifest, save_manifest
+from moleflow_edge.calibration.manifest_update import ManifestUpdate, record_threshold
+from moleflow_edge.contract import Manifest
 from moleflow_edge.data.mvtec import GOOD, DatasetError, _image_files, test_samples, train_samples
-from moleflow_edge.locking import FolderLock
 from moleflow_edge.metrics import auroc
 from moleflow_edge.preprocess import read_image_bgr, resize_frame
 from moleflow_edge.router import distance_limit, limit_widening
-from moleflow_edge.signing import load_private_key, load_public_keys, sign_from_model
 
 if TYPE_CHECKING:
     from moleflow_edge.runtime import Runtime
@@ -58,6 +57,7 @@ __all__ = [
     "CALIB_FOLDER",
     "CalibrationError",
     "CalibrationReport",
+    "NormalFrames",
     "QuantileThreshold",
     "TaskCalibration",
     "calibrate",
@@ -74,6 +74,15 @@ MIN_NORMALS = 5  # fewer normal images give no threshold worth deploying (E[FPR]
 
 class CalibrationError(ValueError):
     """Too few or missing normal images, or an export that cannot be calibrated; says what to add."""
+
+
+@dataclass
+class NormalFrames:
+    """A task's normal frames taken from a source instead of a dataset folder (calibration/from_source.py)."""
+
+    images: list[np.ndarray]  # BGR uint8, as the source delivered them
+    source: str  # where they came from, for the record
+    record: dict = field(default_factory=dict)  # more about them for the manifest's record (counts)
 
 
 # --- order statistics ----------------------------------------------------------------------------
@@ -232,7 +241,7 @@ def normal_images(data_root: Path, task: str) -> tuple[list[Path], str]:
     return _image_files(folder), folder.relative_to(data_root).as_posix()
 
 
-def score_as_task(runtime: Runtime, files: list[Path], task: str) -> tuple[np.ndarray, np.ndarray]:
+def score_as_task(runtime: Runtime, files: list[Path] | list[np.ndarray], task: str) -> tuple[np.ndarray, np.ndarray]:
     """Oracle scoring: image scores (n,) under ``task``'s flow, and distances (n,T) to every prototype.
 
     Calibration knows the product, so it bypasses routing: a normal image misrouted to another
@@ -246,16 +255,18 @@ def score_as_task(runtime: Runtime, files: list[Path], task: str) -> tuple[np.nd
     return np.concatenate(scores), np.concatenate(distances).astype(np.float64)
 
 
-def round_trip_distances(runtime: Runtime, files: list[Path]) -> np.ndarray:
+def round_trip_distances(runtime: Runtime, files: list[Path] | list[np.ndarray]) -> np.ndarray:
     """Distances (Q*n,T) to every prototype of the images' JPEG round trips at each CAMERA_JPEG_QUALITIES,
     the variants the router's prototypes and limits were fitted with."""
     trips = [runtime.routing_distances(t) for b in _resized_batches(runtime, files) for t in jpeg_round_trips(b)]
     return np.concatenate(trips).astype(np.float64)
 
 
-def _resized_batches(runtime: Runtime, files: list[Path]) -> Iterator[np.ndarray]:
+def _resized_batches(runtime: Runtime, files: list[Path] | list[np.ndarray]) -> Iterator[np.ndarray]:
+    """(B,S,S,3) batches of image files or frames already read, resized for the runtime."""
     for start in range(0, len(files), BATCH):
-        yield np.stack([resize_frame(read_image_bgr(f), runtime.image_size) for f in files[start : start + BATCH]])
+        batch = [f if isinstance(f, np.ndarray) else read_image_bgr(f) for f in files[start : start + BATCH]]
+        yield np.stack([resize_frame(frame, runtime.image_size) for frame in batch])
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -322,7 +333,7 @@ class CalibrationReport:
 
 def calibrate(
     export_dir: str | Path,
-    data_root: str | Path,
+    data_root: str | Path | None,
     target_fpr: float = 0.01,
     min_count: int | None = None,
     *,
@@ -333,6 +344,8 @@ def calibrate(
     write: bool = True,
     sign: str | Path | None = None,
     trusted_keys: list[str | Path] | None = None,
+    frames: dict[str, NormalFrames] | None = None,
+    reason: str = "",
 ) -> CalibrationReport:
     """Set every task's score threshold and routing distance limit from its normal images.
 
@@ -345,20 +358,18 @@ def calibrate(
     ``precision`` graphs: calibrate the precision you deploy). Writes that precision's threshold
     and calibration record, the distance_limit and, where defect images exist, that precision's
     image AUROC per task into the manifest atomically; other precisions' records are kept, and a
-    Triton repository in EXPORT/triton gets the new manifest (serving/triton_decisions.py). No
-    timestamps, so calibrating twice gives a byte-identical manifest.
+    Triton repository in EXPORT/triton gets the new manifest (serving/triton_decisions.py). A threshold
+    that changes enters the task's threshold_history with the time and why (``reason`` added);
+    an unchanged one does not, so calibrating twice gives a byte-identical manifest. ``frames``:
+    each task's normal frames taken from a source, instead of ``data_root``'s folders.
     """
     from moleflow_edge.runtime import Runtime
-    from moleflow_edge.serving.triton_decisions import refresh_triton_repository
 
-    root, data = Path(export_dir), Path(data_root)
-    signing_key = None if sign is None else load_private_key(sign)
-    trusted = load_public_keys(trusted_keys) if trusted_keys else None
-    if write and signing_key is not None and (root / MANIFEST_FILE).is_file() and not is_signed(root):
-        raise CalibrationError(f"{root} is not signed, so calibrate will not sign it: {sign_from_model(root)}, "
-                               "then calibrate --sign KEY")  # fmt: skip
-    manifest: Manifest = load_manifest(root, verify=True, trusted_keys=trusted, rewrite=write, signing_key=signing_key)
-    original = (root / MANIFEST_FILE).read_bytes()
+    root = Path(export_dir)
+    update = ManifestUpdate.open(root, sign, trusted_keys, write)  # UpdateError: signed without --sign
+    manifest, data = update.manifest, None if data_root is None else Path(data_root)
+    if (data is None) == (frames is None):
+        raise CalibrationError("calibrate takes either a dataset root or frames taken from a source")
     chosen = manifest.task_names if tasks is None else list(tasks)
     min_normal_count(target_fpr, confidence)  # checks the rate before any image is scored
     needed = max(min_count or 0, MIN_NORMALS)
@@ -369,11 +380,16 @@ def calibrate(
     try:
         for name in chosen:
             entry = manifest.task(name)
-            files, source = normal_images(data, name)
+            if frames is not None:
+                files, source, record = frames[name].images, frames[name].source, frames[name].record
+            else:
+                (files, source), record = normal_images(data, name), {}
             if len(files) < needed:
+                where = f"{source} gave" if data is None else f"{data / source} has"
+                add = "take more frames" if data is None else (
+                    f"add held-out normal images to {data / name / CALIB_FOLDER / GOOD}")  # fmt: skip
                 raise CalibrationError(
-                    f"task {name!r}: {data / source} has {len(files)} normal images; calibration needs at least "
-                    f"{needed}. Add held-out normal images to {data / name / CALIB_FOLDER / GOOD}"
+                    f"task {name!r}: {where} {len(files)} normal images; calibration needs at least {needed}: {add}"
                 )
             scores, all_distances = score_as_task(runtime, files, name)
             column = runtime.router.tasks.index(name)
@@ -388,11 +404,13 @@ def calibrate(
                 expected_fpr=rule.expected_fpr, fpr_upper95=rule.fpr_upper95, distance_limit=limit,
                 max_normal_distance=float(distances.max()), routed_to_own_task=routed,
                 method=rule.method, target_met=rule.target_met,
-                train_images=_train_images(data, name),
+                train_images=None if data is None else _train_images(data, name),
             )  # fmt: skip
-            _defect_metrics(runtime, data, name, scores, result)
+            if data is not None:
+                _defect_metrics(runtime, data, name, scores, result)
             report.tasks.append(result)
-            entry.thresholds[runtime.precision.value] = rule.threshold
+            why = f"calibrate: target FPR {target_fpr:g} on {rule.n} normal images from {source}"
+            record_threshold(entry, runtime.precision.value, rule.threshold, why + (f": {reason}" if reason else ""))
             entry.distance_limit = limit
             entry.calibrations[runtime.precision.value] = {
                 "n": rule.n,
@@ -406,6 +424,7 @@ def calibrate(
                 "precision": runtime.precision.value,
                 "distance_limit_method": limit_method(manifest, len(files)),
                 "max_normal_distance": result.max_normal_distance,
+                **record,
             }
             if result.image_auroc is None:  # no defect images now: an older figure for this precision would mislead
                 entry.image_auroc.pop(runtime.precision.value, None)
@@ -413,12 +432,8 @@ def calibrate(
                 entry.image_auroc[runtime.precision.value] = result.image_auroc
     finally:
         runtime.close()
-    if write:
-        with FolderLock(root, "calibration"):  # scoring took a while: refuse to overwrite a newer export
-            if (root / MANIFEST_FILE).read_bytes() != original:
-                raise CalibrationError(f"{root / MANIFEST_FILE} changed while calibrating (a new export?); run it again")
-            save_manifest(root, manifest, signing_key)
-            refresh_triton_repository(root)  # EXPORT/triton serves the new thresholds and limits too
+    if write:  # scoring took a while: an export or calibration meanwhile is refused (UpdateError), not overwritten
+        update.commit()  # and EXPORT/triton serves the new thresholds and limits too
     return report
 
 
