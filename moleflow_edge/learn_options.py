@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from moleflow_edge.calibration.thresholds import MIN_NORMALS
 from moleflow_edge.config import DetectorKind
 
 LEARNED_DIR = "learned"  # MODEL/learned: the audit dataset root, MVTec layout
@@ -28,4 +27,6 @@ class LearnOptions:
     @property
     def least_frames(self) -> int:
         """Fewest frames that leave MIN_NORMALS held out for the threshold."""
+        from moleflow_edge.calibration.thresholds import MIN_NORMALS  # OpenCV: not at the CLI's import
+
         return HOLD_OUT_EVERY * MIN_NORMALS

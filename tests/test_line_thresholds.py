@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from moleflow_edge.calibration import UpdateError, calibrate, set_threshold
+from moleflow_edge.calibration import calibrate, set_threshold
 from moleflow_edge.calibration.manifest_update import BEFORE_HISTORY
 from moleflow_edge.cli import app
 from moleflow_edge.contract import MANIFEST_FILE, ManifestError, load_manifest, save_manifest
@@ -121,7 +121,7 @@ def test_a_signed_export_gets_a_signed_manifest_and_a_broken_history_is_refused(
     save_manifest(export_copy, load_manifest(export_copy), load_private_key(private))
     with pytest.raises(ManifestError, match="is signed: pass --sign"):
         set_threshold(export_copy, TASKS[0], 3.0)
-    with pytest.raises(UpdateError, match="is signed: pass --sign"):  # checked, but nothing to sign it again
+    with pytest.raises(ManifestError, match="is signed: pass --sign"):  # checked, but nothing to sign it again
         set_threshold(export_copy, TASKS[0], 3.0, trusted_keys=[public])
     set_threshold(export_copy, TASKS[0], 3.0, sign=private)
     signed = load_manifest(export_copy, trusted_keys=load_public_keys([public]))  # the signature verifies

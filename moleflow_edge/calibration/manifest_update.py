@@ -10,7 +10,6 @@ export or another calibration in between), so no change is lost silently.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from moleflow_edge.contract import (
     MANIFEST_FILE,
-    SIGNATURE_FIELD,
     Manifest,
     Precision,
     TaskEntry,
@@ -65,13 +63,7 @@ class ManifestUpdate:
             raise UpdateError(f"{root} is not signed, so it will not be signed here: {sign_from_model(root)}, "
                               "then calibrate --sign KEY")  # fmt: skip
         manifest = load_manifest(root, verify=True, trusted_keys=trusted, rewrite=write, signing_key=signing_key)
-        original = (root / MANIFEST_FILE).read_bytes()
-        if write and signing_key is None and json.loads(original).get(SIGNATURE_FIELD) is not None:
-            raise UpdateError(
-                f"{root} is signed: pass --sign KEYFILE so that the changed manifest is signed again "
-                "(an unsigned one would be refused wherever trusted keys are configured)"
-            )
-        return cls(root, manifest, original, signing_key)
+        return cls(root, manifest, (root / MANIFEST_FILE).read_bytes(), signing_key)
 
     def commit(self) -> None:
         """Save the changed manifest atomically under the export's lock: the one commit."""
