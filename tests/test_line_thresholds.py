@@ -18,7 +18,7 @@ from moleflow_edge.contract import MANIFEST_FILE, ManifestError, load_manifest, 
 from moleflow_edge.data.synth import generate
 from moleflow_edge.preprocess import resize_frame
 from moleflow_edge.runtime import Runtime
-from moleflow_edge.signing import generate_keypair, load_private_key, load_public_keys
+from moleflow_edge.signing import SIGNED_MARKER, generate_keypair, load_private_key, load_public_keys
 from tests.export_fixture import TASKS
 
 TARGET = 0.1
@@ -129,7 +129,8 @@ def test_a_signed_export_gets_a_signed_manifest_and_a_broken_history_is_refused(
 
     data = json.loads((export_copy / MANIFEST_FILE).read_text())
     del data["tasks"][0]["threshold_history"][0]["reason"]
-    data.pop("signature")
+    data.pop("signature")  # unsigned, and no longer marked as signed once: only the schema is left to refuse it
     (export_copy / MANIFEST_FILE).write_text(json.dumps(data))
+    (export_copy / SIGNED_MARKER).unlink()
     with pytest.raises(ManifestError, match="threshold_history: must hold objects"):
         load_manifest(export_copy)
