@@ -101,6 +101,9 @@ class MoleFlowConfig:
     coreset_ratio: float = 0.25  # memory detector: kept fraction of the training patches (greedy k-center)
     coreset_min: int = 1000  # ... but at least this many (all of them if fewer): tiny products keep every patch
     coreset_max: int = 3000  # ... and at most this many: its graph's cost grows linearly with the bank
+    memory_lists_from: int = 20000  # memory banks of at least this many vectors are searched by inverted lists (below, exact is cheaper)
+    memory_list_size: int = 64  # ... of about this many vectors each (k-means; a list longer than twice this is cut)
+    memory_probe: int = 8  # ... of which each patch searches the lists whose centroids are nearest
     top_k: int = 3  # K for the image score
     anomaly_score: AnomalyScore = AnomalyScore.NLL  # nll (-log p, the papers') or latent (0.5 ||z||^2)
     map_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels
@@ -138,6 +141,9 @@ class MoleFlowConfig:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if not 1 <= self.coreset_min <= self.coreset_max:
             raise ValueError(f"coreset sizes must be 1 <= coreset_min <= coreset_max, got {self.coreset_min}, {self.coreset_max}")
+        for name in ("memory_lists_from", "memory_list_size", "memory_probe"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config field {name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         for name in ("feature_noise", "augment_copies", "augment_strength"):
