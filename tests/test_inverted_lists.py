@@ -6,11 +6,16 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from moleflow_edge.backbones import build_backbone
+from moleflow_edge.config import DetectorKind
+from moleflow_edge.detectors import FitOptions, TrainingSet, detector_of
 from moleflow_edge.export import onnx_graphs
 from moleflow_edge.export.precision import to_fp16
 from moleflow_edge.export.trt_compat import check_tensorrt_compat
 from moleflow_edge.model.inverted_lists import InvertedListScorer, inverted_lists, kmeans
 from moleflow_edge.model.memory_bank import MemoryBank, MemoryScorer
+from moleflow_edge.model.mole_flow import MoleFlow
+from tests.conftest import TINY_CONFIG
 
 DIM, GRID = 16, 4
 
@@ -92,3 +97,24 @@ def test_a_bank_without_lists_saves_as_before_and_one_with_lists_loads_its_shape
     again.load_state_dict(listed.state_dict())
     assert again.searched_by_lists and torch.equal(again.lists, listed.lists)
     assert torch.equal(again.centroids, listed.centroids)
+
+
+def test_a_memory_task_with_a_bank_past_memory_lists_from_is_fitted_and_scored_by_its_lists() -> None:
+    config = TINY_CONFIG.with_overrides(coreset_min=50, coreset_max=400, memory_lists_from=300, memory_list_size=20)
+    backbone = build_backbone(config, random_init=True)
+    model, grid = MoleFlow(config, backbone).eval(), config.grid_size
+    for task, images in (("small", 2), ("large", 12)):
+        model.add_task(task, DetectorKind.MEMORY)
+        concat = torch.randn(
+            2, images, backbone.channels8 + backbone.channels16, grid, grid, generator=torch.Generator().manual_seed(7)
+        )
+        training = TrainingSet(concat, np.arange(images - 1), np.array([images - 1]))
+        fitted = detector_of(DetectorKind.MEMORY).fit(
+            model, task, training, FitOptions(1, torch.device("cpu"), None, False)
+        )
+        assert ("inverted lists" in fitted.summary) == (task == "large"), fitted.summary
+    large, small = model.per_task["large"], model.per_task["small"]
+    assert isinstance(large, MemoryBank) and isinstance(small, MemoryBank)
+    assert len(large.bank) >= 300 and large.searched_by_lists and not small.searched_by_lists
+    assert isinstance(detector_of(DetectorKind.MEMORY).scorer(model, "large"), InvertedListScorer)
+    assert isinstance(detector_of(DetectorKind.MEMORY).scorer(model, "small"), MemoryScorer)
