@@ -101,7 +101,7 @@ class MoleFlowConfig:
     coreset_ratio: float = 0.25  # memory detector: kept fraction of the training patches (greedy k-center)
     coreset_min: int = 1000  # ... but at least this many (all of them if fewer): tiny products keep every patch
     coreset_max: int = 3000  # ... and at most this many: its graph's cost grows linearly with the bank
-    memory_lists_from: int = 20000  # memory banks of at least this many vectors are searched by inverted lists (below, exact is cheaper)
+    memory_lists_from: int = 25000  # memory banks of at least this many vectors are searched by inverted lists (below, exact is cheaper)
     memory_list_size: int = 64  # ... of about this many vectors each (k-means; a list longer than twice this is cut)
     memory_probe: int = 8  # ... of which each patch searches the lists whose centroids are nearest
     top_k: int = 3  # K for the image score
