@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 
 from moleflow_edge.backbones import build_backbone
@@ -118,3 +119,9 @@ def test_a_memory_task_with_a_bank_past_memory_lists_from_is_fitted_and_scored_b
     assert len(large.bank) >= 300 and large.searched_by_lists and not small.searched_by_lists
     assert isinstance(detector_of(DetectorKind.MEMORY).scorer(model, "large"), InvertedListScorer)
     assert isinstance(detector_of(DetectorKind.MEMORY).scorer(model, "small"), MemoryScorer)
+
+
+def test_a_list_setting_below_one_is_refused_with_its_name() -> None:
+    for name in ("memory_lists_from", "memory_list_size", "memory_probe"):
+        with pytest.raises(ValueError, match=f"config field {name} must be >= 1"):
+            TINY_CONFIG.with_overrides(**{name: 0})
