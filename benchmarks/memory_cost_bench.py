@@ -11,12 +11,22 @@ photometric variants) within [coreset_min, coreset_max], so the coreset_max row 
 product from that size up costs (13 training images at the defaults, a 200-image product included).
 
     python benchmarks/memory_cost_bench.py [--sizes 1000,2000,3000,4000,6000] [--threads 1] [--iters 200]
+
+With ``--data ROOT`` it times banks of real patch vectors instead (--banks, default 3k to 300k):
+candidates are every training patch of every product under ROOT, of its photometric variants and
+of their mirror images (a larger simulated product), a bank a seeded random subset of them (the
+greedy coreset of 300,000 is too slow to build here); each bank is searched as the memory detector
+deploys it (exact below memory_lists_from, else inverted lists), timed at batch 1 and 8 against
+the 3000-vector exact graph, and its search compared with the exact one on test patches of ROOT.
+
+    python benchmarks/memory_cost_bench.py --data ../shared/data/real-dev [--banks 3000,10000,...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,13 +37,20 @@ import onnxruntime as ort
 import torch
 from safetensors.torch import save_file
 
+from moleflow_edge.augment import photometric_variants
 from moleflow_edge.backbones import build_backbone
 from moleflow_edge.bench.measure import measure_calls
 from moleflow_edge.config import DetectorKind, MoleFlowConfig
+from moleflow_edge.data.mvtec import list_categories, load_split
 from moleflow_edge.detectors import detector_of
+from moleflow_edge.detectors.memory import patch_vectors
 from moleflow_edge.export import onnx_graphs
-from moleflow_edge.model.memory_bank import MemoryBank
+from moleflow_edge.features import extract_features
+from moleflow_edge.model.inverted_lists import inverted_lists
+from moleflow_edge.model.memory_bank import MemoryBank, MemoryScorer
 from moleflow_edge.model.mole_flow import MoleFlow
+
+QUERY_IMAGES = 4  # test images per product whose patches measure the search's fidelity
 
 
 def graph_session(proto: object, threads: int) -> ort.InferenceSession:
@@ -68,12 +85,78 @@ def images_for(kept: int, config: MoleFlowConfig) -> str:
     return f"{kept / config.coreset_ratio / per_image:.0f}"
 
 
+def real_vectors(model: MoleFlow, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(candidate patch vectors of ROOT's training images, variants and mirrors; test embeddings)."""
+    config, candidates, queries = model.config, [], []
+    for category in list_categories(root):
+        images = load_split(root, category, "train", config.image_size).images
+        variants = photometric_variants(images, config.augment_copies, config.augment_strength, config.seed)
+        every = np.concatenate([images[None], variants]).reshape(-1, *images.shape[1:])
+        candidates += [every, every[:, :, ::-1]]  # and their mirror images
+        tests = load_split(root, category, "test", config.image_size).images[:QUERY_IMAGES]
+        queries.append(model.embed(extract_features(model, tests).concat))
+    images = np.concatenate(candidates)
+    chunks = [np.ascontiguousarray(images[i : i + 64]) for i in range(0, len(images), 64)]
+    return torch.cat([patch_vectors(model, extract_features(model, c).concat) for c in chunks]), torch.cat(queries)
+
+
+def bank_table(model: MoleFlow, root: Path, sizes: list[int], iters: int, threads: int) -> list[dict[str, object]]:
+    """Each bank's ms per image at batch 1 and 8, task file size and fidelity, beside exact 3000."""
+    config, dim, grid = model.config, model.config.embed_dim, model.config.grid_size
+    with torch.no_grad():
+        candidates, queries = real_vectors(model, root)
+    print(f"{len(candidates)} candidate patch vectors, {len(queries)} query images; load {os.getloadavg()}")
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(config.seed))
+    position = model.embedder.position.detach()
+    graphs, rows = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kept in [3000, *sizes]:
+            bank = MemoryBank(dim)
+            bank.bank = candidates[order[:kept]]
+            started = time.perf_counter()
+            lists = kept >= config.memory_lists_from
+            if lists:
+                bank.centroids, bank.lists = inverted_lists(bank.bank, config.memory_list_size, config.seed)
+            fit_s = time.perf_counter() - started
+            name = f"{'lists' if lists else 'exact'} {kept}"
+            model.per_task[name] = bank
+            scorer = detector_of(DetectorKind.MEMORY).scorer(model, name)
+            del model.per_task[name]
+            with torch.no_grad():
+                got = torch.cat([scorer(q[None])[0] for q in queries]).flatten()
+                exact = torch.cat([MemoryScorer(bank.bank, position)(q[None])[0] for q in queries]).flatten()
+            graphs[name] = onnx_graphs.scorer_graph(scorer, dim, grid)
+            save_file({k: v.contiguous() for k, v in bank.state_dict().items()}, f"{tmp}/t.safetensors")
+            rows.append({
+                "bank": name, "lists": len(bank.centroids), "list_length": bank.lists.shape[1] if lists else 0,
+                "build_s": round(fit_s, 1), "task_file_mib": round(Path(f"{tmp}/t.safetensors").stat().st_size / 2**20, 1),
+                "exact_share": round(float(torch.isclose(got, exact, rtol=1e-5).float().mean()), 4),
+                "worst_rel_err": float((got / exact.clamp_min(1e-12) - 1).max()),
+            })  # fmt: skip
+    rng = np.random.default_rng(0)
+    inputs = {b: rng.normal(size=(b, dim, grid, grid)).astype(np.float32) for b in (1, 8)}
+    sessions = {name: graph_session(proto, threads) for name, proto in graphs.items()}
+    for b, embedding in inputs.items():
+        calls = {n: (lambda s=s, e=embedding: s.run(None, {"embedding": e})) for n, s in sessions.items()}
+        cpu = thread_ms(calls, iters)
+        for row in rows:
+            row[f"ms_per_image_b{b}"] = round(cpu[row["bank"]] / b, 3)
+    base = rows[0]["ms_per_image_b1"]
+    print(f"onnxruntime {ort.__version__} CPU fp32, {threads} thread(s), thread CPU ms; load {os.getloadavg()}")
+    for row in rows:
+        row["b1_vs_exact_3000"] = round(row["ms_per_image_b1"] / base, 2)
+        print("  ".join(f"{k}={v}" for k, v in row.items()))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,2000,3000,4000,6000", help="bank sizes (kept vectors) to time")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--iters", type=int, default=200, help="timed calls per graph")
     parser.add_argument("--json", type=Path, help="write the rows here too")
+    parser.add_argument("--data", type=Path, help="time banks of this root's real patch vectors instead")
+    parser.add_argument("--banks", default="10000,30000,100000,300000", help="with --data: bank sizes beside 3000")
     args = parser.parse_args()
     config = MoleFlowConfig()
     torch.manual_seed(0)
@@ -81,6 +164,11 @@ def main() -> None:
     config = config.with_overrides(embed_dim=min(config.embed_dim, backbone.channels8 + backbone.channels16))
     model = MoleFlow(config, backbone).eval()
     dim, grid = config.embed_dim, config.grid_size
+    if args.data:
+        rows = bank_table(model, args.data, [int(s) for s in args.banks.split(",")], args.iters, args.threads)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return
     model.add_task("flow", DetectorKind.FLOW)
     graphs = {"flow": onnx_graphs.scorer_graph(detector_of(DetectorKind.FLOW).scorer(model, "flow"), dim, grid)}
     sizes = [int(s) for s in args.sizes.split(",")]

@@ -105,6 +105,7 @@ SPANS: dict[str, Span] = {
     "patience": COUNT, "feature_noise": AT_LEAST_0, "augment_copies": AT_LEAST_0,
     "augment_strength": Span(0, 1, open_high=True), "seed": AT_LEAST_0, "router_ridge": AT_LEAST_0,
     "router_limit_quantile": FRACTION, "router_limit_margin": POSITIVE,
+    "memory_lists_from": COUNT, "memory_list_size": COUNT, "memory_probe": COUNT,
 }  # fmt: skip
 
 
@@ -155,6 +156,9 @@ class MoleFlowConfig:
     coreset_ratio: float = 0.25  # memory detector: kept fraction of the training patches (greedy k-center)
     coreset_min: int = 1000  # ... but at least this many (all of them if fewer): tiny products keep every patch
     coreset_max: int = 3000  # ... and at most this many: its graph's cost grows linearly with the bank
+    memory_lists_from: int = 25000  # banks of at least this many vectors are searched by inverted lists (cheaper)
+    memory_list_size: int = 64  # ... of about this many vectors each (k-means; a list longer than twice this is cut)
+    memory_probe: int = 8  # ... of which each patch searches the lists whose centroids are nearest
     top_k: int = 3  # K for the image score
     anomaly_score: AnomalyScore = AnomalyScore.NLL  # nll (-log p, the papers') or latent (0.5 ||z||^2)
     map_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels

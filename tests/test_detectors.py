@@ -25,7 +25,7 @@ from moleflow_edge.export import onnx_graphs
 from moleflow_edge.export.exporter import export_model
 from moleflow_edge.export.trt_compat import check_tensorrt_compat
 from moleflow_edge.features import extract_features
-from moleflow_edge.model.coreset import coreset_size, greedy_coreset
+from moleflow_edge.model.coreset import PARTITION_FROM, coreset_size, greedy_coreset
 from moleflow_edge.model.memory_bank import MemoryScorer
 from moleflow_edge.model_store import SHARED_FILE, TASK_LIST_FILE, ModelStore
 from moleflow_edge.router import UNKNOWN
@@ -251,6 +251,17 @@ def test_coreset_is_deterministic_for_a_seed_and_covers_better_as_it_grows() -> 
     radii = [float(greedy_coreset(vectors, coreset_size(3000, ratio, 1, 3000), seed=3)[1].max()) for ratio in (0.01, 0.05, 0.1, 0.3)]
     assert radii == sorted(radii, reverse=True) and radii[0] > radii[-1]
     assert greedy_coreset(vectors, 3000, seed=3)[1].max() == 0
+
+
+def test_a_coreset_of_many_candidates_is_searched_by_partitions_deterministically() -> None:
+    vectors = torch.from_numpy(np.random.default_rng(1).normal(size=(PARTITION_FROM, 8)).astype(np.float32))
+    kept, nearest = greedy_coreset(vectors, 400, seed=3)
+    assert torch.equal(kept, greedy_coreset(vectors, 400, seed=3)[0]) and len(set(kept.tolist())) == 400
+    assert not torch.equal(kept, greedy_coreset(vectors, 400, seed=4)[0])
+    true = torch.cdist(vectors.double(), vectors[kept].double()).min(dim=1).values.float()
+    assert bool((true <= nearest + 1e-4).all())  # the nearest kept row of its own partition: never nearer
+    assert float(nearest.max()) <= 1.2 * float(true.max())  # and close to the true covering radius
+    assert float(greedy_coreset(vectors, 800, seed=3)[1].max()) < float(nearest.max())
 
 
 def test_coreset_size_keeps_the_ratio_within_its_bounds() -> None:

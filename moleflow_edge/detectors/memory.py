@@ -5,8 +5,9 @@ gain-normalised features and variants a flow trains on, positional encoding remo
 photometric variants put brighter and darker normal patches in the bank, which took the worst
 exposure score from 0.81 to 0.54 for 0.003 pixel AP, and with ``augment_jpeg`` the JPEG round
 trips put compressed ones there (benchmarks/README.md). The coreset keeps ``coreset_ratio`` of
-them within [``coreset_min``, ``coreset_max``]. Nothing shared is trained, so a memory task never
-changes what earlier tasks score.
+them within [``coreset_min``, ``coreset_max``]; a bank of ``memory_lists_from`` vectors or more
+is searched by inverted lists (model/inverted_lists.py), where exact search costs more. Nothing
+shared is trained, so a memory task never changes what earlier tasks score.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import torch
 from moleflow_edge.config import DetectorKind
 from moleflow_edge.detectors.protocol import DetectorFit, FitOptions, TaskDetector, TrainingSet
 from moleflow_edge.model.coreset import coreset_size, greedy_coreset
+from moleflow_edge.model.inverted_lists import InvertedListScorer, inverted_lists
 from moleflow_edge.model.memory_bank import MemoryBank, MemoryScorer
 from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model.scorer import PatchScorer
 from moleflow_edge.router import patch_level
 
 
@@ -46,22 +49,31 @@ class MemoryDetector(TaskDetector):
             parts = model.per_task[task]
             assert isinstance(parts, MemoryBank)
             parts.bank = bank.to(options.device)
+            searched = "exact search"
+            if count >= cfg.memory_lists_from:
+                centroids, lists = inverted_lists(bank, cfg.memory_list_size, cfg.seed)
+                parts.centroids, parts.lists = centroids.to(options.device), lists.to(options.device)
+                searched = f"{len(centroids)} inverted lists of <= {lists.shape[1]}, {cfg.memory_probe} searched"
             # the normal scale: held-out images against the kept vectors that other images gave
             others = ~torch.isin(kept // patches_per_image % images, torch.from_numpy(training.held))
             if len(training.held) and bool(others.any()):
                 unseen, reference = training.held, bank[others]
             else:
                 unseen, reference = training.fit, bank
-            scorer = MemoryScorer(reference, model.embedder.position.cpu())
+            scorer = MemoryScorer(reference, model.embedder.position.cpu())  # exact: lists cover the whole bank
             patch, _ = scorer(model.embed(originals[torch.from_numpy(unseen).to(originals.device)]).cpu())
         return DetectorFit(
-            f"kept {count} of {len(vectors)} patch vectors (greedy k-center coreset)",
+            f"kept {count} of {len(vectors)} patch vectors (greedy k-center coreset; {searched})",
             patch_level(patch.numpy()),
             time.perf_counter() - started,
         )
 
-    def scorer(self, model: MoleFlow, task: str) -> MemoryScorer:
+    def scorer(self, model: MoleFlow, task: str) -> PatchScorer:
+        """The task's search as deployed: by its inverted lists where it has them, else exact."""
         parts = model.per_task[task]
         if not isinstance(parts, MemoryBank):
             raise KeyError(f"task {task!r} is a {model.kind(task).value} task, not a memory task")
-        return MemoryScorer(parts.bank, model.embedder.position)
+        position = model.embedder.position
+        if parts.searched_by_lists:
+            return InvertedListScorer(parts.bank, parts.centroids, parts.lists, model.config.memory_probe, position)
+        return MemoryScorer(parts.bank, position)

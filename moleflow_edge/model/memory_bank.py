@@ -17,20 +17,42 @@ from moleflow_edge.model.scorer import PatchScorer
 
 
 class MemoryBank(nn.Module):
-    """A memory task's own part: ``bank`` (K,D) kept patch vectors, positional encoding removed.
+    """A memory task's own part: ``bank`` (K,D) kept patch vectors, positional encoding removed, and
+    for a large bank its inverted lists (model/inverted_lists.py): ``centroids`` (C,D) and ``lists``
+    (C,L) of bank rows. A bank without lists (every bank saved before lists existed) is searched
+    exactly, and its task file holds ``bank`` alone, as before.
 
-    K differs from task to task, so loading a saved bank takes its shape from the file.
+    K, C and L differ from task to task, so loading a saved bank takes their shapes from the file.
     """
+
+    LISTS = ("centroids", "lists")
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.register_buffer("bank", torch.zeros(0, dim))
+        self.register_buffer("centroids", torch.zeros(0, dim))
+        self.register_buffer("lists", torch.zeros(0, 0, dtype=torch.long))
+        self._register_state_dict_hook(self._drop_empty_lists)
         self._register_load_state_dict_pre_hook(self._take_saved_shape)
 
+    @property
+    def searched_by_lists(self) -> bool:
+        return len(self.centroids) > 0
+
+    @staticmethod
+    def _drop_empty_lists(module: MemoryBank, state: dict[str, Any], prefix: str, *_: Any) -> None:
+        if not module.searched_by_lists:
+            for name in MemoryBank.LISTS:
+                del state[prefix + name]
+
     def _take_saved_shape(self, state: dict[str, Any], prefix: str, *_: Any) -> None:
-        saved = state.get(prefix + "bank")
-        if saved is not None:
-            self.bank = torch.empty_like(saved)
+        if prefix + "bank" in state and prefix + "centroids" not in state:  # an exact bank's file
+            state[prefix + "centroids"] = torch.zeros(0, self.bank.shape[1])
+            state[prefix + "lists"] = torch.zeros(0, 0, dtype=torch.long)
+        for name in ("bank", *self.LISTS):
+            saved = state.get(prefix + name)
+            if saved is not None:
+                setattr(self, name, torch.empty_like(saved))
 
 
 class MemoryScorer(PatchScorer):
