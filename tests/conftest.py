@@ -19,6 +19,19 @@ TINY_CONFIG = MoleFlowConfig(
 )  # fmt: skip
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark slow every test that uses one of this suite's module- or session-wide fixtures: they exist
+    because they train, export or start a server once for many tests. Tests that do so in their own
+    body carry ``@pytest.mark.slow`` themselves."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        shared = (info.name2fixturedefs.get(name, [None])[-1] for name in info.names_closure)
+        if any(d is not None and d.baseid and d.scope != "function" for d in shared):  # baseid "": pytest's own
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth")

@@ -89,6 +89,7 @@ def misbehaving_listener(hang_up: bool) -> Iterator[int]:
         listener.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("hang_up", [True, False], ids=["hangs-up", "says-nothing"])
 def test_a_server_that_hangs_up_or_says_nothing_is_exit_3_in_one_line(
@@ -150,6 +151,7 @@ def lines_in(path: Path) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(serving_problem() is not None, reason=f"serving unavailable: {serving_problem()}")
 @pytest.mark.parametrize("loss", ["serve killed", "tritonserver killed", "frozen"])
 def test_a_server_lost_mid_stream_ends_http_and_grpc_clients_with_exit_3(

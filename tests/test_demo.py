@@ -54,6 +54,7 @@ def test_a_busy_machine_gets_one_torch_thread(
     assert (note is not None) == (requested is None and load >= 1.0)
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_path(tmp_path: Path) -> None:
     lines: list[str] = []
     outputs = run_demo(tmp_path / "demo", TEST_PLAN, printer=lines.append)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import TINY_CONFIG
 
 from moleflow_edge.data.synth import generate
@@ -14,6 +15,7 @@ from moleflow_edge.data.synth import generate
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_flow_levers_on_an_unseen_root(tmp_path: Path) -> None:
     root = tmp_path / "data"
     generate(root, ["weave"], seed=3, image_size=96, n_train=12, n_test_good=6, n_test_defect=2)
