@@ -235,3 +235,63 @@ def test_serve_picks_up_a_new_export_for_every_client(line: dict, tmp_path: Path
     text = log.read_text()
     assert "refused the export newly committed" in text and f"{old['manifest']} -> {new['manifest']}" in text
     assert np.isfinite(got[0].image_score)
+
+
+# --- learn on a running line -------------------------------------------------------------------------
+@pytest.mark.skipif(serving_problem() is not None, reason=f"serving unavailable: {serving_problem()}")
+def test_learn_adds_a_product_that_a_running_run_and_serve_pick_up(line: dict, tmp_path: Path) -> None:
+    """The line (a signed export of two products) runs `run --follow` and `serve`; `learn` takes the third
+    product from a folder of its frames into the model and that export. Both, never restarted, score its
+    frames as it afterwards, with every frame answered and none in error."""
+    from moleflow_edge.export.exporter import export_model
+    from moleflow_edge.serving.client import RemoteRuntime
+    from moleflow_edge.serving.serve_process import ServeProcess
+    from moleflow_edge.train import train_task
+
+    model, export, drop = tmp_path / "model", tmp_path / "export", tmp_path / "drop"
+    for task in FIRST:
+        train_task(line["data"], task, model, TINY_CONFIG, progress=False, detector=DetectorKind.MEMORY)
+    export_model(model, export, sign=line["key"])
+    drop.mkdir()
+    screw = cv2.imread(str(_frames(line, NEW, 1)[0]))
+    frames = [*_frames(line, "weave", 1), *_frames(line, NEW, 1), *_frames(line, NEW, 2)]
+    out, err = tmp_path / "out.jsonl", tmp_path / "err.txt"
+    command = [sys.executable, "-m", "moleflow_edge.cli", "run", "--export", str(export), "--source", str(drop),
+               "--follow", "--trusted-key", str(line["public"]), "--max-frames", str(len(frames))]  # fmt: skip
+
+    def drop_frame(k: int) -> None:
+        shutil.copy(frames[k], drop / f".{k}.part")
+        (drop / f".{k}.part").replace(drop / f"{k:03d}.png")
+
+    def scored() -> int:
+        return len([x for x in out.read_text().splitlines() if x.strip()])
+
+    learn = [sys.executable, "-m", "moleflow_edge.cli", "learn", "--source", str(line["data"] / NEW / "train" / "good"),
+             "--task", NEW, "--model", str(model), "--export", str(export), "--detector", "memory", "--frames", "15",
+             "--target-fpr", "0.1", "--sign", str(line["key"]), "--threads", "1"]  # fmt: skip
+    with ServeProcess(export, tmp_path / "serve.log", "--trusted-key", str(line["public"])) as server:
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            process = subprocess.Popen(command, stdout=stdout, stderr=stderr)
+        remote = RemoteRuntime(server.http, retries=0)
+        try:
+            assert remote.infer_one(screw).task == UNKNOWN  # not a product of the line yet
+            for k in (0, 1):
+                drop_frame(k)
+            _wait(lambda: scored() == 2, "the frames before learn scored")
+            learned = subprocess.run(learn, capture_output=True, text=True, timeout=WAIT_S, check=False)
+            assert learned.returncode == 0, learned.stdout + learned.stderr
+            served = remote.infer_one(screw)
+            for k in (2, 3):
+                drop_frame(k)
+            process.wait(WAIT_S)
+        finally:
+            remote.close()
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                process.wait(30)
+    records = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+    assert process.returncode == 0, err.read_text()
+    assert served.task == NEW and served.error is None and served.is_anomaly is not None  # calibrated too
+    assert [r["task"] for r in records[:-1]] == ["weave", UNKNOWN, NEW, NEW]
+    assert all("error" not in r for r in records[:-1]) and records[-1]["summary"]["frames"] == len(frames)
+    assert load_manifest(export).task_names == [*FIRST, NEW]
