@@ -27,6 +27,6 @@ class LearnOptions:
     @property
     def least_frames(self) -> int:
         """Fewest frames that leave MIN_NORMALS held out for the threshold."""
-        from moleflow_edge.calibration.thresholds import MIN_NORMALS  # OpenCV: not at the CLI's import
+        from moleflow_edge.calibration.order_statistics import MIN_NORMALS
 
         return HOLD_OUT_EVERY * MIN_NORMALS

@@ -14,7 +14,7 @@ import pytest
 
 from moleflow_edge.augment import jpeg_round_trips
 from moleflow_edge.calibration import CalibrationError, calibrate, threshold_for_fpr
-from moleflow_edge.calibration.thresholds import fpr_upper_bound, min_normal_count
+from moleflow_edge.calibration.order_statistics import fpr_upper_bound, min_normal_count
 from moleflow_edge.contract import MANIFEST_FILE, load_manifest
 from moleflow_edge.data.mvtec import load_split
 from moleflow_edge.data.synth import generate

@@ -3,14 +3,8 @@ frames taken straight from a source, or set by hand; each change a new committed
 
 from moleflow_edge.calibration.from_source import calibrate_from_source
 from moleflow_edge.calibration.manifest_update import UpdateError, set_threshold
-from moleflow_edge.calibration.thresholds import (
-    CalibrationError,
-    CalibrationReport,
-    QuantileThreshold,
-    TaskCalibration,
-    calibrate,
-    threshold_for_fpr,
-)
+from moleflow_edge.calibration.order_statistics import CalibrationError, QuantileThreshold, threshold_for_fpr
+from moleflow_edge.calibration.thresholds import CalibrationReport, TaskCalibration, calibrate
 
 __all__ = [
     "CalibrationError",

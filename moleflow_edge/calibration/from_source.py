@@ -17,15 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moleflow_edge.calibration.thresholds import (
-    BATCH,
-    MIN_NORMALS,
-    CalibrationError,
-    CalibrationReport,
-    NormalFrames,
-    calibrate,
-    min_normal_count,
-)
+from moleflow_edge.calibration.order_statistics import MIN_NORMALS, CalibrationError, min_normal_count
+from moleflow_edge.calibration.thresholds import BATCH, CalibrationReport, NormalFrames, calibrate
 from moleflow_edge.contract import load_manifest
 from moleflow_edge.good_frames import GoodFrames, take_good_frames
 from moleflow_edge.router import UNKNOWN
