@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from moleflow_edge.calibrate_command import calibrate
 from moleflow_edge.cli_support import (
     DEVICE_OPTION_HELP,
     THREADS_OPTION_HELP,
@@ -20,7 +21,6 @@ from moleflow_edge.cli_support import (
     chosen_device,
     fail,
     few_images_note,
-    frame_progress,
     positive_ints,
     set_torch_threads,
     torch_threads,
@@ -29,7 +29,6 @@ from moleflow_edge.cli_support import (
 )
 from moleflow_edge.config import BackboneName, DetectorKind, MoleFlowConfig
 from moleflow_edge.learn_command import learn
-from moleflow_edge.router import FEW_IMAGES
 from moleflow_edge.serving.command import serve
 from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGET_NAMES, ExportFormat, TargetChoice
 
@@ -291,74 +290,7 @@ def _link_default(name: str) -> float:
 
 app.command()(serve)  # moleflow_edge/serving/command.py: its options are the server's
 app.command()(learn)  # moleflow_edge/learn_command.py: its options are LearnOptions'
-
-
-@app.command()
-def calibrate(
-    export_dir: Path = typer.Option(..., "--export", help="Export directory whose manifest gets the thresholds."),
-    data: Optional[Path] = typer.Option(None, help="Dataset root: ROOT/<task>/calib/good if present, else test/good."),
-    source: Optional[str] = typer.Option(
-        None, help="Instead of --data: good frames straight from an image folder, video file, camera:N or stream URL. "
-        "With one --task every frame is that product; with several (or none: all) the router assigns each frame "
-        "and frames it stops as unknown are refused."
-    ),
-    threshold: Optional[float] = typer.Option(
-        None, help="Instead of --data or --source: set the one --task's threshold to V (anomaly when score > V)."
-    ),
-    task: Optional[str] = typer.Option(None, help="Comma-separated tasks to calibrate (default: every task)."),
-    frames: Optional[int] = typer.Option(
-        None, min=1, help="With --source: good frames to take in all (default: as many as --target-fpr needs)."
-    ),
-    target_fpr: float = typer.Option(0.01, help="False-positive rate the score threshold aims at."),
-    precision: str = typer.Option("fp32", help="Precision that will be deployed (its scores are calibrated)."),
-    reason: str = typer.Option("", help="Why the threshold changes: kept in the manifest's threshold history."),
-    sign: Optional[Path] = typer.Option(None, help="Private key that signs the calibrated manifest (signed exports)."),
-    trusted_key: Optional[list[Path]] = typer.Option(
-        None, help="Public key file (repeatable) that may have signed the export (besides --sign's)."
-    ),
-) -> None:
-    """Score thresholds at a target false-positive rate and unknown-product limits, into the manifest
-    (a new committed manifest that a running line picks up; the old threshold stays in its history)."""
-    from moleflow_edge.calibration import calibrate as calibrate_export
-    from moleflow_edge.calibration.from_source import calibrate_from_source
-    from moleflow_edge.calibration.manifest_update import set_threshold
-    from moleflow_edge.serving.triton_decisions import TRITON_FOLDER, pickup_commands
-
-    if sum(x is not None for x in (data, source, threshold)) != 1:
-        fail("give exactly one of --data ROOT, --source SOURCE or --threshold VALUE")
-    if frames is not None and source is None:
-        fail("--frames takes frames from a --source")
-    tasks = [t.strip() for t in task.split(",") if t.strip()] if task else None
-    keys = dict(sign=sign, trusted_keys=trusted_key, reason=reason)
-    try:
-        if threshold is not None:
-            if not tasks or len(tasks) != 1:
-                fail("--threshold sets the threshold of one --task NAME")
-            old = set_threshold(export_dir, tasks[0], threshold, precision, **keys)
-            typer.echo(f"{tasks[0]}: {precision} threshold {old} -> {threshold} (history kept in the manifest)")
-        elif source is not None:
-            done = calibrate_from_source(export_dir, source, tasks, frames, target_fpr, precision=precision,
-                                         progress=frame_progress, **keys)  # fmt: skip
-            typer.echo("", err=True)
-            if len(done.assigned) > 1:
-                typer.echo(f"router: {done.assigned}, {done.unknown} unknown (refused), {done.elsewhere} other tasks")
-            report = done.report
-        else:
-            report = calibrate_export(export_dir, data, target_fpr, precision=precision, tasks=tasks, **keys)
-    except USER_ERRORS as exc:
-        typer.echo("", err=True)  # ends a progress line
-        fail(str(exc))
-    if (export_dir / TRITON_FOLDER).exists():  # the update refreshed it: only its decisions changed
-        typer.echo(pickup_commands(export_dir / TRITON_FOLDER, graphs=False))
-    if threshold is not None:
-        return
-    typer.echo(report.table())
-    for t in report.tasks:
-        if t.train_images is not None and t.train_images < FEW_IMAGES:
-            typer.echo(
-                f"note: {t.task} was learned from only {t.train_images} good images; its threshold and limit now "
-                f"come from the {t.n} held-out images above and replace its widened training-time limit"
-            )
+app.command()(calibrate)  # moleflow_edge/calibrate_command.py
 
 
 @app.command()
