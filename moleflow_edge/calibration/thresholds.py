@@ -25,7 +25,7 @@ training gave it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,28 +79,29 @@ def normal_images(data_root: Path, task: str) -> tuple[list[Path], str]:
     return _image_files(folder), folder.relative_to(data_root).as_posix()
 
 
-def score_as_task(runtime: Runtime, files: list[Path] | list[np.ndarray], task: str) -> tuple[np.ndarray, np.ndarray]:
-    """Oracle scoring: image scores (n,) under ``task``'s flow, and distances (n,T) to every prototype.
+def score_as_task(runtime: Runtime, batches: Iterable[np.ndarray], task: str) -> tuple[np.ndarray, np.ndarray]:
+    """Oracle scoring of ``resized_batches``: image scores (n,) under ``task``'s detector, and distances
+    (n,T) to every prototype.
 
     Calibration knows the product, so it bypasses routing: a normal image misrouted to another
     task still counts for its own task's threshold.
     """
     scores, distances = [], []
-    for images in _resized_batches(runtime, files):
+    for images in batches:
         image_scores, image_distances = runtime.score_as(images, task)
         scores.append(image_scores)
         distances.append(image_distances)
     return np.concatenate(scores), np.concatenate(distances).astype(np.float64)
 
 
-def round_trip_distances(runtime: Runtime, files: list[Path] | list[np.ndarray]) -> np.ndarray:
-    """Distances (Q*n,T) to every prototype of the images' JPEG round trips at each CAMERA_JPEG_QUALITIES,
-    the variants the router's prototypes and limits were fitted with."""
-    trips = [runtime.routing_distances(t) for b in _resized_batches(runtime, files) for t in jpeg_round_trips(b)]
+def round_trip_distances(runtime: Runtime, batches: Iterable[np.ndarray]) -> np.ndarray:
+    """Distances (Q*n,T) to every prototype of the JPEG round trips of ``resized_batches``' images at each
+    CAMERA_JPEG_QUALITIES, the variants the router's prototypes and limits were fitted with."""
+    trips = [runtime.routing_distances(t) for b in batches for t in jpeg_round_trips(b)]
     return np.concatenate(trips).astype(np.float64)
 
 
-def _resized_batches(runtime: Runtime, files: list[Path] | list[np.ndarray]) -> Iterator[np.ndarray]:
+def resized_batches(runtime: Runtime, files: list[Path] | list[np.ndarray]) -> Iterator[np.ndarray]:
     """(B,S,S,3) batches of image files or frames already read, resized for the runtime."""
     for start in range(0, len(files), BATCH):
         batch = [f if isinstance(f, np.ndarray) else read_image_bgr(f) for f in files[start : start + BATCH]]
@@ -229,9 +230,10 @@ def calibrate(
                 raise CalibrationError(
                     f"task {name!r}: {where} {len(files)} normal images; calibration needs at least {needed}: {add}"
                 )
-            scores, all_distances = score_as_task(runtime, files, name)
+            batches = list(resized_batches(runtime, files))  # read and resized once for both uses
+            scores, all_distances = score_as_task(runtime, batches, name)
             column = runtime.router.tasks.index(name)
-            distances = np.concatenate([all_distances, round_trip_distances(runtime, files)])[:, column]
+            distances = np.concatenate([all_distances, round_trip_distances(runtime, batches)])[:, column]
             rule = supported_threshold(scores, target_fpr, confidence=confidence)
             routed = float(np.mean(np.argmin(all_distances, axis=1) == column))
             limit = distance_limit(distances, len(files), manifest.router_limit_quantile, manifest.router_limit_margin)
@@ -298,7 +300,7 @@ def _defect_metrics(runtime: object, data: Path, task: str, normal: np.ndarray, 
         return
     if not defects:
         return
-    anomalous, _ = score_as_task(runtime, defects, task)
+    anomalous, _ = score_as_task(runtime, resized_batches(runtime, defects), task)
     scores = np.concatenate([normal, anomalous])
     labels = np.concatenate([np.zeros(len(normal), bool), np.ones(len(anomalous), bool)])
     result.defects = len(defects)
