@@ -256,22 +256,21 @@ def run(
         fail("give exactly one of --export DIR (run here) or --server HOST:PORT (run on a moleflow-edge serve)")
     if server is not None and (backend.value != "auto" or precision or latency_target is not None or trusted_key):
         fail("--backend, --precision, --latency-target and --trusted-key are options of the server (serve), not here")
-    given = {"retries": retries, "retry_delay_s": retry_delay}  # unset ones keep their options class's default
-    given = {k: v for k, v in given.items() if v is not None}
+    link = _given(retries=retries, retry_delay_s=retry_delay)  # unset: the options class's default
     try:
         remote = None
         if server is not None:
             from moleflow_edge.serving.client import RemoteRuntime
 
             remote = RemoteRuntime(server, encoding=send, connect_timeout_s=connect_timeout, timeout_s=timeout,
-                                   max_map_side=map_size, maps=save is not None or show, **given)  # fmt: skip
+                                   max_map_side=map_size, maps=save is not None or show, **link)  # fmt: skip
         loading = RuntimeOptions(
             backend.value, precision, trusted_keys=trusted_key, max_map_side=map_size, latency_target_ms=latency_target
         )
         where = export_dir or server  # only named in messages when a RemoteRuntime is given
-        camera = {"camera_retries": given["retries"]} if "retries" in given else {}
+        camera = _given(camera_retries=retries, retry_delay_s=retry_delay)
         options = RunOptions(where, loading, save, show, batch_size, max_frames, check=check, follow=follow,
-                             **camera, **{k: v for k, v in given.items() if k == "retry_delay_s"})  # fmt: skip
+                             **camera)  # fmt: skip
         code = run_source(source, options, runtime=remote)
     except USER_ERRORS as exc:
         fail(str(exc))
@@ -279,6 +278,11 @@ def run(
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(EXIT_CAMERA_LOST) from None
     raise typer.Exit(code)
+
+
+def _given(**options: object) -> dict[str, object]:
+    """The options the user set (not None): the others keep their options class's one default."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def _link_default(name: str) -> float:
