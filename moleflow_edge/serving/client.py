@@ -218,7 +218,7 @@ class RemoteRuntime:
         outputs = reply.get_response()["outputs"] if self.protocol == "http" else reply.get_response().outputs
         arrays = {n: reply.as_numpy(n) for n in (o["name"] if isinstance(o, dict) else o.name for o in outputs)}
         if arrays["distances"].shape[1] != len(self.tasks):  # the server switched to a new export: its tasks
-            self._info = self._call(self._fetch_info)
+            self._info = self._call(self._fetch_info, small=True)
         return decode_results(arrays, self.tasks)
 
     # --- inference -------------------------------------------------------------------------------
