@@ -10,7 +10,8 @@ from typing import Optional
 
 import typer
 
-from moleflow_edge.cli_support import USER_ERRORS, fail, frame_progress
+from moleflow_edge.cli_support import fail, frame_progress
+from moleflow_edge.errors import UserError
 from moleflow_edge.router import FEW_IMAGES
 
 
@@ -65,7 +66,7 @@ def calibrate(
             report = done.report
         else:
             report = calibrate_export(export_dir, data, target_fpr, precision=precision, tasks=tasks, **keys)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         typer.echo("", err=True)  # ends a progress line
         fail(str(exc))
     if (export_dir / TRITON_FOLDER).exists():  # the update refreshed it: only its decisions changed

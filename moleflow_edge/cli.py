@@ -17,7 +17,6 @@ from moleflow_edge.calibrate_command import calibrate
 from moleflow_edge.cli_support import (
     DEVICE_OPTION_HELP,
     THREADS_OPTION_HELP,
-    USER_ERRORS,
     chosen_device,
     fail,
     few_images_note,
@@ -28,6 +27,7 @@ from moleflow_edge.cli_support import (
     write_json,
 )
 from moleflow_edge.config import BackboneName, DetectorKind, MoleFlowConfig
+from moleflow_edge.errors import InputError, UserError
 from moleflow_edge.learn_command import learn
 from moleflow_edge.serving.command import serve
 from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGET_NAMES, ExportFormat, TargetChoice
@@ -55,16 +55,22 @@ def synth(
     writable(out, "--out", directory=True)
     try:
         written = generate(out, categories.split(",") if categories else None, seed, image_size, n_train, n_test_good, n_test_defect)
-    except (*USER_ERRORS, OSError) as exc:
+    except (UserError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"wrote {', '.join(written)} to {out}")
 
 
 def _config(config_file: Optional[Path], backbone: Optional[BackboneName], image_size: Optional[int]) -> MoleFlowConfig | None:
+    """The config the options give (None: the default, or the model's own); a bad file or field is an InputError."""
     if config_file is None and backbone is None and image_size is None:
         return None
-    base = MoleFlowConfig.from_json(config_file) if config_file else MoleFlowConfig()
-    return base.with_overrides(backbone=backbone, image_size=image_size)
+    try:
+        base = MoleFlowConfig.from_json(config_file) if config_file else MoleFlowConfig()
+        return base.with_overrides(backbone=backbone, image_size=image_size)
+    except OSError as exc:
+        raise InputError(f"--config {config_file}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # MoleFlowConfig's checks of the user's fields (it names the file and the field)
+        raise InputError(str(exc)) from None
 
 
 @app.command()
@@ -96,7 +102,7 @@ def train(
         report = train_task(
             data, task, model, _config(config, backbone, image_size), steps, device=where, amp=amp, detector=detector
         )
-    except USER_ERRORS as exc:
+    except UserError as exc:
         fail(str(exc))
     typer.echo(
         f"trained {report.task} ({report.detector.value}): {report.images} images ({report.holdout_images} held out "
@@ -124,7 +130,7 @@ def eval_command(
     set_torch_threads(threads)
     try:
         results = evaluate(data, model, tasks.split(",") if tasks else None, oracle, device=where)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         fail(str(exc))
     typer.echo(format_eval_table(results))
     for name, metrics in results["tasks"].items():
@@ -156,7 +162,6 @@ def export(
 ) -> None:
     """Merge base + LoRA per task into fused ONNX graphs (and TensorRT engines); update the manifest."""
     from moleflow_edge.export.exporter import export_model
-    from moleflow_edge.export.tensorrt_engine import TensorRTUnavailable
 
     if (task is None) == (not all_tasks):
         fail("give exactly one of --task NAME or --all")
@@ -169,9 +174,7 @@ def export(
         report = export_model(model, out, None if all_tasks else [task], precisions, "onnx" if triton else fmt.value,
                               calib_data, sign=sign, device_id=where.index or 0, trusted_keys=trusted_key or ())  # fmt: skip
         repository = _triton_repository(out, precisions[0] if triton else None)
-    except TensorRTUnavailable as exc:
-        fail(str(exc))
-    except USER_ERRORS as exc:
+    except UserError as exc:  # TensorRTUnavailable included
         fail(str(exc))
     typer.echo(report.table())
     if repository:
@@ -272,7 +275,7 @@ def run(
         options = RunOptions(where, loading, save, show, batch_size, max_frames, check=check, follow=follow,
                              **camera)  # fmt: skip
         code = run_source(source, options, runtime=remote)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         fail(str(exc))
     except ServerLost as exc:  # the server did not answer at start
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
@@ -328,7 +331,7 @@ def bench(
     except BenchError as exc:
         typer.secho(f"regression: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         fail(str(exc))
     if json_out:
         write_json(json_out, report)
@@ -344,7 +347,7 @@ def keygen(
     writable(out, "--out")
     try:
         private, public = generate_keypair(out)
-    except (*USER_ERRORS, OSError) as exc:
+    except (UserError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"private key {private} (keep it off the line PCs); public key {public} (copy it to them)")
 
@@ -364,7 +367,7 @@ def demo(
     writable(out, "--out", directory=True)
     try:
         outputs = run_demo(out, FULL if full else QUICK, steps, printer=typer.echo, threads=torch_threads(threads))
-    except USER_ERRORS as exc:
+    except UserError as exc:
         fail(str(exc))
     typer.echo(outputs.summary())
 

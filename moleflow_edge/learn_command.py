@@ -13,13 +13,13 @@ import typer
 from moleflow_edge.cli_support import (
     DEVICE_OPTION_HELP,
     THREADS_OPTION_HELP,
-    USER_ERRORS,
     chosen_device,
     fail,
     frame_progress,
     set_torch_threads,
 )
 from moleflow_edge.config import DetectorKind
+from moleflow_edge.errors import UserError
 from moleflow_edge.learn_options import LEARNED_DIR, LearnOptions
 
 
@@ -60,7 +60,7 @@ def learn(
     options = LearnOptions(frames, detector, target_fpr, chosen, sign, tuple(trusted_key or ()), str(where))
     try:
         report = learn_product(source, task, model, export_dir, options, frame_progress, say)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         typer.echo("", err=True)
         fail(str(exc))
     typer.echo("", err=True)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from moleflow_edge.atomic import write_atomic
 from moleflow_edge.contract import ArtifactFile, Precision, file_sha256, load_manifest, save_manifest
+from moleflow_edge.errors import UserError
 from moleflow_edge.export.artifacts import ExportedFile, ExportReport, source_hash
 from moleflow_edge.runtime import trt_api
 
@@ -31,7 +32,7 @@ WORKSPACE_BYTES = 1 << 30
 TRTEXEC_TIMING_CACHE = "engines/timing/trtexec.cache"
 
 
-class TensorRTUnavailable(ImportError):
+class TensorRTUnavailable(UserError):
     """tensorrt or cuda-python is missing; the message carries the trtexec commands to run instead."""
 
 
