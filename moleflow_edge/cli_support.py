@@ -21,6 +21,12 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def given(**options: object) -> dict[str, object]:
+    """The options the user set (not None): the others keep the one default their options class or
+    function holds (the option's help names it), so that no default is written twice."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def write_json(path: Path, results: object) -> None:
     """An output file, its folder created if new (check_writable allowed that), written atomically."""
     from moleflow_edge.atomic import write_text_atomic

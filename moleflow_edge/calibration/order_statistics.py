@@ -20,6 +20,7 @@ import numpy as np
 from moleflow_edge.errors import UserError
 
 UPPER_BOUND_LEVEL = 0.95
+TARGET_FPR = 0.01  # the false-positive rate a threshold aims at unless told otherwise (calibrate, learn)
 MIN_NORMALS = 5  # fewer normal images give no threshold worth deploying (E[FPR] of the maximum: 1/6)
 
 
