@@ -32,7 +32,10 @@ UNKNOWN_SIGNER = "unknown"  # what an unreadable marker says: the folder was sig
 
 
 class SignatureError(UserError, ValueError):
-    """A key that cannot be read, or a manifest whose signature is missing or does not verify."""
+    """A key that cannot be read, or a manifest whose signature is missing or does not verify.
+
+    Also a ValueError: Runtime.load raises it, and its callers (the camera loop, serve, doctor, the
+    live-export switch) refuse an export on ValueError."""
 
 
 def _crypto():  # noqa: ANN202 - the cryptography modules, imported where keys are used
