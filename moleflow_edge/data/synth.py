@@ -308,7 +308,7 @@ def _make_image(
         mask = change > 0
         if mask.mean() >= MIN_DEFECT_AREA and change[mask].mean() >= MIN_DEFECT_CONTRAST:
             return image, mask.astype(np.uint8) * 255
-    raise RuntimeError(
+    raise InputError(
         f"could not draw a visible {defect!r} defect on {category!r} at image_size={size} "
         f"in {MAX_DEFECT_TRIES} tries; use a larger image_size"
     )
