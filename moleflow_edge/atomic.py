@@ -7,8 +7,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from moleflow_edge.errors import UserError
 
-class OutputError(ValueError):
+
+class OutputError(UserError):
     """An output path that cannot be written; found before any work starts."""
 
 

@@ -22,13 +22,14 @@ import torch
 from torch import nn
 
 from moleflow_edge.config import BackboneName, MoleFlowConfig
+from moleflow_edge.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GAIN_TARGET = 0.45 * 255.0  # mean grey level every frame is scaled to when gain normalisation is on
 
 
-class WeightsError(FileNotFoundError):
+class WeightsError(UserError):
     """Backbone weights are missing or do not fit the architecture."""
 
 

@@ -10,7 +10,8 @@ from typing import Optional
 
 import typer
 
-from moleflow_edge.cli_support import USER_ERRORS, fail, frame_progress
+from moleflow_edge.cli_support import fail, frame_progress, given
+from moleflow_edge.errors import UserError
 from moleflow_edge.router import FEW_IMAGES
 
 
@@ -29,7 +30,10 @@ def calibrate(
     frames: Optional[int] = typer.Option(
         None, min=1, help="With --source: good frames to take in all (default: as many as --target-fpr needs)."
     ),
-    target_fpr: float = typer.Option(0.01, help="False-positive rate the score threshold aims at."),
+    target_fpr: Optional[float] = typer.Option(
+        None, show_default=False, help="False-positive rate the score threshold aims at (default: "
+        "calibration/order_statistics.py TARGET_FPR)."
+    ),
     precision: str = typer.Option("fp32", help="Precision that will be deployed (its scores are calibrated)."),
     reason: str = typer.Option("", help="Why the threshold changes: kept in the manifest's threshold history."),
     sign: Optional[Path] = typer.Option(None, help="Private key that signs the calibrated manifest (signed exports)."),
@@ -50,6 +54,7 @@ def calibrate(
         fail("--frames takes frames from a --source")
     tasks = [t.strip() for t in task.split(",") if t.strip()] if task else None
     keys = dict(sign=sign, trusted_keys=trusted_key, reason=reason)
+    fpr = given(target_fpr=target_fpr)
     try:
         if threshold is not None:
             if not tasks or len(tasks) != 1:
@@ -57,15 +62,15 @@ def calibrate(
             old = set_threshold(export_dir, tasks[0], threshold, precision, **keys)
             typer.echo(f"{tasks[0]}: {precision} threshold {old} -> {threshold} (history kept in the manifest)")
         elif source is not None:
-            done = calibrate_from_source(export_dir, source, tasks, frames, target_fpr, precision=precision,
-                                         progress=frame_progress, **keys)  # fmt: skip
+            done = calibrate_from_source(export_dir, source, tasks, frames, precision=precision,
+                                         progress=frame_progress, **fpr, **keys)  # fmt: skip
             typer.echo("", err=True)
             if len(done.assigned) > 1:
                 typer.echo(f"router: {done.assigned}, {done.unknown} unknown (refused), {done.elsewhere} other tasks")
             report = done.report
         else:
-            report = calibrate_export(export_dir, data, target_fpr, precision=precision, tasks=tasks, **keys)
-    except USER_ERRORS as exc:
+            report = calibrate_export(export_dir, data, precision=precision, tasks=tasks, **fpr, **keys)
+    except UserError as exc:
         typer.echo("", err=True)  # ends a progress line
         fail(str(exc))
     if (export_dir / TRITON_FOLDER).exists():  # the update refreshed it: only its decisions changed

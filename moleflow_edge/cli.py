@@ -17,10 +17,10 @@ from moleflow_edge.calibrate_command import calibrate
 from moleflow_edge.cli_support import (
     DEVICE_OPTION_HELP,
     THREADS_OPTION_HELP,
-    USER_ERRORS,
     chosen_device,
     fail,
     few_images_note,
+    given,
     positive_ints,
     set_torch_threads,
     torch_threads,
@@ -28,6 +28,8 @@ from moleflow_edge.cli_support import (
     write_json,
 )
 from moleflow_edge.config import BackboneName, DetectorKind, MoleFlowConfig
+from moleflow_edge.demo import FULL, QUICK
+from moleflow_edge.errors import InputError, UserError
 from moleflow_edge.learn_command import learn
 from moleflow_edge.serving.command import serve
 from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGET_NAMES, ExportFormat, TargetChoice
@@ -43,28 +45,37 @@ app = typer.Typer(
 def synth(
     out: Path = typer.Option(..., help="Dataset root to write (MVTec AD layout)."),
     categories: Optional[str] = typer.Option(None, help="Comma-separated categories (default: all)."),
-    seed: int = typer.Option(0, help="Random seed: the same seed writes the same bytes."),
-    image_size: int = typer.Option(128, help="Side of the square images in pixels."),
-    n_train: int = typer.Option(40, help="Normal training images per category."),
-    n_test_good: int = typer.Option(10, help="Normal test images per category."),
-    n_test_defect: int = typer.Option(4, help="Test images per defect kind per category."),
+    seed: Optional[int] = typer.Option(None, help="Random seed: the same seed writes the same bytes."),
+    image_size: Optional[int] = typer.Option(None, help="Side of the square images in pixels."),
+    n_train: Optional[int] = typer.Option(None, help="Normal training images per category."),
+    n_test_good: Optional[int] = typer.Option(None, help="Normal test images per category."),
+    n_test_defect: Optional[int] = typer.Option(None, help="Test images per defect kind per category."),
 ) -> None:
-    """Write a synthetic dataset with exact defect masks, for tests and the demo."""
+    """Write a synthetic dataset with exact defect masks, for tests and the demo (an option left out takes
+    data/synth.py generate's default)."""
     from moleflow_edge.data.synth import generate
 
     writable(out, "--out", directory=True)
     try:
-        written = generate(out, categories.split(",") if categories else None, seed, image_size, n_train, n_test_good, n_test_defect)
-    except (*USER_ERRORS, OSError) as exc:
+        sizes = given(seed=seed, image_size=image_size, n_train=n_train, n_test_good=n_test_good,
+                      n_test_defect=n_test_defect)  # fmt: skip
+        written = generate(out, categories.split(",") if categories else None, **sizes)
+    except (UserError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"wrote {', '.join(written)} to {out}")
 
 
 def _config(config_file: Optional[Path], backbone: Optional[BackboneName], image_size: Optional[int]) -> MoleFlowConfig | None:
+    """The config the options give (None: the default, or the model's own); a bad file or field is an InputError."""
     if config_file is None and backbone is None and image_size is None:
         return None
-    base = MoleFlowConfig.from_json(config_file) if config_file else MoleFlowConfig()
-    return base.with_overrides(backbone=backbone, image_size=image_size)
+    try:
+        base = MoleFlowConfig.from_json(config_file) if config_file else MoleFlowConfig()
+        return base.with_overrides(backbone=backbone, image_size=image_size)
+    except OSError as exc:
+        raise InputError(f"--config {config_file}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # MoleFlowConfig's checks of the user's fields (it names the file and the field)
+        raise InputError(str(exc)) from None
 
 
 @app.command()
@@ -96,7 +107,7 @@ def train(
         report = train_task(
             data, task, model, _config(config, backbone, image_size), steps, device=where, amp=amp, detector=detector
         )
-    except USER_ERRORS as exc:
+    except UserError as exc:
         fail(str(exc))
     typer.echo(
         f"trained {report.task} ({report.detector.value}): {report.images} images ({report.holdout_images} held out "
@@ -124,7 +135,7 @@ def eval_command(
     set_torch_threads(threads)
     try:
         results = evaluate(data, model, tasks.split(",") if tasks else None, oracle, device=where)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         fail(str(exc))
     typer.echo(format_eval_table(results))
     for name, metrics in results["tasks"].items():
@@ -156,7 +167,6 @@ def export(
 ) -> None:
     """Merge base + LoRA per task into fused ONNX graphs (and TensorRT engines); update the manifest."""
     from moleflow_edge.export.exporter import export_model
-    from moleflow_edge.export.tensorrt_engine import TensorRTUnavailable
 
     if (task is None) == (not all_tasks):
         fail("give exactly one of --task NAME or --all")
@@ -169,9 +179,7 @@ def export(
         report = export_model(model, out, None if all_tasks else [task], precisions, "onnx" if triton else fmt.value,
                               calib_data, sign=sign, device_id=where.index or 0, trusted_keys=trusted_key or ())  # fmt: skip
         repository = _triton_repository(out, precisions[0] if triton else None)
-    except TensorRTUnavailable as exc:
-        fail(str(exc))
-    except USER_ERRORS as exc:
+    except UserError as exc:  # TensorRTUnavailable included
         fail(str(exc))
     typer.echo(report.table())
     if repository:
@@ -199,7 +207,10 @@ def run(
     server: Optional[str] = typer.Option(
         None, help="Instead of --export: a moleflow-edge serve at HOST:PORT (Triton's HTTP port) or grpc://HOST:PORT."
     ),
-    send: str = typer.Option("raw", help="With --server, frames travel raw (exact), png (lossless) or jpeg (lossy)."),
+    send: Optional[str] = typer.Option(
+        None, show_default=False, help="With --server, frames travel raw (exact), png (lossless) or jpeg (lossy) "
+        "(default: RemoteRuntime's encoding)."
+    ),
     source: str = typer.Option(
         ..., help="Image folder, image file, video file, camera:N, a stream URL (rtsp://, http://) or a GStreamer "
         "pipeline ending in appsink."
@@ -216,7 +227,9 @@ def run(
     ),
     save: Optional[Path] = typer.Option(None, help="Write an overlay image per frame here."),
     show: bool = typer.Option(False, help="Show the overlays in a window."),
-    batch_size: int = typer.Option(1, min=1, help="Frames per inference call."),
+    batch_size: Optional[int] = typer.Option(
+        None, min=1, show_default=False, help="Frames per inference call (default: RunOptions.batch_size)."
+    ),
     follow: bool = typer.Option(
         False, help="With a folder --source: keep taking new image files as they are completely written to it "
         "(a camera's FTP/SMB drop folder), until --max-frames or Ctrl-C."
@@ -226,7 +239,10 @@ def run(
     trusted_key: Optional[list[Path]] = typer.Option(
         None, help="Public key file (repeatable): refuse exports not signed by one of these keys."
     ),
-    map_size: int = typer.Option(2048, min=1, help="Longest side of the anomaly map in pixels (caps huge frames)."),
+    map_size: Optional[int] = typer.Option(
+        None, min=1, show_default=False, help="Longest side of the anomaly map in pixels, capping huge frames "
+        "(default: RuntimeOptions.max_map_side)."
+    ),
     retries: Optional[int] = typer.Option(
         None, min=0, show_default=False, help="Times a camera or stream that stops is reopened, or a lost server "
         "tried again, before exit 3 (default: RunOptions.camera_retries; with --server, LinkOptions.retries)."
@@ -256,33 +272,29 @@ def run(
         fail("give exactly one of --export DIR (run here) or --server HOST:PORT (run on a moleflow-edge serve)")
     if server is not None and (backend.value != "auto" or precision or latency_target is not None or trusted_key):
         fail("--backend, --precision, --latency-target and --trusted-key are options of the server (serve), not here")
-    link = _given(retries=retries, retry_delay_s=retry_delay)  # unset: the options class's default
+    link = given(retries=retries, retry_delay_s=retry_delay)  # unset: the options class's default
+    map_side = given(max_map_side=map_size)
     try:
         remote = None
         if server is not None:
             from moleflow_edge.serving.client import RemoteRuntime
 
-            remote = RemoteRuntime(server, encoding=send, connect_timeout_s=connect_timeout, timeout_s=timeout,
-                                   max_map_side=map_size, maps=save is not None or show, **link)  # fmt: skip
+            remote = RemoteRuntime(server, connect_timeout_s=connect_timeout, timeout_s=timeout,
+                                   maps=save is not None or show, **given(encoding=send), **map_side, **link)  # fmt: skip
         loading = RuntimeOptions(
-            backend.value, precision, trusted_keys=trusted_key, max_map_side=map_size, latency_target_ms=latency_target
+            backend.value, precision, trusted_keys=trusted_key, latency_target_ms=latency_target, **map_side
         )
         where = export_dir or server  # only named in messages when a RemoteRuntime is given
-        camera = _given(camera_retries=retries, retry_delay_s=retry_delay)
-        options = RunOptions(where, loading, save, show, batch_size, max_frames, check=check, follow=follow,
+        camera = given(camera_retries=retries, retry_delay_s=retry_delay, batch_size=batch_size)
+        options = RunOptions(where, loading, save, show, max_frames=max_frames, check=check, follow=follow,
                              **camera)  # fmt: skip
         code = run_source(source, options, runtime=remote)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         fail(str(exc))
     except ServerLost as exc:  # the server did not answer at start
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(EXIT_CAMERA_LOST) from None
     raise typer.Exit(code)
-
-
-def _given(**options: object) -> dict[str, object]:
-    """The options the user set (not None): the others keep their options class's one default."""
-    return {name: value for name, value in options.items() if value is not None}
 
 
 def _link_default(name: str) -> float:
@@ -304,9 +316,15 @@ def bench(
         None, help=f"Comma-separated, from torch-eager, {', '.join(TARGET_NAMES)} (default: all; those missing "
         "here are skipped)."
     ),
-    precisions: str = typer.Option("fp32,int8", help="Comma-separated precisions."),
-    batch: str = typer.Option("1,8", help="Comma-separated batch sizes."),
-    iters: int = typer.Option(30, min=1, help="Timed iterations per setting, after warm-up."),
+    precisions: Optional[str] = typer.Option(
+        None, show_default=False, help="Comma-separated precisions (default: bench.run.bench's)."
+    ),
+    batch: Optional[str] = typer.Option(
+        None, show_default=False, help="Comma-separated batch sizes (default: bench.run.bench's)."
+    ),
+    iters: Optional[int] = typer.Option(
+        None, min=1, show_default=False, help="Timed iterations per setting, after warm-up (default: bench.run.bench's)."
+    ),
     data: Optional[Path] = typer.Option(None, help="Dataset root: adds image AUROC per backend."),
     model: Optional[Path] = typer.Option(None, help="Model directory: adds the PyTorch eager reference."),
     auroc_floor: Optional[float] = typer.Option(None, help="Fail (exit 1) if any image AUROC is below this."),
@@ -323,12 +341,14 @@ def bench(
         fail(f"unknown backend {', '.join(unknown)} in --backends; choose from {', '.join(BACKENDS)}")
     writable(json_out, "--json")
     try:
-        report = run_bench(export_dir, chosen, tuple(precisions.split(",")), positive_ints(batch, "--batch"),
-                           iters, data, model, auroc_floor, chart=chart)  # fmt: skip
+        settings = given(precisions=tuple(precisions.split(",")) if precisions else None, iters=iters,
+                         batches=positive_ints(batch, "--batch") if batch else None)  # fmt: skip
+        report = run_bench(export_dir, chosen, data_root=data, model_dir=model, auroc_floor=auroc_floor, chart=chart,
+                           **settings)  # fmt: skip
     except BenchError as exc:
         typer.secho(f"regression: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         fail(str(exc))
     if json_out:
         write_json(json_out, report)
@@ -344,7 +364,7 @@ def keygen(
     writable(out, "--out")
     try:
         private, public = generate_keypair(out)
-    except (*USER_ERRORS, OSError) as exc:
+    except (UserError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"private key {private} (keep it off the line PCs); public key {public} (copy it to them)")
 
@@ -352,19 +372,22 @@ def keygen(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), help="Folder for the synthetic data, model, export, results and maps."),
-    steps: Optional[int] = typer.Option(None, min=1, help="Most optimiser steps per task (default 90, --full 120)."),
-    full: bool = typer.Option(False, "--full", help="The larger run: 40 training images per product, 120 steps, "
-                              "every bench backend and up to 15 tasks in the growth test."),
+    steps: Optional[int] = typer.Option(
+        None, min=1, show_default=False, help=f"Most optimiser steps per task (default {QUICK.steps}, --full {FULL.steps})."
+    ),
+    full: bool = typer.Option(False, "--full", help=f"The larger run: {FULL.n_train} training images per product, "
+                              f"{FULL.steps} steps, every bench backend and up to {max(FULL.task_counts)} tasks in the "
+                              "growth test."),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_OPTION_HELP),
 ) -> None:
     """Synthetic data -> train 3 products one after another -> eval -> export -> calibrate -> bench -> runtime
     maps; under 3 minutes on 2 idle cores, and it ends by saying where everything is."""
-    from moleflow_edge.demo import FULL, QUICK, run_demo
+    from moleflow_edge.demo import run_demo
 
     writable(out, "--out", directory=True)
     try:
         outputs = run_demo(out, FULL if full else QUICK, steps, printer=typer.echo, threads=torch_threads(threads))
-    except USER_ERRORS as exc:
+    except UserError as exc:
         fail(str(exc))
     typer.echo(outputs.summary())
 

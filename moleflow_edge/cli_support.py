@@ -16,12 +16,15 @@ if TYPE_CHECKING:
 
 
 def fail(message: str) -> None:
-    """Print a clear one-line error and exit non-zero (no traceback for user mistakes)."""
+    """Print a clear one-line error and exit 2 (no traceback for user mistakes: errors.UserError)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+def given(**options: object) -> dict[str, object]:
+    """The options the user set (not None): the others keep the one default their options class or
+    function holds (the option's help names it), so that no default is written twice."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def write_json(path: Path, results: object) -> None:
@@ -33,12 +36,12 @@ def write_json(path: Path, results: object) -> None:
 
 def writable(path: Optional[Path], option: str, *, directory: bool = False) -> None:
     """Fail before any work when an output path cannot be written (not after an hour of eval)."""
-    from moleflow_edge.atomic import check_writable
+    from moleflow_edge.atomic import OutputError, check_writable
 
     if path is not None:
         try:
             check_writable(path, option, directory=directory)
-        except ValueError as exc:
+        except OutputError as exc:
             fail(str(exc))
 
 

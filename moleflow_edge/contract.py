@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from moleflow_edge import __version__
 from moleflow_edge.atomic import write_text_atomic
 from moleflow_edge.config import DetectorKind, MoleFlowConfig
+from moleflow_edge.errors import UserError
 from moleflow_edge.json_checks import Check, int_at_least, is_object, number, text
 from moleflow_edge.signing import SignatureError, checking_keys, record_signer, sign, sign_from_model, signed_by, verify
 
@@ -61,7 +62,7 @@ class Precision(str, Enum):
     INT8 = "int8"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A missing, unreadable, tampered or incompatible export directory."""
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from moleflow_edge.atomic import OutputError
 from moleflow_edge.config import MoleFlowConfig
 
 TASKS = ("weave", "screw", "cap")  # learned in this order
@@ -133,7 +134,7 @@ def run_demo(out: str | Path, plan: DemoPlan = QUICK, steps: int | None = None,
     root = Path(out)
     data, model, export_dir = root / "data", root / "model", root / "export"
     if ModelStore(model).tasks():
-        raise FileExistsError(f"{model} already holds a model; remove {root} or pass another --out")
+        raise OutputError(f"{model} already holds a model; remove {root} or pass another --out")
     if threads is not None:
         import torch
 

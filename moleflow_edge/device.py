@@ -17,6 +17,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import torch
 
+from moleflow_edge.errors import UserError
+
 DEVICE_HELP = "auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N"
 _SPEC = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 
@@ -24,7 +26,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError):
     """A device that cannot be used here, or CUDA out of memory; the message says what to do."""
 
 

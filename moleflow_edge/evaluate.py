@@ -20,6 +20,7 @@ from moleflow_edge.anomaly_map import anomaly_map
 from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.mvtec import Split, load_split
 from moleflow_edge.device import names_batch_on_oom, resolve_device
+from moleflow_edge.errors import InputError
 from moleflow_edge.features import FEATURE_BATCH, extract_features
 from moleflow_edge.metrics import aupro, auroc, average_precision
 from moleflow_edge.model_store import ModelStore
@@ -78,7 +79,7 @@ def evaluate(
     wanted = order if tasks is None else tasks
     unknown = [t for t in wanted if t not in order]
     if unknown:
-        raise ValueError(f"tasks {unknown} are not trained in {model_dir} (trained: {order})")
+        raise InputError(f"tasks {unknown} are not trained in {model_dir} (trained: {order})")
     table = router_table(model, prototypes)
     detectors = TaskDetectors(model)
 

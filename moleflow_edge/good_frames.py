@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from moleflow_edge.errors import InputError, UserError
 from moleflow_edge.runtime.camera_loop import SourceError, iter_source
 from moleflow_edge.runtime.video_io import is_stream_url, redact
 
@@ -28,7 +29,7 @@ DUPLICATE_GREY_LEVELS = 1.0
 MAX_READS_PER_FRAME = 10
 
 
-class FrameSourceError(ValueError):
+class FrameSourceError(UserError):
     """The source cannot be read, or holds too few distinct good frames; says how many it had."""
 
 
@@ -67,7 +68,7 @@ def take_good_frames(
     with ``at_least`` frames or more, else refused (FrameSourceError, one line with the counts).
     ``progress`` hears about every frame taken."""
     if wanted < 1 or at_least > wanted:
-        raise ValueError(f"--frames must be >= {max(1, at_least)}, got {wanted}")
+        raise InputError(f"--frames must be >= {max(1, at_least)}, got {wanted}")
     label = redact(source) if is_stream_url(source.strip()) else source
     taken = GoodFrames(label, wanted)
     thumbnails = np.empty((0, THUMBNAIL_SIDE * THUMBNAIL_SIDE), np.float32)

@@ -37,6 +37,7 @@ from moleflow_edge.calibration.manifest_update import now_utc
 from moleflow_edge.calibration.thresholds import NormalFrames, TaskCalibration, calibrate
 from moleflow_edge.contract import MANIFEST_FILE, Precision, load_manifest
 from moleflow_edge.data.mvtec import GOOD
+from moleflow_edge.errors import InputError
 from moleflow_edge.export.artifacts import ExportReport
 from moleflow_edge.export.exporter import export_model
 from moleflow_edge.good_frames import GoodFrames, take_good_frames
@@ -81,7 +82,7 @@ def _check_before_reading(task: str, model_dir: Path, export_dir: Path, options:
     """Every refusal that can be found before frames are read and a task trained; the notes to give."""
     check_task_name(task)
     if Precision.INT8 in check_export_args("onnx", options.precisions)[1]:
-        raise ValueError(
+        raise InputError(
             "learn exports fp32 or fp16: int8 graphs need calibration images for the backbone; add them after learn "
             f"with moleflow-edge export --model {model_dir} --task {task} --precision int8 --calib-data ROOT"
         )

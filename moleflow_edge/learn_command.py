@@ -13,13 +13,14 @@ import typer
 from moleflow_edge.cli_support import (
     DEVICE_OPTION_HELP,
     THREADS_OPTION_HELP,
-    USER_ERRORS,
     chosen_device,
     fail,
     frame_progress,
+    given,
     set_torch_threads,
 )
 from moleflow_edge.config import DetectorKind
+from moleflow_edge.errors import UserError
 from moleflow_edge.learn_options import LEARNED_DIR, LearnOptions
 
 
@@ -38,7 +39,10 @@ def learn(
     detector: Optional[DetectorKind] = typer.Option(
         None, help="memory (no gradient step: seconds) or flow; default: the model's config (flow)."
     ),
-    target_fpr: float = typer.Option(LearnOptions.target_fpr, help="False-positive rate the threshold aims at."),
+    target_fpr: Optional[float] = typer.Option(
+        None, show_default=False, help="False-positive rate the threshold aims at (default: calibrate's, "
+        "calibration/order_statistics.py TARGET_FPR)."
+    ),
     precision: list[str] = typer.Option(list(LearnOptions.precisions), help="fp32 and/or fp16 (repeat or comma-separate)."),
     sign: Optional[Path] = typer.Option(None, help="Private key that signs the export's manifest (signed exports)."),
     trusted_key: Optional[list[Path]] = typer.Option(
@@ -57,10 +61,11 @@ def learn(
     where = chosen_device(device, lambda _: "training")
     set_torch_threads(threads)
     chosen = tuple(p.strip() for item in precision for p in item.split(",") if p.strip())
-    options = LearnOptions(frames, detector, target_fpr, chosen, sign, tuple(trusted_key or ()), str(where))
+    options = LearnOptions(frames, detector, precisions=chosen, sign=sign, trusted_keys=tuple(trusted_key or ()),
+                           device=str(where), **given(target_fpr=target_fpr))  # fmt: skip
     try:
         report = learn_product(source, task, model, export_dir, options, frame_progress, say)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         typer.echo("", err=True)
         fail(str(exc))
     typer.echo("", err=True)

@@ -18,13 +18,14 @@ from types import TracebackType
 from typing import TypeVar
 
 from moleflow_edge.atomic import OutputError, check_writable, current_umask
+from moleflow_edge.errors import UserError
 
 F = TypeVar("F", bound=Callable[..., object])
 
 LOCK_FILE = ".lock"
 
 
-class FolderLocked(ValueError):
+class FolderLocked(UserError):
     """Another process is writing the same folder (a usage error: the CLI prints it without a traceback)."""
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from moleflow_edge.atomic import sweep_stale_temps, write_atomic, write_text_atomic
 from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import DetectorKind, MoleFlowConfig
+from moleflow_edge.errors import UserError
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.router import Prototype
 
@@ -35,7 +36,7 @@ TASK_DIR = "tasks"
 ROUTER_PREFIX = "router."
 
 
-class ModelDirError(ValueError):
+class ModelDirError(UserError):
     """A model directory that is missing, incomplete or inconsistent."""
 
 

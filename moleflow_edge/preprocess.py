@@ -12,10 +12,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from moleflow_edge.errors import UserError
+
 __all__ = ["FrameError", "check_frame", "resize_frame", "read_image_bgr"]
 
 
-class FrameError(ValueError):
+class FrameError(UserError):
     """A frame that cannot be processed; the message names what is wrong."""
 
 

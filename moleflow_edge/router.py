@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moleflow_edge.config import Covariance
+from moleflow_edge.errors import UserError
 
 UNKNOWN = "unknown"
 MIN_IMAGES = 2  # a mean and a spread need two images
@@ -139,11 +140,11 @@ def fit_prototype(
     """
     feats = np.asarray(features, dtype=np.float64)
     if feats.ndim != 2 or len(feats) < MIN_IMAGES:
-        raise ValueError(f"a router prototype needs at least {MIN_IMAGES} training images, got {len(feats)}")
+        raise UserError(f"a router prototype needs at least {MIN_IMAGES} training images, got {len(feats)}")
     n, c = feats.shape
     spread = np.sum((feats - feats.mean(axis=0)) ** 2) / (n * c)  # mean variance per channel
     if spread <= 1e-12 * np.mean(feats**2):
-        raise ValueError(f"the {n} training images give identical router features: add distinct good images")
+        raise UserError(f"the {n} training images give identical router features: add distinct good images")
     target = spread * np.eye(c)
     extra = np.zeros((0, n, c)) if variants is None else np.asarray(variants, dtype=np.float64).reshape(-1, n, c)
     views = np.concatenate([feats[None], extra])  # (1+V,N,C): the originals first

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moleflow_edge.atomic import write_atomic, write_text_atomic
+from moleflow_edge.errors import UserError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -30,8 +31,11 @@ SIGNED_MARKER = "signed-by"
 UNKNOWN_SIGNER = "unknown"  # what an unreadable marker says: the folder was signed, by whom is not known
 
 
-class SignatureError(ValueError):
-    """A key that cannot be read, or a manifest whose signature is missing or does not verify."""
+class SignatureError(UserError, ValueError):
+    """A key that cannot be read, or a manifest whose signature is missing or does not verify.
+
+    Also a ValueError: Runtime.load raises it, and its callers (the camera loop, serve, doctor, the
+    live-export switch) refuse an export on ValueError."""
 
 
 def _crypto():  # noqa: ANN202 - the cryptography modules, imported where keys are used

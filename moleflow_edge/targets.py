@@ -17,6 +17,7 @@ from enum import Enum
 from importlib import metadata
 
 from moleflow_edge.contract import Precision
+from moleflow_edge.errors import InputError
 
 
 class Backend(str, Enum):
@@ -90,7 +91,7 @@ def target(name: str) -> Target:
     for row in TARGETS:
         if row.name == name:
             return row
-    raise ValueError(f"unknown target {name!r}; choose one of {', '.join(TARGET_NAMES)}")
+    raise InputError(f"unknown target {name!r}; choose one of {', '.join(TARGET_NAMES)}")
 
 
 def resolve_backend(choice: str) -> tuple[Backend, tuple[str, ...] | None]:
@@ -103,7 +104,7 @@ def resolve_backend(choice: str) -> tuple[Backend, tuple[str, ...] | None]:
     if value in TARGET_NAMES:
         row = target(value)
         return row.backend, row.providers or None
-    raise ValueError(f"unknown backend {value!r}; choose auto or a target: {', '.join(TARGET_NAMES)}")
+    raise InputError(f"unknown backend {value!r}; choose auto or a target: {', '.join(TARGET_NAMES)}")
 
 
 ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
@@ -119,17 +120,17 @@ def check_export_args(fmt: str, precisions: Iterable[str]) -> tuple[ExportFormat
     try:
         export_format = ExportFormat(fmt)
     except ValueError:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {[f.value for f in ExportFormat]}") from None
+        raise InputError(f"unknown export format {fmt!r}; choose one of {[f.value for f in ExportFormat]}") from None
     chosen: list[Precision] = []
     for name in precisions:
         try:
             precision = Precision(name)
         except ValueError:
-            raise ValueError(f"unknown precision {name!r}; choose from {[p.value for p in Precision]}") from None
+            raise InputError(f"unknown precision {name!r}; choose from {[p.value for p in Precision]}") from None
         if precision not in chosen:
             chosen.append(precision)
     if not chosen:
-        raise ValueError("give at least one precision (fp32, fp16 or int8)")
+        raise InputError("give at least one precision (fp32, fp16 or int8)")
     return export_format, tuple(chosen)
 
 

@@ -22,6 +22,7 @@ from moleflow_edge.config import DetectorKind, MoleFlowConfig
 from moleflow_edge.data.mvtec import load_split
 from moleflow_edge.detectors import FitOptions, TrainingSet, detector_of
 from moleflow_edge.device import amp_dtype, autocast, names_batch_on_oom, resolve_device
+from moleflow_edge.errors import InputError
 from moleflow_edge.features import FEATURE_BATCH, ImageFeatures, extract_features
 from moleflow_edge.locking import locks_folder
 from moleflow_edge.model.mole_flow import MoleFlow
@@ -135,7 +136,7 @@ def train_task(
     """
     check_new_task(data_root, task, model_dir)  # every refusal before any backbone or training work
     if steps is not None and steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}: nothing was trained")
+        raise InputError(f"steps must be >= 1, got {steps}: nothing was trained")
     asked = None if detector is None else DetectorKind(detector)  # a kind that does not exist: refused now
     device = resolve_device(device)
     store = ModelStore(model_dir)

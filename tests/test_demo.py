@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from moleflow_edge.atomic import OutputError
 from moleflow_edge.demo import FULL, QUICK, TASKS, UNSEEN, run_demo
 from moleflow_edge.device import choose_threads
 
@@ -74,5 +75,5 @@ def test_demo_runs_the_whole_path(tmp_path: Path) -> None:
     assert "charts" in summary and "results" in summary and "maps" in summary
     assert any(line.startswith("[") and "trained cap" in line for line in lines)  # per-stage times
 
-    with pytest.raises(FileExistsError, match="already holds a model"):  # never trains over a model
+    with pytest.raises(OutputError, match="already holds a model"):  # never trains over a model
         run_demo(outputs.out, TEST_PLAN, printer=lines.append)

@@ -23,7 +23,7 @@ from moleflow_edge.contract import Manifest, ManifestError, Precision, file_sha2
 from moleflow_edge.data.mvtec import Split, load_split
 from moleflow_edge.data.synth import generate
 from moleflow_edge.export import onnx_graphs
-from moleflow_edge.export.artifacts import ExportReport
+from moleflow_edge.export.artifacts import ExportError, ExportReport
 from moleflow_edge.export.exporter import export_model
 from moleflow_edge.export.trt_compat import check_tensorrt_compat
 from moleflow_edge.metrics import auroc
@@ -343,10 +343,10 @@ def test_format_table_checks_arguments() -> None:
 
 
 def test_int8_without_calibration_data_is_refused(trained: Trained, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="--calib-data"):
+    with pytest.raises(ExportError, match="--calib-data"):
         export_model(trained.model_dir, tmp_path / "out", precisions=["int8"])
 
 
 def test_unknown_task_is_refused(trained: Trained, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"tasks \['cable'\] are not trained"):
+    with pytest.raises(ExportError, match=r"tasks \['cable'\] are not trained"):
         export_model(trained.model_dir, tmp_path / "out", tasks=["cable"])

@@ -22,6 +22,7 @@ from moleflow_edge.atomic import OutputError
 from moleflow_edge.calibration import calibrate
 from moleflow_edge.cli import app
 from moleflow_edge.data.mvtec import DatasetError, load_split
+from moleflow_edge.errors import UserError
 from moleflow_edge.features import extract_features
 from moleflow_edge.model_store import ModelDirError, ModelStore
 from moleflow_edge.router import FEW_IMAGES, UNKNOWN, RouterTable, fit_prototype, limit_widening
@@ -62,9 +63,9 @@ def test_new_normal_samples_stay_within_a_few_image_limit(n: int) -> None:
 
 
 def test_prototype_refuses_one_image_and_identical_images() -> None:
-    with pytest.raises(ValueError, match="at least 2 training images, got 1"):
+    with pytest.raises(UserError, match="at least 2 training images, got 1"):
         fit_prototype(np.ones((1, 8)), "ledoit_wolf", 1e-5, QUANTILE, MARGIN)
-    with pytest.raises(ValueError, match="identical router features"):
+    with pytest.raises(UserError, match="identical router features"):
         fit_prototype(np.ones((3, 8)), "ledoit_wolf", 1e-5, QUANTILE, MARGIN)
 
 

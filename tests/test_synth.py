@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from moleflow_edge.atomic import OutputError
 from moleflow_edge.data import mvtec, synth
 
 SIZE = 64
@@ -98,7 +99,7 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path: Path) -> None:
     real = tmp_path / "screw" / "train" / "good"
     real.mkdir(parents=True)
     (real / "keep.png").write_bytes(b"real data")
-    with pytest.raises(FileExistsError, match="screw"):
+    with pytest.raises(OutputError, match="screw"):
         synth.generate(tmp_path, ["screw"], image_size=SIZE, **COUNTS)
     assert (real / "keep.png").read_bytes() == b"real data"
 

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import pytest
 
+from moleflow_edge.errors import UserError
 from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime import Runtime
 from moleflow_edge.serving.libpython import prepare_stub_environment, serving_problem
@@ -253,7 +254,7 @@ def test_a_repository_with_other_graphs_is_not_refreshed(repository: tuple[Path,
     graph = copy / "triton" / "moleflow_task_weave" / "1" / "model.onnx"
     graph.write_bytes(graph.read_bytes() + b"\0")  # as if written from another export of the task
     before = (copy / "triton" / "moleflow" / "1" / "manifest.json").read_bytes()
-    with pytest.raises(ValueError, match="moleflow_task_weave.*export --format triton"):
+    with pytest.raises(UserError, match="moleflow_task_weave.*export --format triton"):
         refresh_triton_repository(copy)
     assert (copy / "triton" / "moleflow" / "1" / "manifest.json").read_bytes() == before
 

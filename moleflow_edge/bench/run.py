@@ -18,6 +18,7 @@ from moleflow_edge.bench.pipelines import BACKENDS, EAGER, make_pipeline
 from moleflow_edge.bench.tables import markdown_table, save_chart, summary_table
 from moleflow_edge.bench.task_growth import TASK_COUNTS, task_growth
 from moleflow_edge.contract import Manifest, load_manifest
+from moleflow_edge.errors import MoleflowError
 
 ROUTING_NOTE = (
     "no --data: 16 random frames, which match no product; unknown-product limits are lifted so that "
@@ -25,7 +26,7 @@ ROUTING_NOTE = (
 )
 
 
-class BenchError(RuntimeError):
+class BenchError(MoleflowError):
     """A benchmark result below the requested floor (a regression), or nothing could run."""
 
 

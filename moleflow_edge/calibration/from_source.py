@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moleflow_edge.calibration.order_statistics import MIN_NORMALS, CalibrationError, min_normal_count
+from moleflow_edge.calibration.order_statistics import MIN_NORMALS, TARGET_FPR, CalibrationError, min_normal_count
 from moleflow_edge.calibration.thresholds import BATCH, CalibrationReport, NormalFrames, calibrate
 from moleflow_edge.contract import load_manifest
 from moleflow_edge.good_frames import GoodFrames, take_good_frames
@@ -48,7 +48,7 @@ def calibrate_from_source(
     source: str,
     tasks: list[str] | None = None,
     frames: int | None = None,
-    target_fpr: float = 0.01,
+    target_fpr: float = TARGET_FPR,
     *,
     precision: str = "fp32",
     sign: str | Path | None = None,

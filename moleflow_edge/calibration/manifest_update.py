@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING
 from moleflow_edge.contract import (
     MANIFEST_FILE,
     Manifest,
+    ManifestError,
     Precision,
     TaskEntry,
     is_signed,
     load_manifest,
     save_manifest,
 )
+from moleflow_edge.errors import UserError
 from moleflow_edge.locking import FolderLock
 from moleflow_edge.serving.triton_decisions import refresh_triton_repository
 from moleflow_edge.signing import load_private_key, load_public_keys, sign_from_model
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
 BEFORE_HISTORY = "set before the threshold history was kept"
 
 
-class UpdateError(ValueError):
+class UpdateError(UserError):
     """The export cannot be updated as asked (signed without a key, changed meanwhile, no such task)."""
 
 
@@ -113,7 +115,7 @@ def set_threshold(
     update = ManifestUpdate.open(export_dir, sign, trusted_keys)
     try:
         entry = update.manifest.task(task)
-    except ValueError as exc:
+    except ManifestError as exc:
         raise UpdateError(str(exc)) from None
     if chosen not in entry.graphs:
         raise UpdateError(f"task {task!r} has no {chosen} graph in {update.root} (has {sorted(entry.graphs)})")

@@ -17,11 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moleflow_edge.errors import UserError
+
 UPPER_BOUND_LEVEL = 0.95
+TARGET_FPR = 0.01  # the false-positive rate a threshold aims at unless told otherwise (calibrate, learn)
 MIN_NORMALS = 5  # fewer normal images give no threshold worth deploying (E[FPR] of the maximum: 1/6)
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError):
     """Too few or missing normal images, or an export that cannot be calibrated; says what to add."""
 
 

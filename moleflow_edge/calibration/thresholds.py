@@ -36,6 +36,7 @@ from moleflow_edge.augment import CAMERA_JPEG_QUALITIES, jpeg_round_trips
 from moleflow_edge.calibration.manifest_update import ManifestUpdate, record_threshold
 from moleflow_edge.calibration.order_statistics import (
     MIN_NORMALS,
+    TARGET_FPR,
     CalibrationError,
     f1_optimal,
     min_normal_count,
@@ -173,7 +174,7 @@ class CalibrationReport:
 def calibrate(
     export_dir: str | Path,
     data_root: str | Path | None,
-    target_fpr: float = 0.01,
+    target_fpr: float = TARGET_FPR,
     min_count: int | None = None,
     *,
     confidence: float | None = None,

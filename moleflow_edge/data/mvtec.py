@@ -22,6 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from moleflow_edge.errors import UserError
 from moleflow_edge.preprocess import FrameError, read_image_bgr, resize_frame
 
 __all__ = [
@@ -41,7 +42,7 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 GOOD = "good"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """Bad dataset layout or content; the message names the file or folder and what to do."""
 
 

@@ -22,6 +22,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from moleflow_edge.atomic import OutputError
+from moleflow_edge.errors import InputError
+
 __all__ = ["CATEGORIES", "DEFECT_KINDS", "generate"]
 
 CATEGORIES = ("weave", "tiles", "screw", "cap")
@@ -305,7 +308,7 @@ def _make_image(
         mask = change > 0
         if mask.mean() >= MIN_DEFECT_AREA and change[mask].mean() >= MIN_DEFECT_CONTRAST:
             return image, mask.astype(np.uint8) * 255
-    raise RuntimeError(
+    raise InputError(
         f"could not draw a visible {defect!r} defect on {category!r} at image_size={size} "
         f"in {MAX_DEFECT_TRIES} tries; use a larger image_size"
     )
@@ -326,7 +329,7 @@ def _prepare_category_dir(folder: Path) -> None:
     """
     if folder.exists():
         if not (folder / MARKER).is_file() and any(folder.iterdir()):
-            raise FileExistsError(
+            raise OutputError(
                 f"{folder} exists and was not written by the synthetic generator; choose another --out folder"
             )
         shutil.rmtree(folder)
@@ -351,13 +354,13 @@ def generate(
     names = list(CATEGORIES if categories is None else categories)
     unknown = [c for c in names if c not in CATEGORIES]
     if unknown:
-        raise ValueError(f"unknown synthetic categories {unknown}; valid ones are {', '.join(CATEGORIES)}")
+        raise InputError(f"unknown synthetic categories {unknown}; valid ones are {', '.join(CATEGORIES)}")
     if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
+        raise InputError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
     if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
+        raise InputError(f"seed must be non-negative, got {seed}")
     if n_train < 1 or n_test_good < 0 or n_test_defect < 0:
-        raise ValueError("n_train must be >= 1, and n_test_good and n_test_defect >= 0")
+        raise InputError("n_train must be >= 1, and n_test_good and n_test_defect >= 0")
 
     root = Path(out)
     for name in names:

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from moleflow_edge.contract import Manifest
+from moleflow_edge.errors import UserError
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export that cannot be made as asked; the message names the argument or file at fault."""
 
 

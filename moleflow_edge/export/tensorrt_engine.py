@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from moleflow_edge.atomic import write_atomic
 from moleflow_edge.contract import ArtifactFile, Precision, file_sha256, load_manifest, save_manifest
+from moleflow_edge.errors import EngineError, UserError
 from moleflow_edge.export.artifacts import ExportedFile, ExportReport, source_hash
 from moleflow_edge.runtime import trt_api
 
@@ -31,7 +32,7 @@ WORKSPACE_BYTES = 1 << 30
 TRTEXEC_TIMING_CACHE = "engines/timing/trtexec.cache"
 
 
-class TensorRTUnavailable(ImportError):
+class TensorRTUnavailable(UserError):
     """tensorrt or cuda-python is missing; the message carries the trtexec commands to run instead."""
 
 
@@ -79,7 +80,7 @@ def build_target(trt: Any, device_id: int = 0) -> BuildTarget:
     if not cm.cuda_available():
         raise TensorRTUnavailable("building TensorRT engines needs cuda-python: pip install 'cuda-python>=12'")
     if cm.device_count() == 0:
-        raise RuntimeError("no CUDA device is visible; engines must be built on the GPU that runs them")
+        raise EngineError("no CUDA device is visible; engines must be built on the GPU that runs them")
     cm.set_device(device_id)
     runtime = int(cm.check_cuda(cm.cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"))  # 12060 = 12.6
     cuda = f"{runtime // 1000}.{runtime % 1000 // 10}"
@@ -162,7 +163,7 @@ class EngineBuilder:
         parser = trt.OnnxParser(network, self.logger)
         if not parser.parse_from_file(str(job.onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"TensorRT could not parse {job.onnx_path}: {errors}")
+            raise EngineError(f"TensorRT could not parse {job.onnx_path}: {errors}")
         config = self.builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
         self._attach_timing_cache(config)
@@ -171,7 +172,7 @@ class EngineBuilder:
         config.add_optimization_profile(profile)
         plan = self.builder.build_serialized_network(network, config)
         if plan is None:
-            raise RuntimeError(f"TensorRT failed to build an engine from {job.onnx_path} (see the log above)")
+            raise EngineError(f"TensorRT failed to build an engine from {job.onnx_path} (see the log above)")
         write_atomic(job.engine_path, lambda tmp: tmp.write_bytes(bytes(plan)))
         cache = bytes(config.get_timing_cache().serialize())
         write_atomic(self.timing_cache_path, lambda tmp: tmp.write_bytes(cache))
@@ -195,7 +196,7 @@ class EngineBuilder:
                 stacklevel=3,
             )
         if not config.set_timing_cache(config.create_timing_cache(b""), False):
-            raise RuntimeError("TensorRT refused an empty timing cache; cannot build engines with this TensorRT")
+            raise EngineError("TensorRT refused an empty timing cache; cannot build engines with this TensorRT")
 
 
 def export_engines(

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from moleflow_edge.contract import ArtifactFile, load_manifest
+from moleflow_edge.errors import UserError
 from moleflow_edge.export.triton_models import info_model, moleflow_model
 from moleflow_edge.serving.protocol import (
     BACKBONE_MODEL,
@@ -116,7 +117,7 @@ def write_triton_repository(
         t.name for t in manifest.tasks if prec not in t.graphs
     ]
     if missing or not manifest.tasks:
-        raise ValueError(f"{root} has no {prec} graph for {', '.join(missing) or 'any task'}: export it first")
+        raise UserError(f"{root} has no {prec} graph for {', '.join(missing) or 'any task'}: export it first")
     staging = out.parent / f".{out.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

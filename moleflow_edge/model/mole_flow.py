@@ -15,6 +15,7 @@ from torch import nn
 
 from moleflow_edge.backbones import Backbone, BackboneMaps
 from moleflow_edge.config import AnomalyScore, DetectorKind, MoleFlowConfig, RouterPooling
+from moleflow_edge.errors import InputError
 from moleflow_edge.model.adapters import SpatialContextMixer, WhiteningAdapter
 from moleflow_edge.model.coupling import AffineCoupling, DIASubnet, MoLESubnet, run_couplings
 from moleflow_edge.model.embedding import FeatureEmbedder, patch_concat
@@ -28,7 +29,7 @@ PER_TASK = "per_task"
 def check_task_name(task: str) -> str:
     """Task names become file names and weight keys: letters, digits, '_' and '-' only."""
     if not TASK_NAME.match(task):
-        raise ValueError(f"task name {task!r} must be letters, digits, '_' or '-' (starting with a letter or digit)")
+        raise InputError(f"task name {task!r} must be letters, digits, '_' or '-' (starting with a letter or digit)")
     return task
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from moleflow_edge.contract import ArtifactFile, Manifest, ManifestError, Precision, TaskEntry, file_sha256
+from moleflow_edge.errors import EngineError
 from moleflow_edge.targets import TARGETS, Backend, module_available, not_installed
 
 
-class BackendError(RuntimeError):
+class BackendError(EngineError):
     """A backend that is not installed, cannot run this export, or failed to run."""
 
 

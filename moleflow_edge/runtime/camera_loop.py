@@ -25,6 +25,7 @@ import numpy as np
 
 from moleflow_edge.atomic import check_writable
 from moleflow_edge.contract import ManifestError
+from moleflow_edge.errors import LinkError
 from moleflow_edge.preprocess import FrameError, read_image_bgr
 from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime.backend import BackendError
@@ -53,7 +54,7 @@ CAMERA = re.compile(r"camera:(\d+)")
 STREAM_TIMEOUT_MS = 5000
 
 
-class SourceError(RuntimeError):
+class SourceError(LinkError):
     """The source cannot be opened or read at all."""
 
 
@@ -61,7 +62,7 @@ class CameraLost(SourceError):
     """A camera or stream stopped delivering frames and reopening it did not help."""
 
 
-class ServerLost(RuntimeError):
+class ServerLost(LinkError):
     """The inference server (run --server) stopped answering and retrying did not help."""
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from moleflow_edge.errors import EngineError
+
 try:  # cuda-python >= 12.6
     from cuda.bindings import runtime as cudart
 except ImportError:  # pragma: no cover - depends on the installed cuda-python
@@ -37,7 +39,7 @@ __all__ = [
 ]
 
 
-class CudaError(RuntimeError):
+class CudaError(EngineError):
     """A CUDA runtime call failed; the message has CUDA's own error name and text."""
 
 

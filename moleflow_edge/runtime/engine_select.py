@@ -29,6 +29,7 @@ import numpy as np
 
 from moleflow_edge.atomic import write_text_atomic
 from moleflow_edge.contract import Manifest, Precision
+from moleflow_edge.errors import EngineError, UserError
 from moleflow_edge.runtime.backend import BackendError
 from moleflow_edge.runtime.options import RuntimeOptions
 from moleflow_edge.targets import (
@@ -236,7 +237,7 @@ def select_engine(
                 if c.target.provider is not None and runtime.provider != c.target.provider:
                     raise BackendError(f"onnxruntime fell back to {runtime.provider}")
                 ms[c.key] = time_candidate(runtime, clock)
-        except (RuntimeError, ValueError, OSError) as exc:  # BackendError, ManifestError, an engine's own errors
+        except (EngineError, UserError, RuntimeError, OSError) as exc:  # BackendError, ManifestError, an engine's own errors
             failed[c.key] = str(exc)
     cache_error = None
     if any(c.key in ms for c in to_time):  # something was timed now: keep it for the next load

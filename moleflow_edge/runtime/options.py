@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from moleflow_edge.contract import Precision
+from moleflow_edge.errors import InputError
 from moleflow_edge.targets import Backend
 
 DEFAULT_MAX_RESIDENT_TASKS = 8
@@ -26,14 +27,14 @@ def enum_member(cls: type[E], value: object, what: str) -> E:
         return cls(value.value if isinstance(value, cls) else str(value).lower())
     except ValueError:
         choices = ", ".join(str(m.value) for m in cls)
-        raise ValueError(f"unknown {what} {value!r}; choose one of: {choices}") from None
+        raise InputError(f"unknown {what} {value!r}; choose one of: {choices}") from None
 
 
 def check_target_ms(target_ms: object) -> None:
     """Refuse a latency target that no timing can be compared with (<= 0, NaN, inf, not a number)."""
     ok = isinstance(target_ms, (int, float)) and not isinstance(target_ms, bool) and math.isfinite(target_ms)
     if not (ok and target_ms > 0):  # type: ignore[operator]
-        raise ValueError(f"the latency target must be a number of milliseconds > 0, got {target_ms!r}")
+        raise InputError(f"the latency target must be a number of milliseconds > 0, got {target_ms!r}")
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,9 @@ class RuntimeOptions:
         if self.latency_target_ms is not None:
             check_target_ms(self.latency_target_ms)
             if self.providers is not None:
-                raise ValueError("providers and latency_target_ms cannot be combined: each timed target has its own")
+                raise InputError("providers and latency_target_ms cannot be combined: each timed target has its own")
         if self.max_map_side is not None and self.max_map_side < 1:
-            raise ValueError(f"max_map_side must be >= 1 pixel or None, got {self.max_map_side}")
+            raise InputError(f"max_map_side must be >= 1 pixel or None, got {self.max_map_side}")
 
     @property
     def chosen_precision(self) -> Precision:
@@ -113,9 +114,9 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_frames is not None and self.max_frames < 0:
-            raise ValueError(f"max_frames must be >= 0, got {self.max_frames}")
+            raise InputError(f"max_frames must be >= 0, got {self.max_frames}")
 
 
 @dataclass(frozen=True)
@@ -139,9 +140,9 @@ class LinkOptions:
         for name in ("connect_timeout_s", "timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+                raise InputError(f"{name} must be a number of seconds > 0, got {value!r}")
         if self.retries < 0 or not self.retry_delay_s >= 0:
-            raise ValueError(f"retries and retry_delay_s must be >= 0, got {self.retries} and {self.retry_delay_s}")
+            raise InputError(f"retries and retry_delay_s must be >= 0, got {self.retries} and {self.retry_delay_s}")
 
     @property
     def longest_wait_s(self) -> float:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from moleflow_edge.contract import Manifest, Precision
+from moleflow_edge.errors import EngineError
 
 MIN_MAJOR = 10  # the graphs are opset 18: TensorRT 10's parser is the first that reads them
 DEFAULT_BATCH_PROFILE = (1, 1, 8)  # min, opt, max of the dynamic batch axis
@@ -23,7 +24,7 @@ _NUMPY_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32
                 "INT64": np.int64, "BOOL": np.bool_, "UINT8": np.uint8}  # fmt: skip
 
 
-class TensorRTVersionError(RuntimeError):
+class TensorRTVersionError(EngineError):
     """The installed TensorRT is older than the graphs need."""
 
 

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from moleflow_edge.contract import Precision
+from moleflow_edge.errors import InputError
 from moleflow_edge.preprocess import FrameError, check_frame, frame_list
 from moleflow_edge.runtime.backend import BackendError
 from moleflow_edge.runtime.camera_loop import ServerLost
@@ -84,7 +85,7 @@ def parse_address(address: str) -> tuple[str, str]:
     protocol, _, rest = address.partition("://") if "://" in address else ("http", "", address)
     host, _, port = rest.rstrip("/").rpartition(":")
     if protocol not in ("http", "grpc") or not host or not port.isdigit():
-        raise ValueError(f"--server takes HOST:PORT (Triton's HTTP port) or grpc://HOST:PORT, got {address!r}")
+        raise InputError(f"--server takes HOST:PORT (Triton's HTTP port) or grpc://HOST:PORT, got {address!r}")
     return protocol, f"{host}:{port}"
 
 
@@ -105,7 +106,7 @@ class RemoteRuntime:
         maps: bool = True,
     ) -> None:
         if encoding not in ENCODINGS:
-            raise ValueError(f"unknown frame encoding {encoding!r}; choose one of: {', '.join(ENCODINGS)}")
+            raise InputError(f"unknown frame encoding {encoding!r}; choose one of: {', '.join(ENCODINGS)}")
         self.link = LinkOptions(connect_timeout_s, timeout_s, retries, retry_delay_s)  # checked there
         self.protocol, self.url = parse_address(address)
         self.encoding = encoding

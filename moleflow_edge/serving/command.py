@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from moleflow_edge.errors import UserError
 from moleflow_edge.targets import TargetChoice
 
 
@@ -42,7 +43,7 @@ def serve(
         options = ServeOptions(
             address, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, map_size, drain_timeout
         )
-    except ValueError as exc:
+    except UserError as exc:
         say(f"error: {exc}")
         raise typer.Exit(2) from None
     code = serve_export(export_dir, options, say, backend=backend.value, precision=precision, trusted_keys=trusted_key)

@@ -15,13 +15,15 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from moleflow_edge.errors import EngineError
+
 __all__ = ["ServingUnavailable", "interpreter_libpython", "prepare_stub_environment", "serving_problem"]
 
 # the stub's soname for this interpreter: libpython3.11.so.1.0
 SONAME = f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
 
 
-class ServingUnavailable(RuntimeError):
+class ServingUnavailable(EngineError):
     """Serving cannot work in this Python environment; the message says why and what to do."""
 
 

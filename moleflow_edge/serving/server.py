@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from moleflow_edge.contract import ManifestError
+from moleflow_edge.errors import InputError
 from moleflow_edge.runtime.backend import BackendError
 from moleflow_edge.runtime.camera_loop import EXIT_BACKEND_ERROR, EXIT_LOAD_ERROR
 from moleflow_edge.runtime.live_export import LiveExport
@@ -81,12 +82,12 @@ class ServeOptions:
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue_delay_us < 0 or self.map_side_cap < 1:
-            raise ValueError("--max-batch and --map-size must be >= 1 and --max-queue-delay-us >= 0")
+            raise InputError("--max-batch and --map-size must be >= 1 and --max-queue-delay-us >= 0")
         if not (math.isfinite(self.drain_timeout_s) and self.drain_timeout_s > 0):
-            raise ValueError(f"--drain-timeout must be a number of seconds > 0, got {self.drain_timeout_s}")
+            raise InputError(f"--drain-timeout must be a number of seconds > 0, got {self.drain_timeout_s}")
         ports = (self.http_port, self.grpc_port, self.metrics_port)
         if len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
-            raise ValueError(f"--http-port, --grpc-port and --metrics-port must be three different ports, got {ports}")
+            raise InputError(f"--http-port, --grpc-port and --metrics-port must be three different ports, got {ports}")
 
     @property
     def local_host(self) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from moleflow_edge.atomic import write_atomic, write_text_atomic
 from moleflow_edge.contract import MANIFEST_FILE, ArtifactFile, Manifest, Precision, file_sha256, load_manifest
+from moleflow_edge.errors import InputError, UserError
 from moleflow_edge.serving.protocol import BACKBONE_MODEL, INFO_MODEL, MODEL, describe, task_model
 
 __all__ = [
@@ -59,7 +60,7 @@ class RepositoryOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision(self.precision).value)
         if self.max_batch < 1 or self.max_queue_delay_us < 0 or self.instances < 1 or self.map_side_cap < 1:
-            raise ValueError("max_batch, instances and map_side_cap must be >= 1, max_queue_delay_us >= 0")
+            raise InputError("max_batch, instances and map_side_cap must be >= 1, max_queue_delay_us >= 0")
 
 
 def version_folder(repo: Path, model: str) -> Path:
@@ -88,7 +89,7 @@ def read_options(repo: Path) -> RepositoryOptions:
     try:
         return RepositoryOptions(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError) as exc:
-        raise ValueError(
+        raise UserError(
             f"{repo} is not a Triton repository that this version of moleflow-edge wrote ({path}: {exc}); "
             "run `moleflow-edge export --format triton` again"
         ) from None
@@ -119,7 +120,7 @@ def refresh_triton_repository(export_dir: str | Path) -> Path | None:
     options = read_options(repo)
     manifest = load_manifest(root)
     if stale := _stale_graphs(manifest, repo, options.precision):
-        raise ValueError(
+        raise UserError(
             f"{repo} serves other graphs than {root / MANIFEST_FILE} lists ({', '.join(stale)}), so its "
             "thresholds were not refreshed: run `moleflow-edge export --format triton` again"
         )
