@@ -38,7 +38,7 @@ import torch
 PAPER_MS_PER_IMAGE = 15.0  # the MoLE-Flow papers' inference time per image on a GPU
 TASKS = ["weave", "tiles"]
 TRAIN_CONFIG_FIELDS = dict(image_size=128, embed_dim=64)
-TRAIN_FLOW_FIELDS = dict(num_mole_blocks=2, num_dia_blocks=1, lora_rank=8, lora_alpha=8.0, batch_size=8, max_steps=80)
+TRAIN_FLOW_FIELDS = {"num_mole_blocks": 2, "num_dia_blocks": 1, "lora_rank": 8, "lora_alpha": 8.0, "batch_size": 8, "max_steps": 80}
 # CUDA and CPU sum floats in different orders; over 80 steps that moves the weights a little,
 # so CUDA training matches CPU training in what it decides, not bit for bit:
 TOLERANCE = {

@@ -190,7 +190,7 @@ class MoleFlowConfig:
         """Every field checked against its annotation and span, with the field named: a config comes from JSON."""
         check_fields(self, SPANS)
         if not isinstance(self.sections, dict):
-            raise ValueError(f"config sections must be a mapping of kind to settings, got {self.sections!r}")
+            raise ValueError(f"config sections must be a mapping of kind to settings, got {self.sections!r}")  # noqa: TRY004
         sections: dict[DetectorKind, Any] = {}
         for kind in DetectorKind:
             given = self.sections.get(kind, self.sections.get(kind.value))

@@ -1,4 +1,4 @@
-"""The memory bank's inverted-list search (model/inverted_lists.py) on hand-made banks."""
+"""The memory bank's inverted-list search (detectors/memory/inverted_lists.py) on hand-made banks."""
 
 from __future__ import annotations
 

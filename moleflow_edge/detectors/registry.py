@@ -25,7 +25,9 @@ def kind_of(kind: DetectorKind | str) -> Kind:
 
 def build_model(config: MoleFlowConfig, backbone: Backbone) -> ContinualModel:
     """A model with no task yet: the backbone, the shared embedding and every kind's shared parts."""
-    return ContinualModel(config, backbone, {n: m for k in DetectorKind for n, m in kind_of(k).shared_parts(config).items()})
+    return ContinualModel(
+        config, backbone, {n: m for k in DetectorKind for n, m in kind_of(k).shared_parts(config).items()}
+    )
 
 
 def scorer_of(model: ContinualModel, task: str) -> PatchScorer:

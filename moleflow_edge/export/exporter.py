@@ -133,7 +133,7 @@ def export_model(
 ) -> ExportReport:
     """Export ``tasks`` (None = every trained task) of a model directory into ``out_dir``.
 
-    Writes the shared backbone graph and each task's fused flow graph per precision, and the
+    Writes the shared backbone graph and each task's detector graph (its kind's scorer) per precision, and the
     router over every task in the export. ``fmt="engine"`` then builds TensorRT engines from
     those graphs (on the target GPU). INT8 needs ``calib_data``: a dataset root in the MVTec
     layout whose <task>/train/good images calibrate the QDQ graphs. ``sign``: an Ed25519

@@ -92,7 +92,7 @@ def backbone_graph(model: ContinualModel) -> onnx.ModelProto:
 
 
 def scorer_graph(scorer: PatchScorer, dim: int, grid: int) -> onnx.ModelProto:
-    """A task's scorer (a merged flow or a memory bank, model/scorer.py) as ONNX."""
+    """A task's scorer (a merged flow or a memory bank: model/scorer.py's shape) as ONNX."""
     example = torch.zeros(EXAMPLE_BATCH, dim, grid, grid)
     return export_onnx(scorer, example, EMBEDDING, (PATCH_SCORES, IMAGE_SCORE))
 

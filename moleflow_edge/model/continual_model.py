@@ -108,17 +108,13 @@ class ContinualModel(nn.Module):
     # --- parameter groups and state ---------------------------------------------------------------
     def shared_state_dict(self) -> dict[str, torch.Tensor]:
         """Trained shared weights (backbone excluded: it comes from its own weight file)."""
-        return {
-            k: v for k, v in self.state_dict().items() if task_of_key(k) is None and not k.startswith("backbone.")
-        }
+        return {k: v for k, v in self.state_dict().items() if task_of_key(k) is None and not k.startswith("backbone.")}
 
     def task_state_dict(self, task: str) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if task_of_key(k) == task}
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        return [
-            p for k, p in self.named_parameters() if task_of_key(k) is None and not k.startswith("backbone.")
-        ]
+        return [p for k, p in self.named_parameters() if task_of_key(k) is None and not k.startswith("backbone.")]
 
     def task_named_parameters(self, task: str) -> list[tuple[str, nn.Parameter]]:
         """Every parameter ``task`` owns, wherever it sits, with its key."""

@@ -52,9 +52,10 @@ def shared_parts(config: MoleFlowConfig) -> dict[str, nn.Module | None]:
         "mixer": SpatialContextMixer(dim) if flow.spatial_context else None,
         "mole_blocks": nn.ModuleList(
             AffineCoupling(
-                MoLESubnet(half, hidden, flow.lora_rank, flow.lora_alpha, flow.spatial_context), flow.clamp,
+                MoLESubnet(half, hidden, flow.lora_rank, flow.lora_alpha, flow.spatial_context),
+                flow.clamp,
                 swap=i % 2 == 1,
-            )  # fmt: skip
+            )
             for i in range(flow.num_mole_blocks)
         ),
     }
