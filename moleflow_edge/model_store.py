@@ -1,6 +1,6 @@
 """The model directory: config, shared weights, one file per task, and the task list.
 
-    MODEL/config.json             MoleFlowConfig (all sizes)
+    MODEL/config.json             MoleFlowConfig (all sizes: the shared fields, one section per detector kind)
     MODEL/shared.safetensors      shared weights, written once after task 0
     MODEL/tasks/<task>.safetensors  one task's own parts (of its kind: flow adapters, a memory bank) + router prototype
     MODEL/tasks.json              {"tasks": [...], "detectors": {task: kind}} in training order
