@@ -198,7 +198,7 @@ def run(
             print(f"[{kind.value} {i + 1}/{len(products)}] learning {product}", flush=True)
             report = train_task(root, product, model_dir, config, device=device, detector=kind)
             train_info[kind.value][product] = {
-                "images": report.images, "steps": report.steps, "train_seconds": report.train_seconds,
+                "images": report.images, "steps": report.metrics.get("steps", 0), "train_seconds": report.train_seconds,
                 "fit": report.summary,
             }  # fmt: skip
         print(f"evaluating {kind.value} (routed)", flush=True)

@@ -27,7 +27,7 @@ def prepare(work: Path, steps: int) -> tuple[Path, Path, Path]:
     data, model, export = work / "data", work / "model", work / "export"
     if not (export / "manifest.json").is_file():
         generate(data, TASKS, seed=0, image_size=224, n_train=40, n_test_good=40, n_test_defect=6)
-        cfg = MoleFlowConfig(max_steps=steps)
+        cfg = MoleFlowConfig().with_settings("flow", max_steps=steps)
         for t in TASKS:
             train_task(data, t, model, cfg, progress=False)
         export_model(model, export, precisions=("fp32", "int8"), calib_data=data)

@@ -28,10 +28,12 @@ from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.contract import Manifest, load_manifest
 from moleflow_edge.data.mvtec import load_split
 from moleflow_edge.data.synth import generate
+from moleflow_edge.detectors.flow.merged import merge_task
+from moleflow_edge.detectors.flow.parts import patch_scores
+from moleflow_edge.detectors.registry import score_images
 from moleflow_edge.export.exporter import export_model
 from moleflow_edge.metrics import auroc
-from moleflow_edge.model.merged import merge_task
-from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model.continual_model import ContinualModel
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.train import train_task
 
@@ -45,7 +47,7 @@ def prepare(data: Path, model_dir: Path, steps: int) -> None:
     if (model_dir / "tasks.json").is_file():
         return
     generate(data, categories=TASKS, seed=0, image_size=224, n_train=40, n_test_good=20, n_test_defect=6)
-    cfg = MoleFlowConfig(max_steps=steps)
+    cfg = MoleFlowConfig().with_settings("flow", max_steps=steps)
     for task in TASKS:
         train_task(data, task, model_dir, cfg, progress=False)
 
@@ -76,8 +78,9 @@ def main() -> None:
     prepare(data, model_dir, args.steps)
     model, _ = ModelStore(model_dir).load()
     cfg = model.config
-    print(f"model: {cfg.backbone} {cfg.image_size}px D={cfg.embed_dim} M={cfg.num_mole_blocks} "
-          f"N={cfg.num_dia_blocks} r={cfg.lora_rank}, max_steps={cfg.max_steps}, {args.threads} CPU threads\n")  # fmt: skip
+    flow = cfg.section("flow")
+    print(f"model: {cfg.backbone} {cfg.image_size}px D={cfg.embed_dim} M={flow.num_mole_blocks} "
+          f"N={flow.num_dia_blocks} r={flow.lora_rank}, max_steps={flow.max_steps}, {args.threads} CPU threads\n")  # fmt: skip
 
     shutil.rmtree(out, ignore_errors=True)  # time a full export, not a no-op
     started = time.perf_counter()
@@ -99,7 +102,7 @@ def main() -> None:
     for backbone_p, flow_p in combos:
         backbone = session(out / manifest.backbone_graphs[backbone_p].file, args.threads, backbone_p == "int8")
         for task, split in tests.items():
-            reference_patch, reference_image = model.score_images(torch.from_numpy(split.images), task)
+            reference_patch, reference_image = score_images(model, split.images, task)
             embedding = backbone.run(None, {"images": split.images})[0]
             flow_file = out / manifest.task(task).graphs[flow_p].file
             patch, image = session(flow_file, args.threads, flow_p == "int8").run(None, {"embedding": embedding})
@@ -118,7 +121,7 @@ def main() -> None:
 
 @torch.no_grad()
 def latency_rows(
-    model: MoleFlow, out: Path, manifest: Manifest, task: str, images: np.ndarray, threads: int, repeats: int
+    model: ContinualModel, out: Path, manifest: Manifest, task: str, images: np.ndarray, threads: int, repeats: int
 ) -> None:
     """Print one batch size's rows: every graph and precision against the eager model."""
     batch = len(images)
@@ -129,7 +132,7 @@ def latency_rows(
     merged = merge_task(model, task)
     calls: dict[str, Callable[[], object]] = {
         "eager backbone": lambda: model.embed(model.patch_concat(model.backbone_maps(x))),
-        "eager flow": lambda: model.patch_scores(embedded, task),
+        "eager flow": lambda: patch_scores(model, embedded, task),
         "eager merged flow": lambda: merged(embedded),
     }
     for precision in PRECISIONS:

@@ -50,12 +50,12 @@ from moleflow_edge.augment import photometric_variants
 from moleflow_edge.backbones import Backbone, BackboneMaps, build_backbone
 from moleflow_edge.config import DetectorKind, MoleFlowConfig
 from moleflow_edge.data.mvtec import Split, list_categories, load_split
-from moleflow_edge.detectors import FitOptions, TrainingSet, detector_of
+from moleflow_edge.detectors.base import FitOptions, TrainingSet
+from moleflow_edge.detectors.registry import build_model, kind_of
 from moleflow_edge.evaluate import anomaly_maps, split_metrics
 from moleflow_edge.export.onnx_graphs import scorer_graph
 from moleflow_edge.features import FEATURE_BATCH
 from moleflow_edge.model.embedding import FeatureEmbedder, patch_concat
-from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.train import holdout_split
 
 TIMING_RUNS = 300
@@ -131,11 +131,11 @@ def features(maps: BackboneMaps, flow: Flow, config: MoleFlowConfig, channels8: 
 def learn(flow: Flow, config: MoleFlowConfig, backbone: Backbone, cache: dict[str, ProductMaps]) -> tuple[dict, float]:
     """One continual model over the cached products; each product's scores under its own task, and
     the ms per image of one task's merged flow graph (every task's graph has the same ops)."""
-    config = config.with_overrides(spatial_context=flow.spatial_context)
+    config = config.with_settings("flow", spatial_context=flow.spatial_context)
     width = features(cache[next(iter(cache))].test, flow, config, backbone.channels8).shape[1]
     config = config.with_overrides(embed_dim=min(config.embed_dim, width))
     torch.manual_seed(config.seed)
-    model = MoleFlow(config, backbone)
+    model = build_model(config, backbone)
     model.embedder = FeatureEmbedder(width, config.embed_dim, config.grid_size, 0, config.positional_encoding)
     scores, device = {}, torch.device("cpu")
     for product, maps in cache.items():
@@ -143,13 +143,13 @@ def learn(flow: Flow, config: MoleFlowConfig, backbone: Backbone, cache: dict[st
         torch.manual_seed(config.seed)
         concat = torch.stack([features(m, flow, config, backbone.channels8) for m in maps.train])
         training = TrainingSet(concat, *holdout_split(concat.shape[1], config.holdout_fraction, config.seed))
-        model.add_task(product)
-        flow_detector = detector_of(DetectorKind.FLOW)  # train_task's own fit: whitening, noise, held-out stopping
-        flow_detector.fit(model, product, training, FitOptions(config.max_steps, device, None, False))
+        flow_kind = kind_of(DetectorKind.FLOW)  # train_task's own fit: whitening, noise, held-out stopping
+        model.add_task(product, flow_kind)
+        flow_kind.fit(model, product, training, FitOptions(None, device, None, False))
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        merged = flow_detector.scorer(model, product)
+        merged = flow_kind.scorer(model, product)
         on = {"held": concat[0, torch.from_numpy(training.held if len(training.held) else training.fit)],
               "test": features(maps.test, flow, config, backbone.channels8),
               **{g: features(m, flow, config, backbone.channels8) for g, m in maps.gains.items()}}  # fmt: skip

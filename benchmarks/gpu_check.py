@@ -37,8 +37,8 @@ import torch
 
 PAPER_MS_PER_IMAGE = 15.0  # the MoLE-Flow papers' inference time per image on a GPU
 TASKS = ["weave", "tiles"]
-TRAIN_CONFIG_FIELDS = dict(image_size=128, embed_dim=64, num_mole_blocks=2, num_dia_blocks=1, lora_rank=8,
-                           lora_alpha=8.0, batch_size=8, max_steps=80)  # fmt: skip
+TRAIN_CONFIG_FIELDS = dict(image_size=128, embed_dim=64)
+TRAIN_FLOW_FIELDS = {"num_mole_blocks": 2, "num_dia_blocks": 1, "lora_rank": 8, "lora_alpha": 8.0, "batch_size": 8, "max_steps": 80}
 # CUDA and CPU sum floats in different orders; over 80 steps that moves the weights a little,
 # so CUDA training matches CPU training in what it decides, not bit for bit:
 TOLERANCE = {
@@ -74,7 +74,7 @@ def training_section(work: Path) -> dict[str, object]:
     from moleflow_edge.scoring import TaskDetectors, router_table, score_routed
     from moleflow_edge.train import train_task
 
-    config = MoleFlowConfig(**TRAIN_CONFIG_FIELDS)
+    config = MoleFlowConfig(**TRAIN_CONFIG_FIELDS).with_settings("flow", **TRAIN_FLOW_FIELDS)
     data = work / "data"
     generate(data, TASKS, seed=0, image_size=config.image_size, n_train=30, n_test_good=8, n_test_defect=4)
     runs = {"cpu": ("cpu", False), "cuda_fp32": ("cuda", False), "cuda_amp": ("cuda", True)}
@@ -128,7 +128,7 @@ def full_size_training(work: Path) -> dict[str, object]:
     from moleflow_edge.data.synth import generate
     from moleflow_edge.train import train_task
 
-    config = MoleFlowConfig(backbone="wide_resnet50_2", holdout_fraction=0.0, max_steps=40)
+    config = MoleFlowConfig(backbone="wide_resnet50_2", holdout_fraction=0.0).with_settings("flow", max_steps=40)
     data = work / "full_data"
     generate(data, ["weave"], seed=0, image_size=config.image_size, n_train=32, n_test_good=1, n_test_defect=1)
     rows = {}
@@ -136,15 +136,16 @@ def full_size_training(work: Path) -> dict[str, object]:
         report = train_task(data, "weave", work / f"full_{amp}", config, progress=False, random_backbone=True,
                             device="cuda", amp=amp)  # fmt: skip
         rows["cuda_amp" if amp else "cuda_fp32"] = {"feature_seconds": round(report.feature_seconds, 2),
-                                                    "ms_per_step": round(1000 * report.train_seconds / report.steps, 1)}  # fmt: skip
+                                                    "ms_per_step": round(1000 * report.train_seconds / report.metrics["steps"], 1)}  # fmt: skip
     return {"backbone": config.backbone, "images": 32, "variants_per_image": config.augment_copies + 1,
-            "batch_size": config.batch_size, "steps": config.max_steps, **rows}  # fmt: skip
+            "batch_size": config.section("flow").batch_size, "steps": config.section("flow").max_steps, **rows}  # fmt: skip
 
 
 # --- (b) per-stage latency with CUDA events -------------------------------------------------------
 def timed_pipeline(backbone: str, device: torch.device) -> tuple[object, Callable, object]:
     """A default-size model with one task and a router over ROUTER_TASKS prototypes, random weights."""
-    from moleflow_edge.config import MoleFlowConfig
+    from moleflow_edge.config import DetectorKind, MoleFlowConfig
+    from moleflow_edge.detectors.registry import kind_of
     from moleflow_edge.export.onnx_graphs import RouterGraph
     from moleflow_edge.model_store import ModelStore
     from moleflow_edge.router import Prototype, RouterTable
@@ -153,7 +154,7 @@ def timed_pipeline(backbone: str, device: torch.device) -> tuple[object, Callabl
     config = MoleFlowConfig(backbone=backbone)
     torch.manual_seed(0)
     model = prepare_model(ModelStore(Path(tempfile.mkdtemp())), config, random_backbone=True)
-    model.add_task("product")
+    model.add_task("product", kind_of(DetectorKind.FLOW))
     model.eval().to(device)
     channels = model.backbone.channels16
     rng = np.random.default_rng(0)
@@ -164,6 +165,8 @@ def timed_pipeline(backbone: str, device: torch.device) -> tuple[object, Callabl
 
 
 def stage_functions(model, router) -> dict[str, Callable[[torch.Tensor], object]]:  # noqa: ANN001
+    from moleflow_edge.detectors.flow.parts import patch_scores, top_k_mean
+
     def backbone_embed(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = model.backbone_maps(images)
         return model.embed(model.patch_concat(maps)), model.routing_feature(maps)
@@ -172,8 +175,8 @@ def stage_functions(model, router) -> dict[str, Callable[[torch.Tensor], object]
         return router(pair[1]).argmin(dim=1)
 
     def flow(pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        patch = model.patch_scores(pair[0], "product")
-        return patch, model.image_score(patch)
+        patch = patch_scores(model, pair[0], "product")
+        return patch, top_k_mean(patch, model.config.top_k)
 
     return {"backbone_embed": backbone_embed, "routing": routing, "flow": flow}
 

@@ -46,8 +46,9 @@ def build(work: Path) -> tuple[Path, Path, Path]:
     data, model, export = work / "data", work / "model", work / "export"
     if not data.is_dir():
         generate(data, [*TASKS, NEW], seed=0, image_size=128, n_train=20, n_test_good=6, n_test_defect=2)
-    config = MoleFlowConfig(image_size=128, embed_dim=64, num_mole_blocks=2, num_dia_blocks=1, lora_rank=8,
-                            lora_alpha=8.0, augment_copies=0)  # fmt: skip
+    config = MoleFlowConfig(image_size=128, embed_dim=64, augment_copies=0).with_settings(
+        "flow", num_mole_blocks=2, num_dia_blocks=1, lora_rank=8, lora_alpha=8.0
+    )
     for task in [*TASKS, NEW]:
         if task not in ModelStore(model).tasks():
             train_task(data, task, model, config, progress=False, detector=DetectorKind.MEMORY)

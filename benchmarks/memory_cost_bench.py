@@ -42,13 +42,13 @@ from moleflow_edge.backbones import build_backbone
 from moleflow_edge.bench.measure import measure_calls
 from moleflow_edge.config import DetectorKind, MoleFlowConfig
 from moleflow_edge.data.mvtec import list_categories, load_split
-from moleflow_edge.detectors import detector_of
-from moleflow_edge.detectors.memory import patch_vectors
+from moleflow_edge.detectors.memory.bank import MemoryBank, MemoryScorer
+from moleflow_edge.detectors.memory.inverted_lists import inverted_lists
+from moleflow_edge.detectors.memory.kind import patch_vectors
+from moleflow_edge.detectors.registry import build_model, kind_of
 from moleflow_edge.export import onnx_graphs
 from moleflow_edge.features import extract_features
-from moleflow_edge.model.inverted_lists import inverted_lists
-from moleflow_edge.model.memory_bank import MemoryBank, MemoryScorer
-from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model.continual_model import ContinualModel
 
 QUERY_IMAGES = 4  # test images per product whose patches measure the search's fidelity
 
@@ -77,15 +77,15 @@ def thread_ms(calls: dict[str, Callable[[], object]], iters: int, rounds: int = 
 def images_for(kept: int, config: MoleFlowConfig) -> str:
     """How many training images give a bank of ``kept`` vectors at the config's ratio and bounds (each
     image brings its patches and those of its photometric variants)."""
-    per_image = config.grid_size**2 * (config.augment_copies + 1)
-    if kept >= config.coreset_max:
-        return f">= {int(np.ceil(config.coreset_max / config.coreset_ratio / per_image))}"
-    if kept <= config.coreset_min:
-        return f"<= {int(np.ceil(config.coreset_min / config.coreset_ratio / per_image))}"
-    return f"{kept / config.coreset_ratio / per_image:.0f}"
+    per_image, memory = config.grid_size**2 * (config.augment_copies + 1), config.section("memory")
+    if kept >= memory.coreset_max:
+        return f">= {int(np.ceil(memory.coreset_max / memory.coreset_ratio / per_image))}"
+    if kept <= memory.coreset_min:
+        return f"<= {int(np.ceil(memory.coreset_min / memory.coreset_ratio / per_image))}"
+    return f"{kept / memory.coreset_ratio / per_image:.0f}"
 
 
-def real_vectors(model: MoleFlow, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def real_vectors(model: ContinualModel, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(candidate patch vectors of ROOT's training images, variants and mirrors; test embeddings)."""
     config, candidates, queries = model.config, [], []
     for category in list_categories(root):
@@ -100,7 +100,7 @@ def real_vectors(model: MoleFlow, root: Path) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat([patch_vectors(model, extract_features(model, c).concat) for c in chunks]), torch.cat(queries)
 
 
-def bank_table(model: MoleFlow, root: Path, sizes: list[int], iters: int, threads: int) -> list[dict[str, object]]:
+def bank_table(model: ContinualModel, root: Path, sizes: list[int], iters: int, threads: int) -> list[dict[str, object]]:
     """Each bank's ms per image at batch 1 and 8, task file size and fidelity, beside exact 3000."""
     config, dim, grid = model.config, model.config.embed_dim, model.config.grid_size
     with torch.no_grad():
@@ -114,13 +114,14 @@ def bank_table(model: MoleFlow, root: Path, sizes: list[int], iters: int, thread
             bank = MemoryBank(dim)
             bank.bank = candidates[order[:kept]]
             started = time.perf_counter()
-            lists = kept >= config.memory_lists_from
+            lists = kept >= config.section("memory").memory_lists_from
             if lists:
-                bank.centroids, bank.lists = inverted_lists(bank.bank, config.memory_list_size, config.seed)
+                list_size = config.section("memory").memory_list_size
+                bank.centroids, bank.lists = inverted_lists(bank.bank, list_size, config.seed)
             fit_s = time.perf_counter() - started
             name = f"{'lists' if lists else 'exact'} {kept}"
             model.per_task[name] = bank
-            scorer = detector_of(DetectorKind.MEMORY).scorer(model, name)
+            scorer = kind_of(DetectorKind.MEMORY).scorer(model, name)
             del model.per_task[name]
             with torch.no_grad():
                 got = torch.cat([scorer(q[None])[0] for q in queries]).flatten()
@@ -162,15 +163,15 @@ def main() -> None:
     torch.manual_seed(0)
     backbone = build_backbone(config)
     config = config.with_overrides(embed_dim=min(config.embed_dim, backbone.channels8 + backbone.channels16))
-    model = MoleFlow(config, backbone).eval()
+    model = build_model(config, backbone).eval()
     dim, grid = config.embed_dim, config.grid_size
     if args.data:
         rows = bank_table(model, args.data, [int(s) for s in args.banks.split(",")], args.iters, args.threads)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
         return
-    model.add_task("flow", DetectorKind.FLOW)
-    graphs = {"flow": onnx_graphs.scorer_graph(detector_of(DetectorKind.FLOW).scorer(model, "flow"), dim, grid)}
+    model.add_task("flow", kind_of(DetectorKind.FLOW))
+    graphs = {"flow": onnx_graphs.scorer_graph(kind_of(DetectorKind.FLOW).scorer(model, "flow"), dim, grid)}
     sizes = [int(s) for s in args.sizes.split(",")]
     task_bytes = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,11 +180,11 @@ def main() -> None:
         task_bytes["flow"] = Path(f"{tmp}/flow.safetensors").stat().st_size
         for kept in sizes:
             name = f"memory {kept}"
-            model.add_task(f"m{kept}", DetectorKind.MEMORY)
+            model.add_task(f"m{kept}", kind_of(DetectorKind.MEMORY))
             bank = model.per_task[f"m{kept}"]
             assert isinstance(bank, MemoryBank)
             bank.bank = torch.randn(kept, dim)
-            scorer = detector_of(DetectorKind.MEMORY).scorer(model, f"m{kept}")
+            scorer = kind_of(DetectorKind.MEMORY).scorer(model, f"m{kept}")
             graphs[name] = onnx_graphs.scorer_graph(scorer, dim, grid)
             save_file({"bank": bank.bank.contiguous()}, f"{tmp}/{kept}.safetensors")
             task_bytes[name] = Path(f"{tmp}/{kept}.safetensors").stat().st_size
@@ -195,7 +196,7 @@ def main() -> None:
     flow_ms, flow_cpu = timed["flow"]["p50"], cpu["flow"]
     rows = []
     print(f"onnxruntime {ort.__version__} CPU fp32, batch 1, {args.threads} thread(s), {args.iters} calls each, "
-          f"D={dim}, {grid}x{grid} patches; images at coreset_ratio {config.coreset_ratio} with "
+          f"D={dim}, {grid}x{grid} patches; images at coreset_ratio {config.section('memory').coreset_ratio} with "
           f"{config.augment_copies} photometric variants each")  # fmt: skip
     print(f"{'graph':<14}{'wall p50 ms':>12}{'x flow':>8}{'CPU ms':>9}{'x flow':>8}{'task MiB':>10}{'images':>9}")
     for name in graphs:

@@ -1,6 +1,6 @@
 """Which memory bank to deploy: coreset size, positional encoding and photometric variants, measured.
 
-Fits the memory detector (moleflow_edge/detectors/memory.py, the code train runs) on each product
+Fits the memory kind (moleflow_edge/detectors/memory/kind.py, the code train runs) on each product
 of an MVTec-layout root alone, with the default config's backbone features, for each variant, and
 scores the test split through the scorer export writes; the full-bank kNN reference of
 accuracy_bench.py (every training patch, no coreset) is measured in the same run. Prints image
@@ -26,12 +26,13 @@ from moleflow_edge.augment import photometric_variants
 from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import DetectorKind, MoleFlowConfig
 from moleflow_edge.data.mvtec import Split, list_categories, load_split
-from moleflow_edge.detectors import FitOptions, TrainingSet, detector_of
+from moleflow_edge.detectors.base import FitOptions, TrainingSet
+from moleflow_edge.detectors.memory.bank import MemoryScorer
+from moleflow_edge.detectors.memory.coreset import coreset_size, greedy_coreset
+from moleflow_edge.detectors.registry import build_model, kind_of
 from moleflow_edge.evaluate import anomaly_maps, split_metrics
 from moleflow_edge.features import extract_features
-from moleflow_edge.model.coreset import coreset_size, greedy_coreset
-from moleflow_edge.model.memory_bank import MemoryScorer
-from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model.continual_model import ContinualModel
 from moleflow_edge.train import holdout_split
 
 SMOKE_IMAGES = 10
@@ -42,7 +43,7 @@ Variant = Callable[["Product"], tuple[Scorer, int]]  # -> the bank's scorer, its
 class Product:
     """One product's features, computed once: training patch maps (with photometric variants) and the test split."""
 
-    def __init__(self, model: MoleFlow, root: Path, name: str) -> None:
+    def __init__(self, model: ContinualModel, root: Path, name: str) -> None:
         cfg = model.config
         train = load_split(root, name, "train", cfg.image_size).images
         copies = photometric_variants(train, cfg.augment_copies, cfg.augment_strength, cfg.seed)
@@ -55,18 +56,18 @@ class Product:
 
 
 def deployed(variants: bool = True, **overrides: object) -> Variant:
-    """The memory detector as train fits it, with config ``overrides``; without ``variants`` it
+    """The memory kind as train fits it, with config ``overrides``; without ``variants`` it
     banks the originals' patches alone (no photometric variants)."""
 
     def score(product: Product) -> tuple[Scorer, int]:
         model = product.model
-        model.config = model.config.with_overrides(**overrides)
+        model.config = model.config.with_settings("memory", **overrides)
         concat = product.concat if variants else product.concat[:1]
         fit, held = holdout_split(concat.shape[1], model.config.holdout_fraction, model.config.seed)
-        model.add_task("variant", DetectorKind.MEMORY)
-        detector = detector_of(DetectorKind.MEMORY)
-        detector.fit(model, "variant", TrainingSet(concat, fit, held), FitOptions(1, torch.device("cpu"), None, False))
-        scorer = detector.scorer(model, "variant")
+        memory = kind_of(DetectorKind.MEMORY)
+        model.add_task("variant", memory)
+        memory.fit(model, "variant", TrainingSet(concat, fit, held), FitOptions(None, torch.device("cpu"), None, False))
+        scorer = memory.scorer(model, "variant")
         kept = len(model.per_task["variant"].bank)
         model.remove_task("variant")
         return scorer, kept
@@ -79,7 +80,8 @@ def with_position(product: Product) -> tuple[Scorer, int]:
     model, cfg = product.model, product.model.config
     embedded = model.embed(product.concat[0])
     vectors = embedded.permute(0, 2, 3, 1).reshape(-1, embedded.shape[1])
-    count = coreset_size(len(vectors), cfg.coreset_ratio, cfg.coreset_min, cfg.coreset_max)
+    memory = cfg.section("memory")
+    count = coreset_size(len(vectors), memory.coreset_ratio, memory.coreset_min, memory.coreset_max)
     bank = vectors[greedy_coreset(vectors, count, cfg.seed)[0]]
     return MemoryScorer(bank, torch.zeros_like(model.embedder.position)), count
 
@@ -111,7 +113,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = MoleFlowConfig()
     backbone = build_backbone(config)
-    model = MoleFlow(config.with_overrides(embed_dim=min(config.embed_dim, backbone.channels8 + backbone.channels16)), backbone)
+    model = build_model(config.with_overrides(embed_dim=min(config.embed_dim, backbone.channels8 + backbone.channels16)), backbone)
     model.eval()
     base_config = model.config
     products = [Product(model, args.data, name) for name in list_categories(args.data)]

@@ -22,9 +22,9 @@ from sklearn.cluster import KMeans
 from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.mvtec import list_categories, load_split
+from moleflow_edge.detectors.registry import build_model
 from moleflow_edge.evaluate import anomaly_maps, split_metrics
 from moleflow_edge.features import extract_features
-from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.router import ledoit_wolf, mahalanobis_whitener
 
 SMOKE_IMAGES = 10
@@ -127,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     config = MoleFlowConfig(backbone=args.backbone)
     backbone = build_backbone(config, random_init=False)
-    model = MoleFlow(config.with_overrides(embed_dim=backbone.channels8 + backbone.channels16), backbone).eval()
+    model = build_model(config.with_overrides(embed_dim=backbone.channels8 + backbone.channels16), backbone).eval()
     scored = variants(backbone.channels8)
     rows: dict[str, dict[str, tuple[float, ...]]] = {}
     counted = []

@@ -42,10 +42,9 @@ def prepare(work: Path, steps: int) -> tuple[Path, Path, Path]:
     data, model_dir, export_dir = work / "data", work / "model", work / "export"
     if not data.is_dir():
         generate(data, [*TASKS, "cap"], seed=0, image_size=224, n_train=30, n_test_good=8, n_test_defect=3)
-    config = MoleFlowConfig(
-        image_size=224, embed_dim=152, num_mole_blocks=6, num_dia_blocks=2, lora_rank=64, lora_alpha=64.0,
-        max_steps=steps, batch_size=16,
-    )  # fmt: skip
+    config = MoleFlowConfig(image_size=224, embed_dim=152).with_settings(
+        "flow", num_mole_blocks=6, num_dia_blocks=2, lora_rank=64, lora_alpha=64.0, max_steps=steps, batch_size=16
+    )
     done = ModelStore(model_dir).tasks()
     for task in TASKS:
         if task not in done:

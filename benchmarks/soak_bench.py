@@ -49,8 +49,9 @@ def tiny_export(work: Path) -> tuple[Path, Path]:
     data, model_dir, export_dir = work / "data", work / "model", work / "export"
     if not data.is_dir():
         generate(data, TASKS, seed=0, image_size=128, n_train=12, n_test_good=6, n_test_defect=2)
-    config = MoleFlowConfig(image_size=128, embed_dim=64, num_mole_blocks=2, num_dia_blocks=1, lora_rank=8,
-                            lora_alpha=8.0, max_steps=6, batch_size=8, augment_copies=0)  # fmt: skip
+    config = MoleFlowConfig(image_size=128, embed_dim=64, augment_copies=0).with_settings(
+        "flow", num_mole_blocks=2, num_dia_blocks=1, lora_rank=8, lora_alpha=8.0, max_steps=6, batch_size=8
+    )
     for task in TASKS:
         if task not in ModelStore(model_dir).tasks():
             train_task(data, task, model_dir, config, progress=False)

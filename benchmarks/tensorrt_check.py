@@ -34,8 +34,9 @@ from moleflow_edge.train import train_task
 TASKS = ["weave", "tiles"]
 PRECISIONS = ("fp32", "fp16", "int8")
 BATCH_PROFILE = (1, 4, 8)
-CONFIG = MoleFlowConfig(image_size=128, embed_dim=64, num_mole_blocks=2, num_dia_blocks=1, lora_rank=8,
-                        lora_alpha=8.0, batch_size=8)  # fmt: skip
+CONFIG = MoleFlowConfig(image_size=128, embed_dim=64).with_settings(
+    "flow", num_mole_blocks=2, num_dia_blocks=1, lora_rank=8, lora_alpha=8.0, batch_size=8
+)
 
 
 def unavailable() -> str | None:

@@ -29,8 +29,8 @@ from moleflow_edge.data.synth import generate
 from moleflow_edge.train import train_task
 
 CONFIGS = {
-    "tiny-test": MoleFlowConfig(
-        image_size=128, embed_dim=64, num_mole_blocks=2, num_dia_blocks=1, lora_rank=8, lora_alpha=8.0, batch_size=8
+    "tiny-test": MoleFlowConfig(image_size=128, embed_dim=64).with_settings(
+        "flow", num_mole_blocks=2, num_dia_blocks=1, lora_rank=8, lora_alpha=8.0, batch_size=8
     ),
     "lite0-default": MoleFlowConfig(),
     "wrn50-papers": MoleFlowConfig(backbone="wide_resnet50_2"),
@@ -68,12 +68,13 @@ def main() -> None:
             for index, task in enumerate(["weave", "cap"]):
                 report = train_task(data, task, Path(tmp) / name, config if index == 0 else None, args.steps,
                                     progress=False, random_backbone=random_backbone)  # fmt: skip
-                seconds_per_step = report.train_seconds / report.steps
+                steps, max_steps = report.metrics["steps"], config.section("flow").max_steps
+                seconds_per_step = report.train_seconds / steps
                 rows.append({
                     "config": name, "task_index": index, "images": report.images, "random_backbone": random_backbone,
-                    "steps": report.steps, "seconds_per_step": seconds_per_step,
-                    "feature_seconds": report.feature_seconds, "max_steps": config.max_steps,
-                    "seconds_per_task_max_steps": report.feature_seconds + config.max_steps * seconds_per_step,
+                    "steps": steps, "seconds_per_step": seconds_per_step,
+                    "feature_seconds": report.feature_seconds, "max_steps": max_steps,
+                    "seconds_per_task_max_steps": report.feature_seconds + max_steps * seconds_per_step,
                 })  # fmt: skip
     base = {r["task_index"]: r["seconds_per_step"] for r in rows if r["config"] == "tiny-test"}
     print(f"machine: {platform.processor() or platform.machine()}, {platform.system()}; {IMAGES_PER_TASK} images/task")

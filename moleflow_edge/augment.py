@@ -1,7 +1,7 @@
 """Variants of training images: what a line's lighting and its camera's compression do to a good part.
 
 A lamp ageing, a shutter drifting or a reflection changes gain, contrast and gamma, not the
-part. Training on such variants teaches the flow that these changes are normal, so they do not
+part. Training on such variants teaches each task's detector that these changes are normal, so they do not
 raise the anomaly score. An MJPEG camera's compression changes the blocks and the colour
 resolution, not the part: the router learns JPEG round trips of the training images as normal,
 so a compressed good frame is not taken for an unknown product.

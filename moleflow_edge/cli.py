@@ -86,7 +86,7 @@ def train(
     config: Optional[Path] = typer.Option(None, help="Config JSON (first task only; later tasks reuse the model's)."),
     backbone: Optional[BackboneName] = typer.Option(None, help="Backbone (first task only)."),
     image_size: Optional[int] = typer.Option(None, help="Input size, a multiple of 16 (first task only)."),
-    steps: Optional[int] = typer.Option(None, min=1, help="Most optimiser steps for this task (default: the config's max_steps)."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Most optimiser steps for this task, where its kind takes steps (default: the config's flow.max_steps)."),
     detector: Optional[DetectorKind] = typer.Option(
         None, help="This task's detector: flow (MoLE-Flow) or memory (a coreset of its training patches); "
         "default: the config's detector (flow)."

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
+from importlib import import_module
 from pathlib import Path
-from typing import get_args, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 
 class BackboneName(str, Enum):
@@ -52,7 +53,12 @@ class Whitening(str, Enum):
 class DetectorKind(str, Enum):
     """What scores a task's patches: MoLE-Flow (a normalizing flow with the task's LoRA adapters,
     the default) or a memory bank (PatchCore-style: a coreset of the task's training patches,
-    nearest-neighbour distance). Both read the shared embedding and export the same graph shape."""
+    nearest-neighbour distance). All read the shared embedding and export the same graph shape.
+
+    This is the registry of kinds, one line each: a member's value names its package,
+    ``moleflow_edge.detectors.<value>``, which holds its parts, fit, scorer and settings (the
+    recipe for a new kind: docs/architecture.md).
+    """
 
     FLOW = "flow"
     MEMORY = "memory"
@@ -94,19 +100,35 @@ class Span:
 
 COUNT, AT_LEAST_0, POSITIVE = Span(1), Span(0), Span(0, open_low=True)
 FRACTION = Span(0, 1, open_low=True)  # a ratio or quantile: more than none, at most all
-# numeric fields and their spans; the types come from the field annotations (_type_problem)
+# numeric fields shared by every kind and their spans; the types come from the field annotations
+# (_type_problem); each kind's settings class keeps the spans of its own fields
 SPANS: dict[str, Span] = {
-    "image_size": Span(32), "embed_dim": COUNT, "num_mole_blocks": COUNT, "num_dia_blocks": AT_LEAST_0,
-    "lora_rank": COUNT, "lora_alpha": POSITIVE, "hidden_ratio": POSITIVE, "clamp": POSITIVE,
-    "scale_context_kernel": AT_LEAST_0, "coreset_ratio": FRACTION, "coreset_min": COUNT, "coreset_max": COUNT,
-    "top_k": COUNT, "map_sigma": AT_LEAST_0, "lambda_tail": AT_LEAST_0, "tail_fraction": FRACTION,
-    "lambda_logdet": AT_LEAST_0, "lr": POSITIVE, "weight_decay": AT_LEAST_0, "dia_lr_factor": AT_LEAST_0,
-    "batch_size": COUNT, "max_steps": COUNT, "holdout_fraction": Span(0, 1, open_high=True), "eval_every": COUNT,
-    "patience": COUNT, "feature_noise": AT_LEAST_0, "augment_copies": AT_LEAST_0,
+    "image_size": Span(32), "embed_dim": COUNT, "scale_context_kernel": AT_LEAST_0, "top_k": COUNT,
+    "map_sigma": AT_LEAST_0, "holdout_fraction": Span(0, 1, open_high=True), "augment_copies": AT_LEAST_0,
     "augment_strength": Span(0, 1, open_high=True), "seed": AT_LEAST_0, "router_ridge": AT_LEAST_0,
     "router_limit_quantile": FRACTION, "router_limit_margin": POSITIVE,
-    "memory_lists_from": COUNT, "memory_list_size": COUNT, "memory_probe": COUNT,
 }  # fmt: skip
+
+
+def check_fields(settings: object, spans: dict[str, Span], where: str = "") -> None:
+    """Every field of the dataclass ``settings`` checked against its annotation and span, with the field
+    named (``where`` is its section, "" at the top): a config comes from JSON. Enum fields are kept as members."""
+    hints = get_type_hints(type(settings))
+    for f in fields(settings):  # type: ignore[arg-type]
+        if f.name == "sections":
+            continue
+        value, kind, name = getattr(settings, f.name), hints[f.name], f"{where}.{f.name}" if where else f.name
+        if problem := _type_problem(value, kind):
+            raise ValueError(f"config field {name} {problem}")
+        if isinstance(kind, type) and issubclass(kind, Enum):
+            object.__setattr__(settings, f.name, kind(value))
+        if f.name in spans and value not in spans[f.name]:
+            raise ValueError(f"config field {name} must be {spans[f.name]}, got {value!r}")
+
+
+def settings_class(kind: DetectorKind) -> type:
+    """The settings dataclass of ``kind``: ``Settings`` in its package's settings.py (torch-free)."""
+    return import_module(f"moleflow_edge.detectors.{kind.value}.settings").Settings
 
 
 def _type_problem(value: object, kind: object) -> str | None:
@@ -134,7 +156,8 @@ def _type_problem(value: object, kind: object) -> str | None:
 
 @dataclass(frozen=True)
 class MoleFlowConfig:
-    """Every size and constant of the model, the loss and the trainer."""
+    """Every size and constant of the model and the trainer: the fields every kind shares, and one
+    section of settings per detector kind (``sections``, by kind; ``section(kind)`` reads one)."""
 
     backbone: BackboneName = BackboneName.EFFICIENTNET_LITE0
     backbone_weights: str | None = None  # local weight file; None = the backbone's offline default
@@ -142,40 +165,12 @@ class MoleFlowConfig:
     patch_stride: PatchStride = PatchStride.COARSE  # patch grid: 16 (papers) or 8 (4x finer maps)
     gain_normalise: bool = True  # divide out each frame's mean brightness inside the backbone graph
     embed_dim: int = 768  # D; capped at the backbone's channel count
-    num_mole_blocks: int = 6  # M
-    num_dia_blocks: int = 2  # N
-    lora_rank: int = 64  # r
-    lora_alpha: float = 64.0  # alpha (= r)
-    hidden_ratio: float = 1.0  # subnet hidden width = hidden_ratio * D
-    clamp: float = 1.9  # soft clamp c
     scale_context_kernel: int = 0  # embedder's depthwise scale-context kernel (papers' 5); 0 = none
     positional_encoding: bool = True  # add the fixed 2D sinusoidal encoding to the embedding
-    spatial_context: bool = False  # spatial mixer and context-aware coupling scales (papers'; hurt with feature noise)
-    whitening: Whitening = Whitening.MAHALANOBIS  # per-task whitening adapter: mahalanobis or layernorm (papers')
     detector: DetectorKind = DetectorKind.FLOW  # a new task's detector kind (train --detector overrides per task)
-    coreset_ratio: float = 0.25  # memory detector: kept fraction of the training patches (greedy k-center)
-    coreset_min: int = 1000  # ... but at least this many (all of them if fewer): tiny products keep every patch
-    coreset_max: int = 3000  # ... and at most this many: its graph's cost grows linearly with the bank
-    memory_lists_from: int = 25000  # banks of at least this many vectors are searched by inverted lists (cheaper)
-    memory_list_size: int = 64  # ... of about this many vectors each (k-means; a list longer than twice this is cut)
-    memory_probe: int = 8  # ... of which each patch searches the lists whose centroids are nearest
     top_k: int = 3  # K for the image score
-    anomaly_score: AnomalyScore = AnomalyScore.NLL  # nll (-log p, the papers') or latent (0.5 ||z||^2)
     map_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels
-    # loss
-    lambda_tail: float = 0.0  # tail-aware loss weight (papers' 0.7)
-    tail_fraction: float = 0.02  # top k% patches per image
-    lambda_logdet: float = 1e-4  # log-det regularisation weight (0 switches it off)
-    # optimiser
-    lr: float = 1e-3  # papers' 3e-4
-    weight_decay: float = 0.01
-    dia_lr_factor: float = 0.5  # DIA parameters at half the learning rate
-    batch_size: int = 16
-    max_steps: int = 600  # optimiser steps per task at most; held-out stopping may stop sooner
-    holdout_fraction: float = 0.2  # training images held out to decide when to stop (0: run max_steps)
-    eval_every: int = 25  # steps between held-out checks
-    patience: int = 4  # held-out checks without improvement before stopping; the best step is kept
-    feature_noise: float = 0.15  # training noise on the embedding, in units of the task's patch spacing
+    holdout_fraction: float = 0.2  # training images held out: a flow's stopping, every kind's normal scale
     augment_copies: int = 4  # photometric variants per training image (gain, contrast, gamma)
     augment_strength: float = 0.2  # variants draw gain, contrast and gamma from [1 - s, 1 + s]
     augment_jpeg: bool = False  # detectors also learn JPEG round trips as normal (MJPEG cameras); the router always does
@@ -187,21 +182,35 @@ class MoleFlowConfig:
     router_limit_quantile: float = 0.99  # unknown-product limit (router.distance_limit): this quantile of
     router_limit_margin: float = 4.0  # held-out normal distances, JPEG round trips included, times this margin;
     # recorded in the export's manifest, so that calibrate sets limits by the same rule
+    # each kind's settings (its package's Settings class), every kind present; given as a settings
+    # object or, from JSON, as a mapping of its fields
+    sections: dict[DetectorKind, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Every field checked against its annotation and span, with the field named: a config comes from JSON."""
-        for f in fields(self):
-            value, kind = getattr(self, f.name), _FIELD_TYPES[f.name]
-            if problem := _type_problem(value, kind):
-                raise ValueError(f"config field {f.name} {problem}")
-            if isinstance(kind, type) and issubclass(kind, Enum):  # kept as members
-                object.__setattr__(self, f.name, kind(value))
-            if f.name in SPANS and value not in SPANS[f.name]:
-                raise ValueError(f"config field {f.name} must be {SPANS[f.name]}, got {value!r}")
+        check_fields(self, SPANS)
+        if not isinstance(self.sections, dict):
+            raise ValueError(f"config sections must be a mapping of kind to settings, got {self.sections!r}")  # noqa: TRY004
+        sections: dict[DetectorKind, Any] = {}
+        for kind in DetectorKind:
+            given = self.sections.get(kind, self.sections.get(kind.value))
+            cls = settings_class(kind)
+            if given is None or isinstance(given, cls):
+                sections[kind] = given or cls()
+            elif isinstance(given, dict):
+                unknown = sorted(set(given) - {f.name for f in fields(cls)})
+                if unknown:
+                    raise ValueError(f"unknown config fields {[f'{kind.value}.{n}' for n in unknown]}")
+                sections[kind] = cls(**given)
+            else:
+                raise ValueError(f"config section {kind.value} must be an object of fields, got {given!r}")
+        names = [k.value for k in DetectorKind]
+        unknown = sorted(str(getattr(k, "value", k)) for k in self.sections if getattr(k, "value", k) not in names)
+        if unknown:
+            raise ValueError(f"config sections {unknown} name no detector kind (kinds: {names})")
+        object.__setattr__(self, "sections", sections)
         if self.image_size % 16:
             raise ValueError(f"config field image_size must be a multiple of 16, got {self.image_size}")
-        if self.coreset_min > self.coreset_max:
-            raise ValueError(f"config fields coreset_min and coreset_max: {self.coreset_min} > {self.coreset_max}")
         if self.scale_context_kernel % 2 == 0 and self.scale_context_kernel:
             kernel = self.scale_context_kernel
             raise ValueError(f"config field scale_context_kernel must be 0 (none) or odd, got {kernel}")
@@ -213,12 +222,26 @@ class MoleFlowConfig:
         """Side of the patch grid."""
         return self.image_size // self.patch_stride
 
+    def section(self, kind: DetectorKind | str) -> Any:
+        """The settings of ``kind`` (its package's Settings class)."""
+        return self.sections[DetectorKind(kind)]
+
     def with_overrides(self, **overrides: object) -> MoleFlowConfig:
-        """A copy with the given fields replaced (None values are ignored)."""
+        """A copy with the given shared fields replaced (None values are ignored)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    def with_settings(self, kind: DetectorKind | str, **overrides: object) -> MoleFlowConfig:
+        """A copy with the given fields of ``kind``'s section replaced."""
+        kind = DetectorKind(kind)
+        return replace(self, sections={**self.sections, kind: replace(self.section(kind), **overrides)})
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON form: the shared fields, then one object per kind named by the kind."""
+        shared = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sections"}
+        return {**shared, **{k.value: asdict(v) for k, v in self.sections.items()}}
+
     def to_json(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: Path, defaults: dict[str, object] | None = None) -> MoleFlowConfig:
@@ -231,15 +254,28 @@ class MoleFlowConfig:
         if not isinstance(given, dict):  # a user's file: ValueError, which the CLI reports in one line
             kind = type(given).__name__
             raise ValueError(f"{path}: a config file is a JSON object of fields, got a {kind}")  # noqa: TRY004
-        data = {**(defaults or {}), **given}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        data = nest_flat_fields({**(defaults or {}), **given})
+        sections = {k: data.pop(k.value) for k in DetectorKind if k.value in data}
+        unknown = sorted(set(data) - {f.name for f in fields(cls) if f.name != "sections"})
         if unknown:
             raise ValueError(f"{path}: unknown config fields {unknown}")
         try:
-            return cls(**data)
+            return cls(**data, sections=sections)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
 
 
-_FIELD_TYPES = get_type_hints(MoleFlowConfig)  # the annotations, resolved: what __post_init__ checks against
+def nest_flat_fields(data: dict[str, object]) -> dict[str, object]:
+    """A config in the flat form of files written before sections (every kind's fields at the top
+    level, as older model directories' config.json and older --config files are) read into the
+    sectioned form: each top-level field of a kind's settings moves into that kind's section, where
+    the section does not set it already. A sectioned config comes back unchanged."""
+    data = dict(data)
+    for kind in DetectorKind:
+        names = {f.name for f in fields(settings_class(kind))}
+        flat = {name: data.pop(name) for name in sorted(names & set(data))}
+        if flat:
+            section = data.get(kind.value, {})
+            data[kind.value] = {**flat, **section} if isinstance(section, dict) else section
+    return data
+

@@ -42,8 +42,8 @@ class DemoPlan:
 
 
 # the demo trades the papers' sizes for minutes on a laptop CPU; every size is a config field
-DEMO_CONFIG = MoleFlowConfig(
-    image_size=160, num_mole_blocks=4, num_dia_blocks=2, lora_rank=16, lora_alpha=16, batch_size=8, lr=1e-3
+DEMO_CONFIG = MoleFlowConfig(image_size=160).with_settings(
+    "flow", num_mole_blocks=4, num_dia_blocks=2, lora_rank=16, lora_alpha=16, batch_size=8, lr=1e-3
 )
 QUICK = DemoPlan(
     config=DEMO_CONFIG.with_overrides(augment_copies=2),

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from moleflow_edge.device import pinned
-from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model.continual_model import ContinualModel
 
 FEATURE_BATCH = 16
 
@@ -22,7 +22,7 @@ class ImageFeatures:
 
 
 @torch.no_grad()
-def extract_features(model: MoleFlow, images_bgr: np.ndarray) -> ImageFeatures:
+def extract_features(model: ContinualModel, images_bgr: np.ndarray) -> ImageFeatures:
     """Run the backbone once over (N,S,S,3) uint8 BGR images, in batches, on the model's device
     (under the caller's autocast, if any); features come back float32 whatever ran inside."""
     device = model.embedder.position.device

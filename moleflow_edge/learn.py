@@ -43,7 +43,7 @@ from moleflow_edge.export.exporter import export_model
 from moleflow_edge.good_frames import GoodFrames, take_good_frames
 from moleflow_edge.learn_options import HOLD_OUT_EVERY, LEARNED_DIR, LearnOptions
 from moleflow_edge.locking import FolderLock
-from moleflow_edge.model.mole_flow import check_task_name
+from moleflow_edge.model.continual_model import check_task_name
 from moleflow_edge.model_store import ModelDirError, ModelStore
 from moleflow_edge.signing import load_private_key, load_public_keys
 from moleflow_edge.targets import check_export_args

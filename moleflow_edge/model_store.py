@@ -1,8 +1,8 @@
 """The model directory: config, shared weights, one file per task, and the task list.
 
-    MODEL/config.json             MoleFlowConfig (all sizes)
+    MODEL/config.json             MoleFlowConfig (all sizes: the shared fields, one section per detector kind)
     MODEL/shared.safetensors      shared weights, written once after task 0
-    MODEL/tasks/<task>.safetensors  one task's detector (flow adapters or memory bank) + router prototype
+    MODEL/tasks/<task>.safetensors  one task's own parts (of its kind: flow adapters, a memory bank) + router prototype
     MODEL/tasks.json              {"tasks": [...], "detectors": {task: kind}} in training order
                                   (no "detectors": every task is a flow, as saved before memory tasks)
 
@@ -23,8 +23,9 @@ from safetensors.torch import load_file, save_file
 from moleflow_edge.atomic import sweep_stale_temps, write_atomic, write_text_atomic
 from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import DetectorKind, MoleFlowConfig
+from moleflow_edge.detectors.registry import build_model, kind_of
 from moleflow_edge.errors import UserError
-from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model.continual_model import ContinualModel
 from moleflow_edge.router import Prototype
 
 CONFIG_FILE = "config.json"
@@ -75,7 +76,7 @@ class ModelStore:
             raise ModelDirError(f"{path} is missing: {self.root} is not a trained model directory")
         return MoleFlowConfig.from_json(path, defaults=SAVED_BEFORE_FIELD)
 
-    def load(self, tasks: list[str] | None = None, random_backbone: bool = False) -> tuple[MoleFlow, dict[str, Prototype]]:
+    def load(self, tasks: list[str] | None = None, random_backbone: bool = False) -> tuple[ContinualModel, dict[str, Prototype]]:
         """Rebuild the model with the listed tasks (all trained tasks by default) and their prototypes."""
         trained, kinds = self._task_list()
         if not trained:
@@ -85,11 +86,11 @@ class ModelStore:
         if unknown:
             raise ModelDirError(f"tasks {unknown} are not in {self.root} (trained: {trained})")
         config = self.config()
-        model = MoleFlow(config, build_backbone(config, random_backbone))
+        model = build_model(config, build_backbone(config, random_backbone))
         state = self._read(self.root / SHARED_FILE)
         prototypes = {}
         for task in trained:  # every task in order, so that later tasks start from the same task-0 values
-            model.add_task(task, kinds[task])
+            model.add_task(task, kind_of(kinds[task]))
             task_state = self._read(self.task_file(task))
             prototypes[task] = _prototype_from(task_state, self.task_file(task))
             state.update({k: v for k, v in task_state.items() if not k.startswith(ROUTER_PREFIX)})
@@ -103,7 +104,7 @@ class ModelStore:
         model.eval()
         return model, {t: prototypes[t] for t in wanted}
 
-    def save_task(self, model: MoleFlow, task: str, prototype: Prototype) -> None:
+    def save_task(self, model: ContinualModel, task: str, prototype: Prototype) -> None:
         """Add a trained task: config and shared weights with the first task, the task file, then the list."""
         tasks, kinds = self._task_list()
         if task in tasks:

@@ -51,7 +51,7 @@ class Prototype:
 
     ``images`` is how many training images it was fitted on (None where not recorded: export router
     files and task files written before it was), so reports can say when a limit rests on few images.
-    ``patch_level`` is where the task's flow puts normal patches it did not train on (``patch_level``):
+    ``patch_level`` is where the task's detector puts normal patches it did not train on (``patch_level``):
     a frame beyond every limit is compared with each candidate task on that task's own scale
     (None in files written before it was recorded).
     """
@@ -234,7 +234,7 @@ class RouterTable:
 
 def patch_level(patch_scores: np.ndarray) -> tuple[float, float]:
     """(median, 1.4826 x median absolute deviation) of a task's patch scores on normal images it did not
-    train on: its flow's own scale, so that tasks fitted on 4 or 200 images can be compared."""
+    train on: its detector's own scale, so that tasks fitted on 4 or 200 images can be compared."""
     scores = np.asarray(patch_scores, dtype=np.float64).ravel()
     centre = float(np.median(scores))
     return centre, max(float(np.median(np.abs(scores - centre))) * 1.4826, 1e-6)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from moleflow_edge.detectors import detector_of
+from moleflow_edge.detectors.registry import kind_of
 from moleflow_edge.features import ImageFeatures
-from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model.continual_model import ContinualModel
 from moleflow_edge.model.scorer import PatchScorer
 from moleflow_edge.router import UNKNOWN, Prototype, RouterTable
 
@@ -24,13 +24,13 @@ from moleflow_edge.router import UNKNOWN, Prototype, RouterTable
 class TaskDetectors:
     """Every task's scorer, whatever its detector kind, built on first use and kept for the model's lifetime."""
 
-    def __init__(self, model: MoleFlow) -> None:
+    def __init__(self, model: ContinualModel) -> None:
         self.model = model
         self._scorers: dict[str, PatchScorer] = {}
 
     def __getitem__(self, task: str) -> PatchScorer:
         if task not in self._scorers:
-            scorer = detector_of(self.model.kind(task)).scorer(self.model, task)
+            scorer = kind_of(self.model.kind(task)).scorer(self.model, task)
             self._scorers[task] = scorer.to(self.model.embedder.position.device)
         return self._scorers[task]
 
@@ -46,7 +46,7 @@ class TaskDetectors:
         return patch, image
 
 
-def router_table(model: MoleFlow, prototypes: dict[str, Prototype]) -> RouterTable:
+def router_table(model: ContinualModel, prototypes: dict[str, Prototype]) -> RouterTable:
     """The router over every task of ``model`` in learning order, knowing each task's detector kind."""
     return RouterTable(model.tasks, [prototypes[t] for t in model.tasks], [model.kind(t).value for t in model.tasks])
 

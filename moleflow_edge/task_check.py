@@ -13,7 +13,7 @@ import hashlib
 from pathlib import Path
 
 from moleflow_edge.data.mvtec import DatasetError, train_samples
-from moleflow_edge.model.mole_flow import check_task_name
+from moleflow_edge.model.continual_model import check_task_name
 from moleflow_edge.model_store import ModelDirError, ModelStore
 from moleflow_edge.router import MIN_IMAGES
 

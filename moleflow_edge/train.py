@@ -1,15 +1,15 @@
 """Continual trainer: learns one product (task) at a time into a model directory.
 
-Each task gets a detector of its kind (detectors/: a flow or a memory bank), fitted through one
-interface. Task 0 trains the shared flow parts whatever its own kind (a memory task 0 fits a
-flow for them, then keeps only its bank), and they stay frozen for good; every later task fits
-only its own parts. Nothing is written until a task has finished, so a crash or Ctrl-C leaves
+Each task gets parts of its detector kind (detectors/: a flow or a memory bank), fitted through
+one interface. The model's first task trains the shared parts whatever its own kind
+(``fit_shared_parts``), and they stay frozen for good; every later task fits only its own parts. Nothing is written until a task has finished, so a crash or Ctrl-C leaves
 the directory exactly as it was.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,12 +20,13 @@ from moleflow_edge.augment import jpeg_round_trips, photometric_variants
 from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import DetectorKind, MoleFlowConfig
 from moleflow_edge.data.mvtec import load_split
-from moleflow_edge.detectors import FitOptions, TrainingSet, detector_of
+from moleflow_edge.detectors.base import FitOptions, TrainingSet
+from moleflow_edge.detectors.registry import build_model, kind_of
 from moleflow_edge.device import amp_dtype, autocast, names_batch_on_oom, resolve_device
 from moleflow_edge.errors import InputError
 from moleflow_edge.features import FEATURE_BATCH, ImageFeatures, extract_features
 from moleflow_edge.locking import locks_folder
-from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model.continual_model import ContinualModel
 from moleflow_edge.model_store import ModelDirError, ModelStore
 from moleflow_edge.router import fit_prototype
 from moleflow_edge.task_check import check_new_task
@@ -37,17 +38,15 @@ class TrainReport:
 
     task: str
     detector: DetectorKind
-    summary: str  # what the detector's fit learned, in one phrase
+    summary: str  # what the kind's fit learned, in one phrase
     images: int
-    steps: int  # optimiser steps run (0 for a memory task)
-    best_step: int  # the step whose weights were kept (held-out loss lowest)
     holdout_images: int
     feature_seconds: float
     train_seconds: float
-    final_loss: float  # held-out loss at best_step, or the last training loss without a hold-out
+    metrics: Mapping[str, float]  # the kind's own figures (a flow's steps, best_step, final_loss)
 
 
-def prepare_model(store: ModelStore, config: MoleFlowConfig | None, random_backbone: bool = False) -> MoleFlow:
+def prepare_model(store: ModelStore, config: MoleFlowConfig | None, random_backbone: bool = False) -> ContinualModel:
     """The model to add a task to: loaded from the directory, or new with D capped to the backbone."""
     if store.tasks():
         model, _ = store.load(random_backbone=random_backbone)
@@ -60,16 +59,18 @@ def prepare_model(store: ModelStore, config: MoleFlowConfig | None, random_backb
     config = config or MoleFlowConfig()
     backbone = build_backbone(config, random_backbone)
     config = config.with_overrides(embed_dim=min(config.embed_dim, backbone.channels8 + backbone.channels16))
-    return MoleFlow(config, backbone)
+    return build_model(config, backbone)
 
 
 def _architecture(config: MoleFlowConfig) -> tuple[object, ...]:
-    """Fields that shape the shared weights; everything else may change between tasks."""
-    return (
-        config.backbone, config.image_size, config.num_mole_blocks, config.num_dia_blocks, config.lora_rank,
-        config.hidden_ratio, config.scale_context_kernel, config.router_pooling, config.patch_stride,
-        config.gain_normalise, config.positional_encoding, config.whitening, config.spatial_context,
+    """Fields that shape the shared weights (each kind's settings name its own); everything else may
+    change between tasks."""
+    shared = (
+        config.backbone, config.image_size, config.scale_context_kernel, config.router_pooling, config.patch_stride,
+        config.gain_normalise, config.positional_encoding,
     )  # fmt: skip
+    kinds = tuple(getattr(s, name) for s in config.sections.values() for name in s.ARCHITECTURE)
+    return shared + kinds
 
 
 def holdout_split(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,13 +80,13 @@ def holdout_split(count: int, fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(order[held:]), np.sort(order[:held])
 
 
-def camera_variants(model: MoleFlow, images: np.ndarray) -> list[ImageFeatures]:
+def camera_variants(model: ContinualModel, images: np.ndarray) -> list[ImageFeatures]:
     """Features of the images as the line's cameras may deliver them: the originals, then their JPEG
     round trips at each of the CAMERA_JPEG_QUALITIES (what an MJPEG camera sends of a good part)."""
     return [extract_features(model, v) for v in (images, *jpeg_round_trips(images))]
 
 
-def training_features(model: MoleFlow, images: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+def training_features(model: ContinualModel, images: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
     """(V,N,Ccat,G,G) patch features of the images (first), their JPEG round trips (unless the
     config's ``augment_jpeg`` is off) and their photometric variants, which both detector kinds
     learn as normal, and (1+Q,N,C) router features of the originals and the round trips: the
@@ -102,10 +103,11 @@ def _batch_hint(arguments: dict[str, object]) -> str:
     """Which batch size to lower after CUDA ran out of memory while training this call's task."""
     store = ModelStore(arguments["model_dir"])  # type: ignore[arg-type]
     if store.tasks():
-        return (f"batch_size in {store.root / 'config.json'} (now {store.config().batch_size}; every later task "
+        now = store.config().section(DetectorKind.FLOW).batch_size
+        return (f"flow.batch_size in {store.root / 'config.json'} (now {now}; every later task "
                 f"uses the model directory's config)")  # fmt: skip
     config = arguments["config"] or MoleFlowConfig()
-    return f"batch_size in the --config JSON (now {config.batch_size})"  # type: ignore[union-attr]
+    return f"flow.batch_size in the --config JSON (now {config.section(DetectorKind.FLOW).batch_size})"  # type: ignore[union-attr]
 
 
 @names_batch_on_oom(f"training (flow steps, or the backbone on {FEATURE_BATCH} images at a time)", _batch_hint)
@@ -126,7 +128,7 @@ def train_task(
 
     ``detector``: the task's kind, flow or memory (default: the ``detector`` of the model
     directory's config, or of ``config`` for the first task). A flow runs
-    at most ``steps`` (default: the config's max_steps) optimiser steps on a cosine schedule,
+    at most ``steps`` (default: the config's flow.max_steps) optimiser steps on a cosine schedule,
     checks the loss on held-out training images every ``eval_every`` steps, stops after
     ``patience`` checks without improvement and keeps the weights of the best check; a memory
     task keeps a coreset of its training patches.
@@ -144,8 +146,8 @@ def train_task(
     torch.manual_seed((config or MoleFlowConfig()).seed if first else store.config().seed)
     model = prepare_model(store, config, random_backbone).to(device)  # random init here: seeded first
     cfg = model.config
-    kind = asked or cfg.detector
-    options = FitOptions(steps or cfg.max_steps, device, amp_dtype(device, amp), progress)
+    kind = kind_of(asked or cfg.detector)
+    options = FitOptions(steps, device, amp_dtype(device, amp), progress)
 
     started = time.perf_counter()
     split = load_split(data_root, task, "train", cfg.image_size)
@@ -154,14 +156,11 @@ def train_task(
     feature_seconds = time.perf_counter() - started
     training = TrainingSet(concat, *holdout_split(len(split.images), cfg.holdout_fraction, cfg.seed))
 
-    if first and kind is not DetectorKind.FLOW:  # the shared flow parts learn from task 0 whatever its kind
-        model.add_task(task, DetectorKind.FLOW)
-        model.to(device)
-        detector_of(DetectorKind.FLOW).fit(model, task, training, options)
-        model.remove_task(task)
+    if first and not kind.trains_shared_parts:
+        fit_shared_parts(model, task, training, options)
     model.add_task(task, kind)
     model.to(device)  # the new task's parameters too
-    fitted = detector_of(kind).fit(model, task, training, options)
+    fitted = kind.fit(model, task, training, options)
     model.eval().cpu()  # saved as CPU tensors whatever the training device
     for p in model.parameters():
         p.requires_grad_(False)
@@ -172,14 +171,17 @@ def train_task(
     )  # fmt: skip
     store.save_task(model, task, replace(prototype, patch_level=fitted.patch_level))
     return TrainReport(
-        task,
-        kind,
-        fitted.summary,
-        len(split.images),
-        fitted.steps,
-        fitted.best_step,
-        len(training.held),
-        feature_seconds,
-        fitted.seconds,
-        fitted.final_loss,
-    )
+        task, kind.name, fitted.summary, len(split.images), len(training.held), feature_seconds, fitted.seconds,
+        fitted.metrics,
+    )  # fmt: skip
+
+
+def fit_shared_parts(model: ContinualModel, task: str, training: TrainingSet, options: FitOptions) -> None:
+    """Train the shared parts on the model's first task, for a first task whose own kind does not
+    train them: the kind that does (the flow) fits a throwaway task on the same features, which is
+    then dropped; the shared parts stay as it left them, frozen for good."""
+    trainer = next(k for k in map(kind_of, DetectorKind) if k.trains_shared_parts)
+    model.add_task(task, trainer)
+    model.to(options.device)
+    trainer.fit(model, task, training, options)
+    model.remove_task(task)

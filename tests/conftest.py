@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from moleflow_edge.config import MoleFlowConfig
+from moleflow_edge.config import DetectorKind, MoleFlowConfig
 from moleflow_edge.data.synth import generate
 from tests.export_fixture import build_export
 
 SYNTH_CATEGORIES = ["weave", "tiles", "screw", "cap"]
 # small enough for CI on two CPU cores, big enough to separate the synthetic defects
-TINY_CONFIG = MoleFlowConfig(
-    image_size=128, embed_dim=64, num_mole_blocks=2, num_dia_blocks=1, lora_rank=8, lora_alpha=8.0,
-    max_steps=48, batch_size=8, augment_copies=0,
-)  # fmt: skip
+TINY_CONFIG = MoleFlowConfig(image_size=128, embed_dim=64, augment_copies=0).with_settings(
+    DetectorKind.FLOW, num_mole_blocks=2, num_dia_blocks=1, lora_rank=8, lora_alpha=8.0, max_steps=48, batch_size=8
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

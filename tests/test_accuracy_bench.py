@@ -21,7 +21,7 @@ def test_accuracy_bench_on_an_unseen_root(tmp_path: Path) -> None:
     generate(root, ["weave"], seed=3, image_size=96, n_train=12, n_test_good=6, n_test_defect=2)
     generate(root, ["cap"], seed=4, image_size=96, n_train=4, n_test_good=4, n_test_defect=2)  # a smoke product
     config = tmp_path / "config.json"
-    TINY_CONFIG.with_overrides(image_size=96, max_steps=8, augment_copies=1).to_json(config)
+    TINY_CONFIG.with_overrides(image_size=96, augment_copies=1).with_settings("flow", max_steps=8).to_json(config)
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "accuracy_bench.py"), "--data", str(root), "--config", str(config),

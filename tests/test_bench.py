@@ -173,7 +173,8 @@ def test_runtime_bench_prepare_trains_every_product_for_the_given_steps(tmp_path
     data, model_dir, export_dir = runtime_bench.prepare(tmp_path, 3)
     assert [task for task, _ in trained] == runtime_bench.TASKS
     for _, config in trained:
-        assert (config.max_steps, config.image_size, config.embed_dim, config.num_mole_blocks) == (3, 224, 152, 6)
+        flow = config.section("flow")
+        assert (flow.max_steps, config.image_size, config.embed_dim, flow.num_mole_blocks) == (3, 224, 152, 6)
     assert exported == [export_dir] and data == tmp_path / "data" and model_dir == tmp_path / "model"
 
 
@@ -192,7 +193,7 @@ def test_train_bench_reports_time_per_optimiser_step(tmp_path: Path, monkeypatch
     for row in rows:
         assert set(row) == {"config", "task_index", "images", "random_backbone", "steps", "seconds_per_step",
                             "feature_seconds", "max_steps", "seconds_per_task_max_steps"}  # fmt: skip
-        assert (row["images"], row["steps"], row["max_steps"]) == (8, 2, TINY_CONFIG.max_steps)
+        assert (row["images"], row["steps"], row["max_steps"]) == (8, 2, TINY_CONFIG.section("flow").max_steps)
     assert "s/step" in capsys.readouterr().out
 
 
@@ -209,7 +210,9 @@ def test_export_bench_trains_both_products_for_the_given_steps(tmp_path: Path, m
     monkeypatch.setattr(export_bench, "train_task", lambda data, task, model_dir, config, **k: trained.append((task, config)))  # fmt: skip
     export_bench.prepare(tmp_path / "data", tmp_path / "model", 3)
     assert [task for task, _ in trained] == export_bench.TASKS
-    assert all((config.max_steps, config.image_size, config.num_mole_blocks) == (3, 224, 6) for _, config in trained)
+    assert all(
+        (c.section("flow").max_steps, c.image_size, c.section("flow").num_mole_blocks) == (3, 224, 6) for _, c in trained
+    )
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "tasks.json").write_text("{}")
     export_bench.prepare(tmp_path / "data", tmp_path / "model", 3)
@@ -240,7 +243,7 @@ def test_calib_bench_trains_and_exports_for_the_given_steps(tmp_path: Path, monk
     monkeypatch.setattr(calib_bench, "export_model", lambda model, out, precisions, **k: exported.append((out, precisions)))  # fmt: skip
     data, model, export = calib_bench.prepare(tmp_path, 4)
     assert [task for task, _ in trained] == calib_bench.TASKS
-    assert all((config.max_steps, config.image_size) == (4, 224) for _, config in trained)
+    assert all((config.section("flow").max_steps, config.image_size) == (4, 224) for _, config in trained)
     assert exported == [(export, ("fp32", "int8"))] and (data, model) == (tmp_path / "data", tmp_path / "model")
     export.mkdir()
     (export / "manifest.json").write_text("{}")

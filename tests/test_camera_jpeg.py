@@ -13,7 +13,7 @@ from moleflow_edge.config import DetectorKind
 from moleflow_edge.data.mvtec import load_split
 from moleflow_edge.features import extract_features
 from moleflow_edge.metrics import auroc
-from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model.continual_model import ContinualModel
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.router import UNKNOWN, RouterTable, fit_prototype
 from moleflow_edge.scoring import TaskDetectors, score_routed
@@ -61,7 +61,7 @@ def test_no_variants_and_zero_variants_fit_the_same_prototype() -> None:
 
 
 @pytest.fixture(scope="module")
-def learned(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[MoleFlow, RouterTable]:
+def learned(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[ContinualModel, RouterTable]:
     """LEARNED alone, with the pretrained backbone (a random one barely moves under JPEG)."""
     model_dir = tmp_path_factory.mktemp("jpeg") / "model"
     train_task(synth_root, LEARNED, model_dir, TINY_CONFIG, steps=2, progress=False)
@@ -70,14 +70,14 @@ def learned(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 
 
 @pytest.mark.parametrize("quality", [95, 90, 75])
-def test_jpeg_good_frames_of_a_learned_product_are_routed_to_it(learned: tuple[MoleFlow, RouterTable], synth_root: Path, quality: int) -> None:
+def test_jpeg_good_frames_of_a_learned_product_are_routed_to_it(learned: tuple[ContinualModel, RouterTable], synth_root: Path, quality: int) -> None:
     model, table = learned
     split = load_split(synth_root, LEARNED, "test", TINY_CONFIG.image_size)
     good = jpeg_round_trips(split.images[split.labels == 0], (quality,))[0]
     assert table.route(table.distances(extract_features(model, good).routing)) == [LEARNED] * len(good)
 
 
-def test_jpeg_frames_of_an_unlearned_product_stay_unknown(learned: tuple[MoleFlow, RouterTable], synth_root: Path) -> None:
+def test_jpeg_frames_of_an_unlearned_product_stay_unknown(learned: tuple[ContinualModel, RouterTable], synth_root: Path) -> None:
     model, table = learned
     images = load_split(synth_root, UNLEARNED, "test", TINY_CONFIG.image_size).images
     for frames in (images, jpeg_round_trips(images, (75,))[0]):

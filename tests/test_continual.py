@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from moleflow_edge.anomaly_map import anomaly_map
-from moleflow_edge.config import MoleFlowConfig
+from moleflow_edge.config import DetectorKind, MoleFlowConfig
 from moleflow_edge.data.mvtec import DatasetError, load_split
 from moleflow_edge.data.synth import generate
+from moleflow_edge.detectors.registry import score_images
 from moleflow_edge.evaluate import evaluate
 from moleflow_edge.features import extract_features
 from moleflow_edge.model_store import SHARED_FILE, ModelDirError, ModelStore
@@ -21,8 +22,8 @@ from moleflow_edge.train import train_task
 
 SEQUENCE = ["weave", "tiles", "cap"]
 # small, but big enough to separate the synthetic defects of an object category (cap) too
-TINY_CONFIG = MoleFlowConfig(
-    image_size=160, num_mole_blocks=2, num_dia_blocks=1, lora_rank=8, lora_alpha=8.0, max_steps=80, batch_size=8, lr=1e-3
+TINY_CONFIG = MoleFlowConfig(image_size=160).with_settings(
+    DetectorKind.FLOW, num_mole_blocks=2, num_dia_blocks=1, lora_rank=8, lora_alpha=8.0, max_steps=80, batch_size=8, lr=1e-3
 )
 
 
@@ -36,7 +37,7 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _task0_outputs(model_dir: Path, data: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     model, _ = ModelStore(model_dir).load()
     split = load_split(data, SEQUENCE[0], "test", TINY_CONFIG.image_size)
-    patch, image = model.score_images(torch.from_numpy(split.images), SEQUENCE[0])
+    patch, image = score_images(model, split.images, SEQUENCE[0])
     maps = np.stack([anomaly_map(p, TINY_CONFIG.image_size, TINY_CONFIG.map_sigma) for p in patch.numpy()])
     return patch.numpy(), image.numpy(), maps
 
@@ -114,7 +115,7 @@ def test_crash_mid_training_leaves_model_dir_unchanged(
     train_task(synth_root, SEQUENCE[0], model_dir, TINY_CONFIG, progress=False)
     before = _snapshot(model_dir)
     calls = {"n": 0}
-    import moleflow_edge.detectors.flow as flow_module
+    import moleflow_edge.detectors.flow.kind as flow_module
 
     real_loss = flow_module.flow_loss
 

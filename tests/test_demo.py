@@ -15,15 +15,8 @@ from moleflow_edge.device import choose_threads
 # the whole path at test size: what the demo does, not how well
 TEST_PLAN = replace(
     QUICK,
-    config=replace(
-        QUICK.config,
-        image_size=64,
-        embed_dim=32,
-        num_mole_blocks=2,
-        num_dia_blocks=1,
-        lora_rank=4,
-        lora_alpha=4.0,
-        augment_copies=0,
+    config=QUICK.config.with_overrides(image_size=64, embed_dim=32, augment_copies=0).with_settings(
+        "flow", num_mole_blocks=2, num_dia_blocks=1, lora_rank=4, lora_alpha=4.0
     ),
     steps=2,
     n_train=4,

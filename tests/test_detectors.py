@@ -20,13 +20,13 @@ from moleflow_edge.config import DetectorKind
 from moleflow_edge.contract import DETECTOR_DIR, MANIFEST_FILE, load_manifest
 from moleflow_edge.data.mvtec import load_split
 from moleflow_edge.data.synth import generate
+from moleflow_edge.detectors.memory.bank import MemoryScorer
+from moleflow_edge.detectors.memory.coreset import PARTITION_FROM, coreset_size, greedy_coreset
 from moleflow_edge.evaluate import evaluate
 from moleflow_edge.export import onnx_graphs
 from moleflow_edge.export.exporter import export_model
 from moleflow_edge.export.trt_compat import check_tensorrt_compat
 from moleflow_edge.features import extract_features
-from moleflow_edge.model.coreset import PARTITION_FROM, coreset_size, greedy_coreset
-from moleflow_edge.model.memory_bank import MemoryScorer
 from moleflow_edge.model_store import SHARED_FILE, TASK_LIST_FILE, ModelStore
 from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime import Runtime
@@ -36,7 +36,7 @@ from tests.conftest import TINY_CONFIG
 
 SEQUENCE = [("weave", DetectorKind.MEMORY), ("tiles", DetectorKind.FLOW), ("cap", DetectorKind.MEMORY)]
 UNTRAINED = "screw"
-CONFIG = TINY_CONFIG.with_overrides(coreset_min=200, coreset_max=600)
+CONFIG = TINY_CONFIG.with_settings("memory", coreset_min=200, coreset_max=600)
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -207,7 +207,7 @@ def test_later_tasks_default_to_the_model_folders_detector_kind(mixed: dict, tmp
 def test_a_crash_while_building_the_bank_leaves_earlier_tasks_intact(
     mixed: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import moleflow_edge.detectors.memory as memory_module
+    import moleflow_edge.detectors.memory.kind as memory_module
 
     model_dir = tmp_path / "model"
     shutil.copytree(mixed["model_dir"], model_dir)

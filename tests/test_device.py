@@ -20,7 +20,7 @@ from moleflow_edge.export.exporter import export_model
 from moleflow_edge.train import train_task
 from tests.conftest import TINY_CONFIG
 
-CONFIG = TINY_CONFIG.with_overrides(max_steps=6, batch_size=4)
+CONFIG = TINY_CONFIG.with_settings("flow", max_steps=6, batch_size=4)
 
 
 def no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:

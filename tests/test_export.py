@@ -18,18 +18,19 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from moleflow_edge.config import MoleFlowConfig, Whitening
+from moleflow_edge.config import DetectorKind, MoleFlowConfig, Whitening
 from moleflow_edge.contract import Manifest, ManifestError, Precision, file_sha256, load_manifest
 from moleflow_edge.data.mvtec import Split, load_split
 from moleflow_edge.data.synth import generate
+from moleflow_edge.detectors.flow.lora import LoRALinear
+from moleflow_edge.detectors.flow.merged import merge_task
+from moleflow_edge.detectors.flow.parts import flow_parts, patch_scores, top_k_mean
 from moleflow_edge.export import onnx_graphs
 from moleflow_edge.export.artifacts import ExportError, ExportReport
 from moleflow_edge.export.exporter import export_model
 from moleflow_edge.export.trt_compat import check_tensorrt_compat
 from moleflow_edge.metrics import auroc
-from moleflow_edge.model.lora import LoRALinear
-from moleflow_edge.model.merged import merge_task
-from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model.continual_model import ContinualModel
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.router import RouterTable
 from moleflow_edge.targets import ExportFormat, check_export_args
@@ -38,15 +39,8 @@ from moleflow_edge.train import train_task
 TASKS = ["weave", "tiles", "screw"]
 FIRST, LAST = TASKS[:2], TASKS[2]
 PRECISIONS = ("fp32", "fp16", "int8")
-CONFIG = MoleFlowConfig(
-    image_size=128,
-    embed_dim=64,
-    num_mole_blocks=2,
-    num_dia_blocks=1,
-    lora_rank=8,
-    lora_alpha=8,
-    max_steps=60,
-    batch_size=8,
+CONFIG = MoleFlowConfig(image_size=128, embed_dim=64).with_settings(
+    "flow", num_mole_blocks=2, num_dia_blocks=1, lora_rank=8, lora_alpha=8, max_steps=60, batch_size=8
 )
 
 
@@ -54,7 +48,7 @@ CONFIG = MoleFlowConfig(
 class Trained:
     data: Path
     model_dir: Path
-    model: MoleFlow
+    model: ContinualModel
     tests: dict[str, Split]
 
 
@@ -153,19 +147,19 @@ def test_merged_flow_equals_the_model_with_its_adapters(trained: Trained) -> Non
     with torch.no_grad():
         embedded = model.embed(model.patch_concat(model.backbone_maps(images)))
         for task in TASKS:
-            reference = model.patch_scores(embedded, task)
+            reference = patch_scores(model, embedded, task)
             patch, image = merge_task(model, task)(embedded)
             assert torch.allclose(patch, reference, rtol=1e-5, atol=0)
-            assert torch.allclose(image, model.image_score(reference), rtol=1e-5, atol=0)
+            assert torch.allclose(image, top_k_mean(reference, model.config.top_k), rtol=1e-5, atol=0)
 
 
 def test_merged_graph_has_no_more_matrix_products_than_the_base_flow(history: History, trained: Trained) -> None:
     model = trained.model
     manifest = load_manifest(history.out)
     for task in TASKS:
-        base = [*([model.mixer] if model.mixer is not None else []), *model.mole_blocks, *model.per_task[task].dia]
+        base = [*([model.mixer] if model.mixer is not None else []), *model.mole_blocks, *flow_parts(model, task).dia]
         products = sum(isinstance(m, (torch.nn.Conv2d, LoRALinear)) for part in base for m in part.modules())
-        products += model.config.whitening == Whitening.MAHALANOBIS.value  # the eager whitener's one product
+        products += model.config.section(DetectorKind.FLOW).whitening is Whitening.MAHALANOBIS  # the eager whitener's one product
         graph = onnx.load(history.out / manifest.task(task).graphs["fp32"].file).graph
         ops = [node.op_type for node in graph.node]
         assert sum(op in ("Conv", "MatMul", "Gemm") for op in ops) == products
@@ -216,8 +210,8 @@ def test_fp32_graphs_reproduce_pytorch_scores_routing_and_auroc(history: History
     for task, split in trained.tests.items():
         with torch.no_grad():
             maps = model.backbone_maps(torch.from_numpy(split.images))
-            reference_patch = model.patch_scores(model.embed(model.patch_concat(maps)), task)
-            reference_image = model.image_score(reference_patch)
+            reference_patch = patch_scores(model, model.embed(model.patch_concat(maps)), task)
+            reference_image = top_k_mean(reference_patch, model.config.top_k)
             torch_routing = model.routing_feature(maps).numpy()
         patch, image, routing = _scores(history.out, manifest, "fp32", task, split.images)
         np.testing.assert_allclose(patch, reference_patch.numpy(), rtol=1e-4, atol=0)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import moleflow_edge.train as train_module
@@ -22,6 +21,7 @@ from moleflow_edge.atomic import OutputError
 from moleflow_edge.calibration import calibrate
 from moleflow_edge.cli import app
 from moleflow_edge.data.mvtec import DatasetError, load_split
+from moleflow_edge.detectors.registry import score_images
 from moleflow_edge.errors import UserError
 from moleflow_edge.features import extract_features
 from moleflow_edge.model_store import ModelDirError, ModelStore
@@ -90,7 +90,7 @@ def _image_scores(model_dir: Path, data: Path) -> dict[str, np.ndarray]:
     scores = {}
     for task in EARLIER:
         images = load_split(data, task, "test", TINY_CONFIG.image_size).images
-        scores[task] = model.score_images(torch.from_numpy(images), task)[1].numpy()
+        scores[task] = score_images(model, images, task)[1].numpy()
     return scores
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moleflow_edge.model.adapters import WhiteningAdapter
-from moleflow_edge.model.coupling import AffineCoupling, DIASubnet, MoLESubnet
-from moleflow_edge.model.lora import LoRALinear
+from moleflow_edge.detectors.flow.adapters import WhiteningAdapter
+from moleflow_edge.detectors.flow.coupling import AffineCoupling, DIASubnet, MoLESubnet
+from moleflow_edge.detectors.flow.lora import LoRALinear
 from moleflow_edge.router import ledoit_wolf
 
 DIM, GRID = 6, 3

@@ -20,7 +20,7 @@ def test_flow_levers_on_an_unseen_root(tmp_path: Path) -> None:
     root = tmp_path / "data"
     generate(root, ["weave"], seed=3, image_size=96, n_train=12, n_test_good=6, n_test_defect=2)
     config = tmp_path / "config.json"
-    TINY_CONFIG.with_overrides(image_size=96, max_steps=8, augment_copies=1).to_json(config)
+    TINY_CONFIG.with_overrides(image_size=96, augment_copies=1).with_settings("flow", max_steps=8).to_json(config)
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "flow_levers.py"), "--data", str(root), "--config", str(config),

@@ -1,4 +1,4 @@
-"""The memory bank's inverted-list search (model/inverted_lists.py) on hand-made banks."""
+"""The memory bank's inverted-list search (detectors/memory/inverted_lists.py) on hand-made banks."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import torch
 
 from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import DetectorKind
-from moleflow_edge.detectors import FitOptions, TrainingSet, detector_of
+from moleflow_edge.detectors.base import FitOptions, TrainingSet
+from moleflow_edge.detectors.memory.bank import MemoryBank, MemoryScorer
+from moleflow_edge.detectors.memory.inverted_lists import InvertedListScorer, inverted_lists, kmeans
+from moleflow_edge.detectors.registry import build_model, kind_of
 from moleflow_edge.export import onnx_graphs
 from moleflow_edge.export.precision import to_fp16
 from moleflow_edge.export.trt_compat import check_tensorrt_compat
-from moleflow_edge.model.inverted_lists import InvertedListScorer, inverted_lists, kmeans
-from moleflow_edge.model.memory_bank import MemoryBank, MemoryScorer
-from moleflow_edge.model.mole_flow import MoleFlow
 from tests.conftest import TINY_CONFIG
 
 DIM, GRID = 16, 4
@@ -101,27 +101,27 @@ def test_a_bank_without_lists_saves_as_before_and_one_with_lists_loads_its_shape
 
 
 def test_a_memory_task_with_a_bank_past_memory_lists_from_is_fitted_and_scored_by_its_lists() -> None:
-    config = TINY_CONFIG.with_overrides(coreset_min=50, coreset_max=400, memory_lists_from=300, memory_list_size=20)
+    config = TINY_CONFIG.with_settings("memory", coreset_min=50, coreset_max=400, memory_lists_from=300, memory_list_size=20)
     backbone = build_backbone(config, random_init=True)
-    model, grid = MoleFlow(config, backbone).eval(), config.grid_size
+    model, grid = build_model(config, backbone).eval(), config.grid_size
     for task, images in (("small", 2), ("large", 12)):
-        model.add_task(task, DetectorKind.MEMORY)
+        model.add_task(task, kind_of(DetectorKind.MEMORY))
         concat = torch.randn(
             2, images, backbone.channels8 + backbone.channels16, grid, grid, generator=torch.Generator().manual_seed(7)
         )
         training = TrainingSet(concat, np.arange(images - 1), np.array([images - 1]))
-        fitted = detector_of(DetectorKind.MEMORY).fit(
+        fitted = kind_of(DetectorKind.MEMORY).fit(
             model, task, training, FitOptions(1, torch.device("cpu"), None, False)
         )
         assert ("inverted lists" in fitted.summary) == (task == "large"), fitted.summary
     large, small = model.per_task["large"], model.per_task["small"]
     assert isinstance(large, MemoryBank) and isinstance(small, MemoryBank)
     assert len(large.bank) >= 300 and large.searched_by_lists and not small.searched_by_lists
-    assert isinstance(detector_of(DetectorKind.MEMORY).scorer(model, "large"), InvertedListScorer)
-    assert isinstance(detector_of(DetectorKind.MEMORY).scorer(model, "small"), MemoryScorer)
+    assert isinstance(kind_of(DetectorKind.MEMORY).scorer(model, "large"), InvertedListScorer)
+    assert isinstance(kind_of(DetectorKind.MEMORY).scorer(model, "small"), MemoryScorer)
 
 
 def test_a_list_setting_below_one_is_refused_with_its_name() -> None:
     for name in ("memory_lists_from", "memory_list_size", "memory_probe"):
-        with pytest.raises(ValueError, match=f"config field {name} must be >= 1"):
-            TINY_CONFIG.with_overrides(**{name: 0})
+        with pytest.raises(ValueError, match=f"config field memory.{name} must be >= 1"):
+            TINY_CONFIG.with_settings("memory", **{name: 0})

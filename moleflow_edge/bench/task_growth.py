@@ -1,6 +1,6 @@
 """How routing time, memory and load times grow with the number of tasks in an export.
 
-Synthetic: each count is a copy of the export whose tasks all use the first task's fp32 flow
+Synthetic: each count is a copy of the export whose tasks all use the first task's fp32 detector
 graph, with prototypes perturbed from its own, so the router is what grows and no model is
 trained for it. The grown export is made as the exporter makes one: the contract's Manifest and
 TaskEntry, router.safetensors written by router.router_weights under its content name, and
@@ -92,7 +92,7 @@ def task_growth(export_dir: str | Path, counts: Sequence[int] = TASK_COUNTS, ite
 def _grown_manifest(
     work: Path, manifest: Manifest, base: TaskEntry, names: list[str], prototypes: dict[str, Prototype]
 ) -> Manifest:
-    """``manifest`` with ``names`` as its tasks, each on ``base``'s fp32 flow graph with its own
+    """``manifest`` with ``names`` as its tasks, each on ``base``'s fp32 detector graph with its own
     prototype and no unknown-product limit (so every frame routes), saved in the copy ``work``.
     Engines are dropped (the copy leaves engines/ out)."""
     data = router_weights(names, prototypes)

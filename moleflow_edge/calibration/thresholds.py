@@ -4,7 +4,7 @@ Torch-free: runs on the line PC with the runtime alone (numpy, OpenCV, onnxrunti
 
 Which images. Per task, the normal images of ``ROOT/<task>/calib/good`` when that folder
 exists (a held-out set the user keeps for this), else ``ROOT/<task>/test/good``. Never
-``train/good``: the flow was fitted to those images, so their scores are optimistically low
+``train/good``: the task's detector was fitted to those images, so their scores are optimistically low
 and a threshold set on them gives more false alarms than asked for.
 
 Threshold rule: ``order_statistics.py``. Real-size data (MVTec-style test/good folders hold 20-60 normal images) often has fewer normals

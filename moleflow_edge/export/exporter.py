@@ -43,7 +43,7 @@ from moleflow_edge.contract import (
     load_manifest,
 )
 from moleflow_edge.data.mvtec import DatasetError, Sample, load_images, train_samples
-from moleflow_edge.detectors import detector_of
+from moleflow_edge.detectors.registry import kind_of
 from moleflow_edge.export import onnx_graphs
 from moleflow_edge.export.artifacts import ExportError, ExportReport, source_hash
 from moleflow_edge.export.commit import ExportRun, remove_stale_staging
@@ -51,7 +51,7 @@ from moleflow_edge.export.precision import sensitive_products, to_fp16, to_int8
 from moleflow_edge.export.tensorrt_engine import export_engines
 from moleflow_edge.features import extract_features
 from moleflow_edge.locking import FolderLock
-from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model.continual_model import ContinualModel
 from moleflow_edge.model_store import CONFIG_FILE, SHARED_FILE, ModelStore
 from moleflow_edge.router import Prototype, RouterTable, router_weights
 from moleflow_edge.runtime.trt_api import DEFAULT_BATCH_PROFILE
@@ -61,7 +61,7 @@ from moleflow_edge.targets import ExportFormat, check_export_args
 CALIB_LIMIT = 256  # images per INT8 calibration set, evenly spread over the sorted file list
 
 
-def model_identity(store: ModelStore, model: MoleFlow) -> str:
+def model_identity(store: ModelStore, model: ContinualModel) -> str:
     """Hash of everything shared: config, shared weights and the backbone's own weights."""
     backbone = [
         t.detach().contiguous().numpy() for _, t in sorted(model.backbone.state_dict().items(), key=lambda kv: kv[0])
@@ -133,7 +133,7 @@ def export_model(
 ) -> ExportReport:
     """Export ``tasks`` (None = every trained task) of a model directory into ``out_dir``.
 
-    Writes the shared backbone graph and each task's fused flow graph per precision, and the
+    Writes the shared backbone graph and each task's detector graph (its kind's scorer) per precision, and the
     router over every task in the export. ``fmt="engine"`` then builds TensorRT engines from
     those graphs (on the target GPU). INT8 needs ``calib_data``: a dataset root in the MVTec
     layout whose <task>/train/good images calibrate the QDQ graphs. ``sign``: an Ed25519
@@ -217,7 +217,7 @@ def _quiet_third_party() -> Iterator[None]:
                 logger.setLevel(level)
 
 
-def _new_manifest(model: MoleFlow, identity: str) -> Manifest:
+def _new_manifest(model: ContinualModel, identity: str) -> Manifest:
     cfg = model.config
     backbone = model.backbone
     last = cfg.router_pooling is RouterPooling.LAST
@@ -240,7 +240,7 @@ def _new_manifest(model: MoleFlow, identity: str) -> Manifest:
 def _export_graphs(
     run: ExportRun,
     store: ModelStore,
-    model: MoleFlow,
+    model: ContinualModel,
     prototypes: dict[str, Prototype],
     wanted: list[str],
     export_tasks: list[str],
@@ -306,34 +306,34 @@ def _graph_in_precision(
 def _export_task(
     run: ExportRun,
     store: ModelStore,
-    model: MoleFlow,
+    model: ContinualModel,
     entry: TaskEntry,
     prototype: Prototype,
     precisions: tuple[Precision, ...],
     calib_data: str | Path | None,
 ) -> TaskEntry:
     """One task's detector graph per precision (a flow with its adapters fused, or a memory bank);
-    other tasks' files are never touched. A detector that is not ``quantizable`` keeps fp32
+    other tasks' files are never touched. A kind that is not ``quantizable`` keeps fp32
     arithmetic in an int8 export."""
     cfg = model.config
-    detector = detector_of(model.kind(entry.name))
+    kind = kind_of(model.kind(entry.name))
     weights = file_sha256(store.task_file(entry.name))
     built: list[onnx.ModelProto] = []
 
     def scorer_fp32() -> onnx.ModelProto:
         if not built:
-            built.append(onnx_graphs.scorer_graph(detector.scorer(model, entry.name), cfg.embed_dim, cfg.grid_size))
+            built.append(onnx_graphs.scorer_graph(kind.scorer(model, entry.name), cfg.embed_dim, cfg.grid_size))
         return built[0]
 
     def int8(fp32: onnx.ModelProto, calib: CalibrationSet | None) -> onnx.ModelProto:
-        if calib is None:  # a detector that is not quantizable: no calibration set, fp32 arithmetic
+        if calib is None:  # a kind that is not quantizable: no calibration set, fp32 arithmetic
             return fp32
         return to_int8(fp32, _embeddings(model, calib.images(cfg.image_size)))
 
     graphs: dict[str, ArtifactFile] = {}
     replaced = False
     for precision in precisions:
-        quantized = precision is Precision.INT8 and calib_data is not None and detector.quantizable
+        quantized = precision is Precision.INT8 and calib_data is not None and kind.quantizable
         calib = calibration_set(calib_data, [entry.name]) if quantized else None  # only what calibrates a graph
         source = source_hash(run.manifest.model_sha256, weights, _options(precision, calib and calib.record))
 
@@ -347,12 +347,12 @@ def _export_task(
         if calib is not None:
             run.manifest.int8_calibration[name] = calib.record
     if replaced:  # the task's weights or export options changed: its other graphs, engines and limits are stale
-        return TaskEntry(entry.name, graphs, detector.kind.value, distance_limit=prototype.limit)
+        return TaskEntry(entry.name, graphs, kind.name.value, distance_limit=prototype.limit)
     entry.graphs = {**entry.graphs, **graphs}
     return entry
 
 
 @torch.no_grad()
-def _embeddings(model: MoleFlow, images: np.ndarray) -> np.ndarray:
+def _embeddings(model: ContinualModel, images: np.ndarray) -> np.ndarray:
     """A detector graph's input for calibration: (N,D,H,W) float32 embeddings of uint8 BGR images."""
     return model.embed(extract_features(model, images).concat).numpy()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from moleflow_edge.contract import DISTANCES, EMBEDDING, IMAGE_SCORE, IMAGES, PATCH_SCORES, ROUTING_FEATURE
-from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model.continual_model import ContinualModel
 from moleflow_edge.model.scorer import PatchScorer
 from moleflow_edge.router import RouterTable
 
@@ -35,7 +35,7 @@ MAX_PROTO_BYTES = 1_800_000_000  # protobuf's 2 GiB cap, with room: larger graph
 class BackboneGraph(nn.Module):
     """images uint8 (B,S,S,3) BGR -> embedding (B,D,H,W), routing_feature (B,C); preprocessing inside."""
 
-    def __init__(self, model: MoleFlow) -> None:
+    def __init__(self, model: ContinualModel) -> None:
         super().__init__()
         self.model = model
 
@@ -85,14 +85,14 @@ def export_onnx(
     return proto
 
 
-def backbone_graph(model: MoleFlow) -> onnx.ModelProto:
+def backbone_graph(model: ContinualModel) -> onnx.ModelProto:
     size = model.config.image_size
     example = torch.zeros(EXAMPLE_BATCH, size, size, 3, dtype=torch.uint8)
     return export_onnx(BackboneGraph(model), example, IMAGES, (EMBEDDING, ROUTING_FEATURE))
 
 
 def scorer_graph(scorer: PatchScorer, dim: int, grid: int) -> onnx.ModelProto:
-    """A task's scorer (a merged flow or a memory bank, model/scorer.py) as ONNX."""
+    """A task's scorer (a merged flow or a memory bank: model/scorer.py's shape) as ONNX."""
     example = torch.zeros(EXAMPLE_BATCH, dim, grid, grid)
     return export_onnx(scorer, example, EMBEDDING, (PATCH_SCORES, IMAGE_SCORE))
 

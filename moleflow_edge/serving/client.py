@@ -311,7 +311,7 @@ class RemoteRuntime:
     def check_graphs(self) -> None:
         """The server loaded and checked every graph before it became ready: nothing to do here."""
         if self.load_failures:
-            raise BackendError(f"flow graphs the server could not load: {self.load_failures}")
+            raise BackendError(f"detector graphs the server could not load: {self.load_failures}")
 
     def close(self) -> None:
         if self._client is not None:

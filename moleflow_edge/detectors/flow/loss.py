@@ -6,11 +6,11 @@ import math
 
 import torch
 
-from moleflow_edge.config import MoleFlowConfig
-from moleflow_edge.model.mole_flow import nll_from_latent
+from moleflow_edge.detectors.flow.parts import nll_from_latent
+from moleflow_edge.detectors.flow.settings import FlowSettings
 
 
-def flow_loss(z: torch.Tensor, log_det: torch.Tensor, config: MoleFlowConfig) -> torch.Tensor:
+def flow_loss(z: torch.Tensor, log_det: torch.Tensor, config: FlowSettings) -> torch.Tensor:
     """(1 - lambda_tail) mean NLL/D + lambda_tail mean of each image's top k% NLL/D
     + lambda_logdet mean (log|det J| / D)^2.
 

@@ -18,7 +18,7 @@ from moleflow_edge.model.scorer import PatchScorer
 
 class MemoryBank(nn.Module):
     """A memory task's own part: ``bank`` (K,D) kept patch vectors, positional encoding removed, and
-    for a large bank its inverted lists (model/inverted_lists.py): ``centroids`` (C,D) and ``lists``
+    for a large bank its inverted lists (inverted_lists.py): ``centroids`` (C,D) and ``lists``
     (C,L) of bank rows. A bank without lists (every bank saved before lists existed) is searched
     exactly, and its task file holds ``bank`` alone, as before.
 

@@ -1,4 +1,4 @@
-"""The memory detector: a greedy k-center coreset of the task's training patch embeddings.
+"""The memory kind: a greedy k-center coreset of the task's training patch embeddings.
 
 Every patch of the task's training images and of their variants is a candidate (the same
 gain-normalised features and variants a flow trains on, positional encoding removed): the
@@ -6,7 +6,7 @@ photometric variants put brighter and darker normal patches in the bank, which t
 exposure score from 0.81 to 0.54 for 0.003 pixel AP, and with ``augment_jpeg`` the JPEG round
 trips put compressed ones there (benchmarks/README.md). The coreset keeps ``coreset_ratio`` of
 them within [``coreset_min``, ``coreset_max``]; a bank of ``memory_lists_from`` vectors or more
-is searched by inverted lists (model/inverted_lists.py), where exact search costs more. Nothing
+is searched by inverted lists (inverted_lists.py), where exact search costs more. Nothing
 shared is trained, so a memory task never changes what earlier tasks score.
 """
 
@@ -17,41 +17,51 @@ import time
 import torch
 
 from moleflow_edge.config import DetectorKind
-from moleflow_edge.detectors.protocol import DetectorFit, FitOptions, TaskDetector, TrainingSet
-from moleflow_edge.model.coreset import coreset_size, greedy_coreset
-from moleflow_edge.model.inverted_lists import InvertedListScorer, inverted_lists
-from moleflow_edge.model.memory_bank import MemoryBank, MemoryScorer
-from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.detectors.base import FitOptions, Kind, TaskFit, TrainingSet
+from moleflow_edge.detectors.memory.bank import MemoryBank, MemoryScorer
+from moleflow_edge.detectors.memory.coreset import coreset_size, greedy_coreset
+from moleflow_edge.detectors.memory.inverted_lists import InvertedListScorer, inverted_lists
+from moleflow_edge.detectors.memory.settings import MemorySettings
+from moleflow_edge.model.continual_model import ContinualModel
 from moleflow_edge.model.scorer import PatchScorer
 from moleflow_edge.router import patch_level
 
 
-def patch_vectors(model: MoleFlow, concat: torch.Tensor) -> torch.Tensor:
+def patch_vectors(model: ContinualModel, concat: torch.Tensor) -> torch.Tensor:
     """(N,Ccat,H,W) patch maps -> (N*H*W, D) embedded patch vectors without the positional encoding."""
     embedded = model.embed(concat) - model.embedder.position
     return embedded.permute(0, 2, 3, 1).reshape(-1, embedded.shape[1]).float().cpu()
 
 
-class MemoryDetector(TaskDetector):
-    kind = DetectorKind.MEMORY
+def settings_of(model: ContinualModel) -> MemorySettings:
+    """The memory section of ``model``'s config."""
+    return model.config.section(DetectorKind.MEMORY)
+
+
+class MemoryKind(Kind):
+    name = DetectorKind.MEMORY
     quantizable = False
 
-    def fit(self, model: MoleFlow, task: str, training: TrainingSet, options: FitOptions) -> DetectorFit:
+    def new_parts(self, model: ContinualModel, task: str) -> MemoryBank:
+        """An empty bank, filled by the fit."""
+        return MemoryBank(model.config.embed_dim)
+
+    def fit(self, model: ContinualModel, task: str, training: TrainingSet, options: FitOptions) -> TaskFit:
         started = time.perf_counter()
-        cfg = model.config
+        cfg, seed = settings_of(model), model.config.seed
         originals = training.concat[0]
         images, patches_per_image = originals.shape[0], originals.shape[2] * originals.shape[3]
         with torch.no_grad():
             vectors = patch_vectors(model, training.concat.flatten(0, 1))  # variant-major: (V*N*H*W, D)
             count = coreset_size(len(vectors), cfg.coreset_ratio, cfg.coreset_min, cfg.coreset_max)
-            kept, _ = greedy_coreset(vectors, count, cfg.seed)
+            kept, _ = greedy_coreset(vectors, count, seed)
             bank = vectors[kept]
             parts = model.per_task[task]
             assert isinstance(parts, MemoryBank)
             parts.bank = bank.to(options.device)
             searched = "exact search"
             if count >= cfg.memory_lists_from:
-                centroids, lists = inverted_lists(bank, cfg.memory_list_size, cfg.seed)
+                centroids, lists = inverted_lists(bank, cfg.memory_list_size, seed)
                 parts.centroids, parts.lists = centroids.to(options.device), lists.to(options.device)
                 searched = f"{len(centroids)} inverted lists of <= {lists.shape[1]}, {cfg.memory_probe} searched"
             # the normal scale: held-out images against the kept vectors that other images gave
@@ -62,18 +72,21 @@ class MemoryDetector(TaskDetector):
                 unseen, reference = training.fit, bank
             scorer = MemoryScorer(reference, model.embedder.position.cpu())  # exact: lists cover the whole bank
             patch, _ = scorer(model.embed(originals[torch.from_numpy(unseen).to(originals.device)]).cpu())
-        return DetectorFit(
+        return TaskFit(
             f"kept {count} of {len(vectors)} patch vectors (greedy k-center coreset; {searched})",
             patch_level(patch.numpy()),
             time.perf_counter() - started,
         )
 
-    def scorer(self, model: MoleFlow, task: str) -> PatchScorer:
+    def scorer(self, model: ContinualModel, task: str) -> PatchScorer:
         """The task's search as deployed: by its inverted lists where it has them, else exact."""
         parts = model.per_task[task]
         if not isinstance(parts, MemoryBank):
             raise KeyError(f"task {task!r} is a {model.kind(task).value} task, not a memory task")
         position = model.embedder.position
         if parts.searched_by_lists:
-            return InvertedListScorer(parts.bank, parts.centroids, parts.lists, model.config.memory_probe, position)
+            return InvertedListScorer(parts.bank, parts.centroids, parts.lists, settings_of(model).memory_probe, position)
         return MemoryScorer(parts.bank, position)
+
+
+KIND = MemoryKind()

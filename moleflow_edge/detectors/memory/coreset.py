@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from moleflow_edge.model.inverted_lists import kmeans, nearest_centroid
+from moleflow_edge.detectors.memory.inverted_lists import kmeans, nearest_centroid
 
 PARTITION_FROM = 65536  # candidates from which the greedy search runs in partitions
 PARTITION = 4096  # candidates per partition there

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moleflow_edge.model.lora import LoRALinear
+from moleflow_edge.detectors.flow.lora import LoRALinear
 
 
 def soft_clamp(s: torch.Tensor, clamp: float) -> torch.Tensor:

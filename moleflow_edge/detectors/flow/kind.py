@@ -1,4 +1,4 @@
-"""The flow detector: MoLE-Flow's per-task fit (whitening, then LoRA/WA/DIA by maximum likelihood).
+"""The flow kind: MoLE-Flow's per-task fit (whitening, then LoRA/WA/DIA by maximum likelihood).
 
 Task 0 trains every shared part with its own parts, then the shared parts are frozen for good;
 every later flow task trains only its own LoRA adapters, whitening adapter, mixer gate and DIA
@@ -12,25 +12,36 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from moleflow_edge.config import DetectorKind, Whitening
-from moleflow_edge.detectors.protocol import DetectorFit, FitOptions, TaskDetector, TrainingSet
+from moleflow_edge.config import DetectorKind, MoleFlowConfig, Whitening
+from moleflow_edge.detectors.base import FitOptions, Kind, TaskFit, TrainingSet
+from moleflow_edge.detectors.flow.loss import flow_loss
+from moleflow_edge.detectors.flow.merged import MergedFlow, merge_task
+from moleflow_edge.detectors.flow.parts import (
+    TaskParts,
+    flow,
+    flow_parts,
+    new_task_parts,
+    patch_scores,
+    settings_of,
+    shared_parts,
+    task_parameters,
+)  # fmt: skip
 from moleflow_edge.device import autocast
 from moleflow_edge.features import patch_spacing
-from moleflow_edge.model.loss import flow_loss
-from moleflow_edge.model.merged import MergedFlow, merge_task
-from moleflow_edge.model.mole_flow import MoleFlow
+from moleflow_edge.model.continual_model import ContinualModel
 from moleflow_edge.router import patch_level
 
 
 def amp_flow(
-    model: MoleFlow, batch: torch.Tensor, task: str, noise: float, device: torch.device, dtype: torch.dtype | None
+    model: ContinualModel, batch: torch.Tensor, task: str, noise: float, device: torch.device, dtype: torch.dtype | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embedding and flow subnets under autocast (``dtype`` None: float32); z (B,D,H,W) and log-det
     (B,H,W) come back float32, so the loss and its log-det term are always computed in float32."""
     with autocast(device, dtype):
-        z, log_det = model.flow(model.embed(batch), task, noise)
+        z, log_det = flow(model, model.embed(batch), task, noise)
     return z.float(), log_det.float()
 
 
@@ -45,7 +56,7 @@ class FlowFit:
 
 
 def fit_flow(
-    model: MoleFlow,
+    model: ContinualModel,
     task: str,
     concat: torch.Tensor,
     fit: np.ndarray,
@@ -61,12 +72,12 @@ def fit_flow(
     ``eval_every`` steps the loss on the ``held`` images is checked, training stops after ``patience``
     checks without improvement and the best check's weights are kept. Task 0 trains the shared parts
     too; a later task only its own."""
-    cfg = model.config
+    cfg = settings_of(model.config)
     first_task = model.tasks == [task]
     held_rows = torch.from_numpy(held).to(device)
     for p in model.shared_parameters():
         p.requires_grad_(first_task)
-    own, dia = model.task_parameters(task)
+    own, dia = task_parameters(model, task)
     main_group = (model.shared_parameters() if first_task else []) + own
     trained = main_group + dia
     optimizer = torch.optim.AdamW(
@@ -75,7 +86,7 @@ def fit_flow(
     )
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision is torch.float16)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(model.config.seed)
 
     def held_out_loss() -> float:
         model.eval()
@@ -99,7 +110,7 @@ def fit_flow(
         batch = concat[variant.to(device), index.to(device)]
         loss = flow_loss(*amp_flow(model, batch, task, noise, device, precision), cfg)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training {task!r} diverged (loss {loss.item()}); lower lr in the config")
+            raise FloatingPointError(f"training {task!r} diverged (loss {loss.item()}); lower flow.lr in the config")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -127,34 +138,42 @@ def fit_flow(
     return FlowFit(step, best_step or step, final, time.perf_counter() - started)
 
 
-class FlowDetector(TaskDetector):
-    kind = DetectorKind.FLOW
+class FlowKind(Kind):
+    name = DetectorKind.FLOW
     quantizable = True
+    trains_shared_parts = True
 
-    def fit(self, model: MoleFlow, task: str, training: TrainingSet, options: FitOptions) -> DetectorFit:
-        cfg = model.config
+    def shared_parts(self, config: MoleFlowConfig) -> dict[str, nn.Module | None]:
+        return shared_parts(config)
+
+    def new_parts(self, model: ContinualModel, task: str) -> TaskParts:
+        return new_task_parts(model, task)
+
+    def fit(self, model: ContinualModel, task: str, training: TrainingSet, options: FitOptions) -> TaskFit:
+        cfg = settings_of(model.config)
         concat, fit, held = training.concat, training.fit, training.held
         with torch.no_grad():  # every training variant of the fit images, the originals first
             embedded = model.embed(concat[:, torch.from_numpy(fit).to(options.device)].flatten(0, 1))
             noise = cfg.feature_noise * patch_spacing(embedded[: len(fit)]) if cfg.feature_noise else 0.0
             if cfg.whitening is Whitening.MAHALANOBIS:
-                model.flow_parts(task).whitening.fit(embedded, noise)
+                flow_parts(model, task).whitening.fit(embedded, noise)
         fitted = fit_flow(
-            model, task, concat, fit, held, options.max_steps, noise, options.device, options.precision,
+            model, task, concat, fit, held, options.steps or cfg.max_steps, noise, options.device, options.precision,
             options.progress,
         )  # fmt: skip
         with torch.no_grad():  # the flow's scale on normal images it did not train on (the fit images if none)
             unseen = concat[0][torch.from_numpy(held if len(held) else fit).to(options.device)]
             model.eval()
-            level = patch_level(model.patch_scores(model.embed(unseen), task).float().cpu().numpy())
-        return DetectorFit(
+            level = patch_level(patch_scores(model, model.embed(unseen), task).float().cpu().numpy())
+        return TaskFit(
             f"{fitted.steps} steps, kept step {fitted.best_step}, loss {fitted.final_loss:.4f}",
             level,
             fitted.seconds,
-            fitted.steps,
-            fitted.best_step,
-            fitted.final_loss,
+            {"steps": fitted.steps, "best_step": fitted.best_step, "final_loss": fitted.final_loss},
         )
 
-    def scorer(self, model: MoleFlow, task: str) -> MergedFlow:
+    def scorer(self, model: ContinualModel, task: str) -> MergedFlow:
         return merge_task(model, task)
+
+
+KIND = FlowKind()

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from moleflow_edge.config import AnomalyScore
-from moleflow_edge.model.coupling import AffineCoupling, MoLESubnet, run_couplings
-from moleflow_edge.model.mole_flow import MoleFlow, score_patches, top_k_mean
+from moleflow_edge.detectors.flow.coupling import AffineCoupling, MoLESubnet, run_couplings
+from moleflow_edge.detectors.flow.parts import flow_parts, score_patches, settings_of, top_k_mean
+from moleflow_edge.model.continual_model import ContinualModel
 from moleflow_edge.model.scorer import PatchScorer
 
 
@@ -73,9 +74,9 @@ def merged_mole_subnet(subnet: MoLESubnet, task: str | None) -> MoLESubnet:
     return fused
 
 
-def merge_task(model: MoleFlow, task: str) -> MergedFlow:
+def merge_task(model: ContinualModel, task: str) -> MergedFlow:
     """Build ``task``'s fused flow from a loaded model; the model itself is left unchanged."""
-    parts = model.flow_parts(task)
+    parts = flow_parts(model, task)
     blocks = [
         AffineCoupling(merged_mole_subnet(block.subnet, task), block.clamp, block.swap) for block in model.mole_blocks
     ]
@@ -86,7 +87,7 @@ def merge_task(model: MoleFlow, task: str) -> MergedFlow:
         blocks,
         float(parts.whitening.constant_log_det().detach()),
         model.config.top_k,
-        model.config.anomaly_score,
+        settings_of(model.config).anomaly_score,
     )
     merged.eval()
     for p in merged.parameters():
