@@ -31,7 +31,9 @@ def calibrate(
         None, min=1, help="With --source: good frames to take in all (default: as many as --target-fpr needs)."
     ),
     target_fpr: float = typer.Option(0.01, help="False-positive rate the score threshold aims at."),
-    precision: Precision = typer.Option(Precision.FP32, help="Precision that will be deployed (its scores are calibrated)."),
+    precision: Precision = typer.Option(
+        Precision.FP32, help="Precision that will be deployed (its scores are calibrated)."
+    ),
     reason: str = typer.Option("", help="Why the threshold changes: kept in the manifest's threshold history."),
     sign: Optional[Path] = typer.Option(None, help="Private key that signs the calibrated manifest (signed exports)."),
     trusted_key: Optional[list[Path]] = typer.Option(

@@ -10,7 +10,7 @@ export directory:
     EXPORT/router.onnx                  routing_feature (B,C) -> distances (B,T), every task at once
     EXPORT/detectors/<task>.<precision>.onnx  a task's detector (flow or memory bank, its entry's
                                         ``detector``): embedding (B,D,H,W) -> patch_scores (B,H,W),
-                                        image_score (B,); exports made before memory tasks used flow/
+                                        image_score (B,); version-1 exports may use flow/ instead
     EXPORT/engines/...                  TensorRT plans, where built
 
 File names carry a content hash (``detectors/<task>.<precision>.<sha16>.onnx``), so a new export
@@ -177,7 +177,8 @@ class TaskEntry:
     graphs: dict[Precision, ArtifactFile] = field(default_factory=dict)
     detector: DetectorKind = DetectorKind.FLOW  # the graphs' inputs and outputs are the same for every kind
     engines: dict[str, EngineRecord] = field(default_factory=dict)  # "<precision>/<device>" -> plan
-    distance_limit: float = checked(number(0.0, allow_inf=True), default=math.inf)  # farther from every prototype: unknown
+    # routing: a frame farther than this from every prototype is of no known product
+    distance_limit: float = checked(number(0.0, allow_inf=True), default=math.inf)
     # precision -> image-score decision threshold, and how it (and the limit) was obtained: set by
     # calibrate --precision P from P's scores, which differ from another precision's
     thresholds: dict[Precision, float] = field(default_factory=dict)

@@ -124,7 +124,8 @@ class ModelStore:
         if prototype.patch_level is not None:
             state[ROUTER_PREFIX + "patch_level"] = torch.tensor(prototype.patch_level, dtype=torch.float64)
         write_atomic(self.task_file(task), lambda tmp: save_file(state, str(tmp)))
-        listed = {"format_version": TASK_LIST_VERSION, "tasks": [*tasks, task], "detectors": {**kinds, task: model.kind(task)}}
+        kinds = {**kinds, task: model.kind(task)}
+        listed = {"format_version": TASK_LIST_VERSION, "tasks": [*tasks, task], "detectors": kinds}
         write_text_atomic(self.root / TASK_LIST_FILE, json.dumps(listed, indent=2) + "\n")
 
     @staticmethod

@@ -89,7 +89,8 @@ def _value_problems(
         found = []
         if _is_enum(key):
             known = sorted(m.value for m in key)
-            found += [f"{where}: unknown {key.__name__.lower()} {k!r} (known: {known})" for k in value if k not in known]
+            what = key.__name__.lower()
+            found += [f"{where}: unknown {what} {k!r} (known: {known})" for k in value if k not in known]
         return found + [p for k, v in value.items() for p in _value_problems(item, v, f"{where}.{k}", items)]
     if origin is list:
         if not isinstance(value, list):
@@ -112,7 +113,8 @@ def build(hint: Any, value: Any) -> Any:
         return None
     if is_dataclass(hint):
         hints = get_type_hints(hint)
-        return hint(**{f.name: build(hints[f.name], value[f.name]) for f in fields(hint) if f.name in value})  # type: ignore[operator]
+        given = {f.name: build(hints[f.name], value[f.name]) for f in fields(hint) if f.name in value}
+        return hint(**given)  # type: ignore[operator]
     origin, args = get_origin(hint), get_args(hint)
     if origin is dict:
         return {build(args[0], k): build(args[1], v) for k, v in value.items()}

@@ -295,7 +295,8 @@ def test_a_v1_export_loads_and_runs_with_its_thresholds(v1_export: Path, built: 
     weave, tiles = manifest.task("weave"), manifest.task("tiles")
     assert manifest.format_version == FORMAT_VERSION and weave.detector is DetectorKind.FLOW
     assert set(weave.graphs) == {Precision.FP32, Precision.INT8} and all(type(p) is Precision for p in weave.graphs)
-    assert tiles.thresholds == {Precision.FP32: 7.5} and weave.thresholds[Precision.FP32] == pytest.approx(92.966, abs=1e-3)
+    assert tiles.thresholds == {Precision.FP32: 7.5}
+    assert weave.thresholds[Precision.FP32] == pytest.approx(92.966, abs=1e-3)
     assert weave.calibrations[Precision.FP32].n == 24 and weave.calibrations[Precision.FP32].target_met is True
     assert tiles.calibrations[Precision.FP32] == CalibrationRecord(
         Precision.FP32, "set by hand: line trial", max_normal_distance=513.210205078125,

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 STAGING_PREFIX = ".staging-"
-MANAGED_PREFIXES = ("backbone.", "router.")  # top-level files the exporter owns; detectors/ (and OLD_DETECTOR_DIR) all ours
+MANAGED_PREFIXES = ("backbone.", "router.")  # top-level files the exporter owns; detectors/ and OLD_DETECTOR_DIR: all
 TEMP_MANIFESTS = f".{MANIFEST_FILE}."  # write_atomic's temporary names for the manifest
 
 

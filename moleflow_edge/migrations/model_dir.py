@@ -8,6 +8,9 @@ Version 1 (toolkit 0.1.0 and before): tasks.json has no ``format_version``; with
 built with that field's value in CONFIG_SAVED_BEFORE_FIELD, where the field's default has changed
 since (config.py reads a config with these as the defaults of fields it lacks).
 Version 2 (this toolkit): tasks.json is {"format_version": 2, "tasks": [...], "detectors": {task: kind}}.
+Task files keep the same tensors in both versions; some stay optional in version 2 and read as None
+where absent (router.images, router.patch_level: tasks trained before they were recorded, whose
+exported router files lack the level too; a memory bank without inverted lists is searched exactly).
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ CONFIG_SAVED_BEFORE_FIELD = {"spatial_context": True}  # what a config without t
 
 
 def upgrade_task_list(data: object) -> dict:
-    """tasks.json's object, of any version this toolkit reads, in version SERVES (a new dict); ValueError
+    """tasks.json's object, of any version this toolkit reads, in version SERVES (a new dict); TypeError
     for one that is no task list, FormatVersionError for a version this toolkit does not read."""
     if not isinstance(data, dict) or not isinstance(data.get("tasks"), list):
-        raise ValueError("it holds no list of tasks")
+        raise TypeError("it holds no list of tasks")
     version = data.get("format_version", 1)
     if version == SERVES and not isinstance(version, bool):
         return data
@@ -37,7 +40,7 @@ def upgrade_task_list(data: object) -> dict:
     data = copy.deepcopy(data)
     saved = data.get("detectors", {})
     if not isinstance(saved, dict):
-        raise ValueError(f"detectors must map tasks to kinds, got {saved!r}")
+        raise TypeError(f"detectors must map tasks to kinds, got {saved!r}")
     data["detectors"] = {t: saved.get(t, DetectorKind.FLOW.value) for t in data["tasks"]}
     data["format_version"] = SERVES
     return data

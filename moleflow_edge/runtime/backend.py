@@ -126,7 +126,9 @@ def read_verified(root: Path, artifact: ArtifactFile) -> Path:
     return root / artifact.file
 
 
-def _graph_of_precision(graphs: dict[Precision, ArtifactFile], precision: Precision, owner: str, kind: str) -> ArtifactFile:
+def _graph_of_precision(
+    graphs: dict[Precision, ArtifactFile], precision: Precision, owner: str, kind: str
+) -> ArtifactFile:
     """One lookup for every graph the runtime loads: a precision the export lacks is a ManifestError
     that names the graph, what the export has and how to get the missing one."""
     try:

@@ -199,11 +199,12 @@ class Runtime:
         for entry in self.manifest.tasks:
             cal = entry.calibrations.get(self.precision)
             if self.precision not in entry.thresholds:
-                elsewhere = f" at {self.precision.value} (calibrated at {', '.join(sorted(p.value for p in entry.thresholds))})"
+                others = ", ".join(sorted(p.value for p in entry.thresholds))
+                elsewhere = f" at {self.precision.value} (calibrated at {others})"
                 status[entry.name] = "uncalibrated" + (elsewhere if entry.thresholds else "")
                 continue
             fpr = None if cal is None else cal.expected_fpr
-            text = "calibrated" if cal is None or fpr is None else f"calibrated on {cal.n} images, expected FPR {fpr:.3g}"
+            text = "calibrated" if fpr is None else f"calibrated on {cal.n} images, expected FPR {fpr:.3g}"  # type: ignore[union-attr]
             if cal is not None and cal.target_met is False:
                 text += f" (the requested {cal.target_fpr} needs more normal images)"
             status[entry.name] = text
