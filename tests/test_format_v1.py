@@ -17,16 +17,21 @@ from string import Template
 import pytest
 
 from moleflow_edge.calibration.manifest_update import set_threshold
-from moleflow_edge.config import DetectorKind
+from moleflow_edge.config import DetectorKind, MoleFlowConfig
 from moleflow_edge.contract import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     CalibrationRecord,
+    Manifest,
     ManifestError,
     Precision,
     load_manifest,
+    schema_problems,
     signed_payload,
 )
+from moleflow_edge.migrations import FormatVersionError
+from moleflow_edge.migrations import manifest as manifest_migration
+from moleflow_edge.migrations.manifest import BEFORE_HISTORY
 from moleflow_edge.model_store import TASK_LIST_FILE, ModelDirError, ModelStore
 from moleflow_edge.preprocess import read_image_bgr
 from moleflow_edge.runtime import Runtime
@@ -356,3 +361,65 @@ def test_a_task_list_of_an_unknown_version_is_refused(built: dict, tmp_path: Pat
     (model / TASK_LIST_FILE).write_text(json.dumps({"format_version": 7, "tasks": TASKS}))
     with pytest.raises(ModelDirError, match="format version 7; this toolkit reads versions 1, 2"):
         ModelStore(model).tasks()
+
+
+# --- the upgrade and the schema on the recorded text alone (no files: the fast tier) ----------------
+def _dummy_artifacts() -> dict[str, str]:
+    names = [f"{o}_{p}" for o in ("backbone", *TASKS) for p in ("fp32", "int8")] + ["router_weights", "router_graph"]
+    values = {"model_sha256": "m" * 64}
+    for i, name in enumerate(names):
+        digest = f"{i:x}" * 64
+        values |= {f"{name}_file": f"{name}.{digest[:16]}.onnx", f"{name}_sha256": digest, f"{name}_source": digest}
+    return values
+
+
+def test_the_v1_text_upgrades_to_a_sound_v2_that_reads_back_the_same() -> None:
+    data = json.loads(V1_MANIFEST.substitute(_dummy_artifacts()))
+    upgraded = manifest_migration.upgrade(data)
+    assert data["format_version"] == 1 and upgraded["format_version"] == FORMAT_VERSION  # the input is left as read
+    assert schema_problems(upgraded) == []
+    manifest = Manifest.from_dict(data)
+    assert Manifest.from_dict(json.loads(manifest.to_json())) == manifest
+    assert json.loads(manifest.to_json())["tasks"][1]["thresholds"] == {"fp32": 7.5}  # keyed by the precision's name
+    assert manifest.task("weave").threshold_history[0].time == "2026-12-07T21:11:22Z"  # kept as recorded
+
+
+def test_older_v1_forms_upgrade_and_unknown_versions_are_refused() -> None:
+    data = json.loads(V1_MANIFEST.substitute(_dummy_artifacts()))
+    for key in ("router_limit_quantile", "router_limit_margin"):
+        del data[key]
+    old = data["tasks"][0]
+    for key in ("detector", "thresholds", "calibrations", "threshold_history"):
+        del old[key]
+    old.update(threshold=1.5, calibration={"n": 10})  # before thresholds per precision: no precision named
+    manifest = Manifest.from_dict(data)
+    entry = manifest.task("weave")
+    assert entry.detector is DetectorKind.FLOW and entry.thresholds == {Precision.FP32: 1.5}
+    assert entry.calibrations == {Precision.FP32: CalibrationRecord(Precision.FP32, n=10)}
+    assert [(h.value, h.time, h.reason) for h in entry.threshold_history] == [(1.5, None, BEFORE_HISTORY)]
+    assert manifest.router_limit_margin == MoleFlowConfig.router_limit_margin
+    for version in (0, 3, "2", True, None):
+        with pytest.raises(FormatVersionError, match="this toolkit reads versions 1, 2"):
+            manifest_migration.upgrade({**data, "format_version": version})
+
+
+def test_schema_problems_name_each_field_once() -> None:
+    data = json.loads(Manifest.from_dict(json.loads(V1_MANIFEST.substitute(_dummy_artifacts()))).to_json())
+    data["tasks"][0]["calibrations"]["fp32"]["n"] = 0
+    data["tasks"][0]["image_auroc"] = {"fp32": 1.5, "int4": 0.5}
+    data["tasks"][1]["detector"] = "gauss"
+    data["tasks"][1]["threshold_history"][0]["precision"] = "fp64"
+    data["engines"] = {"router/trt10.sm87": {"file": "e.engine", "sha256": "a" * 64}}
+    data["tasks"].append(dict(data["tasks"][1]))
+    assert schema_problems(data) == [
+        "tasks['weave'].calibrations.fp32.n: must be an integer >= 1, got 0",
+        "tasks['weave'].image_auroc: unknown precision 'int4' (known: ['fp16', 'fp32', 'int8'])",
+        "tasks['weave'].image_auroc.fp32: must be a finite number >= 0 and <= 1, got 1.5",
+        *2 * [
+            "tasks['tiles'].detector: must be 'flow' or 'memory', got 'gauss'",
+            "tasks['tiles'].threshold_history[0].precision: must be 'fp32' or 'fp16' or 'int8', got 'fp64'",
+        ],
+        *(f"engines.router/trt10.sm87: {name} is missing" for name in
+          ("graph_sha256", "precision", "batch_profile", "workspace_bytes", "tensorrt_version", "compute_capability")),
+        "tasks['tiles']: listed twice",
+    ]  # fmt: skip
