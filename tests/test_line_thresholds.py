@@ -59,7 +59,7 @@ def test_calibrate_source_keeps_jpeg_good_frames_within_the_target_rate(export_c
         scores, _ = runtime.score_as(np.stack([resize_frame(f, runtime.image_size) for f in held_out]), task)
     flagged = int(np.sum(scores > threshold))
     # E[FPR] = k/(n+1) = 4/41 <= 0.1; 40 held-out frames: at most the rule's 95 % bound on the rate
-    assert flagged <= round(len(held_out) * record["fpr_upper95"]), (flagged, record["fpr_upper95"])
+    assert flagged <= round(len(held_out) * record.fpr_upper95), (flagged, record.fpr_upper95)
 
 
 def test_a_mixed_stream_is_assigned_by_the_router_and_unknown_frames_refused(
