@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from moleflow_edge.calibration import calibrate, set_threshold
-from moleflow_edge.migrations.manifest import BEFORE_HISTORY
 from moleflow_edge.cli import app
 from moleflow_edge.contract import MANIFEST_FILE, ManifestError, load_manifest, save_manifest
 from moleflow_edge.data.synth import generate
+from moleflow_edge.migrations.manifest import BEFORE_HISTORY
 from moleflow_edge.preprocess import resize_frame
 from moleflow_edge.runtime import Runtime
 from moleflow_edge.signing import SIGNED_MARKER, generate_keypair, load_private_key, load_public_keys
