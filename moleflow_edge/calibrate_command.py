@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from moleflow_edge.cli_support import fail, frame_progress, given
+from moleflow_edge.contract import Precision
 from moleflow_edge.errors import UserError
 from moleflow_edge.router import FEW_IMAGES
 
@@ -34,7 +35,9 @@ def calibrate(
         None, show_default=False, help="False-positive rate the score threshold aims at (default: "
         "calibration/order_statistics.py TARGET_FPR)."
     ),
-    precision: str = typer.Option("fp32", help="Precision that will be deployed (its scores are calibrated)."),
+    precision: Precision = typer.Option(
+        Precision.FP32, help="Precision that will be deployed (its scores are calibrated)."
+    ),
     reason: str = typer.Option("", help="Why the threshold changes: kept in the manifest's threshold history."),
     sign: Optional[Path] = typer.Option(None, help="Private key that signs the calibrated manifest (signed exports)."),
     trusted_key: Optional[list[Path]] = typer.Option(
@@ -60,7 +63,7 @@ def calibrate(
             if not tasks or len(tasks) != 1:
                 fail("--threshold sets the threshold of one --task NAME")
             old = set_threshold(export_dir, tasks[0], threshold, precision, **keys)
-            typer.echo(f"{tasks[0]}: {precision} threshold {old} -> {threshold} (history kept in the manifest)")
+            typer.echo(f"{tasks[0]}: {precision.value} threshold {old} -> {threshold} (history kept in the manifest)")
         elif source is not None:
             done = calibrate_from_source(export_dir, source, tasks, frames, precision=precision,
                                          progress=frame_progress, **fpr, **keys)  # fmt: skip

@@ -254,6 +254,8 @@ class MoleFlowConfig:
         if not isinstance(given, dict):  # a user's file: ValueError, which the CLI reports in one line
             kind = type(given).__name__
             raise ValueError(f"{path}: a config file is a JSON object of fields, got a {kind}")  # noqa: TRY004
+        from moleflow_edge.migrations.model_dir import nest_flat_fields  # the migration reads this module
+
         data = nest_flat_fields({**(defaults or {}), **given})
         sections = {k: data.pop(k.value) for k in DetectorKind if k.value in data}
         unknown = sorted(set(data) - {f.name for f in fields(cls) if f.name != "sections"})
@@ -263,19 +265,3 @@ class MoleFlowConfig:
             return cls(**data, sections=sections)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
-
-
-def nest_flat_fields(data: dict[str, object]) -> dict[str, object]:
-    """A config in the flat form of files written before sections (every kind's fields at the top
-    level, as older model directories' config.json and older --config files are) read into the
-    sectioned form: each top-level field of a kind's settings moves into that kind's section, where
-    the section does not set it already. A sectioned config comes back unchanged."""
-    data = dict(data)
-    for kind in DetectorKind:
-        names = {f.name for f in fields(settings_class(kind))}
-        flat = {name: data.pop(name) for name in sorted(names & set(data))}
-        if flat:
-            section = data.get(kind.value, {})
-            data[kind.value] = {**flat, **section} if isinstance(section, dict) else section
-    return data
-

@@ -10,7 +10,7 @@ export directory:
     EXPORT/router.onnx                  routing_feature (B,C) -> distances (B,T), every task at once
     EXPORT/detectors/<task>.<precision>.onnx  a task's detector (flow or memory bank, its entry's
                                         ``detector``): embedding (B,D,H,W) -> patch_scores (B,H,W),
-                                        image_score (B,); exports made before memory tasks used flow/
+                                        image_score (B,); version-1 exports may use flow/ instead
     EXPORT/engines/...                  TensorRT plans, where built
 
 File names carry a content hash (``detectors/<task>.<precision>.<sha16>.onnx``), so a new export
@@ -29,7 +29,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -38,22 +38,29 @@ from moleflow_edge import __version__
 from moleflow_edge.atomic import write_text_atomic
 from moleflow_edge.config import DetectorKind, MoleFlowConfig
 from moleflow_edge.errors import UserError
-from moleflow_edge.json_checks import Check, int_at_least, is_object, number, text
+from moleflow_edge.json_checks import int_at_least, matching, number, text
+from moleflow_edge.migrations import FormatVersionError
+from moleflow_edge.migrations import manifest as manifest_migration
+from moleflow_edge.schema import build, checked, problems_of
 from moleflow_edge.signing import SignatureError, checking_keys, record_signer, sign, sign_from_model, signed_by, verify
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = manifest_migration.SERVES  # 2; older versions are read by migrations/manifest.py
 MANIFEST_FILE = "manifest.json"
 ROUTER_WEIGHTS, ROUTER_GRAPH = "router.safetensors", "router.onnx"  # listed under their content names
 DETECTOR_DIR = "detectors"  # each task's detector graphs
-LEGACY_DETECTOR_DIR = "flow"  # where exports made before memory tasks keep them (still loaded and swept)
 SIGNATURE_FIELD = "signature"  # an Ed25519 signature over the rest of the manifest (see signed_payload)
 
 # graph input/output names: the contract between exporter and runtime
 IMAGES, EMBEDDING, ROUTING_FEATURE = "images", "embedding", "routing_feature"
 PATCH_SCORES, IMAGE_SCORE, DISTANCES = "patch_scores", "image_score", "distances"
+
+# the schema's checks beyond a field's type (schema.checked)
+SHA256 = matching(r"[0-9a-f]{64}", "64 lowercase hex digits")
+NON_EMPTY = matching(r"(?s).+", "a non-empty string")
+TASK_NAME = matching(r"[A-Za-z0-9][A-Za-z0-9_-]*", "letters, digits, '_' or '-'")
 
 
 class Precision(str, Enum):
@@ -94,11 +101,11 @@ class ArtifactFile:
     re-exporting an unchanged task is recognised and skipped.
     """
 
-    file: str
-    sha256: str
+    file: str = checked(NON_EMPTY)
+    sha256: str = checked(SHA256)
     source_sha256: str = ""
     data_file: str | None = None  # external-weights file written beside a large ONNX graph
-    data_sha256: str | None = None
+    data_sha256: str | None = checked(SHA256, default=None)
 
     def paths(self) -> list[tuple[str, str]]:
         listed = [(self.file, self.sha256)]
@@ -108,24 +115,79 @@ class ArtifactFile:
 
 
 @dataclass
+class EngineRecord:
+    """A TensorRT plan and everything that changes it (its build record): an engine is reused only
+    while the record is unchanged (export/tensorrt_engine.py)."""
+
+    file: str = checked(NON_EMPTY)
+    sha256: str = checked(SHA256)
+    graph_sha256: str = checked(SHA256)
+    precision: Precision
+    batch_profile: list[int] = checked(items=int_at_least(1))  # noqa: RUF009 (a field()) min, opt, max batch
+    workspace_bytes: int = checked(int_at_least(1))
+    tensorrt_version: str
+    compute_capability: str  # "87" for sm87
+
+    def build(self) -> dict[str, object]:
+        """The build record alone (what the engine's file name hashes)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("file", "sha256")}
+
+
+@dataclass
+class CalibrationRecord:
+    """How one precision's threshold (and the task's routing limit) was obtained. calibrate fills the
+    rule's fields; set-threshold keeps only the limit's two and says why in ``quantile_method``."""
+
+    precision: Precision
+    quantile_method: str | None = None  # the threshold rule, or "set by hand: <why>"
+    n: int | None = checked(int_at_least(1), default=None)  # normal images the threshold rests on
+    k: int | None = checked(int_at_least(1), default=None)  # the k-th largest score is the threshold
+    target_fpr: float | None = checked(number(0.0, upper=1.0), default=None)
+    expected_fpr: float | None = checked(number(0.0, upper=1.0), default=None)
+    fpr_upper95: float | None = checked(number(0.0, upper=1.0), default=None)
+    target_met: bool | None = None
+    source: str | None = None  # the images' folder, relative to the data root, or the frames' source
+    distance_limit_method: str | None = None
+    max_normal_distance: float | None = None
+    # frames taken from a source (good_frames.py, calibration/from_source.py, learn.py)
+    frames_read: int | None = None
+    frames_taken: int | None = None
+    frames_unreadable: int | None = None
+    frames_repeated: int | None = None
+    frames_assigned_by: str | None = None
+    frames_unknown_refused: int | None = None
+    frames_held_out: int | None = None
+    dataset: str | None = None
+
+
+@dataclass
+class ThresholdChange:
+    """One value a threshold has had: the last change per precision is the live threshold."""
+
+    value: float
+    precision: Precision
+    time: str | None  # UTC, ISO 8601; None for one set before the history was kept
+    reason: str
+
+
+@dataclass
 class TaskEntry:
     """One product: its detector's kind and graphs per precision, engines, and decision limits."""
 
-    name: str
-    graphs: dict[str, ArtifactFile] = field(default_factory=dict)
-    detector: str = DetectorKind.FLOW.value  # flow or memory; the graphs' inputs and outputs are the same
-    engines: dict[str, dict] = field(default_factory=dict)  # engine key -> {"file", "sha256", "precision", ...}
-    distance_limit: float = float("inf")  # routing: farther than this from every prototype -> unknown
+    name: str = checked(TASK_NAME)
+    graphs: dict[Precision, ArtifactFile] = field(default_factory=dict)
+    detector: DetectorKind = DetectorKind.FLOW  # the graphs' inputs and outputs are the same for every kind
+    engines: dict[str, EngineRecord] = field(default_factory=dict)  # "<precision>/<device>" -> plan
+    # routing: a frame farther than this from every prototype is of no known product
+    distance_limit: float = checked(number(0.0, allow_inf=True), default=math.inf)
     # precision -> image-score decision threshold, and how it (and the limit) was obtained: set by
     # calibrate --precision P from P's scores, which differ from another precision's
-    thresholds: dict[str, float] = field(default_factory=dict)
-    calibrations: dict[str, dict] = field(default_factory=dict)
+    thresholds: dict[Precision, float] = field(default_factory=dict)
+    calibrations: dict[Precision, CalibrationRecord] = field(default_factory=dict)
     # precision -> image AUROC that calibrate measured with that precision's graphs (normal + defect
     # images): what latency-target engine selection ranks precisions by
-    image_auroc: dict[str, float] = field(default_factory=dict)
-    # every value a threshold has had, oldest first: {"value", "precision", "time" (UTC, ISO 8601; null for
-    # one set before the history was kept), "reason"}; the last entry per precision is the live one
-    threshold_history: list[dict] = field(default_factory=list)
+    image_auroc: dict[Precision, float] = checked(items=number(0.0, upper=1.0), default_factory=dict)  # noqa: RUF009
+    threshold_history: list[ThresholdChange] = field(default_factory=list)  # oldest first
 
 
 @dataclass
@@ -133,28 +195,27 @@ class Manifest:
     """Everything the runtime needs to know about an export, in one versioned JSON file."""
 
     backbone: str
-    image_size: int
-    grid: int
-    embed_dim: int
-    routing_dim: int
-    top_k: int
-    map_sigma: float
-    opset: int
+    image_size: int = checked(int_at_least(16))
+    grid: int = checked(int_at_least(1))
+    embed_dim: int = checked(int_at_least(1))
+    routing_dim: int = checked(int_at_least(1))
+    top_k: int = checked(int_at_least(1))
+    map_sigma: float = checked(number(0.0))
+    opset: int = checked(int_at_least(1))
     router_pooling: str
-    backbone_graphs: dict[str, ArtifactFile] = field(default_factory=dict)
+    backbone_graphs: dict[Precision, ArtifactFile] = field(default_factory=dict)
     router_file: ArtifactFile | None = None
     router_graph: ArtifactFile | None = None
     tasks: list[TaskEntry] = field(default_factory=list)
-    engines: dict[str, dict] = field(default_factory=dict)  # backbone/router engines
+    engines: dict[str, EngineRecord] = field(default_factory=dict)  # "backbone.<precision>/<device>", "router/<device>"
     int8_calibration: dict = field(default_factory=dict)  # images used for QDQ graphs: count, list hash
     model_sha256: str = ""  # the shared model (config, shared weights, backbone) every graph here belongs to
-    # the model's unknown-product limit rule (router.distance_limit), so that calibrate sets limits by it
-    # too; manifests written before it was recorded take the config's defaults
-    router_limit_quantile: float = MoleFlowConfig.router_limit_quantile
-    router_limit_margin: float = MoleFlowConfig.router_limit_margin
-    input_layout: str = "NHWC"
-    input_dtype: str = "uint8"
-    channel_order: str = "BGR"
+    # the model's unknown-product limit rule (router.distance_limit), so that calibrate sets limits by it too
+    router_limit_quantile: float = checked(number(0.0, upper=1.0), default=MoleFlowConfig.router_limit_quantile)
+    router_limit_margin: float = checked(number(0.0), default=MoleFlowConfig.router_limit_margin)
+    input_layout: str = checked(text("NHWC"), default="NHWC")
+    input_dtype: str = checked(text("uint8"), default="uint8")
+    channel_order: str = checked(text("BGR"), default="BGR")
     format_version: int = FORMAT_VERSION
     toolkit_version: str = __version__
 
@@ -179,7 +240,7 @@ class Manifest:
     def artifacts(self) -> list[ArtifactFile]:
         listed = self.content_addressed()
         engines = [*self.engines.values(), *(e for entry in self.tasks for e in entry.engines.values())]
-        listed += [ArtifactFile(engine["file"], engine["sha256"]) for engine in engines]
+        listed += [ArtifactFile(engine.file, engine.sha256) for engine in engines]
         return listed
 
     @property
@@ -189,35 +250,15 @@ class Manifest:
         return hashlib.sha256(signed_payload(asdict(self))).hexdigest()
 
     def to_json(self, signing_key: Ed25519PrivateKey | None = None) -> str:
-        data = asdict(self)
+        data = asdict(self)  # Precision and DetectorKind are str Enums: JSON writes their names
         if signing_key is not None:
             data[SIGNATURE_FIELD] = sign(signed_payload(data), signing_key)
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict) -> Manifest:
-        def artifact(d: dict | None) -> ArtifactFile | None:
-            return None if d is None else ArtifactFile(**d)
-
-        data = dict(data)
-        data["backbone_graphs"] = {k: ArtifactFile(**v) for k, v in data.get("backbone_graphs", {}).items()}
-        data["router_file"] = artifact(data.get("router_file"))
-        data["router_graph"] = artifact(data.get("router_graph"))
-        data["tasks"] = [
-            TaskEntry(**{**_per_precision(t), "graphs": {k: ArtifactFile(**v) for k, v in t.get("graphs", {}).items()}})
-            for t in data.get("tasks", [])
-        ]
-        return cls(**data)
-
-
-def _per_precision(task: dict) -> dict:
-    """An old manifest's one ``threshold`` and ``calibration`` per task: the precision it was calibrated at."""
-    task = dict(task)
-    threshold, record = task.pop("threshold", None), task.pop("calibration", None) or {}
-    if threshold is not None:
-        precision = record.get("precision", Precision.FP32.value)
-        task["thresholds"], task["calibrations"] = {precision: threshold}, {precision: record}
-    return task
+        """A manifest's JSON object, of any format version this toolkit reads, without its signature."""
+        return build(cls, manifest_migration.upgrade({k: v for k, v in data.items() if k != SIGNATURE_FIELD}))
 
 
 def signed_payload(data: dict) -> bytes:
@@ -263,15 +304,14 @@ def load_manifest(
             verify_signature(data, keys)
         except SignatureError as exc:
             raise ManifestError(f"{path} is refused: {exc}") from exc
-    version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ManifestError(
-            f"{path} has format version {version!r}; this toolkit reads version {FORMAT_VERSION}: re-export the model"
-        )
+    try:  # after the signature check: a signature covers the manifest as it was written
+        data = manifest_migration.upgrade({k: v for k, v in data.items() if k != SIGNATURE_FIELD})
+    except FormatVersionError as exc:
+        raise ManifestError(f"{path} {exc}") from exc
     problems = schema_problems(data)
     if problems:
         raise ManifestError(f"{path} is refused, {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-    manifest = Manifest.from_dict({k: v for k, v in data.items() if k != SIGNATURE_FIELD})
+    manifest = build(Manifest, data)
     check_contained(root, manifest)
     if verify:
         verify_files(root, manifest)
@@ -349,138 +389,10 @@ def save_manifest(export_dir: str | Path, manifest: Manifest, signing_key: Ed255
         record_signer(export_dir, signing_key)
 
 
-# --- schema -----------------------------------------------------------------------------------------
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-def _artifact_problems(where: str, v: object) -> list[str]:
-    if not isinstance(v, dict):
-        return [f"{where}: must be an object with file and sha256, got {v!r}"]
-    problems = [f"{where}: unknown field {k!r}" for k in v if k not in {f.name for f in fields(ArtifactFile)}]
-    for key, required in (("file", True), ("sha256", True), ("source_sha256", False)):
-        if key not in v:
-            problems += [f"{where}: {key} is missing"] if required else []
-        elif not isinstance(v[key], str) or (key == "file" and not v[key]):
-            problems.append(f"{where}.{key}: must be a non-empty string, got {v[key]!r}")
-    if "sha256" in v and isinstance(v["sha256"], str) and not _SHA256.fullmatch(v["sha256"]):
-        problems.append(f"{where}.sha256: must be 64 lowercase hex digits, got {v['sha256']!r}")
-    if v.get("data_file") is not None and not (
-        isinstance(v["data_file"], str) and isinstance(v.get("data_sha256"), str) and _SHA256.fullmatch(v["data_sha256"])
-    ):
-        problems.append(f"{where}: data_file needs a string name and a 64-hex data_sha256")
-    return problems
-
-
-def _graphs_problems(where: str, v: object) -> list[str]:
-    if not isinstance(v, dict):
-        return [f"{where}: must be an object precision -> graph, got {type(v).__name__}"]
-    precisions = {p.value for p in Precision}
-    problems = [f"{where}: unknown precision {k!r} (known: {sorted(precisions)})" for k in v if k not in precisions]
-    return problems + [p for k, a in v.items() for p in _artifact_problems(f"{where}.{k}", a)]
-
-
-def _engines_problems(where: str, v: object) -> list[str]:
-    if not isinstance(v, dict):
-        return [f"{where}: must be an object, got {type(v).__name__}"]
-    problems: list[str] = []
-    for key, engine in v.items():
-        if not isinstance(engine, dict):
-            problems.append(f"{where}[{key!r}]: must be an object, got {engine!r}")
-        else:  # engines carry build details besides file and sha256; only those two are read as paths
-            problems += _artifact_problems(f"{where}[{key!r}]", {"file": engine.get("file"), "sha256": engine.get("sha256")})
-    return problems
-
-
-def _by_precision(check: Check, what: str) -> Check:
-    """A dict precision -> value, every value passing ``check``."""
-    precisions = {p.value for p in Precision}
-
-    def checked(v: object) -> str | None:
-        ok = isinstance(v, dict) and all(k in precisions and check(x) is None for k, x in v.items())
-        return None if ok else f"must map precisions ({', '.join(sorted(precisions))}) to {what}, got {v!r}"
-
-    return checked
-
-
-def _history(v: object) -> str | None:
-    """A threshold history: a list of {value, precision, time, reason}."""
-    precisions = {p.value for p in Precision}
-
-    def sound(e: object) -> bool:
-        return (
-            isinstance(e, dict) and set(e) == {"value", "precision", "time", "reason"}
-            and number(-math.inf)(e["value"]) is None and e["precision"] in precisions
-            and (e["time"] is None or isinstance(e["time"], str)) and isinstance(e["reason"], str)
-        )  # fmt: skip
-
-    if not isinstance(v, list):
-        return f"must be a list, got {type(v).__name__}"
-    bad = [e for e in v if not sound(e)]
-    return f"must hold objects {{value, precision, time, reason}}, got {bad[0]!r}" if bad else None
-
-
-_TOP: dict[str, Check] = {
-    "backbone": text(),
-    "image_size": int_at_least(16),
-    "grid": int_at_least(1),
-    "embed_dim": int_at_least(1),
-    "routing_dim": int_at_least(1),
-    "top_k": int_at_least(1),
-    "map_sigma": number(0.0),
-    "opset": int_at_least(1),
-    "router_pooling": text(),
-    "input_layout": text("NHWC"),
-    "input_dtype": text("uint8"),
-    "channel_order": text("BGR"),
-    "toolkit_version": text(),
-    "model_sha256": text(),
-    "int8_calibration": is_object,
-    "router_limit_quantile": number(0.0, upper=1.0),
-    "router_limit_margin": number(0.0),
-}
-_TASK: dict[str, Check] = {
-    "detector": text(*(k.value for k in DetectorKind)),
-    "distance_limit": number(0.0, allow_inf=True),
-    "threshold": number(-math.inf, optional=True),  # manifests written before thresholds per precision
-    "calibration": is_object,
-    "thresholds": _by_precision(number(-math.inf), "finite numbers"),
-    "calibrations": _by_precision(is_object, "objects"),
-    "image_auroc": _by_precision(number(0.0, upper=1.0), "numbers in [0, 1]"),
-    "threshold_history": _history,
-}
-
-
 def schema_problems(data: dict) -> list[str]:
-    """Every way ``data`` breaks the manifest schema, one message per problem ([] when it is sound)."""
-    problems: list[str] = []
-    known = {f.name for f in fields(Manifest)} | {SIGNATURE_FIELD}
-    problems += [f"unknown field {k!r}" for k in data if k not in known]
-    required = [f.name for f in fields(Manifest) if f.default is MISSING and f.default_factory is MISSING]
-    problems += [f"{k} is missing" for k in required if k not in data]
-    problems += [f"{k}: {msg}" for k, check in _TOP.items() if k in data and (msg := check(data[k]))]
-    if "backbone_graphs" in data:
-        problems += _graphs_problems("backbone_graphs", data["backbone_graphs"])
-    for key in ("router_file", "router_graph"):
-        if data.get(key) is not None:
-            problems += _artifact_problems(key, data[key])
-    problems += _engines_problems("engines", data.get("engines", {}))
-    tasks = data.get("tasks", [])
-    if not isinstance(tasks, list):
-        return [*problems, f"tasks: must be a list, got {type(tasks).__name__}"]
-    names: list[object] = []
-    task_fields = {f.name for f in fields(TaskEntry)} | {"threshold", "calibration"}  # the last two: old manifests
-    for i, task in enumerate(tasks):
-        if not isinstance(task, dict):
-            problems.append(f"tasks[{i}]: must be an object, got {task!r}")
-            continue
-        name = task.get("name")
-        where = f"task {name!r}" if isinstance(name, str) else f"tasks[{i}]"
-        if not isinstance(name, str) or not _TASK_NAME.fullmatch(name):
-            problems.append(f"{where}: name must be letters, digits, '_' or '-', got {name!r}")
-        elif name in names:
-            problems.append(f"{where}: listed twice")
-        names.append(name)
-        problems += [f"{where}: unknown field {k!r}" for k in task if k not in task_fields]
-        problems += [f"{where}.{k}: {msg}" for k, check in _TASK.items() if k in task and (msg := check(task[k]))]
-        problems += _graphs_problems(f"{where}.graphs", task.get("graphs", {}))
-        problems += _engines_problems(f"{where}.engines", task.get("engines", {}))
-    return problems
+    """Every way ``data`` (a manifest in the current format) breaks the declarations above, one message
+    per problem ([] when it is sound); a task name listed twice is one too."""
+    problems = problems_of(Manifest, data, extra=frozenset({SIGNATURE_FIELD}))
+    tasks = data.get("tasks")
+    names = [t.get("name") for t in tasks if isinstance(t, dict)] if isinstance(tasks, list) else []
+    return problems + [f"tasks[{n!r}]: listed twice" for n in sorted({n for n in names if names.count(n) > 1}, key=str)]

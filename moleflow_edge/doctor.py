@@ -212,9 +212,8 @@ def export_status(export_dir: Path, gpus: list[dict], trt_version: str | None) -
         manifest = load_manifest(export_dir, verify=True)
     except (ManifestError, OSError) as exc:
         return {"dir": str(export_dir), "error": str(exc), "targets": []}
-    precisions = sorted(manifest.backbone_graphs)
-    engines = sorted({(e.get("tensorrt_version"), e.get("compute_capability")) for e in manifest.engines.values()},
-                     key=str)  # fmt: skip
+    precisions = sorted(p.value for p in manifest.backbone_graphs)
+    engines = sorted({(e.tensorrt_version, e.compute_capability) for e in manifest.engines.values()})
     capabilities = {g.get("compute_capability") for g in gpus}
     rows = []
     for target in TARGETS:

@@ -4,6 +4,7 @@ nothing is): the manifest schema is written with them, so every problem is one r
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 Check = Callable[[object], str | None]  # a value -> what is wrong with it, or None
@@ -42,3 +43,13 @@ def text(*allowed: str) -> Check:
 
 def is_object(v: object) -> str | None:
     return None if isinstance(v, dict) else f"must be an object, got {type(v).__name__}"
+
+
+def matching(pattern: str, what: str) -> Check:
+    """A string that ``pattern`` matches in full; ``what`` says which in the message."""
+    compiled = re.compile(pattern)
+
+    def check(v: object) -> str | None:
+        return None if isinstance(v, str) and compiled.fullmatch(v) else f"must be {what}, got {v!r}"
+
+    return check

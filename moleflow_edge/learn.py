@@ -102,7 +102,7 @@ def _check_before_reading(task: str, model_dir: Path, export_dir: Path, options:
     manifest = load_manifest(export_dir, verify=False, trusted_keys=keys, rewrite=True, signing_key=key)
     if missing := [t for t in manifest.task_names if t not in trained]:
         raise ModelDirError(f"{export_dir} serves tasks {missing} that {model_dir} lacks: it is another model's export")
-    served = {p for t in manifest.tasks for p in t.graphs} - set(options.precisions)
+    served = {p.value for t in manifest.tasks for p in t.graphs} - set(options.precisions)
     return [
         f"note: {task} gets no {p} graph: a line running {p} keeps its old export until {task} is exported at {p} "
         f"too (moleflow-edge export --model {model_dir} --task {task} --precision {p} ...)" for p in sorted(served)

@@ -5,6 +5,9 @@
     MODEL/tasks/<task>.safetensors  one task's own parts (of its kind: flow adapters, a memory bank) + router prototype
     MODEL/tasks.json              {"tasks": [...], "detectors": {task: kind}} in training order
                                   (no "detectors": every task is a flow, as saved before memory tasks)
+    MODEL/tasks/<task>.safetensors  one task's detector (flow adapters or memory bank) + router prototype
+    MODEL/tasks.json              {"format_version": 2, "tasks": [...], "detectors": {task: kind}}, in
+                                  training order (older forms: migrations/model_dir.py)
 
 Every file is written to a temporary name and renamed into place, and the task list is
 written last: a crash at any point leaves the tasks listed before it loadable and unchanged,
@@ -25,12 +28,13 @@ from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import DetectorKind, MoleFlowConfig
 from moleflow_edge.detectors.registry import build_model, kind_of
 from moleflow_edge.errors import UserError
+from moleflow_edge.migrations import FormatVersionError
+from moleflow_edge.migrations.model_dir import CONFIG_SAVED_BEFORE_FIELD, upgrade_task_list
+from moleflow_edge.migrations.model_dir import SERVES as TASK_LIST_VERSION
 from moleflow_edge.model.continual_model import ContinualModel
 from moleflow_edge.router import Prototype
 
 CONFIG_FILE = "config.json"
-# what a model saved before a config field existed was built with (the field's default has changed since)
-SAVED_BEFORE_FIELD = {"spatial_context": True}
 SHARED_FILE = "shared.safetensors"
 TASK_LIST_FILE = "tasks.json"
 TASK_DIR = "tasks"
@@ -63,10 +67,11 @@ class ModelStore:
         if not path.is_file():
             return [], {}
         try:
-            data = json.loads(path.read_text())
+            data = upgrade_task_list(json.loads(path.read_text()))
             tasks = list(data["tasks"])
-            saved = data.get("detectors", {})
-            return tasks, {t: DetectorKind(saved.get(t, DetectorKind.FLOW)) for t in tasks}
+            return tasks, {t: DetectorKind(data["detectors"][t]) for t in tasks}
+        except FormatVersionError as exc:
+            raise ModelDirError(f"{path} {exc}") from exc
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelDirError(f"{path} is not a valid task list: {exc}") from exc
 
@@ -74,7 +79,7 @@ class ModelStore:
         path = self.root / CONFIG_FILE
         if not path.is_file():
             raise ModelDirError(f"{path} is missing: {self.root} is not a trained model directory")
-        return MoleFlowConfig.from_json(path, defaults=SAVED_BEFORE_FIELD)
+        return MoleFlowConfig.from_json(path, defaults=CONFIG_SAVED_BEFORE_FIELD)
 
     def load(self, tasks: list[str] | None = None, random_backbone: bool = False) -> tuple[ContinualModel, dict[str, Prototype]]:
         """Rebuild the model with the listed tasks (all trained tasks by default) and their prototypes."""
@@ -124,10 +129,9 @@ class ModelStore:
         if prototype.patch_level is not None:
             state[ROUTER_PREFIX + "patch_level"] = torch.tensor(prototype.patch_level, dtype=torch.float64)
         write_atomic(self.task_file(task), lambda tmp: save_file(state, str(tmp)))
-        detectors = {t: k.value for t, k in {**kinds, task: model.kind(task)}.items()}
-        write_text_atomic(
-            self.root / TASK_LIST_FILE, json.dumps({"tasks": [*tasks, task], "detectors": detectors}, indent=2) + "\n"
-        )
+        kinds = {**kinds, task: model.kind(task)}
+        listed = {"format_version": TASK_LIST_VERSION, "tasks": [*tasks, task], "detectors": kinds}
+        write_text_atomic(self.root / TASK_LIST_FILE, json.dumps(listed, indent=2) + "\n")
 
     @staticmethod
     def _read(path: Path) -> dict[str, torch.Tensor]:

@@ -50,10 +50,11 @@ class Prototype:
     """One task's routing prototype: mean (C,), whitener W (C,C) with precision P = W^T W, distance limit.
 
     ``images`` is how many training images it was fitted on (None where not recorded: export router
-    files and task files written before it was), so reports can say when a limit rests on few images.
+    files, and task files of version 1, migrations/model_dir.py), so reports can say when a limit rests
+    on few images.
     ``patch_level`` is where the task's detector puts normal patches it did not train on (``patch_level``):
     a frame beyond every limit is compared with each candidate task on that task's own scale
-    (None in files written before it was recorded).
+    (None where a version-1 task file has none, migrations/model_dir.py).
     """
 
     mean: np.ndarray
@@ -210,7 +211,7 @@ class RouterTable:
         nearest distance linearly), so between the best of each kind the routing distance decides, in
         units of each task's limit. The runtime and eval draw such a frame's map from this task."""
         levels = [self.patch_levels[t] for t in candidates]
-        if any(level is None for level in levels):  # a task trained before levels were recorded: raw scores
+        if any(level is None for level in levels):  # a task without a recorded level: compare raw scores
             levels = [(0.0, 1.0)] * len(candidates)
         excess = [(np.median(p) - centre) / spread for p, (centre, spread) in zip(patch_scores, levels)]
         best_of_kind: dict[str, int] = {}

@@ -72,7 +72,7 @@ def test_calibrate_sets_thresholds_the_runtime_uses(built: dict, export_copy: Pa
     for entry, row in zip(manifest.tasks, report.tasks):
         assert entry.thresholds == {"fp32": row.threshold} and entry.distance_limit == row.distance_limit
         record = entry.calibrations["fp32"]
-        assert record["n"] == N_TEST_GOOD and record["source"] == f"{entry.name}/test/good"
+        assert record.n == N_TEST_GOOD and record.source == f"{entry.name}/test/good"
         assert row.k == 2 and row.defects > 0 and row.recall is not None
     with Runtime.load(export_copy, backend="onnxruntime") as runtime:
         for task in TASKS:
@@ -120,7 +120,7 @@ def test_calibrate_sets_limits_by_the_rule_the_export_records(built: dict, expor
     for a, b in zip(first.tasks, second.tasks):
         assert b.distance_limit == pytest.approx(2 * a.distance_limit, rel=1e-9)
         assert a.max_normal_distance < a.distance_limit
-    method = load_manifest(export_copy).tasks[0].calibrations["fp32"]["distance_limit_method"]
+    method = load_manifest(export_copy).tasks[0].calibrations["fp32"].distance_limit_method
     assert f"{2 * TINY_CONFIG.router_limit_margin:g} x" in method and "JPEG round trips" in method
 
 

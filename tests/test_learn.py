@@ -87,10 +87,10 @@ def test_learn_adds_a_calibrated_task_and_leaves_earlier_ones_bit_identical(buil
     entry = manifest.task(NEW)
     record = entry.calibrations["fp32"]
     assert entry.detector == "memory" and "fp32" in entry.thresholds
-    assert (record["source"], record["n"], record["frames_taken"], record["frames_held_out"]) == (str(frames), 7, 21, 7)
-    assert (record["frames_unreadable"], record["frames_repeated"]) == (1, 1)
-    assert [h["value"] for h in entry.threshold_history] == [entry.thresholds["fp32"]]
-    assert "held out from training" in entry.threshold_history[0]["reason"]
+    assert (record.source, record.n, record.frames_taken, record.frames_held_out) == (str(frames), 7, 21, 7)
+    assert (record.frames_unreadable, record.frames_repeated) == (1, 1)
+    assert [h.value for h in entry.threshold_history] == [entry.thresholds["fp32"]]
+    assert "held out from training" in entry.threshold_history[0].reason
 
     dataset = model / "learned" / NEW
     assert len(list((dataset / "train" / "good").glob("*.png"))) == 14

@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from moleflow_edge.calibration import calibrate, set_threshold
-from moleflow_edge.calibration.manifest_update import BEFORE_HISTORY
 from moleflow_edge.cli import app
 from moleflow_edge.contract import MANIFEST_FILE, ManifestError, load_manifest, save_manifest
 from moleflow_edge.data.synth import generate
+from moleflow_edge.migrations.manifest import BEFORE_HISTORY
 from moleflow_edge.preprocess import resize_frame
 from moleflow_edge.runtime import Runtime
 from moleflow_edge.signing import SIGNED_MARKER, generate_keypair, load_private_key, load_public_keys
@@ -50,16 +50,16 @@ def test_calibrate_source_keeps_jpeg_good_frames_within_the_target_rate(export_c
     assert result.exit_code == 0, result.output
     entry = load_manifest(export_copy).task(task)
     record, threshold = entry.calibrations["fp32"], entry.thresholds["fp32"]
-    assert (record["source"], record["n"], record["frames_taken"], record["k"]) == (str(calib), 40, 40, 4)
-    assert record["frames_assigned_by"] == "the given task" and record["target_met"] is True
-    assert entry.threshold_history[-1]["value"] == threshold and str(calib) in entry.threshold_history[-1]["reason"]
+    assert (record.source, record.n, record.frames_taken, record.k) == (str(calib), 40, 40, 4)
+    assert record.frames_assigned_by == "the given task" and record.target_met is True
+    assert entry.threshold_history[-1].value == threshold and str(calib) in entry.threshold_history[-1].reason
 
     held_out = [cv2.imread(str(p)) for p in frames[40:]]
     with Runtime.load(export_copy, backend="onnxruntime") as runtime:
         scores, _ = runtime.score_as(np.stack([resize_frame(f, runtime.image_size) for f in held_out]), task)
     flagged = int(np.sum(scores > threshold))
     # E[FPR] = k/(n+1) = 4/41 <= 0.1; 40 held-out frames: at most the rule's 95 % bound on the rate
-    assert flagged <= round(len(held_out) * record["fpr_upper95"]), (flagged, record["fpr_upper95"])
+    assert flagged <= round(len(held_out) * record.fpr_upper95), (flagged, record.fpr_upper95)
 
 
 def test_a_mixed_stream_is_assigned_by_the_router_and_unknown_frames_refused(
@@ -80,8 +80,8 @@ def test_a_mixed_stream_is_assigned_by_the_router_and_unknown_frames_refused(
     manifest = load_manifest(export_copy)
     for task in TASKS:
         record = manifest.task(task).calibrations["fp32"]
-        assert (record["n"], record["frames_taken"], record["frames_unknown_refused"]) == (12, 30, 6)
-        assert record["frames_assigned_by"] == "the router"
+        assert (record.n, record.frames_taken, record.frames_unknown_refused) == (12, 30, 6)
+        assert record.frames_assigned_by == "the router"
     assert (export_copy / MANIFEST_FILE).read_bytes() != before
 
 
@@ -95,23 +95,23 @@ def test_a_threshold_set_by_hand_is_a_new_manifest_with_history(built: dict, exp
     entry = load_manifest(export_copy).task(task)
     assert entry.thresholds["fp32"] == 5.5
     old, new = entry.threshold_history
-    assert old["value"] == calibrated and old["reason"].startswith("calibrate: target FPR 0.1 on 24 normal images")
-    assert (new["value"], new["reason"], new["precision"]) == (5.5, "set by hand: night shift", "fp32")
-    assert new["time"].endswith("Z") and entry.calibrations["fp32"]["quantile_method"] == "set by hand: night shift"
+    assert old.value == calibrated and old.reason.startswith("calibrate: target FPR 0.1 on 24 normal images")
+    assert (new.value, new.reason, new.precision) == (5.5, "set by hand: night shift", "fp32")
+    assert new.time.endswith("Z") and entry.calibrations["fp32"].quantile_method == "set by hand: night shift"
     with Runtime.load(export_copy, backend="onnxruntime") as runtime:
         assert runtime.task_entry(task).thresholds["fp32"] == 5.5
     same = (export_copy / MANIFEST_FILE).read_bytes()
     assert set_threshold(export_copy, task, 5.5) == 5.5 and (export_copy / MANIFEST_FILE).read_bytes() == same
 
-    # a threshold from before histories were kept enters the history first, with no time
-    manifest = load_manifest(export_copy)
-    manifest.task(TASKS[1]).threshold_history.clear()
-    old_value = manifest.task(TASKS[1]).thresholds["fp32"]
-    save_manifest(export_copy, manifest)
+    # a version-1 threshold from before histories were kept enters the history first, with no time
+    data = json.loads((export_copy / MANIFEST_FILE).read_text())
+    data["tasks"][1]["threshold_history"].clear()
+    old_value = data["tasks"][1]["thresholds"]["fp32"]
+    (export_copy / MANIFEST_FILE).write_text(json.dumps({**data, "format_version": 1}))
     assert set_threshold(export_copy, TASKS[1], 7.0, reason="more sensitive") == old_value
     first, second = load_manifest(export_copy).task(TASKS[1]).threshold_history
-    assert (first["value"], first["time"], first["reason"]) == (old_value, None, BEFORE_HISTORY)
-    assert (second["value"], second["reason"]) == (7.0, "set by hand: more sensitive")
+    assert (first.value, first.time, first.reason) == (old_value, None, BEFORE_HISTORY)
+    assert (second.value, second.reason) == (7.0, "set by hand: more sensitive")
 
 
 def test_a_signed_export_gets_a_signed_manifest_and_a_broken_history_is_refused(
@@ -132,5 +132,5 @@ def test_a_signed_export_gets_a_signed_manifest_and_a_broken_history_is_refused(
     data.pop("signature")  # unsigned, and no longer marked as signed once: only the schema is left to refuse it
     (export_copy / MANIFEST_FILE).write_text(json.dumps(data))
     (export_copy / SIGNED_MARKER).unlink()
-    with pytest.raises(ManifestError, match="threshold_history: must hold objects"):
+    with pytest.raises(ManifestError, match=r"threshold_history\[0\]: reason is missing"):
         load_manifest(export_copy)

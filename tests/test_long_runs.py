@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from moleflow_edge.calibration import calibrate
-from moleflow_edge.contract import ManifestError, load_manifest
+from moleflow_edge.contract import CalibrationRecord, ManifestError, Precision, load_manifest
 from moleflow_edge.preprocess import read_image_bgr
 from moleflow_edge.runtime import Runtime
 from moleflow_edge.runtime.camera_loop import LoopStats
@@ -110,7 +110,7 @@ def test_each_precision_is_judged_by_its_own_threshold(built: dict, export_copy:
     manifest = load_manifest(export_copy)
     for entry in manifest.tasks:  # the fp32 run (last) kept int8's record
         assert entry.thresholds == {"int8": int8[entry.name], "fp32": fp32[entry.name]}
-        assert {p: c["precision"] for p, c in entry.calibrations.items()} == {"int8": "int8", "fp32": "fp32"}
+        assert {p: c.precision for p, c in entry.calibrations.items()} == {"int8": "int8", "fp32": "fp32"}
     frames = [read_image_bgr(p) for p in sorted((data / TASKS[0] / "test" / "good").glob("*.png"))]
     for precision, thresholds in (("int8", int8), ("fp32", fp32)):
         with Runtime.load(export_copy, backend="onnxruntime", precision=precision) as runtime:
@@ -120,14 +120,15 @@ def test_each_precision_is_judged_by_its_own_threshold(built: dict, export_copy:
 
 
 def test_a_manifest_from_before_thresholds_per_precision_still_loads(export_copy: Path) -> None:
-    def old_style(data: dict) -> None:
+    def old_style(data: dict) -> None:  # format version 1, as written before thresholds per precision
+        data["format_version"] = 1
         data["tasks"][0].update(threshold=1.5, calibration={"precision": "int8", "n": 10})
         data["tasks"][1].update(threshold=2.5, calibration={})  # older still: no precision recorded (fp32)
 
     _edit_manifest(export_copy, old_style)
     manifest = load_manifest(export_copy)
     assert manifest.task(TASKS[0]).thresholds == {"int8": 1.5}
-    assert manifest.task(TASKS[0]).calibrations == {"int8": {"precision": "int8", "n": 10}}
+    assert manifest.task(TASKS[0]).calibrations == {"int8": CalibrationRecord(Precision.INT8, n=10)}
     assert manifest.task(TASKS[1]).thresholds == {"fp32": 2.5}
     with Runtime.load(export_copy, backend="onnxruntime") as runtime:
         assert runtime.uncalibrated == [TASKS[0]]

@@ -347,8 +347,8 @@ def test_engines_are_reused_only_while_nothing_that_shapes_them_changed(built: d
     assert not any((out / f.file).exists() for f in engines)  # replaced engines are removed
     manifest = load_manifest(out)
     entry = manifest.engines["backbone.fp32/trt10.3.0.sm87"]
-    assert entry["batch_profile"] == [1, 4, 16] and entry["workspace_bytes"] == 1 << 30
-    assert b"'images': ((1, 128, 128, 3), (4, 128, 128, 3), (16, 128, 128, 3))" in (out / entry["file"]).read_bytes()
+    assert entry.batch_profile == [1, 4, 16] and entry.workspace_bytes == 1 << 30
+    assert b"'images': ((1, 128, 128, 3), (4, 128, 128, 3), (16, 128, 128, 3))" in (out / entry.file).read_bytes()
     assert trt_api.batch_profile(manifest, Precision.FP32) == (1, 4, 16)
 
     with pytest.MonkeyPatch.context() as patch:

@@ -91,7 +91,7 @@ def test_signed_exports_good_bad_and_missing(export_copy: Path, tmp_path: Path) 
         Runtime.load(export_copy, backend="onnxruntime", trusted_keys=[stranger])
 
     def tamper(data: dict) -> None:  # a graph swapped together with its hash: the sha256 list cannot see it
-        data["tasks"][0]["threshold"] = 1e9
+        data["tasks"][0]["thresholds"] = {"fp32": 1e9}
 
     _edit_manifest(export_copy, tamper)
     load_manifest(export_copy)  # hashes still match
@@ -321,7 +321,7 @@ def test_calibrate_with_ten_normals_uses_the_tightest_supported_rate(built: dict
     for row in report.tasks:
         assert row.n == 10 and row.k == 1 and not row.target_met
         assert row.expected_fpr == pytest.approx(1 / 11) and row.fpr_upper95 > row.expected_fpr
-        assert manifest.task(row.task).calibrations["fp32"]["target_met"] is False
+        assert manifest.task(row.task).calibrations["fp32"].target_met is False
     assert "0.01 NOT reached" in report.table() and "needs 100 normal images" in report.table()
     with Runtime.load(export_copy, backend="onnxruntime") as runtime:
         status = runtime.task_status()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from moleflow_edge.bench.machine import Peak
-from moleflow_edge.contract import ArtifactFile, Manifest
+from moleflow_edge.contract import ArtifactFile, Manifest, Precision
 
 
 def _artifact_mb(root: Path, artifacts: Sequence[ArtifactFile | None]) -> float:
@@ -84,8 +84,9 @@ def flop_report(
         import onnx  # noqa: F401
     except ImportError:
         return [{"graph": "*", "note": "onnx is not installed (pip install onnx): no FLOP count"}], None
-    graphs = [("backbone", "backbone", manifest.backbone_graphs.get("fp32"))]  # (graph, its stage, file)
-    graphs += [(f"detectors/{t.name}", "detector", t.graphs.get("fp32")) for t in manifest.tasks[:1]]
+    fp32 = Precision.FP32
+    graphs = [("backbone", "backbone", manifest.backbone_graphs.get(fp32))]  # (graph, its stage, file)
+    graphs += [(f"detectors/{t.name}", "detector", t.graphs.get(fp32)) for t in manifest.tasks[:1]]
     rows = []
     for name, stage, artifact in graphs:
         if artifact is None:

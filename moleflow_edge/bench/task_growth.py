@@ -26,6 +26,7 @@ from moleflow_edge.contract import (
     ROUTER_WEIGHTS,
     ArtifactFile,
     Manifest,
+    Precision,
     TaskEntry,
     content_name,
     load_manifest,
@@ -99,7 +100,8 @@ def _grown_manifest(
     sha = hashlib.sha256(data).hexdigest()
     router = ArtifactFile(content_name(ROUTER_WEIGHTS, sha), sha)
     (work / router.file).write_bytes(data)
-    tasks = [TaskEntry(name, {"fp32": base.graphs["fp32"]}, distance_limit=prototypes[name].limit) for name in names]
+    fp32 = {Precision.FP32: base.graphs[Precision.FP32]}
+    tasks = [TaskEntry(name, dict(fp32), distance_limit=prototypes[name].limit) for name in names]
     grown = dataclasses.replace(manifest, router_file=router, router_graph=None, tasks=tasks, engines={})
     save_manifest(work, grown)
     return grown

@@ -19,7 +19,7 @@ import numpy as np
 
 from moleflow_edge.calibration.order_statistics import MIN_NORMALS, TARGET_FPR, CalibrationError, min_normal_count
 from moleflow_edge.calibration.thresholds import BATCH, CalibrationReport, NormalFrames, calibrate
-from moleflow_edge.contract import load_manifest
+from moleflow_edge.contract import Precision, load_manifest
 from moleflow_edge.good_frames import GoodFrames, take_good_frames
 from moleflow_edge.router import UNKNOWN
 
@@ -35,7 +35,7 @@ class SourceCalibration:
     elsewhere: int = 0  # routed to a task not being calibrated
 
 
-def route_frames(export_dir: Path, images: list[np.ndarray], precision: str) -> list[str]:
+def route_frames(export_dir: Path, images: list[np.ndarray], precision: Precision) -> list[str]:
     """Each frame's task (or UNKNOWN) as the export's router decides it at ``precision``, as `run` would."""
     from moleflow_edge.runtime import Runtime
 
@@ -50,7 +50,7 @@ def calibrate_from_source(
     frames: int | None = None,
     target_fpr: float = TARGET_FPR,
     *,
-    precision: str = "fp32",
+    precision: Precision = Precision.FP32,
     sign: str | Path | None = None,
     trusted_keys: list[str | Path] | None = None,
     reason: str = "",
@@ -65,7 +65,8 @@ def calibrate_from_source(
         raise CalibrationError(f"tasks {missing} are not in {root} (tasks: {known})")
     wanted = frames or min_normal_count(target_fpr)
     taken = take_good_frames(source, wanted, MIN_NORMALS, progress)
-    result = SourceCalibration(CalibrationReport(str(root), target_fpr, precision), taken)
+    precision = Precision(precision)
+    result = SourceCalibration(CalibrationReport(str(root), target_fpr, precision.value), taken)
     if len(chosen) == 1:
         per_task = {chosen[0]: list(taken.frames)}
         how = "the given task"

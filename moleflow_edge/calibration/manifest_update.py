@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING
 
 from moleflow_edge.contract import (
     MANIFEST_FILE,
+    CalibrationRecord,
     Manifest,
     ManifestError,
     Precision,
     TaskEntry,
+    ThresholdChange,
     is_signed,
     load_manifest,
     save_manifest,
@@ -33,8 +35,6 @@ from moleflow_edge.signing import load_private_key, load_public_keys, sign_from_
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-BEFORE_HISTORY = "set before the threshold history was kept"
 
 
 class UpdateError(UserError):
@@ -81,19 +81,15 @@ def now_utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def record_threshold(entry: TaskEntry, precision: str, value: float, reason: str, when: str | None = None) -> bool:
+def record_threshold(
+    entry: TaskEntry, precision: Precision, value: float, reason: str, when: str | None = None
+) -> bool:
     """Set ``entry``'s threshold at ``precision`` and add it to the history; False (and no entry) when the
-    value is unchanged, so calibrating twice on the same images writes the same manifest. A threshold
-    set before histories were kept enters the history first, with no time."""
-    old = entry.thresholds.get(precision)
-    if old == value:
+    value is unchanged, so calibrating twice on the same images writes the same manifest."""
+    if entry.thresholds.get(precision) == value:
         return False
-    if old is not None and not any(h["precision"] == precision for h in entry.threshold_history):
-        entry.threshold_history.append({"value": old, "precision": precision, "time": None, "reason": BEFORE_HISTORY})
     entry.thresholds[precision] = value
-    entry.threshold_history.append(
-        {"value": value, "precision": precision, "time": when or now_utc(), "reason": reason}
-    )
+    entry.threshold_history.append(ThresholdChange(value, precision, when or now_utc(), reason))
     return True
 
 
@@ -101,7 +97,7 @@ def set_threshold(
     export_dir: str | Path,
     task: str,
     value: float,
-    precision: str = Precision.FP32.value,
+    precision: Precision = Precision.FP32,
     reason: str = "",
     sign: str | Path | None = None,
     trusted_keys: list[str | Path] | None = None,
@@ -111,19 +107,22 @@ def set_threshold(
     calibration record then says the threshold was set by hand, and why."""
     if not math.isfinite(value):
         raise UpdateError(f"--threshold must be a finite number, got {value}")
-    chosen = Precision(precision).value
+    chosen = Precision(precision)
     update = ManifestUpdate.open(export_dir, sign, trusted_keys)
     try:
         entry = update.manifest.task(task)
     except ManifestError as exc:
         raise UpdateError(str(exc)) from None
     if chosen not in entry.graphs:
-        raise UpdateError(f"task {task!r} has no {chosen} graph in {update.root} (has {sorted(entry.graphs)})")
+        has = sorted(p.value for p in entry.graphs)
+        raise UpdateError(f"task {task!r} has no {chosen.value} graph in {update.root} (has {has})")
     old = entry.thresholds.get(chosen)
     why = "set by hand" + (f": {reason}" if reason else "")
     if record_threshold(entry, chosen, float(value), why):
-        limit = ("distance_limit_method", "max_normal_distance")  # the limit is unchanged: how it was made stays
-        kept = {k: v for k, v in entry.calibrations.get(chosen, {}).items() if k in limit}
-        entry.calibrations[chosen] = {"precision": chosen, "quantile_method": why, **kept}
+        before = entry.calibrations.get(chosen)  # the limit is unchanged: how it was made stays
+        entry.calibrations[chosen] = CalibrationRecord(
+            chosen, why, distance_limit_method=before and before.distance_limit_method,
+            max_normal_distance=before and before.max_normal_distance,
+        )  # fmt: skip
         update.commit()
     return old

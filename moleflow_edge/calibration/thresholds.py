@@ -43,7 +43,7 @@ from moleflow_edge.calibration.order_statistics import (
     precision_recall,
     supported_threshold,
 )
-from moleflow_edge.contract import Manifest
+from moleflow_edge.contract import CalibrationRecord, Manifest, Precision
 from moleflow_edge.data.mvtec import GOOD, DatasetError, _image_files, test_samples, train_samples
 from moleflow_edge.metrics import auroc
 from moleflow_edge.preprocess import read_image_bgr, resize_frame
@@ -178,7 +178,7 @@ def calibrate(
     min_count: int | None = None,
     *,
     confidence: float | None = None,
-    precision: str = "fp32",
+    precision: Precision = Precision.FP32,
     tasks: list[str] | None = None,
     threads: int | None = None,
     write: bool = True,
@@ -213,7 +213,8 @@ def calibrate(
     chosen = manifest.task_names if tasks is None else list(tasks)
     min_normal_count(target_fpr, confidence)  # checks the rate before any image is scored
     needed = max(min_count or 0, MIN_NORMALS)
-    report = CalibrationReport(str(root), target_fpr, precision, int8_calibration=dict(manifest.int8_calibration))
+    precision = Precision(precision)
+    report = CalibrationReport(str(root), target_fpr, precision.value, int8_calibration=dict(manifest.int8_calibration))
     runtime = Runtime.load(
         root, backend="onnxruntime", precision=precision, threads=threads, providers=["CPUExecutionProvider"]
     )
@@ -249,26 +250,18 @@ def calibrate(
                 _defect_metrics(runtime, data, name, scores, result)
             report.tasks.append(result)
             why = f"calibrate: target FPR {target_fpr:g} on {rule.n} normal images from {source}"
-            record_threshold(entry, runtime.precision.value, rule.threshold, why + (f": {reason}" if reason else ""))
+            record_threshold(entry, precision, rule.threshold, why + (f": {reason}" if reason else ""))
             entry.distance_limit = limit
-            entry.calibrations[runtime.precision.value] = {
-                "n": rule.n,
-                "k": rule.k,
-                "target_fpr": target_fpr,
-                "expected_fpr": rule.expected_fpr,
-                "fpr_upper95": rule.fpr_upper95,
-                "quantile_method": rule.method,
-                "target_met": rule.target_met,
-                "source": source,
-                "precision": runtime.precision.value,
-                "distance_limit_method": limit_method(manifest, len(files)),
-                "max_normal_distance": result.max_normal_distance,
-                **record,
-            }
-            if result.image_auroc is None:  # no defect images now: an older figure for this precision would mislead
-                entry.image_auroc.pop(runtime.precision.value, None)
+            entry.calibrations[precision] = CalibrationRecord(
+                precision, rule.method, n=rule.n, k=rule.k, target_fpr=target_fpr, expected_fpr=rule.expected_fpr,
+                fpr_upper95=rule.fpr_upper95, target_met=rule.target_met, source=source,
+                distance_limit_method=limit_method(manifest, len(files)),
+                max_normal_distance=result.max_normal_distance, **record,
+            )  # fmt: skip
+            if result.image_auroc is None:  # no defect images now: an earlier figure for this precision would mislead
+                entry.image_auroc.pop(precision, None)
             else:
-                entry.image_auroc[runtime.precision.value] = result.image_auroc
+                entry.image_auroc[precision] = result.image_auroc
     finally:
         runtime.close()
     if write:  # scoring took a while: an export or calibration meanwhile is refused (UpdateError), not overwritten

@@ -28,7 +28,6 @@ import onnx
 
 from moleflow_edge.contract import (
     DETECTOR_DIR,
-    LEGACY_DETECTOR_DIR,
     MANIFEST_FILE,
     ArtifactFile,
     Manifest,
@@ -40,12 +39,13 @@ from moleflow_edge.contract import (
 from moleflow_edge.export import onnx_graphs
 from moleflow_edge.export.artifacts import ExportedFile, ExportError, ExportReport
 from moleflow_edge.export.trt_compat import check_tensorrt_compat
+from moleflow_edge.migrations.manifest import OLD_DETECTOR_DIR
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 STAGING_PREFIX = ".staging-"
-MANAGED_PREFIXES = ("backbone.", "router.")  # top-level files the exporter owns; detectors/ (flow/ in older exports) is all ours
+MANAGED_PREFIXES = ("backbone.", "router.")  # top-level files the exporter owns; detectors/ and OLD_DETECTOR_DIR: all
 TEMP_MANIFESTS = f".{MANIFEST_FILE}."  # write_atomic's temporary names for the manifest
 
 
@@ -165,7 +165,7 @@ def sweep(out: Path, manifest: Manifest) -> list[str]:
     remove_stale_staging(out)
     listed = {name for artifact in manifest.artifacts() for name, _ in artifact.paths()}
     owned = [p for p in out.iterdir() if _plain(p) and p.name.startswith(MANAGED_PREFIXES)]
-    for folder in (out / DETECTOR_DIR, out / LEGACY_DETECTOR_DIR):
+    for folder in (out / DETECTOR_DIR, out / OLD_DETECTOR_DIR):
         if folder.is_dir() and not folder.is_symlink():  # rglob descends into no symlinked folder below it
             owned += [p for p in folder.rglob("*") if _plain(p)]
     removed = []

@@ -269,8 +269,8 @@ def _export_graphs(
                 lambda fp32: to_int8(fp32, calib.images(cfg.image_size), nodes_to_exclude=sensitive_products(fp32)),
             )
 
-        old = manifest.backbone_graphs.get(precision.value)
-        manifest.backbone_graphs[precision.value] = run.artifact(f"backbone.{precision.value}.onnx", old, source, build)
+        old = manifest.backbone_graphs.get(precision)
+        manifest.backbone_graphs[precision] = run.artifact(f"backbone.{precision.value}.onnx", old, source, build)
         if calib is not None:
             manifest.int8_calibration["backbone"] = calib.record
 
@@ -285,7 +285,7 @@ def _export_graphs(
 
     entries = {t.name: t for t in manifest.tasks}
     for task in wanted:
-        entry = entries.get(task) or TaskEntry(task, detector=model.kind(task).value, distance_limit=prototypes[task].limit)
+        entry = entries.get(task) or TaskEntry(task, detector=model.kind(task), distance_limit=prototypes[task].limit)
         entries[task] = _export_task(run, store, model, entry, prototypes[task], precisions, calib_data)
     manifest.tasks = [entries[t] for t in export_tasks]
 
@@ -340,14 +340,14 @@ def _export_task(
         def build(precision: Precision = precision, calib: CalibrationSet | None = calib) -> onnx.ModelProto:
             return _graph_in_precision(precision, scorer_fp32, lambda fp32: int8(fp32, calib))
 
-        old = entry.graphs.get(precision.value)
+        old = entry.graphs.get(precision)
         replaced |= old is not None and old.source_sha256 != source
         name = f"{DETECTOR_DIR}/{entry.name}"
-        graphs[precision.value] = run.artifact(f"{name}.{precision.value}.onnx", old, source, build)
+        graphs[precision] = run.artifact(f"{name}.{precision.value}.onnx", old, source, build)
         if calib is not None:
             run.manifest.int8_calibration[name] = calib.record
     if replaced:  # the task's weights or export options changed: its other graphs, engines and limits are stale
-        return TaskEntry(entry.name, graphs, kind.name.value, distance_limit=prototype.limit)
+        return TaskEntry(entry.name, graphs, kind.name, distance_limit=prototype.limit)
     entry.graphs = {**entry.graphs, **graphs}
     return entry
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moleflow_edge.atomic import write_atomic
-from moleflow_edge.contract import ArtifactFile, Precision, file_sha256, load_manifest, save_manifest
+from moleflow_edge.contract import ArtifactFile, EngineRecord, Precision, file_sha256, load_manifest, save_manifest
 from moleflow_edge.errors import EngineError, UserError
 from moleflow_edge.export.artifacts import ExportedFile, ExportReport, source_hash
 from moleflow_edge.runtime import trt_api
@@ -90,10 +90,11 @@ def build_target(trt: Any, device_id: int = 0) -> BuildTarget:
 def build_record(
     graph_sha256: str, precision: Precision, batch: tuple[int, int, int], workspace_bytes: int, target: BuildTarget
 ) -> dict[str, object]:
-    """Everything that changes an engine; the manifest keeps it beside the engine's file and hash."""
+    """Everything that changes an engine (EngineRecord.build); the manifest keeps it beside the engine's
+    file and hash."""
     return {
         "graph_sha256": graph_sha256,
-        "precision": precision.value,
+        "precision": precision,
         "batch_profile": list(batch),
         "workspace_bytes": workspace_bytes,
         "tensorrt_version": target.trt_version,
@@ -101,12 +102,12 @@ def build_record(
     }
 
 
-def reusable(out: Path, entry: dict | None, record: dict[str, object]) -> bool:
+def reusable(out: Path, entry: EngineRecord | None, record: dict[str, object]) -> bool:
     """True when ``entry`` (a manifest engine entry) was built from ``record`` and its file is intact."""
-    if entry is None or any(entry.get(key) != value for key, value in record.items()):
+    if entry is None or entry.build() != record:
         return False
-    path = out / entry["file"]
-    return path.is_file() and file_sha256(path) == entry["sha256"]
+    path = out / entry.file
+    return path.is_file() and file_sha256(path) == entry.sha256
 
 
 def trtexec_command(
@@ -217,13 +218,13 @@ def export_engines(
     manifest = load_manifest(out)
     image = (manifest.image_size, manifest.image_size, 3)
     embedding = (manifest.embed_dim, manifest.grid, manifest.grid)
-    planned: list[tuple[dict[str, dict], str, ArtifactFile, str, tuple[int, ...], Precision]] = []
+    planned: list[tuple[dict[str, EngineRecord], str, ArtifactFile, str, tuple[int, ...], Precision]] = []
     for precision in precisions:
-        graph = manifest.backbone_graphs[precision.value]
+        graph = manifest.backbone_graphs[precision]
         planned.append((manifest.engines, f"backbone.{precision.value}", graph, "images", image, precision))
         for task in wanted:
             entry = manifest.task(task)
-            planned.append((entry.engines, precision.value, entry.graphs[precision.value], "embedding", embedding,
+            planned.append((entry.engines, precision.value, entry.graphs[precision], "embedding", embedding,
                             precision))  # fmt: skip
     assert manifest.router_graph is not None
     planned.append((manifest.engines, "router", manifest.router_graph, "routing_feature", (manifest.routing_dim,),
@@ -243,15 +244,15 @@ def export_engines(
         existing = engines.get(slot_key)
         relative = spec.engine_path.relative_to(out).as_posix()
         if existing is not None and reusable(out, existing, record):
-            report.files.append(ExportedFile(existing["file"], (out / existing["file"]).stat().st_size, 0.0, True))
+            report.files.append(ExportedFile(existing.file, (out / existing.file).stat().st_size, 0.0, True))
             continue
         started = time.perf_counter()
         builder.build(spec)
-        engines[slot_key] = {"file": relative, "sha256": file_sha256(spec.engine_path), **record}
+        engines[slot_key] = EngineRecord(relative, file_sha256(spec.engine_path), **record)  # type: ignore[arg-type]
         report.files.append(
             ExportedFile(relative, spec.engine_path.stat().st_size, time.perf_counter() - started, False)
         )
         save_manifest(out, manifest, signing_key)  # after each engine: an interrupted build keeps what it built
-        if existing and existing["file"] != relative:  # built from another record: no longer listed
-            (out / existing["file"]).unlink(missing_ok=True)
+        if existing and existing.file != relative:  # built from another record: no longer listed
+            (out / existing.file).unlink(missing_ok=True)
     report.manifest = manifest

@@ -75,7 +75,7 @@ class GraphBackend(ABC):
 
     def estimate_bytes(self, entry: TaskEntry) -> int:
         """Memory a task's engine will take, guessed before loading it (its weights' size by default)."""
-        artifact = entry.graphs.get(self.precision.value)
+        artifact = entry.graphs.get(self.precision)
         return 0 if artifact is None else artifact_bytes(self.root, artifact)
 
     def runs_unchanged(self, manifest: Manifest) -> bool:
@@ -88,7 +88,7 @@ class GraphBackend(ABC):
         shapes = ("image_size", "grid", "embed_dim", "routing_dim", "input_layout", "input_dtype", "channel_order")
         return (
             all(getattr(old, name) == getattr(manifest, name) for name in shapes)
-            and old.backbone_graphs.get(self.precision.value) == manifest.backbone_graphs.get(self.precision.value)
+            and old.backbone_graphs.get(self.precision) == manifest.backbone_graphs.get(self.precision)
             and old.engines == manifest.engines
         )
 
@@ -127,14 +127,16 @@ def read_verified(root: Path, artifact: ArtifactFile) -> Path:
     return root / artifact.file
 
 
-def _graph_of_precision(graphs: dict[str, ArtifactFile], precision: Precision, owner: str, kind: str) -> ArtifactFile:
+def _graph_of_precision(
+    graphs: dict[Precision, ArtifactFile], precision: Precision, owner: str, kind: str
+) -> ArtifactFile:
     """One lookup for every graph the runtime loads: a precision the export lacks is a ManifestError
     that names the graph, what the export has and how to get the missing one."""
     try:
-        return graphs[precision.value]
+        return graphs[precision]
     except KeyError:
         raise ManifestError(
-            f"{owner} has no {precision.value} {kind} graph (has {sorted(graphs)}): "
+            f"{owner} has no {precision.value} {kind} graph (has {sorted(p.value for p in graphs)}): "
             f"export with --precision {precision.value}"
         ) from None
 

@@ -93,7 +93,7 @@ class EngineChoice:
     chosen: Candidate
     met: bool  # False: nothing met the target and the fastest was chosen
     reason: str
-    accuracy: dict[str, float | None]  # precision -> recorded mean image AUROC (None: not recorded)
+    accuracy: dict[Precision, float | None]  # precision -> recorded mean image AUROC (None: not recorded)
     ms: dict[str, float]  # candidate key -> median ms per frame at batch 1
     failed: dict[str, str] = field(default_factory=dict)  # candidate key -> why it could not be timed
     cached: bool = False  # every timing came from engines/latency.json
@@ -109,7 +109,7 @@ class EngineChoice:
         }  # fmt: skip
 
     def summary(self) -> str:
-        auc = self.accuracy[self.chosen.precision.value]
+        auc = self.accuracy[self.chosen.precision]
         accuracy = "no recorded accuracy" if auc is None else f"image AUROC {auc:.4f}"
         source = "cached timings" if self.cached else "timed now"
         chosen = (
@@ -151,18 +151,18 @@ def candidates(manifest: Manifest, backend: Backend | str, precision: Precision 
 
 def _exported(manifest: Manifest, row: Target, precision: Precision) -> bool:
     """Does the export hold what ``row`` runs, at ``precision``, for the backbone and every task?"""
-    p = precision.value
     if row.export_format is ExportFormat.ENGINE:  # built for which GPU is checked when it loads
+        p = precision.value  # engine keys: "backbone.<precision>/<device>", "<precision>/<device>"
         return any(k.startswith(f"backbone.{p}/") for k in manifest.engines) and all(
             any(k.startswith(f"{p}/") for k in entry.engines) for entry in manifest.tasks
         )
-    return p in manifest.backbone_graphs and all(p in entry.graphs for entry in manifest.tasks)
+    return precision in manifest.backbone_graphs and all(precision in entry.graphs for entry in manifest.tasks)
 
 
 def recorded_accuracy(manifest: Manifest, precision: Precision) -> float | None:
     """Mean image AUROC over tasks that calibrate recorded at ``precision``; None unless every task has one
     (a mean over some tasks would not compare with another precision's)."""
-    scores = [entry.image_auroc.get(precision.value) for entry in manifest.tasks]
+    scores = [entry.image_auroc.get(precision) for entry in manifest.tasks]
     if not scores or any(s is None for s in scores):
         return None
     return float(np.mean(scores))
@@ -170,13 +170,13 @@ def recorded_accuracy(manifest: Manifest, precision: Precision) -> float | None:
 
 # --- choosing ----------------------------------------------------------------------------------------
 def choose(
-    timed: Sequence[Candidate], ms: dict[str, float], accuracy: dict[str, float | None], target_ms: float
+    timed: Sequence[Candidate], ms: dict[str, float], accuracy: dict[Precision, float | None], target_ms: float
 ) -> tuple[Candidate, bool, str]:
     """(chosen, met, why): the most accurate of the ``timed`` candidates within ``target_ms``, else the fastest."""
     order = list(Precision)
 
     def rank(c: Candidate) -> tuple[bool, float, int, float]:
-        auc = accuracy[c.precision.value]
+        auc = accuracy[c.precision]
         return auc is not None, auc or 0.0, -order.index(c.precision), -ms[c.key]
 
     meeting = [c for c in timed if ms[c.key] <= target_ms]
@@ -184,7 +184,7 @@ def choose(
         fastest = min(timed, key=lambda c: ms[c.key])
         return fastest, False, f"nothing meets {target_ms:g} ms here; the fastest of {len(timed)} candidate(s) runs"
     best = max(meeting, key=rank)
-    if accuracy[best.precision.value] is not None:
+    if accuracy[best.precision] is not None:
         basis = "by the image AUROC calibrate recorded"
     else:
         basis = (
@@ -248,7 +248,7 @@ def select_engine(
         except OSError as exc:
             cache_error = str(exc)
     timed = [c for c in found if c.key in ms]
-    accuracy = {p.value: recorded_accuracy(manifest, p) for p in Precision if any(c.precision is p for c in found)}
+    accuracy = {p: recorded_accuracy(manifest, p) for p in Precision if any(c.precision is p for c in found)}
     if not timed:
         raise BackendError("no candidate could be timed: " + "; ".join(f"{k}: {why}" for k, why in failed.items()))
     chosen, met, reason = choose(timed, ms, accuracy, float(target_ms))
@@ -260,7 +260,7 @@ def select_engine(
 
 def _threshold_note(manifest: Manifest, precision: Precision) -> str | None:
     """Thresholds are per precision: tasks calibrated at others only get no decision at the chosen one."""
-    missing = [e.name for e in manifest.tasks if e.thresholds and precision.value not in e.thresholds]
+    missing = [e.name for e in manifest.tasks if e.thresholds and precision not in e.thresholds]
     if not missing:
         return None
     return (

@@ -31,7 +31,7 @@ def load_router_table(root: Path, manifest: Manifest) -> RouterTable:
                 f"{path}: task {entry.name!r} prototype has shapes {mean.shape}, {whitener.shape}; "
                 f"the manifest says routing_dim {c}"
             )
-        level = tensors.get(f"{entry.name}.patch_level")  # absent from routers exported before it was
+        level = tensors.get(f"{entry.name}.patch_level")  # optional (migrations/model_dir.py)
         prototypes.append(
             Prototype(
                 mean.astype(np.float32),

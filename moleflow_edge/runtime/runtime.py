@@ -118,10 +118,10 @@ class Runtime:
         prec = options.chosen_precision
         if kind is not Backend.TENSORRT:
             for entry in manifest.tasks:
-                if prec.value not in entry.graphs:
+                if prec not in entry.graphs:
                     raise ManifestError(
                         f"task {entry.name!r} in {root} has no {prec.value} detector graph "
-                        f"(has {sorted(entry.graphs)}): export it with --precision {prec.value}"
+                        f"(has {sorted(p.value for p in entry.graphs)}): export it with --precision {prec.value}"
                     )
         router = load_router_table(root, manifest)
         if previous is not None and previous._backend.runs_unchanged(manifest):
@@ -164,7 +164,7 @@ class Runtime:
         if kept:
             self._owns_backend = False
             backend.manifest = manifest
-        prec = self.precision.value
+        prec = self.precision
         new = {entry.name: entry for entry in manifest.tasks}
 
         def unchanged(task: str) -> bool:
@@ -190,22 +190,23 @@ class Runtime:
     @property
     def uncalibrated(self) -> list[str]:
         """Tasks without a threshold at the loaded precision (another's never applies): is_anomaly None."""
-        return [entry.name for entry in self.manifest.tasks if self.precision.value not in entry.thresholds]
+        return [entry.name for entry in self.manifest.tasks if self.precision not in entry.thresholds]
 
     def task_status(self) -> dict[str, str]:
         """Per task, at the loaded precision: 'uncalibrated' (and at which precisions it is), or 'calibrated'
         with the expected false-positive rate and whether the requested one was reached, for run's lines."""
         status = {}
         for entry in self.manifest.tasks:
-            cal = entry.calibrations.get(self.precision.value, {})
-            if self.precision.value not in entry.thresholds:
-                elsewhere = f" at {self.precision.value} (calibrated at {', '.join(sorted(entry.thresholds))})"
+            cal = entry.calibrations.get(self.precision)
+            if self.precision not in entry.thresholds:
+                others = ", ".join(sorted(p.value for p in entry.thresholds))
+                elsewhere = f" at {self.precision.value} (calibrated at {others})"
                 status[entry.name] = "uncalibrated" + (elsewhere if entry.thresholds else "")
                 continue
-            fpr, n, target = cal.get("expected_fpr"), cal.get("n"), cal.get("target_fpr")
-            text = "calibrated" if not isinstance(fpr, float) else f"calibrated on {n} images, expected FPR {fpr:.3g}"
-            if cal.get("target_met") is False:
-                text += f" (the requested {target} needs more normal images)"
+            fpr = None if cal is None else cal.expected_fpr
+            text = "calibrated" if fpr is None else f"calibrated on {cal.n} images, expected FPR {fpr:.3g}"  # type: ignore[union-attr]
+            if cal is not None and cal.target_met is False:
+                text += f" (the requested {cal.target_fpr} needs more normal images)"
             status[entry.name] = text
         return status
 
@@ -319,7 +320,7 @@ class Runtime:
                 continue
             started = time.perf_counter()
             if result.image_score is not None:
-                result.decide(self._entries[result.task].thresholds.get(self.precision.value))  # type: ignore[index]
+                result.decide(self._entries[result.task].thresholds.get(self.precision))  # type: ignore[index]
             if with_maps:
                 m = self.manifest
                 result.anomaly_map = anomaly_map(

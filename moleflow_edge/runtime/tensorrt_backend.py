@@ -28,6 +28,7 @@ from moleflow_edge.contract import (
     IMAGES,
     PATCH_SCORES,
     ROUTING_FEATURE,
+    EngineRecord,
     Manifest,
     ManifestError,
     Precision,
@@ -46,18 +47,17 @@ def engine_key(slot: str, trt_version: str, capability: str) -> str:
     return f"{slot}/{trt_api.device_key(trt_version, capability)}"
 
 
-def find_engine(engines: dict[str, dict], slot: str, trt_version: str, capability: str) -> dict | None:
+def find_engine(engines: dict[str, EngineRecord], slot: str, trt_version: str, capability: str) -> EngineRecord | None:
     return engines.get(engine_key(slot, trt_version, capability))
 
 
-def read_engine(root: Path, entry: dict, what: str) -> bytes:
+def read_engine(root: Path, entry: EngineRecord, what: str) -> bytes:
     """Engine bytes after checking the sha256 the manifest lists for them."""
-    path = root / entry["file"]
+    path = root / entry.file
     if not path.is_file():
         raise ManifestError(f"{path} ({what} engine) is listed in the manifest but missing")
     plan = path.read_bytes()
-    expected = entry.get("sha256")
-    if expected and hashlib.sha256(plan).hexdigest() != expected:
+    if hashlib.sha256(plan).hexdigest() != entry.sha256:
         raise ManifestError(f"{path} ({what} engine) does not match the manifest's sha256: rebuild it with export")
     return plan
 
@@ -203,7 +203,7 @@ class TensorRtBackend(GraphBackend):
         else:  # no router engine: the (B,C) feature comes back for numpy routing, a few hundred bytes a frame
             self._routing = cm.PinnedBuffer((self.max_batch, manifest.routing_dim), np.float32)
 
-    def _find(self, engines: dict[str, dict], slot: str) -> dict | None:
+    def _find(self, engines: dict[str, EngineRecord], slot: str) -> EngineRecord | None:
         return find_engine(engines, slot, self._trt_version, self._capability)
 
     def describe(self) -> str:
@@ -245,7 +245,7 @@ class TensorRtBackend(GraphBackend):
 
     def estimate_bytes(self, entry: TaskEntry) -> int:
         found = self._find(entry.engines, self.precision.value)
-        path = None if found is None else self.root / found["file"]
+        path = None if found is None else self.root / found.file
         return path.stat().st_size if path is not None and path.is_file() else 0
 
     def load_detector(self, entry: TaskEntry) -> DetectorEngine:

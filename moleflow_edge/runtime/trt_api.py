@@ -91,7 +91,7 @@ def batch_profile(manifest: Manifest, precision: Precision) -> tuple[int, int, i
     """The batch profile the export's engines of ``precision`` were built with (the backbone's
     first), else the default the exporter uses: onnxruntime's TensorRT provider gets the same."""
     for key, entry in sorted(manifest.engines.items()):
-        if key.startswith(f"backbone.{precision.value}/") and "batch_profile" in entry:
-            low, opt, high = (int(b) for b in entry["batch_profile"])
+        if key.startswith(f"backbone.{precision.value}/"):
+            low, opt, high = entry.batch_profile
             return low, opt, high
     return DEFAULT_BATCH_PROFILE
