@@ -23,8 +23,10 @@ from safetensors.torch import load_file, save_file
 from moleflow_edge.atomic import sweep_stale_temps, write_atomic, write_text_atomic
 from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import DetectorKind, MoleFlowConfig
+from moleflow_edge.contract import TaskEntry
 from moleflow_edge.model.mole_flow import MoleFlow
-from moleflow_edge.router import Prototype
+from moleflow_edge.router import Prototype, RouterTable
+from moleflow_edge.runtime.spec import RuntimeSpec
 
 CONFIG_FILE = "config.json"
 # what a model saved before a config field existed was built with (the field's default has changed since)
@@ -126,6 +128,15 @@ class ModelStore:
         write_text_atomic(
             self.root / TASK_LIST_FILE, json.dumps({"tasks": [*tasks, task], "detectors": detectors}, indent=2) + "\n"
         )
+
+    def spec(self, prototypes: dict[str, Prototype]) -> RuntimeSpec:
+        """What the Runtime needs of this directory, given the ``prototypes`` ``load`` returned (in its
+        tasks): in learning order, each task's kind, no thresholds (calibrate sets them on an export), the router."""
+        config, kinds = self.config(), self.kinds()
+        tasks = [t for t in self.tasks() if t in prototypes]
+        router = RouterTable(tasks, [prototypes[t] for t in tasks], [kinds[t].value for t in tasks])
+        entries = tuple(TaskEntry(t, detector=kinds[t].value, distance_limit=prototypes[t].limit) for t in tasks)
+        return RuntimeSpec(entries, config.image_size, config.map_sigma, router)
 
     @staticmethod
     def _read(path: Path) -> dict[str, torch.Tensor]:

@@ -181,6 +181,17 @@ class RouterTable:
         self.limits = np.array([p.limit for p in prototypes], dtype=np.float32)
         self.patch_levels = {t: p.patch_level for t, p in zip(self.tasks, prototypes)}
 
+    def first(self, known: int) -> RouterTable:
+        """The router over the first ``known`` tasks alone, limits and patch levels included."""
+        table = RouterTable.__new__(RouterTable)
+        table.tasks = self.tasks[:known]
+        table.kinds = {t: self.kinds[t] for t in table.tasks}
+        table.whiteners = self.whiteners[:known]
+        table.stacked = table.whiteners.reshape(-1, table.whiteners.shape[-1]).T.copy()
+        table.shift, table.limits = self.shift[:known], self.limits[:known].copy()
+        table.patch_levels = {t: self.patch_levels[t] for t in table.tasks}
+        return table
+
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distances (B,T) of pooled features (B,C): ||W_t f - W_t mu_t||^2."""
         projected = (np.asarray(features, dtype=np.float32) @ self.stacked).reshape(len(features), *self.shift.shape)
