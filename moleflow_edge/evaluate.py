@@ -27,7 +27,7 @@ from moleflow_edge.model_store import ModelStore
 from moleflow_edge.router import UNKNOWN, RouterTable
 from moleflow_edge.runtime.result import FrameResult
 from moleflow_edge.runtime.runtime import Runtime
-from moleflow_edge.torch_backend import TorchBackend
+from moleflow_edge.torch_backend import runtime_of
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 
@@ -90,10 +90,8 @@ def evaluate(
     every image under its own product's detector, whatever the router says)."""
     store = ModelStore(model_dir)
     model, prototypes = store.load()
-    model.to(resolve_device(device))
-    spec = store.spec(prototypes)
-    backend = TorchBackend(model, store.root)
-    runtime = Runtime.over(spec, backend)
+    runtime = runtime_of(store, model.to(resolve_device(device)), prototypes)
+    spec, backend = runtime.spec, runtime.graphs
     order = runtime.tasks
     wanted = order if tasks is None else tasks
     unknown = [t for t in wanted if t not in order]

@@ -19,6 +19,7 @@ from moleflow_edge.features import extract_features
 from moleflow_edge.model.mole_flow import MoleFlow
 from moleflow_edge.model.scorer import PatchScorer
 from moleflow_edge.model_store import ModelStore
+from moleflow_edge.router import Prototype
 from moleflow_edge.runtime.backend import DetectorEngine, FeatureBatch, GraphBackend
 from moleflow_edge.runtime.runtime import Runtime
 from moleflow_edge.targets import Backend
@@ -69,9 +70,13 @@ class TorchBackend(GraphBackend):
         self._scorers.clear()
 
 
+def runtime_of(store: ModelStore, model: MoleFlow, prototypes: dict[str, Prototype]) -> Runtime:
+    """A Runtime over ``model`` and ``prototypes`` as ``store.load`` returned them, on the model's device."""
+    return Runtime.over(store.spec(prototypes), TorchBackend(model, store.root))
+
+
 def model_runtime(model_dir: str | Path, device: str | torch.device = "cpu") -> Runtime:
     """A Runtime over a trained model directory's every task, float32 on ``device``."""
     store = ModelStore(model_dir)
     model, prototypes = store.load()
-    model.to(resolve_device(device))
-    return Runtime.over(store.spec(prototypes), TorchBackend(model, store.root))
+    return runtime_of(store, model.to(resolve_device(device)), prototypes)

@@ -13,10 +13,9 @@ from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.mvtec import DatasetError, load_split
 from moleflow_edge.data.synth import generate
 from moleflow_edge.evaluate import evaluate
-from moleflow_edge.features import extract_features
 from moleflow_edge.model_store import SHARED_FILE, ModelDirError, ModelStore
-from moleflow_edge.router import Prototype, RouterTable, patch_level
-from moleflow_edge.scoring import TaskDetectors, score_routed
+from moleflow_edge.router import UNKNOWN, Prototype, RouterTable, patch_level
+from moleflow_edge.torch_backend import model_runtime
 from moleflow_edge.train import train_task
 
 SEQUENCE = ["weave", "tiles", "cap"]
@@ -81,18 +80,19 @@ def test_task0_scores_and_maps_bit_identical_after_later_tasks(sequence_run: dic
 def test_routed_accuracy_on_three_synthetic_tasks(sequence_run: dict, synth_root: Path) -> None:
     results = evaluate(synth_root, sequence_run["model_dir"])
     assert results["mode"]["routing"] == "routed"
-    model, prototypes = ModelStore(sequence_run["model_dir"]).load()
-    table, detectors = RouterTable(model.tasks, [prototypes[t] for t in model.tasks]), TaskDetectors(model)
+    runtime = model_runtime(sequence_run["model_dir"])  # what eval scored through
     for task in SEQUENCE:
         metrics = results["tasks"][task]
         assert metrics["routing_accuracy"] == 1.0, task
         assert metrics["unknown_rate"] <= 0.1, task
-        split = load_split(synth_root, task, "test", model.config.image_size)
-        routed = score_routed(detectors, table, extract_features(model, split.images))
-        assert not routed.rejected[split.labels == 0].any(), task  # only defective parts look like no product
-        assert np.isinf(routed.image[routed.rejected]).all()  # and the line stops them
+        split = load_split(synth_root, task, "test", TINY_CONFIG.image_size)
+        routed = runtime.infer(split.images)
+        rejected = np.array([r.task == UNKNOWN for r in routed])
+        assert metrics["unknown_rate"] == pytest.approx(rejected.mean())
+        assert not rejected[split.labels == 0].any(), task  # only defective parts look like no product
+        assert all(r.image_score is None for r in routed if r.task == UNKNOWN)  # and the line stops them
         # yet their maps come from their own product's flow, the one that explains them best
-        assert [s for s, r in zip(routed.shown, routed.rejected) if r] == [task] * int(routed.rejected.sum())
+        assert [r.explained_by for r in routed if r.task == UNKNOWN] == [task] * int(rejected.sum())
         assert metrics["image_auroc"] >= 0.8, (task, metrics)
     assert results["mean"]["image_auroc"] >= 0.9, results["mean"]  # 8 good test images: one task may dip
     assert results["forgetting"] == {"image_auroc": 0.0, "pixel_auroc": 0.0, "pixel_ap": 0.0, "aupro": 0.0}

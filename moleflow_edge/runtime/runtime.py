@@ -237,6 +237,11 @@ class Runtime:
         return self._backend.kind
 
     @property
+    def graphs(self) -> GraphBackend:
+        """The backend that runs the graphs: a runtime ``over`` another spec of the same model shares it."""
+        return self._backend
+
+    @property
     def precision(self) -> Precision:
         return self._backend.precision
 
