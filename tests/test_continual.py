@@ -10,6 +10,7 @@ import torch
 
 from moleflow_edge.anomaly_map import anomaly_map
 from moleflow_edge.config import MoleFlowConfig
+from moleflow_edge.contract import ManifestError
 from moleflow_edge.data.mvtec import DatasetError, load_split
 from moleflow_edge.data.synth import generate
 from moleflow_edge.evaluate import evaluate
@@ -96,6 +97,27 @@ def test_routed_accuracy_on_three_synthetic_tasks(sequence_run: dict, synth_root
         assert metrics["image_auroc"] >= 0.8, (task, metrics)
     assert results["mean"]["image_auroc"] >= 0.9, results["mean"]  # 8 good test images: one task may dip
     assert results["forgetting"] == {"image_auroc": 0.0, "pixel_auroc": 0.0, "pixel_ap": 0.0, "aupro": 0.0}
+
+
+def test_oracle_scores_every_frame_under_the_named_task(sequence_run: dict, synth_root: Path) -> None:
+    """``as_task`` (oracle eval) names the detector; the router's distances are still reported as routed."""
+    runtime = model_runtime(sequence_run["model_dir"])
+    images = load_split(synth_root, "screw", "test", TINY_CONFIG.image_size).images  # a product never learned
+    routed, named = runtime.infer(images), runtime.infer(images, as_task="cap")
+    assert [r.task for r in named] == ["cap"] * len(images)
+    assert all(r.image_score is not None and r.anomaly_map is not None and r.explained_by is None for r in named)
+    assert [r.distances for r in named] == [r.distances for r in routed]
+    for r, n in zip(routed, named):
+        if r.task == "cap":
+            assert n.image_score == pytest.approx(r.image_score, rel=1e-5)
+    with pytest.raises(ManifestError, match="'screw' is not known"):
+        runtime.infer(images, as_task="screw")
+    oracle = evaluate(synth_root, sequence_run["model_dir"], oracle=True)
+    routed_eval = evaluate(synth_root, sequence_run["model_dir"])
+    assert oracle["mode"]["routing"] == "oracle"
+    for task in SEQUENCE:  # the router's view is the same; only which detector scores differs
+        assert oracle["tasks"][task]["routing_accuracy"] == routed_eval["tasks"][task]["routing_accuracy"]
+        assert oracle["tasks"][task]["unknown_rate"] == routed_eval["tasks"][task]["unknown_rate"]
 
 
 def test_training_is_deterministic_for_a_seed(sequence_run: dict, synth_root: Path, tmp_path: Path) -> None:
@@ -226,6 +248,25 @@ def test_an_unknown_frame_is_explained_across_kinds_by_routing_distance() -> Non
     assert table.explaining_task(("flow_a", "memory_b", "flow_c"), [far, near, near], frame) == "flow_c"
     with pytest.raises(ValueError, match="2 detector kinds for 3 tasks"):
         RouterTable(table.tasks, [Prototype(np.zeros(2, np.float32), np.eye(2, dtype=np.float32), 1.0)] * 3, ["a", "b"])
+
+
+def test_the_router_of_the_first_tasks_routes_as_it_did_right_after_them() -> None:
+    """``RouterTable.first`` (eval's forgetting: the model right after task t) decides as the full router
+    restricted to those tasks, and leaves the full router as it was."""
+    table = RouterTable(
+        ["a", "b", "c"],
+        [Prototype(np.array([x, 0.0], np.float32), np.eye(2, dtype=np.float32), 1.0) for x in (0.0, 2.0, 4.0)],
+        ["flow", "memory", "flow"],
+    )
+    distances = table.distances(np.array([[0.2, 0.0], [3.9, 0.0], [2.9, 0.0], [9.0, 0.0]], np.float32))
+    first = table.first(2)
+    assert first.tasks == ["a", "b"] and first.kinds == {"a": "flow", "b": "memory"}
+    np.testing.assert_array_equal(first.distances(np.array([[3.9, 0.0]], np.float32)), distances[1:2, :2])
+    assert first.route(distances[:, :2]) == table.route(distances, known=2) == ["a", UNKNOWN, "b", UNKNOWN]
+    assert table.route(distances) == ["a", "c", "b", UNKNOWN]  # the second frame was c's, learned later
+    assert first.candidates(distances[:, :2]) == table.candidates(distances, known=2)
+    first.limits[:] = np.inf
+    assert table.limits.tolist() == [1.0, 1.0, 1.0]
 
 
 def test_patch_level_is_the_median_and_robust_spread() -> None:
