@@ -282,6 +282,8 @@ class Runtime:
         ``as_task`` (oracle eval): every frame is scored by that task's detector and decided by its
         threshold whatever the router says; ``distances`` still say what the router sees.
         """
+        if as_task is not None:
+            self.spec.task(as_task)  # a ManifestError naming the tasks there are
         items = frame_list(frames)
         results = [FrameResult(index=i) for i in range(len(items))]
         rows: list[int] = []
@@ -315,7 +317,7 @@ class Runtime:
 
         started = time.perf_counter()
         distances = self._distances(features)
-        routed = self.router.route(distances) if as_task is None else [self.spec.task(as_task).name] * len(results)
+        routed = self.router.route(distances) if as_task is None else [as_task] * len(results)
         routing_ms = _ms(started)
 
         groups: dict[str, list[int]] = {}
