@@ -297,7 +297,7 @@ def runtime_section(work: Path) -> dict[str, object]:
     cpu = table.distances(features)
     checks["routing_on_device"] = {
         "max_rel_distance_diff": float(np.max(np.abs(gpu - cpu) / np.abs(cpu))),
-        "same_routes": table.route(gpu) == table.route(cpu),
+        "same_routes": table.assign(gpu) == table.assign(cpu),
     }
     try:
         cm.set_device(cm.device_count() + 7)

@@ -69,7 +69,7 @@ def _metrics(results: list[FrameResult], split: Split) -> tuple[float, float, fl
 
 def _decisions(router: RouterTable, distances: np.ndarray) -> tuple[list[str], list[tuple[str, ...]]]:
     """What a frame's scores depend on: its routed task, and its candidates where it is unknown."""
-    tasks = router.route(distances)
+    tasks = router.assign(distances)
     return tasks, [c if t == UNKNOWN else () for t, c in zip(tasks, router.candidates(distances))]
 
 
@@ -108,7 +108,7 @@ def evaluate(
         results[task] = TaskMetrics(
             *final,
             float(np.mean([t == task for t in runtime.router.nearest(distances)])),
-            float(np.mean([t == UNKNOWN for t in runtime.router.route(distances)])),
+            float(np.mean([t == UNKNOWN for t in runtime.router.assign(distances)])),
         )
         position = order.index(task)
         if position < len(order) - 1 and not oracle:  # an earlier task: the model right after it was learned

@@ -204,7 +204,7 @@ class RouterTable:
 
     def candidates(self, distances: np.ndarray, known: int | None = None) -> list[tuple[str, ...]]:
         """The ``EXPLAIN_CANDIDATES`` nearest of the first ``known`` tasks per frame, nearest first:
-        whose detectors may explain a frame that ``route`` finds beyond every limit."""
+        whose detectors may explain a frame that ``assign`` finds beyond every limit."""
         order = np.argsort(distances[:, :known], axis=1, kind="stable")[:, :EXPLAIN_CANDIDATES]
         return [tuple(self.tasks[i] for i in row) for row in order]
 
@@ -234,7 +234,7 @@ class RouterTable:
         }
         return candidates[min(reach, key=lambda i: reach[i])]
 
-    def route(self, distances: np.ndarray, known: int | None = None) -> list[str]:
+    def assign(self, distances: np.ndarray, known: int | None = None) -> list[str]:
         """Nearest of the first ``known`` tasks per frame, or UNKNOWN where even the nearest is
         beyond its limit: the one routing rule of the runtime, eval and the bench."""
         nearest = np.argmin(distances[:, :known], axis=1)

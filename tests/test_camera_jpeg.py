@@ -50,7 +50,7 @@ def test_variants_widen_only_the_direction_they_move_along() -> None:
         proto = fit_prototype(feats, "ledoit_wolf", 1e-5, QUANTILE, MARGIN, variants=variant_input)
         assert proto.images == n  # images, not rows
         table = RouterTable(["a"], [proto])
-        assert table.route(table.distances(probes)) == expected
+        assert table.assign(table.distances(probes)) == expected
 
 
 def test_no_variants_and_zero_variants_fit_the_same_prototype() -> None:
@@ -74,14 +74,14 @@ def test_jpeg_good_frames_of_a_learned_product_are_routed_to_it(learned: tuple[M
     model, table = learned
     split = load_split(synth_root, LEARNED, "test", TINY_CONFIG.image_size)
     good = jpeg_round_trips(split.images[split.labels == 0], (quality,))[0]
-    assert table.route(table.distances(extract_features(model, good).routing)) == [LEARNED] * len(good)
+    assert table.assign(table.distances(extract_features(model, good).routing)) == [LEARNED] * len(good)
 
 
 def test_jpeg_frames_of_an_unlearned_product_stay_unknown(learned: tuple[MoleFlow, RouterTable], synth_root: Path) -> None:
     model, table = learned
     images = load_split(synth_root, UNLEARNED, "test", TINY_CONFIG.image_size).images
     for frames in (images, jpeg_round_trips(images, (75,))[0]):
-        assert table.route(table.distances(extract_features(model, frames).routing)) == [UNKNOWN] * len(images)
+        assert table.assign(table.distances(extract_features(model, frames).routing)) == [UNKNOWN] * len(images)
 
 
 @pytest.mark.parametrize("learn", [True, False])

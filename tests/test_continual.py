@@ -262,8 +262,8 @@ def test_the_router_of_the_first_tasks_routes_as_it_did_right_after_them() -> No
     first = table.first(2)
     assert first.tasks == ["a", "b"] and first.kinds == {"a": "flow", "b": "memory"}
     np.testing.assert_array_equal(first.distances(np.array([[3.9, 0.0]], np.float32)), distances[1:2, :2])
-    assert first.route(distances[:, :2]) == table.route(distances, known=2) == ["a", UNKNOWN, "b", UNKNOWN]
-    assert table.route(distances) == ["a", "c", "b", UNKNOWN]  # the second frame was c's, learned later
+    assert first.assign(distances[:, :2]) == table.assign(distances, known=2) == ["a", UNKNOWN, "b", UNKNOWN]
+    assert table.assign(distances) == ["a", "c", "b", UNKNOWN]  # the second frame was c's, learned later
     assert first.candidates(distances[:, :2]) == table.candidates(distances, known=2)
     first.limits[:] = np.inf
     assert table.limits.tolist() == [1.0, 1.0, 1.0]

@@ -317,7 +317,7 @@ class Runtime:
 
         started = time.perf_counter()
         distances = self._distances(features)
-        routed = self.router.route(distances) if as_task is None else [as_task] * len(results)
+        routed = self.router.assign(distances) if as_task is None else [as_task] * len(results)
         routing_ms = _ms(started)
 
         groups: dict[str, list[int]] = {}
