@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -174,6 +174,7 @@ class RouterTable:
         if kinds is not None and len(kinds) != len(tasks):
             raise ValueError(f"{len(kinds)} detector kinds for {len(tasks)} tasks")
         self.tasks = list(tasks)
+        self.prototypes = list(prototypes)
         self.kinds = dict(zip(self.tasks, kinds or [""] * len(self.tasks)))
         self.whiteners = np.stack([p.whitener for p in prototypes]).astype(np.float32)  # (T,C,C)
         self.stacked = self.whiteners.reshape(-1, self.whiteners.shape[-1]).T.copy()  # (C, T*C)
@@ -182,15 +183,9 @@ class RouterTable:
         self.patch_levels = {t: p.patch_level for t, p in zip(self.tasks, prototypes)}
 
     def first(self, known: int) -> RouterTable:
-        """The router over the first ``known`` tasks alone, limits and patch levels included."""
-        table = RouterTable.__new__(RouterTable)
-        table.tasks = self.tasks[:known]
-        table.kinds = {t: self.kinds[t] for t in table.tasks}
-        table.whiteners = self.whiteners[:known]
-        table.stacked = table.whiteners.reshape(-1, table.whiteners.shape[-1]).T.copy()
-        table.shift, table.limits = self.shift[:known], self.limits[:known].copy()
-        table.patch_levels = {t: self.patch_levels[t] for t in table.tasks}
-        return table
+        """The router over the first ``known`` tasks alone, with their limits as they are now."""
+        kept = [replace(p, limit=float(limit)) for p, limit in zip(self.prototypes[:known], self.limits[:known])]
+        return RouterTable(self.tasks[:known], kept, [self.kinds[t] for t in self.tasks[:known]])
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distances (B,T) of pooled features (B,C): ||W_t f - W_t mu_t||^2."""
