@@ -2,7 +2,7 @@
 
 Learns every product of an MVTec-layout root in sequence as ONE continual model per detector kind
 (the default flow always; ``--detector memory`` adds a model of memory tasks), evaluates each
-routed (as deployed, through the same scoring path as eval and export), exports each fp32 and
+routed (as deployed: eval runs the runtime itself over the trained model), exports each fp32 and
 times every task's graph (onnxruntime CPU, batch 1, one thread) and weighs its task file; and in
 the same run scores the same products with two references that see identical backbone features
 on the identical patch grid:
@@ -43,7 +43,9 @@ from moleflow_edge.features import extract_features
 from moleflow_edge.metrics import auroc
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.router import UNKNOWN, ledoit_wolf, mahalanobis_whitener
-from moleflow_edge.scoring import RoutedScores, TaskDetectors, router_table, score_routed
+from moleflow_edge.runtime.result import FrameResult
+from moleflow_edge.runtime.runtime import Runtime
+from moleflow_edge.torch_backend import runtime_of
 from moleflow_edge.train import train_task
 
 SMOKE_IMAGES = 10  # fewer training images than this: a smoke test, out of the means
@@ -106,31 +108,37 @@ def exposure(scores: dict[float, np.ndarray]) -> dict[str, float]:
     return {f"x{g}": score_shift(scores[1.0], scores[g]) for g in GAINS}
 
 
-def camera_jpeg(png: RoutedScores, jpeg: dict[int, RoutedScores]) -> dict[str, float]:
+def image_scores(results: list[FrameResult]) -> np.ndarray:
+    """(N,) image scores of the runtime's results; a frame stopped as no known product scores +inf."""
+    return np.array([np.inf if r.image_score is None else r.image_score for r in results], dtype=np.float32)
+
+
+def camera_jpeg(png: list[FrameResult], jpeg: dict[int, list[FrameResult]]) -> dict[str, float]:
     """Per JPEG quality: good images the router stops as unknown, and their score shift against PNG
     (a stopped frame scores +inf, so it counts as shifted)."""
-    out: dict[str, float] = {"good": len(png.image)}
+    out: dict[str, float] = {"good": len(png)}
     for q, scored in jpeg.items():
-        out[f"q{q}_unknown"] = sum(t == UNKNOWN for t in scored.routing.tasks)
-        out[f"q{q}"] = score_shift(png.image, scored.image)
+        out[f"q{q}_unknown"] = sum(r.task == UNKNOWN for r in scored)
+        out[f"q{q}"] = score_shift(image_scores(png), image_scores(scored))
     return out
 
 
 class Deployed:
-    """One continual model of one detector kind: its scorers and router, as eval and the runtime use them."""
+    """One continual model of one detector kind, and the runtime over it, as eval uses it."""
 
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = model_dir
-        self.model, prototypes = ModelStore(model_dir).load()
-        self.table = router_table(self.model, prototypes)
-        self.detectors = TaskDetectors(self.model)
+        store = ModelStore(model_dir)
+        self.model, prototypes = store.load()
+        self.runtime: Runtime = runtime_of(store, self.model, prototypes)
 
 
 def product_results(deployed: dict[str, Deployed], root: Path, product: str) -> dict[str, dict[str, float]]:
     """Exposure and camera JPEG of each deployed kind, and both references' metrics and exposure, on one product.
 
-    The backbone runs once per image set (train, test, and the good test images at each gain and JPEG quality);
-    every model shares the backbone, so every detector and both references score the same features.
+    The backbone runs once per image set for the references (train, test, and the good test images at each
+    gain) and once per deployed kind in its runtime; every model shares the backbone, so every detector and
+    both references score the same features.
     """
     model = next(iter(deployed.values())).model
     cfg = model.config
@@ -139,12 +147,12 @@ def product_results(deployed: dict[str, Deployed], root: Path, product: str) -> 
     test_concat = extract_features(model, test.images).concat
     good = test.images[~test.labels.astype(bool)]
     at_gain = {g: extract_features(model, with_gain(good, g)) for g in (1.0, *GAINS)}
-    at_jpeg = {q: extract_features(model, jpeg) for q, jpeg in zip(JPEG_QUALITIES, jpeg_round_trips(good, JPEG_QUALITIES))}
+    at_jpeg = dict(zip(JPEG_QUALITIES, jpeg_round_trips(good, JPEG_QUALITIES)))
     results = {}
     for kind, d in deployed.items():
-        gains = {g: score_routed(d.detectors, d.table, f) for g, f in at_gain.items()}
-        jpeg = {q: score_routed(d.detectors, d.table, f) for q, f in at_jpeg.items()}
-        results[kind] = {**exposure({g: s.image for g, s in gains.items()}), **camera_jpeg(gains[1.0], jpeg)}
+        gains = {g: d.runtime.infer(with_gain(good, g), with_maps=False) for g in at_gain}
+        jpeg = {q: d.runtime.infer(images, with_maps=False) for q, images in at_jpeg.items()}
+        results[kind] = {**exposure({g: image_scores(s) for g, s in gains.items()}), **camera_jpeg(gains[1.0], jpeg)}
     for name, ref in zip(REFERENCES, (KnnReference(train), GaussianReference(train))):
         patch = ref.patch_scores(test_concat)
         metrics = split_metrics(test, anomaly_maps(patch, cfg), max_patch(patch))

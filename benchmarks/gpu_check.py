@@ -69,9 +69,7 @@ def training_section(work: Path) -> dict[str, object]:
     from moleflow_edge.data.synth import generate
     from moleflow_edge.evaluate import evaluate
     from moleflow_edge.export.exporter import export_model
-    from moleflow_edge.features import extract_features
-    from moleflow_edge.model_store import ModelStore
-    from moleflow_edge.scoring import TaskDetectors, router_table, score_routed
+    from moleflow_edge.torch_backend import model_runtime
     from moleflow_edge.train import train_task
 
     config = MoleFlowConfig(**TRAIN_CONFIG_FIELDS).with_settings("flow", **TRAIN_FLOW_FIELDS)
@@ -86,14 +84,12 @@ def training_section(work: Path) -> dict[str, object]:
             report = train_task(data, task, model_dir, config, progress=False, device=device, amp=amp)
             seconds += report.feature_seconds + report.train_seconds
         metrics = evaluate(data, model_dir, device="cpu")["tasks"]
-        model, prototypes = ModelStore(model_dir).load()
-        table = router_table(model, prototypes)
-        detectors, routes, scores = TaskDetectors(model), [], []
+        runtime, routes, scores = model_runtime(model_dir), [], []
         for task in TASKS:
             images = load_split(data, task, "test", config.image_size).images
-            routed = score_routed(detectors, table, extract_features(model, images))
-            routes += routed.tasks
-            scores.append(routed.image)
+            routed = runtime.infer(images, with_maps=False)
+            routes += [r.task for r in routed]
+            scores.append(np.array([np.inf if r.image_score is None else r.image_score for r in routed]))
         tensors = {}
         for path in sorted(model_dir.rglob("*.safetensors")):
             with safe_open(str(path), "pt") as f:
@@ -304,7 +300,7 @@ def runtime_section(work: Path) -> dict[str, object]:
     cpu = table.distances(features)
     checks["routing_on_device"] = {
         "max_rel_distance_diff": float(np.max(np.abs(gpu - cpu) / np.abs(cpu))),
-        "same_routes": table.route(gpu) == table.route(cpu),
+        "same_routes": table.assign(gpu) == table.assign(cpu),
     }
     try:
         cm.set_device(cm.device_count() + 7)

@@ -61,7 +61,7 @@ def prototype(train: np.ndarray, config: MoleFlowConfig, fit: str) -> Prototype:
 
 
 def stopped(table: RouterTable, routing: np.ndarray) -> int:
-    return sum(t == UNKNOWN for t in table.route(table.distances(routing)))
+    return sum(t == UNKNOWN for t in table.assign(table.distances(routing)))
 
 
 def closest(table: RouterTable, routing: np.ndarray) -> float:

@@ -6,7 +6,7 @@ Builds (or reuses, under --work) a default-size model: 224 px input, EfficientNe
 D = 152 (the backbone's channels), M = 6 MoLE blocks, N = 2 DIA blocks, r = 64, trained for a
 few optimiser steps (--steps, at most; 4 = the old 2 epochs of 30 images at batch 16) on three
 synthetic products (timing needs no accuracy), exports it, then runs the same frames through
-  - PyTorch eager: resize -> model.backbone_maps + embed -> numpy router -> flow per task -> anomaly map
+  - the runtime over PyTorch eager (moleflow_edge/torch_backend.py: the trained model's modules)
   - the runtime on onnxruntime's CPU provider (and on OpenVINO when it is installed).
 Prints per-stage milliseconds, images/s and the runtime/PyTorch ratios; checks that both give
 the same task and the same scores. No asserts: this measures, tests check.
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from moleflow_edge.bench.measure import load_test_frames, measure_interleaved, score_all
-from moleflow_edge.bench.pipelines import TorchPipeline, runtime_pipeline
+from moleflow_edge.bench.pipelines import runtime_pipeline
 from moleflow_edge.runtime.result import STAGES
 
 TASKS = ["weave", "tiles", "screw"]
@@ -105,6 +105,7 @@ def main() -> None:
     import torch
 
     from moleflow_edge.runtime import Backend, Runtime, available_backends
+    from moleflow_edge.torch_backend import model_runtime
 
     data, model_dir, export_dir = prepare(args.work, args.steps)
     batches = [int(b) for b in args.batches.split(",")]
@@ -113,7 +114,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    engines = {"pytorch eager": TorchPipeline(model_dir)}
+    engines = {"pytorch eager": runtime_pipeline(model_runtime(model_dir))}
     runtimes = {"runtime onnxruntime-cpu": Runtime.load(export_dir, Backend.ONNXRUNTIME, threads=args.threads)}
     if Backend.OPENVINO in available_backends():
         runtimes["runtime openvino-cpu"] = Runtime.load(export_dir, Backend.OPENVINO, threads=args.threads)

@@ -1,11 +1,12 @@
 """Evaluation as deployed: the router picks each test image's adapters, nobody names the product.
 
-Scores come from moleflow_edge.scoring, the runtime's rule: the unknown-product limits apply
-(a rejected image counts as stopped by the line) and every task scores through its detector's
-scorer (a merged flow or a memory bank).
+Scores come from the runtime itself (runtime.Runtime over the torch backend, torch_backend.py): the
+unknown-product limits apply (a rejected image counts as stopped by the line), every task scores
+through its detector's scorer (a merged flow or a memory bank), and a rejected image's map is its
+best candidate's, exactly as the deployed graphs are run.
 Forgetting needs no stored history: the model is strictly additive, so "right after learning
-task t" is the same model with a router restricted to tasks 0..t. Comparing that with the
-router over every task measures forgetting exactly, routing confusion included.
+task t" is the same model with a router restricted to tasks 0..t (RuntimeSpec.first). Comparing
+that with the router over every task measures forgetting exactly, routing confusion included.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.mvtec import Split, load_split
 from moleflow_edge.device import names_batch_on_oom, resolve_device
 from moleflow_edge.errors import InputError
-from moleflow_edge.features import FEATURE_BATCH, extract_features
+from moleflow_edge.features import FEATURE_BATCH
 from moleflow_edge.metrics import aupro, auroc, average_precision
 from moleflow_edge.model_store import ModelStore
-from moleflow_edge.router import UNKNOWN
-from moleflow_edge.scoring import RoutedScores, TaskDetectors, route, router_table, score_routed
+from moleflow_edge.router import UNKNOWN, RouterTable
+from moleflow_edge.runtime.result import FrameResult
+from moleflow_edge.runtime.runtime import Runtime
+from moleflow_edge.torch_backend import runtime_of
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 
@@ -55,12 +58,24 @@ def anomaly_maps(patch: np.ndarray, config: MoleFlowConfig) -> np.ndarray:
     return np.stack([anomaly_map(p, config.image_size, config.map_sigma) for p in patch])
 
 
-def _metrics(scores: RoutedScores, split: Split, config: MoleFlowConfig) -> tuple[float, float, float, float]:
-    return split_metrics(split, anomaly_maps(scores.patch, config), scores.image)
+def _metrics(results: list[FrameResult], split: Split) -> tuple[float, float, float, float]:
+    """The split's metrics from the runtime's results: a frame stopped as no known product scores +inf
+    (the line stops it) and shows the map of the candidate that explains it best."""
+    failed = [r.error for r in results if r.error is not None or r.anomaly_map is None]
+    if failed:
+        raise RuntimeError(f"the runtime could not score every test image: {failed[0]}")
+    image = np.array([np.inf if r.image_score is None else r.image_score for r in results], dtype=np.float32)
+    return split_metrics(split, np.stack([r.anomaly_map for r in results]), image)  # type: ignore[misc]
+
+
+def _decisions(router: RouterTable, distances: np.ndarray) -> tuple[list[str], list[tuple[str, ...]]]:
+    """What a frame's scores depend on: its routed task, and its candidates where it is unknown."""
+    tasks = router.assign(distances)
+    return tasks, [c if t == UNKNOWN else () for t, c in zip(tasks, router.candidates(distances))]
 
 
 @names_batch_on_oom(
-    f"evaluating (the backbone runs {FEATURE_BATCH} images at a time, a task's flow its whole test split at once)",
+    f"evaluating (the backbone runs {FEATURE_BATCH} images at a time, a task's detector its routed test images at once)",
     lambda _: "the number of test images per task",
 )
 def evaluate(
@@ -70,43 +85,39 @@ def evaluate(
     oracle: bool = False,
     device: str | torch.device = "cpu",
 ) -> dict[str, dict]:
-    """Per-task and mean metrics plus the forgetting measure, in the eval --json shape; float32 on ``device``."""
-    device = resolve_device(device)
+    """Per-task and mean metrics plus the forgetting measure, in the eval --json shape; float32 on ``device``.
+
+    Every figure comes from ``Runtime.infer`` over the trained model (``as_task`` under ``oracle``:
+    every image under its own product's detector, whatever the router says)."""
     store = ModelStore(model_dir)
     model, prototypes = store.load()
-    model.to(device)
-    order = model.tasks
+    runtime = runtime_of(store, model.to(resolve_device(device)), prototypes)
+    spec, backend = runtime.spec, runtime.graphs
+    order = runtime.tasks
     wanted = order if tasks is None else tasks
     unknown = [t for t in wanted if t not in order]
     if unknown:
         raise InputError(f"tasks {unknown} are not trained in {model_dir} (trained: {order})")
-    table = router_table(model, prototypes)
-    detectors = TaskDetectors(model)
 
     results: dict[str, TaskMetrics] = {}
     forgetting: dict[str, list[float]] = {m: [] for m in METRICS}
     for task in wanted:
-        split = load_split(data_root, task, "test", model.config.image_size)
-        features = extract_features(model, split.images)
-        if oracle:  # every image under its own product's detector, whatever the router says
-            named = [task] * len(split.images)
-            routing = route(table, features.routing)
-            scores = RoutedScores(routing, named, *detectors.score(model.embed(features.concat), named))
-        else:
-            scores = score_routed(detectors, table, features)
-            routing = scores.routing
-        final = _metrics(scores, split, model.config)
+        split = load_split(data_root, task, "test", spec.image_size)
+        scored = runtime.infer(split.images, as_task=task if oracle else None)
+        distances = np.array([[r.distances[t] for t in order] for r in scored], dtype=np.float32)
+        final = _metrics(scored, split)
         results[task] = TaskMetrics(
             *final,
-            float(np.mean([t == task for t in routing.nearest])),
-            float(np.mean([t == UNKNOWN for t in routing.tasks])),
+            float(np.mean([t == task for t in runtime.router.nearest(distances)])),
+            float(np.mean([t == UNKNOWN for t in runtime.router.assign(distances)])),
         )
         position = order.index(task)
         if position < len(order) - 1 and not oracle:  # an earlier task: the model right after it was learned
-            then_metrics = (  # the same routing scores bit-identically: the detectors need not run again
+            then = Runtime.over(spec.first(position + 1), backend)
+            then_metrics = (  # the same decisions score bit-identically: the detectors need not run again
                 final
-                if route(table, features.routing, position + 1) == routing
-                else _metrics(score_routed(detectors, table, features, position + 1), split, model.config)
+                if _decisions(then.router, distances[:, : position + 1]) == _decisions(runtime.router, distances)
+                else _metrics(then.infer(split.images), split)
             )
             for name, before, after in zip(METRICS, then_metrics, final):
                 forgetting[name].append(before - after)

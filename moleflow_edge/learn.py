@@ -49,6 +49,7 @@ from moleflow_edge.signing import load_private_key, load_public_keys
 from moleflow_edge.targets import check_export_args
 from moleflow_edge.train import TrainReport, train_task
 
+
 @dataclass
 class LearnReport:
     """What `learn` took, trained, exported and calibrated, and the seconds per stage."""

@@ -26,13 +26,15 @@ from safetensors.torch import load_file, save_file
 from moleflow_edge.atomic import sweep_stale_temps, write_atomic, write_text_atomic
 from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import DetectorKind, MoleFlowConfig
+from moleflow_edge.contract import TaskEntry
 from moleflow_edge.detectors.registry import build_model, kind_of
 from moleflow_edge.errors import UserError
 from moleflow_edge.migrations import FormatVersionError
 from moleflow_edge.migrations.model_dir import CONFIG_SAVED_BEFORE_FIELD, upgrade_task_list
 from moleflow_edge.migrations.model_dir import SERVES as TASK_LIST_VERSION
 from moleflow_edge.model.continual_model import ContinualModel
-from moleflow_edge.router import Prototype
+from moleflow_edge.router import Prototype, RouterTable
+from moleflow_edge.runtime.spec import RuntimeSpec
 
 CONFIG_FILE = "config.json"
 SHARED_FILE = "shared.safetensors"
@@ -132,6 +134,15 @@ class ModelStore:
         kinds = {**kinds, task: model.kind(task)}
         listed = {"format_version": TASK_LIST_VERSION, "tasks": [*tasks, task], "detectors": kinds}
         write_text_atomic(self.root / TASK_LIST_FILE, json.dumps(listed, indent=2) + "\n")
+
+    def spec(self, prototypes: dict[str, Prototype]) -> RuntimeSpec:
+        """What the Runtime needs of this directory, given the ``prototypes`` ``load`` returned (in its
+        tasks): in learning order, each task's kind, no thresholds (calibrate sets them on an export), the router."""
+        config, kinds = self.config(), self.kinds()
+        tasks = [t for t in self.tasks() if t in prototypes]
+        router = RouterTable(tasks, [prototypes[t] for t in tasks], [kinds[t] for t in tasks])
+        entries = tuple(TaskEntry(t, detector=kinds[t], distance_limit=prototypes[t].limit) for t in tasks)
+        return RuntimeSpec(entries, config.image_size, config.map_sigma, router)
 
     @staticmethod
     def _read(path: Path) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -176,12 +176,18 @@ class RouterTable:
         if kinds is not None and len(kinds) != len(tasks):
             raise ValueError(f"{len(kinds)} detector kinds for {len(tasks)} tasks")
         self.tasks = list(tasks)
+        self.prototypes = list(prototypes)
         self.kinds = dict(zip(self.tasks, kinds or [""] * len(self.tasks)))
         self.whiteners = np.stack([p.whitener for p in prototypes]).astype(np.float32)  # (T,C,C)
         self.stacked = self.whiteners.reshape(-1, self.whiteners.shape[-1]).T.copy()  # (C, T*C)
         self.shift = np.stack([p.whitener @ p.mean for p in prototypes]).astype(np.float32)  # (T,C) = W_t mu_t
         self.limits = np.array([p.limit for p in prototypes], dtype=np.float32)
         self.patch_levels = {t: p.patch_level for t, p in zip(self.tasks, prototypes)}
+
+    def first(self, known: int) -> RouterTable:
+        """The router over the first ``known`` tasks alone, with their limits as they are now."""
+        kept = [replace(p, limit=float(limit)) for p, limit in zip(self.prototypes[:known], self.limits[:known])]
+        return RouterTable(self.tasks[:known], kept, [self.kinds[t] for t in self.tasks[:known]])
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distances (B,T) of pooled features (B,C): ||W_t f - W_t mu_t||^2."""
@@ -195,7 +201,7 @@ class RouterTable:
 
     def candidates(self, distances: np.ndarray, known: int | None = None) -> list[tuple[str, ...]]:
         """The ``EXPLAIN_CANDIDATES`` nearest of the first ``known`` tasks per frame, nearest first:
-        whose detectors may explain a frame that ``route`` finds beyond every limit."""
+        whose detectors may explain a frame that ``assign`` finds beyond every limit."""
         order = np.argsort(distances[:, :known], axis=1, kind="stable")[:, :EXPLAIN_CANDIDATES]
         return [tuple(self.tasks[i] for i in row) for row in order]
 
@@ -225,7 +231,7 @@ class RouterTable:
         }
         return candidates[min(reach, key=lambda i: reach[i])]
 
-    def route(self, distances: np.ndarray, known: int | None = None) -> list[str]:
+    def assign(self, distances: np.ndarray, known: int | None = None) -> list[str]:
         """Nearest of the first ``known`` tasks per frame, or UNKNOWN where even the nearest is
         beyond its limit: the one routing rule of the runtime, eval and the bench."""
         nearest = np.argmin(distances[:, :known], axis=1)

@@ -27,6 +27,7 @@ class Backend(str, Enum):
     ONNXRUNTIME = "onnxruntime"
     OPENVINO = "openvino"
     TENSORRT = "tensorrt"
+    TORCH = "torch"  # the trained model itself (moleflow_edge/torch_backend.py): eval and the eager bench, no export
 
 
 class ExportFormat(str, Enum):

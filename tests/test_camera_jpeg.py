@@ -16,7 +16,7 @@ from moleflow_edge.metrics import auroc
 from moleflow_edge.model.continual_model import ContinualModel
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.router import UNKNOWN, RouterTable, fit_prototype
-from moleflow_edge.scoring import TaskDetectors, score_routed
+from moleflow_edge.torch_backend import model_runtime
 from moleflow_edge.train import prepare_model, train_task, training_features
 from tests.conftest import TINY_CONFIG
 
@@ -50,7 +50,7 @@ def test_variants_widen_only_the_direction_they_move_along() -> None:
         proto = fit_prototype(feats, "ledoit_wolf", 1e-5, QUANTILE, MARGIN, variants=variant_input)
         assert proto.images == n  # images, not rows
         table = RouterTable(["a"], [proto])
-        assert table.route(table.distances(probes)) == expected
+        assert table.assign(table.distances(probes)) == expected
 
 
 def test_no_variants_and_zero_variants_fit_the_same_prototype() -> None:
@@ -74,14 +74,14 @@ def test_jpeg_good_frames_of_a_learned_product_are_routed_to_it(learned: tuple[C
     model, table = learned
     split = load_split(synth_root, LEARNED, "test", TINY_CONFIG.image_size)
     good = jpeg_round_trips(split.images[split.labels == 0], (quality,))[0]
-    assert table.route(table.distances(extract_features(model, good).routing)) == [LEARNED] * len(good)
+    assert table.assign(table.distances(extract_features(model, good).routing)) == [LEARNED] * len(good)
 
 
 def test_jpeg_frames_of_an_unlearned_product_stay_unknown(learned: tuple[ContinualModel, RouterTable], synth_root: Path) -> None:
     model, table = learned
     images = load_split(synth_root, UNLEARNED, "test", TINY_CONFIG.image_size).images
     for frames in (images, jpeg_round_trips(images, (75,))[0]):
-        assert table.route(table.distances(extract_features(model, frames).routing)) == [UNKNOWN] * len(images)
+        assert table.assign(table.distances(extract_features(model, frames).routing)) == [UNKNOWN] * len(images)
 
 
 @pytest.mark.parametrize("learn", [True, False])
@@ -108,9 +108,11 @@ def test_a_memory_bank_with_jpeg_round_trips_shifts_jpeg_good_frames_less(synth_
         model_dir = tmp_path / f"jpeg-{learn}"
         config = TINY_CONFIG.with_overrides(augment_jpeg=learn)
         train_task(synth_root, LEARNED, model_dir, config, steps=2, progress=False, detector=DetectorKind.MEMORY)
-        model, prototypes = ModelStore(model_dir).load()
-        table, detectors = RouterTable(model.tasks, [prototypes[LEARNED]]), TaskDetectors(model)
+        runtime = model_runtime(model_dir)
         frames = (good, jpeg_round_trips(good, (75,))[0])
-        png, jpeg = (score_routed(detectors, table, extract_features(model, f)).image for f in frames)
+        png, jpeg = (
+            np.array([np.inf if r.image_score is None else r.image_score for r in runtime.infer(f, with_maps=False)])
+            for f in frames
+        )  # a frame the router stops scores +inf: shifted as far as it goes
         shifts[learn] = auroc(np.r_[np.zeros(len(png)), np.ones(len(jpeg))], np.r_[png, jpeg])
     assert shifts[True] < shifts[False]

@@ -10,14 +10,14 @@ import torch
 
 from moleflow_edge.anomaly_map import anomaly_map
 from moleflow_edge.config import DetectorKind, MoleFlowConfig
+from moleflow_edge.contract import ManifestError
 from moleflow_edge.data.mvtec import DatasetError, load_split
 from moleflow_edge.data.synth import generate
 from moleflow_edge.detectors.registry import score_images
 from moleflow_edge.evaluate import evaluate
-from moleflow_edge.features import extract_features
 from moleflow_edge.model_store import SHARED_FILE, ModelDirError, ModelStore
-from moleflow_edge.router import Prototype, RouterTable, patch_level
-from moleflow_edge.scoring import TaskDetectors, score_routed
+from moleflow_edge.router import UNKNOWN, Prototype, RouterTable, patch_level
+from moleflow_edge.torch_backend import model_runtime
 from moleflow_edge.train import train_task
 
 SEQUENCE = ["weave", "tiles", "cap"]
@@ -82,21 +82,43 @@ def test_task0_scores_and_maps_bit_identical_after_later_tasks(sequence_run: dic
 def test_routed_accuracy_on_three_synthetic_tasks(sequence_run: dict, synth_root: Path) -> None:
     results = evaluate(synth_root, sequence_run["model_dir"])
     assert results["mode"]["routing"] == "routed"
-    model, prototypes = ModelStore(sequence_run["model_dir"]).load()
-    table, detectors = RouterTable(model.tasks, [prototypes[t] for t in model.tasks]), TaskDetectors(model)
+    runtime = model_runtime(sequence_run["model_dir"])  # what eval scored through
     for task in SEQUENCE:
         metrics = results["tasks"][task]
         assert metrics["routing_accuracy"] == 1.0, task
         assert metrics["unknown_rate"] <= 0.1, task
-        split = load_split(synth_root, task, "test", model.config.image_size)
-        routed = score_routed(detectors, table, extract_features(model, split.images))
-        assert not routed.rejected[split.labels == 0].any(), task  # only defective parts look like no product
-        assert np.isinf(routed.image[routed.rejected]).all()  # and the line stops them
+        split = load_split(synth_root, task, "test", TINY_CONFIG.image_size)
+        routed = runtime.infer(split.images)
+        rejected = np.array([r.task == UNKNOWN for r in routed])
+        assert metrics["unknown_rate"] == pytest.approx(rejected.mean())
+        assert not rejected[split.labels == 0].any(), task  # only defective parts look like no product
+        assert all(r.image_score is None for r in routed if r.task == UNKNOWN)  # and the line stops them
         # yet their maps come from their own product's flow, the one that explains them best
-        assert [s for s, r in zip(routed.shown, routed.rejected) if r] == [task] * int(routed.rejected.sum())
+        assert [r.explained_by for r in routed if r.task == UNKNOWN] == [task] * int(rejected.sum())
         assert metrics["image_auroc"] >= 0.8, (task, metrics)
     assert results["mean"]["image_auroc"] >= 0.9, results["mean"]  # 8 good test images: one task may dip
     assert results["forgetting"] == {"image_auroc": 0.0, "pixel_auroc": 0.0, "pixel_ap": 0.0, "aupro": 0.0}
+
+
+def test_oracle_scores_every_frame_under_the_named_task(sequence_run: dict, synth_root: Path) -> None:
+    """``as_task`` (oracle eval) names the detector; the router's distances are still reported as routed."""
+    runtime = model_runtime(sequence_run["model_dir"])
+    images = load_split(synth_root, "screw", "test", TINY_CONFIG.image_size).images  # a product never learned
+    routed, named = runtime.infer(images), runtime.infer(images, as_task="cap")
+    assert [r.task for r in named] == ["cap"] * len(images)
+    assert all(r.image_score is not None and r.anomaly_map is not None and r.explained_by is None for r in named)
+    assert [r.distances for r in named] == [r.distances for r in routed]
+    for r, n in zip(routed, named):
+        if r.task == "cap":
+            assert n.image_score == pytest.approx(r.image_score, rel=1e-5)
+    with pytest.raises(ManifestError, match="'screw' is not known"):
+        runtime.infer(images, as_task="screw")
+    oracle = evaluate(synth_root, sequence_run["model_dir"], oracle=True)
+    routed_eval = evaluate(synth_root, sequence_run["model_dir"])
+    assert oracle["mode"]["routing"] == "oracle"
+    for task in SEQUENCE:  # the router's view is the same; only which detector scores differs
+        assert oracle["tasks"][task]["routing_accuracy"] == routed_eval["tasks"][task]["routing_accuracy"]
+        assert oracle["tasks"][task]["unknown_rate"] == routed_eval["tasks"][task]["unknown_rate"]
 
 
 def test_training_is_deterministic_for_a_seed(sequence_run: dict, synth_root: Path, tmp_path: Path) -> None:
@@ -227,6 +249,25 @@ def test_an_unknown_frame_is_explained_across_kinds_by_routing_distance() -> Non
     assert table.explaining_task(("flow_a", "memory_b", "flow_c"), [far, near, near], frame) == "flow_c"
     with pytest.raises(ValueError, match="2 detector kinds for 3 tasks"):
         RouterTable(table.tasks, [Prototype(np.zeros(2, np.float32), np.eye(2, dtype=np.float32), 1.0)] * 3, ["a", "b"])
+
+
+def test_the_router_of_the_first_tasks_routes_as_it_did_right_after_them() -> None:
+    """``RouterTable.first`` (eval's forgetting: the model right after task t) decides as the full router
+    restricted to those tasks, and leaves the full router as it was."""
+    table = RouterTable(
+        ["a", "b", "c"],
+        [Prototype(np.array([x, 0.0], np.float32), np.eye(2, dtype=np.float32), 1.0) for x in (0.0, 2.0, 4.0)],
+        ["flow", "memory", "flow"],
+    )
+    distances = table.distances(np.array([[0.2, 0.0], [3.9, 0.0], [2.9, 0.0], [9.0, 0.0]], np.float32))
+    first = table.first(2)
+    assert first.tasks == ["a", "b"] and first.kinds == {"a": "flow", "b": "memory"}
+    np.testing.assert_array_equal(first.distances(np.array([[3.9, 0.0]], np.float32)), distances[1:2, :2])
+    assert first.assign(distances[:, :2]) == table.assign(distances, known=2) == ["a", UNKNOWN, "b", UNKNOWN]
+    assert table.assign(distances) == ["a", "c", "b", UNKNOWN]  # the second frame was c's, learned later
+    assert first.candidates(distances[:, :2]) == table.candidates(distances, known=2)
+    first.limits[:] = np.inf
+    assert table.limits.tolist() == [1.0, 1.0, 1.0]
 
 
 def test_patch_level_is_the_median_and_robust_spread() -> None:

@@ -57,7 +57,7 @@ def test_new_normal_samples_stay_within_a_few_image_limit(n: int) -> None:
         proto = fit_prototype(mean + rng.normal(size=(n, 32)) * scales, "ledoit_wolf", 1e-5, QUANTILE, MARGIN)
         table = RouterTable(["a"], [proto])
         fresh = mean + rng.normal(size=(200, 32)) * scales
-        accepted.append(np.mean([r == "a" for r in table.route(table.distances(fresh))]))
+        accepted.append(np.mean([r == "a" for r in table.assign(table.distances(fresh))]))
     assert np.all(np.isfinite(proto.whitener)) and proto.limit < np.inf
     assert np.mean(accepted) >= 0.99, accepted
 
@@ -123,7 +123,7 @@ def _routes(model_dir: Path, data: Path, category: str, good_only: bool) -> tupl
     split = load_split(data, category, "test", TINY_CONFIG.image_size)
     images = split.images[split.labels == 0] if good_only else split.images
     distances = table.distances(extract_features(model, images).routing)
-    return [table.tasks[i] for i in np.argmin(distances, axis=1)], table.route(distances)
+    return [table.tasks[i] for i in np.argmin(distances, axis=1)], table.assign(distances)
 
 
 def test_few_image_product_is_routed_within_its_limit(learned: dict) -> None:

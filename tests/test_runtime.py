@@ -14,12 +14,9 @@ import cv2
 import numpy as np
 import pytest
 
-from moleflow_edge.anomaly_map import anomaly_map
 from moleflow_edge.contract import ManifestError, load_manifest
-from moleflow_edge.features import extract_features
 from moleflow_edge.model_store import ModelStore
-from moleflow_edge.preprocess import read_image_bgr, resize_frame
-from moleflow_edge.router import RouterTable
+from moleflow_edge.preprocess import read_image_bgr
 from moleflow_edge.runtime import (
     UNKNOWN,
     Backend,
@@ -34,7 +31,7 @@ from moleflow_edge.runtime import (
 from moleflow_edge.runtime.backend import DetectorEngine, FeatureBatch, module_available
 from moleflow_edge.runtime.engine_cache import EngineCache
 from moleflow_edge.runtime.ort_backend import _contiguous_runs
-from moleflow_edge.scoring import TaskDetectors, score_routed
+from moleflow_edge.torch_backend import model_runtime
 from tests.conftest import TINY_CONFIG
 
 TRAINED = ["weave", "tiles", "screw"]  # "cap" is never trained: its images must come out unknown
@@ -69,21 +66,10 @@ def frames(synth_root: Path) -> list[tuple[str, np.ndarray]]:
 
 
 @pytest.fixture(scope="module")
-def reference(exported: dict, frames: list) -> dict:
-    """What the PyTorch model says for every frame: task (same unknown rule), patch and image scores."""
-    model, prototypes = ModelStore(exported["model_dir"]).load()
-    size = model.config.image_size
-    table = RouterTable(model.tasks, [prototypes[t] for t in model.tasks])
-    features = extract_features(model, np.stack([resize_frame(f, size) for _, f in frames]))
-    routed = score_routed(TaskDetectors(model), table, features)
-    return {
-        "tasks": routed.tasks,
-        "shown": routed.shown,
-        "patches": routed.patch,
-        "scores": routed.image,
-        "size": size,
-        "sigma": model.config.map_sigma,
-    }
+def reference(exported: dict, frames: list) -> list[FrameResult]:
+    """What the PyTorch model says for every frame, through the same Runtime over the torch backend:
+    what the exported graphs are held to."""
+    return model_runtime(exported["model_dir"]).infer([f for _, f in frames])
 
 
 @pytest.fixture(scope="module")
@@ -93,20 +79,19 @@ def runtime(exported: dict) -> Runtime:
     rt.close()
 
 
-def _check_against_reference(results: list[FrameResult], frames: list, reference: dict) -> None:
-    assert [r.task for r in results] == reference["tasks"]
-    for i, (result, (_, frame)) in enumerate(zip(results, frames)):
+def _check_against_reference(results: list[FrameResult], frames: list, reference: list[FrameResult]) -> None:
+    assert [r.task for r in results] == [r.task for r in reference]
+    for result, expected, (_, frame) in zip(results, reference, frames):
         assert result.error is None
         if result.task == UNKNOWN:  # stopped, yet its map comes from the flow that explains it best
             assert result.image_score is None and result.is_anomaly is None
-            assert result.explained_by == reference["shown"][i]
+            assert result.explained_by == expected.explained_by
         else:
             assert result.explained_by is None
-            assert result.image_score == pytest.approx(float(reference["scores"][i]), rel=SCORE_RTOL)
-        expected = anomaly_map(reference["patches"][i], reference["size"], reference["sigma"], out_hw=frame.shape[:2])
+            assert result.image_score == pytest.approx(expected.image_score, rel=SCORE_RTOL)
         assert result.anomaly_map.shape == frame.shape[:2]
-        scale = float(np.abs(expected).max())
-        np.testing.assert_allclose(result.anomaly_map, expected, rtol=0, atol=SCORE_RTOL * scale)
+        scale = float(np.abs(expected.anomaly_map).max())
+        np.testing.assert_allclose(result.anomaly_map, expected.anomaly_map, rtol=0, atol=SCORE_RTOL * scale)
 
 
 # --- torch-free ------------------------------------------------------------------------------------
@@ -142,14 +127,14 @@ def test_runtime_imports_and_runs_without_torch(exported: dict, tmp_path: Path) 
 
 
 # --- parity with PyTorch ---------------------------------------------------------------------------
-def test_results_equal_pytorch_model(runtime: Runtime, frames: list, reference: dict) -> None:
+def test_results_equal_pytorch_model(runtime: Runtime, frames: list, reference: list[FrameResult]) -> None:
     results = runtime.infer([f for _, f in frames])
     _check_against_reference(results, frames, reference)
     for (category, _), result in zip(frames, results):  # a trained product is never taken for another one
         assert result.task in (category, UNKNOWN) if category in TRAINED else result.task == UNKNOWN
 
 
-def test_io_binding_path_with_router_graph_matches(exported: dict, frames: list, reference: dict) -> None:
+def test_io_binding_path_with_router_graph_matches(exported: dict, frames: list, reference: list[FrameResult]) -> None:
     """The device path (bound OrtValues, router.onnx) run on the CPU device: same results."""
     with Runtime.load(exported["export_dir"], backend="onnxruntime", io_binding=True) as rt:
         assert "IOBinding" in rt.description
@@ -158,7 +143,7 @@ def test_io_binding_path_with_router_graph_matches(exported: dict, frames: list,
 
 
 @pytest.mark.skipif(not module_available("openvino"), reason="openvino not installed (optional)")
-def test_openvino_backend_matches(exported: dict, frames: list, reference: dict) -> None:
+def test_openvino_backend_matches(exported: dict, frames: list, reference: list[FrameResult]) -> None:
     with Runtime.load(exported["export_dir"], backend="openvino") as rt:
         assert rt.backend is Backend.OPENVINO
         _check_against_reference(rt.infer([f for _, f in frames]), frames, reference)

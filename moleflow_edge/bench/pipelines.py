@@ -1,14 +1,14 @@
 """The pipelines under test, and which one a backend name makes.
 
 A pipeline takes a list of BGR frames (H,W,3 uint8) and returns the milliseconds of each stage
-of that call and (task, image score) per frame. The backends are the PyTorch eager reference and
-every deployment target of the table (moleflow_edge/targets.py); one that cannot run here comes
-back with the reason instead of a pipeline. benchmarks/runtime_bench.py times the same pipelines.
+of that call and (task, image score) per frame. Every one is a Runtime: over the PyTorch eager
+reference (the trained model through moleflow_edge/torch_backend.py) or over an export on a
+deployment target of the table (moleflow_edge/targets.py); one that cannot run here comes back
+with the reason instead of a pipeline. benchmarks/runtime_bench.py times the same pipelines.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,55 +22,6 @@ EAGER = "torch-eager"  # the trained model in PyTorch: the reference every targe
 BACKENDS = (EAGER, *TARGET_NAMES)
 
 Pipeline = Callable[[list[np.ndarray]], tuple[dict[str, float], list[tuple[str, float | None]]]]
-
-
-class TorchPipeline:
-    """The eager PyTorch path, stage by stage: the router's rule and each task's detector (merged flow or memory bank), as
-    moleflow_edge.scoring composes them for evaluation."""
-
-    def __init__(self, model_dir: Path) -> None:
-        import torch
-
-        from moleflow_edge.model_store import ModelStore
-        from moleflow_edge.scoring import TaskDetectors, router_table
-
-        self.torch = torch
-        self.model, prototypes = ModelStore(model_dir).load()
-        self.table = router_table(self.model, prototypes)
-        self.detectors = TaskDetectors(self.model)
-        self.size = self.model.config.image_size
-
-    def __call__(self, frames: list[np.ndarray]) -> tuple[dict[str, float], list[tuple[str, float | None]]]:
-        from moleflow_edge.anomaly_map import anomaly_map
-        from moleflow_edge.preprocess import resize_frame
-        from moleflow_edge.router import UNKNOWN
-
-        torch, model, cfg = self.torch, self.model, self.model.config
-        ms: dict[str, float] = {}
-        with torch.no_grad():
-            t = time.perf_counter()
-            x = torch.from_numpy(np.stack([resize_frame(f, self.size) for f in frames]))
-            ms["preprocess"] = (time.perf_counter() - t) * 1e3
-            t = time.perf_counter()
-            maps = model.backbone_maps(x)
-            routing = model.routing_feature(maps).numpy()
-            embedded = model.embed(model.patch_concat(maps))
-            ms["backbone"] = (time.perf_counter() - t) * 1e3
-            t = time.perf_counter()
-            tasks = self.table.route(self.table.distances(routing))
-            ms["routing"] = (time.perf_counter() - t) * 1e3
-            t = time.perf_counter()
-            known = [i for i, task in enumerate(tasks) if task != UNKNOWN]
-            patch, image = self.detectors.score(embedded[known], [tasks[i] for i in known])
-            scores: list[float | None] = [None] * len(frames)
-            for j, i in enumerate(known):
-                scores[i] = float(image[j])
-            ms["detector"] = (time.perf_counter() - t) * 1e3
-            t = time.perf_counter()
-            for j, i in enumerate(known):
-                anomaly_map(patch[j], cfg.image_size, cfg.map_sigma, out_hw=frames[i].shape[:2])
-            ms["postprocess"] = (time.perf_counter() - t) * 1e3
-        return ms, list(zip(tasks, scores))
 
 
 def runtime_pipeline(runtime: object) -> Pipeline:
@@ -118,10 +69,12 @@ def make_pipeline(
             import torch  # noqa: F401
         except ImportError:
             return None, nothing, "torch is not installed (pip install moleflow-edge[train])", None
-        eager = TorchPipeline(model_dir)
+        from moleflow_edge.torch_backend import model_runtime
+
+        eager = model_runtime(model_dir)
         if route_all:
-            eager.table.limits[:] = np.inf
-        return eager, nothing, None, None
+            eager.router.limits[:] = np.inf
+        return runtime_pipeline(eager), eager.close, None, None
     if backend not in TARGET_NAMES:
         return None, nothing, f"unknown backend; choose from {', '.join(BACKENDS)}", None
     row = target(backend)

@@ -73,7 +73,7 @@ def task_growth(export_dir: str | Path, counts: Sequence[int] = TASK_COUNTS, ite
             routing = []
             for _ in range(iters):
                 started = time.perf_counter()
-                runtime.router.route(runtime.router.distances(features[:1]))
+                runtime.router.assign(runtime.router.distances(features[:1]))
                 routing.append((time.perf_counter() - started) * 1e3)
             rows.append(
                 {

@@ -48,6 +48,8 @@ def create_backend(
         return TensorRtBackend(root, manifest, precision, device_id)
 
     factories = {Backend.ONNXRUNTIME: onnxruntime, Backend.OPENVINO: openvino, Backend.TENSORRT: tensorrt}
+    if kind is Backend.TORCH:
+        raise BackendError("the torch backend runs a trained model directory, not an export: choose another backend")
     if kind is not Backend.AUTO:
         name = getattr(backend, "value", backend)
         reason = not_installed(target(name)) if name in TARGET_NAMES else None

@@ -1,5 +1,8 @@
 """The lean runtime: exported graphs in, per-frame results out, no torch anywhere.
 
+The one routed-inference control flow of the code base: eval and the eager bench run it too, over
+the torch backend (moleflow_edge/torch_backend.py) and a trained model directory's RuntimeSpec.
+
 Per batch: each frame is checked and resized once (preprocess.resize_frame), the backbone
 runs once for the whole batch, every frame gets its Mahalanobis distance to every task
 prototype in one pass, frames beyond every task's distance limit are UNKNOWN, and the rest
@@ -20,14 +23,14 @@ import numpy as np
 from moleflow_edge.anomaly_map import anomaly_map, capped_shape
 from moleflow_edge.contract import Manifest, ManifestError, Precision, TaskEntry, load_manifest
 from moleflow_edge.preprocess import FrameError, frame_list, resize_frame
-from moleflow_edge.router import UNKNOWN, RouterTable
+from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime.backend import Backend, BackendError, FeatureBatch, GraphBackend
 from moleflow_edge.runtime.backend_factory import create_backend
 from moleflow_edge.runtime.engine_cache import EngineCache, EngineStats
 from moleflow_edge.runtime.engine_select import Candidate, EngineChoice, LatencyTargetWarning, select_engine
 from moleflow_edge.runtime.options import DEFAULT_MAX_MAP_SIDE, RuntimeOptions
 from moleflow_edge.runtime.result import FrameResult
-from moleflow_edge.runtime.router_file import load_router_table
+from moleflow_edge.runtime.spec import RuntimeSpec
 from moleflow_edge.signing import load_public_keys
 from moleflow_edge.targets import resolve_backend
 
@@ -39,24 +42,37 @@ def _ms(started: float) -> float:
 
 
 class Runtime:
-    """Exported MoLE-Flow graphs, ready for frames. Build with Runtime.load, or with the constructor
-    around a backend of one's own (the Triton BLS model's graphs are calls to other models); not thread-safe."""
+    """MoLE-Flow graphs, ready for frames. Build with Runtime.load (an export), or with ``over`` around a
+    spec and a backend of one's own (the Triton BLS model's graphs are calls to other models; eval's are
+    the torch model's modules); not thread-safe. ``root`` and ``manifest`` are the export's, None otherwise."""
 
     def __init__(
-        self, root: Path, manifest: Manifest, backend: GraphBackend, router: RouterTable, engines: EngineCache
+        self,
+        spec: RuntimeSpec,
+        backend: GraphBackend,
+        engines: EngineCache,
+        root: Path | None = None,
+        manifest: Manifest | None = None,
     ) -> None:
+        self.spec = spec
         self.root = root
         self.manifest = manifest
-        self.router = router
+        self.router = spec.router
         self.engines = engines
         self._backend = backend
-        self._entries = {entry.name: entry for entry in manifest.tasks}
+        self._entries = {entry.name: entry for entry in spec.tasks}
         self.skipped_backends: list[str] = []
         self.max_map_side: int | None = DEFAULT_MAX_MAP_SIDE
         self.load_failures: dict[str, str] = {}  # task -> why its detector graph could not be loaded or run
         self.engine_choice: EngineChoice | None = None  # what a latency target chose, and why
         self.options = RuntimeOptions()  # how it was opened (Runtime.load): a live switch opens the next export alike
         self._owns_backend = True  # False once a successor took the backend over
+
+    @classmethod
+    def over(cls, spec: RuntimeSpec, backend: GraphBackend, max_resident_tasks: int | None = None) -> Runtime:
+        """A runtime of ``spec``'s tasks whose graphs ``backend`` runs, task engines loaded on first use."""
+        engines = EngineCache(lambda task: backend.load_detector(spec.task(task)), max_resident_tasks)
+        return cls(spec, backend, engines)
 
     @classmethod
     def load(
@@ -123,7 +139,7 @@ class Runtime:
                         f"task {entry.name!r} in {root} has no {prec.value} detector graph "
                         f"(has {sorted(p.value for p in entry.graphs)}): export it with --precision {prec.value}"
                     )
-        router = load_router_table(root, manifest)
+        spec = RuntimeSpec.of_export(root, manifest)
         if previous is not None and previous._backend.runs_unchanged(manifest):
             graphs, skipped = previous._backend, previous.skipped_backends
         else:
@@ -140,7 +156,7 @@ class Runtime:
         )
         if previous is not None:
             previous._hand_over(manifest, graphs, engines)
-        runtime = cls(root, manifest, graphs, router, engines)
+        runtime = cls(spec, graphs, engines, root, manifest)
         runtime.skipped_backends, runtime.options = skipped, options
         runtime.max_map_side = options.max_map_side
         if options.preload:
@@ -154,6 +170,8 @@ class Runtime:
         manifest unchanged, and with it the loaded task engines whose graph's content address did not
         change; other tasks load lazily, as at start. This runtime is spent afterwards; when opening
         the new one fails it is left as it was and goes on."""
+        if self.root is None:
+            raise ManifestError("only a runtime loaded from an export (Runtime.load) switches to a newer one")
         runtime = self._open(self.root, manifest, replace(self.options, preload=False), previous=self)
         runtime.engine_choice, runtime.max_map_side = self.engine_choice, self.max_map_side
         return runtime
@@ -190,13 +208,13 @@ class Runtime:
     @property
     def uncalibrated(self) -> list[str]:
         """Tasks without a threshold at the loaded precision (another's never applies): is_anomaly None."""
-        return [entry.name for entry in self.manifest.tasks if self.precision not in entry.thresholds]
+        return [entry.name for entry in self.spec.tasks if self.precision not in entry.thresholds]
 
     def task_status(self) -> dict[str, str]:
         """Per task, at the loaded precision: 'uncalibrated' (and at which precisions it is), or 'calibrated'
         with the expected false-positive rate and whether the requested one was reached, for run's lines."""
         status = {}
-        for entry in self.manifest.tasks:
+        for entry in self.spec.tasks:
             cal = entry.calibrations.get(self.precision)
             if self.precision not in entry.thresholds:
                 others = ", ".join(sorted(p.value for p in entry.thresholds))
@@ -213,11 +231,16 @@ class Runtime:
     # --- what was loaded ---------------------------------------------------------------------------
     @property
     def tasks(self) -> list[str]:
-        return self.manifest.task_names
+        return self.spec.task_names
 
     @property
     def backend(self) -> Backend:
         return self._backend.kind
+
+    @property
+    def graphs(self) -> GraphBackend:
+        """The backend that runs the graphs: a runtime ``over`` another spec of the same model shares it."""
+        return self._backend
 
     @property
     def precision(self) -> Precision:
@@ -238,7 +261,7 @@ class Runtime:
 
     @property
     def image_size(self) -> int:
-        return self.manifest.image_size
+        return self.spec.image_size
 
     @property
     def engine_stats(self) -> EngineStats:
@@ -252,12 +275,16 @@ class Runtime:
         return self._entries[task]
 
     # --- inference ---------------------------------------------------------------------------------
-    def infer(self, frames: object, *, with_maps: bool = True) -> list[FrameResult]:
+    def infer(self, frames: object, *, with_maps: bool = True, as_task: str | None = None) -> list[FrameResult]:
         """BGR uint8 HxWx3 frame(s) of any size -> one FrameResult per frame, in input order.
 
         ``frames``: one array, a list of arrays, or a (B,H,W,3) array. A bad frame gets a result
         with ``error`` set and the others go on. ``with_maps=False`` skips the anomaly maps.
+        ``as_task`` (oracle eval): every frame is scored by that task's detector and decided by its
+        threshold whatever the router says; ``distances`` still say what the router sees.
         """
+        if as_task is not None:
+            self.spec.task(as_task)  # a ManifestError naming the tasks there are
         items = frame_list(frames)
         results = [FrameResult(index=i) for i in range(len(items))]
         rows: list[int] = []
@@ -265,7 +292,7 @@ class Runtime:
         for i, frame in enumerate(items):
             started = time.perf_counter()
             try:
-                resized.append(resize_frame(frame, self.manifest.image_size))  # type: ignore[arg-type]
+                resized.append(resize_frame(frame, self.spec.image_size))  # type: ignore[arg-type]
                 rows.append(i)
                 results[i].frame_shape = tuple(frame.shape)  # type: ignore[attr-defined]
             except FrameError as exc:
@@ -274,14 +301,16 @@ class Runtime:
         step = self._backend.max_batch or len(rows) or 1
         for start in range(0, len(rows), step):
             self._infer_batch(
-                [results[i] for i in rows[start : start + step]], resized[start : start + step], with_maps
+                [results[i] for i in rows[start : start + step]], resized[start : start + step], with_maps, as_task
             )
         return results
 
     def infer_one(self, frame: object, *, with_maps: bool = True) -> FrameResult:
         return self.infer([frame], with_maps=with_maps)[0]
 
-    def _infer_batch(self, results: list[FrameResult], resized: list[np.ndarray], with_maps: bool) -> None:
+    def _infer_batch(
+        self, results: list[FrameResult], resized: list[np.ndarray], with_maps: bool, as_task: str | None = None
+    ) -> None:
         images = resized[0][None] if len(resized) == 1 else np.stack(resized)
         started = time.perf_counter()
         features = self._backend.backbone(images)
@@ -289,7 +318,7 @@ class Runtime:
 
         started = time.perf_counter()
         distances = self._distances(features)
-        routed = self.router.route(distances)
+        routed = self.router.assign(distances) if as_task is None else [as_task] * len(results)
         routing_ms = _ms(started)
 
         groups: dict[str, list[int]] = {}
@@ -322,11 +351,10 @@ class Runtime:
             if result.image_score is not None:
                 result.decide(self._entries[result.task].thresholds.get(self.precision))  # type: ignore[index]
             if with_maps:
-                m = self.manifest
                 result.anomaly_map = anomaly_map(
                     result.patch_scores,
-                    m.image_size,
-                    m.map_sigma,
+                    self.spec.image_size,
+                    self.spec.map_sigma,
                     out_hw=capped_shape(result.frame_shape[:2], self.max_map_side),  # type: ignore[index]
                 )
             result.timings.postprocess = _ms(started)

@@ -25,8 +25,8 @@ from moleflow_edge.contract import (
 )
 from moleflow_edge.runtime.backend import BackendError, DetectorEngine, FeatureBatch, GraphBackend
 from moleflow_edge.runtime.engine_cache import EngineCache
-from moleflow_edge.runtime.router_file import load_router_table
 from moleflow_edge.runtime.runtime import Runtime
+from moleflow_edge.runtime.spec import RuntimeSpec
 from moleflow_edge.serving.protocol import BACKBONE_MODEL, ENCODED, answer_requests, task_model
 from moleflow_edge.targets import Backend
 
@@ -40,7 +40,7 @@ class TritonPythonModel:
         parameters = json.loads(args["model_config"])["parameters"]
         backend = BlsBackend(folder, Precision(parameters["precision"]["string_value"]))  # its thresholds apply
         engines = EngineCache(lambda task: backend.load_detector(manifest.task(task)))
-        self.runtime = Runtime(folder, manifest, backend, load_router_table(folder, manifest), engines)
+        self.runtime = Runtime(RuntimeSpec.of_export(folder, manifest), backend, engines, folder, manifest)
         self.map_side_cap = int(parameters["map_side_cap"]["string_value"])
         self.runtime.max_map_side = self.map_side_cap  # maps are made at the cap, shrunk per request
 
