@@ -26,7 +26,7 @@ from moleflow_edge.contract import (
     save_manifest,
 )
 from moleflow_edge.locking import FolderLock
-from moleflow_edge.serving.triton_decisions import refresh_triton_repository
+from moleflow_edge.serving.triton.decisions import refresh_triton_repository
 from moleflow_edge.signing import load_private_key, load_public_keys, sign_from_model
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """The wire format between the Triton model ``moleflow`` and its clients: model and tensor names,
 dtypes and how a FrameResult travels as arrays. The server (server.py), the client (client.py) and the
-model repository's Python-backend model (export/triton_models/moleflow_model.py) all speak it.
+model repository's Python-backend model (serving/triton/models/moleflow_model.py) all speak it.
 
 Per request: a batch of raw frames ``images`` uint8 (B,H,W,3) BGR, or of encoded images ``encoded``
 (B,1) bytes (JPEG, PNG, whatever OpenCV decodes); the request parameter ``map_side`` (a whole
@@ -26,7 +26,7 @@ from moleflow_edge.runtime.result import STAGES, FrameResult
 from moleflow_edge.runtime.runtime import Runtime
 
 MODEL, INFO_MODEL = "moleflow", "moleflow_info"
-CORE_MODEL = "moleflow_core"  # `serve`'s PyTriton model, behind ``moleflow`` (serving/triton/guard_model.py)
+CORE_MODEL = "moleflow_core"  # `serve`'s PyTriton model, behind ``moleflow`` (serving/triton/models/guard_model.py)
 BACKBONE_MODEL = "moleflow_backbone"  # a model repository's graphs (export --format triton), which ``moleflow`` calls
 
 
@@ -107,7 +107,7 @@ def refusal(
     and ``answer_requests`` give; ``distances`` empty: no task was asked), or None for a request to pass on:
     raw frames with no pixel (a zero-length side: PyTriton cannot carry them to serve), each frame's error;
     a bad ``map_side`` (a float one cannot travel as a BLS parameter), every frame's. ``shapes``: the
-    request's input tensors' shapes by name (the guard need not read the frames). See serving/triton/guard_model.py."""
+    request's input tensors' shapes by name (the guard need not read the frames). See serving/triton/models/guard_model.py."""
     images = shapes.get(IMAGES)
     errors = []
     if images is not None and not math.prod(images):

@@ -4,7 +4,7 @@
 Triton does the serving: HTTP and gRPC endpoints, health and readiness, Prometheus metrics, and a
 dynamic batcher that merges requests from many cameras; each merged batch reaches ``_infer`` as
 a list of requests, and every frame of them goes through one Runtime.infer call. ``moleflow`` itself
-is a small Python-backend model in front (serving/triton/guard_model.py): it answers frames PyTriton
+is a small Python-backend model in front (serving/triton/models/guard_model.py): it answers frames PyTriton
 cannot carry (a zero-length side) with one error each, and forwards the rest to ``_infer``'s PyTriton
 model ``moleflow_core``.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import math
 import signal
 import sys
 import threading
@@ -32,7 +31,6 @@ import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -46,6 +44,7 @@ from moleflow_edge.runtime.live_export import LiveExport
 from moleflow_edge.runtime.result import FrameResult
 from moleflow_edge.runtime.runtime import Runtime
 from moleflow_edge.serving.libpython import ServingUnavailable, prepare_stub_environment, serving_problem
+from moleflow_edge.serving.options import ServeOptions
 from moleflow_edge.serving.protocol import (
     CORE_MODEL,
     ENCODED,
@@ -60,7 +59,7 @@ from moleflow_edge.serving.protocol import (
     describe,
     encode_results,
 )
-from moleflow_edge.serving.triton.guard_model import write_guard
+from moleflow_edge.serving.triton.models.guard_model import write_guard
 from moleflow_edge.serving.watchdog import Watchdog
 
 __all__ = ["EXIT_UNANSWERED", "InferenceServer", "ServeOptions", "model_metrics", "serve_export"]
@@ -69,34 +68,6 @@ EXIT_UNANSWERED = 6  # serve's exit code when the drain timeout passed before ev
 # tritonserver's --exit-timeout-secs, which only applies after the drain (nothing is in flight then):
 # how long idle keep-alive connections may hold its exit before they are cut
 TRITON_EXIT_TIMEOUT_S = 5
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """Where and how the server listens, batches and drains (Triton's own default ports)."""
-
-    address: str = "0.0.0.0"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    max_batch: int = 8
-    max_queue_delay_us: int = 2000
-    map_side_cap: int = 1024  # longest side of an anomaly map any request may ask for
-    drain_timeout_s: float = 30.0  # after SIGTERM, how long accepted requests may take to be answered
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_queue_delay_us < 0 or self.map_side_cap < 1:
-            raise ValueError("--max-batch and --map-size must be >= 1 and --max-queue-delay-us >= 0")
-        if not (math.isfinite(self.drain_timeout_s) and self.drain_timeout_s > 0):
-            raise ValueError(f"--drain-timeout must be a number of seconds > 0, got {self.drain_timeout_s}")
-        ports = (self.http_port, self.grpc_port, self.metrics_port)
-        if len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
-            raise ValueError(f"--http-port, --grpc-port and --metrics-port must be three different ports, got {ports}")
-
-    @property
-    def local_host(self) -> str:
-        """Where serve reaches its own tritonserver."""
-        return "127.0.0.1" if self.address in ("0.0.0.0", "", "::") else self.address
 
 
 def model_metrics(host: str, metrics_port: int, model: str = MODEL) -> dict[str, float]:

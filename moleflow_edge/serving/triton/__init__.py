@@ -1,3 +1,4 @@
-"""Everything Triton-specific on the serving side: the model in front of `serve`'s PyTriton model,
-torch-free. The Python-backend model modules here import ``triton_python_backend_utils`` only in their
-methods, so that this package imports anywhere."""
+"""Triton in one place, torch-free: the model repository `export --format triton` writes for a full
+Triton (repository.py; its decision files, which ``calibrate`` refreshes: decisions.py), the model
+configs both it and `serve` write (configs.py), and the Python-backend models (models/): the BLS
+``moleflow`` and ``moleflow_info`` of the repository, and the guard `serve` puts in front of PyTriton."""
