@@ -92,3 +92,25 @@ def check_writable(path: str | Path, option: str, *, directory: bool) -> None:
             pass
     except OSError as exc:
         raise OutputError(f"{option} {path}: cannot write in {existing} ({exc.strerror or exc})") from exc
+
+
+RENAME_EXCHANGE = 2  # linux/fs.h: renameat2 swaps the two paths in one step
+AT_FDCWD = -100
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the complete folder ``new`` at ``target`` in one atomic step, then remove the folder it
+    replaced: Linux's renameat2(RENAME_EXCHANGE) swaps the two (a rename when ``target`` does not exist),
+    so a kill at any moment leaves the old folder or the new one at ``target``, never neither, and a
+    reader sees one whole. OSError, naming both, where the file system cannot swap folders."""
+    import ctypes
+    import shutil
+
+    if not target.exists():
+        os.rename(new, target)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(AT_FDCWD, os.fsencode(new), AT_FDCWD, os.fsencode(target), RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"cannot swap {new} and {target} in one step: {os.strerror(code)}")
+    shutil.rmtree(new)  # now the replaced folder

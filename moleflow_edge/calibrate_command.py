@@ -49,7 +49,7 @@ def calibrate(
     from moleflow_edge.calibration import calibrate as calibrate_export
     from moleflow_edge.calibration.from_source import calibrate_from_source
     from moleflow_edge.calibration.manifest_update import set_threshold
-    from moleflow_edge.serving.triton_decisions import TRITON_FOLDER, pickup_commands
+    from moleflow_edge.serving.triton.decisions import TRITON_FOLDER, pickup_commands
 
     if sum(x is not None for x in (data, source, threshold)) != 1:
         fail("give exactly one of --data ROOT, --source SOURCE or --threshold VALUE")

@@ -189,14 +189,14 @@ def export(
 def _triton_repository(out: Path, precision: str | None) -> str | None:
     """After an export: write OUT/triton at ``precision`` (--format triton), or rewrite the one an earlier
     --format triton left there with its own options, so that it serves what the manifest now says."""
-    from moleflow_edge.serving.triton_decisions import TRITON_FOLDER, RepositoryOptions, pickup_commands, read_options
+    from moleflow_edge.serving.triton.decisions import TRITON_FOLDER, RepositoryOptions, pickup_commands, read_options
 
     repo = out / TRITON_FOLDER
     if precision is None and not repo.exists():
         return None
-    from moleflow_edge.export.triton_repository import write_triton_repository
+    from moleflow_edge.serving.triton.repository import write_triton_repository
 
-    options = RepositoryOptions(precision) if precision else read_options(repo)
+    options = RepositoryOptions(precision=precision) if precision else read_options(repo)
     written = write_triton_repository(out, repo, options)
     return f"Triton model repository ({options.precision}): {repo}, {len(written)} models\n{pickup_commands(repo)}"
 

@@ -32,7 +32,7 @@ class Backend(str, Enum):
 
 class ExportFormat(str, Enum):
     """What ``moleflow-edge export --format`` writes: ONNX graphs, or ONNX graphs plus TensorRT plans, or
-    ONNX graphs plus a Triton model repository (export/triton_repository.py)."""
+    ONNX graphs plus a Triton model repository (serving/triton/repository.py)."""
 
     ONNX = "onnx"
     ENGINE = "engine"

@@ -156,7 +156,7 @@ def test_calibration_imports_no_torch() -> None:
         """
         import sys
         import moleflow_edge.calibration
-        import moleflow_edge.serving.triton_decisions  # what calibrate refreshes a Triton repository with
+        import moleflow_edge.serving.triton.decisions  # what calibrate refreshes a Triton repository with
         assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
         """
     )

@@ -106,28 +106,34 @@ def test_bad_map_side_is_one_line_on_every_frame(server: tuple[ServeProcess, dic
 def test_zero_sized_raw_frame_is_refused_and_serve_keeps_serving(
     server: tuple[ServeProcess, dict], built: dict
 ) -> None:
-    """A raw frame with a zero-length side is refused (PyTriton 0.7.0's stub cannot copy a zero-sized
-    tensor into its shared-memory store, before serve sees it: README "Not fixed"), and only that
-    request: a good frame sent next is answered. When this first assert fails, PyTriton passes such
-    frames on, and serve answers them with a per-frame error: update the README."""
+    """A raw frame with a zero-length side gets the one-line per-frame error `run` gives (the model in
+    front of PyTriton answers it: PyTriton's stub cannot carry it), as does every frame of its request;
+    a good frame in a request of the same batch, and one sent next, are answered."""
     import tritonclient.http as triton_http
-    from tritonclient.utils import InferenceServerException
 
     process, _ = server
-    client = triton_http.InferenceServerClient(process.http, network_timeout=60)
+    client = triton_http.InferenceServerClient(process.http, network_timeout=60, concurrency=3)
+    good = frame_of(built)[None]
+
+    def request(frames: np.ndarray, **parameters: object) -> triton_http.InferAsyncRequest:
+        tensor = triton_http.InferInput("images", list(frames.shape), "UINT8")
+        tensor.set_data_from_numpy(frames)
+        return client.async_infer("moleflow", [tensor], parameters=parameters or None)
+
     try:
-        for shape in ((1, 0, 0, 3), (1, 5, 0, 3)):
-            tensor = triton_http.InferInput("images", list(shape), "UINT8")
-            tensor.set_data_from_numpy(np.zeros(shape, np.uint8))
-            with pytest.raises(InferenceServerException, match="cannot cast view with zeros in shape"):
-                client.infer("moleflow", [tensor])
-        good = frame_of(built)[None]
-        tensor = triton_http.InferInput("images", list(good.shape), "UINT8")
-        tensor.set_data_from_numpy(good)
-        answer = client.infer("moleflow", [tensor])
-        assert not answer.as_numpy("error")[0][0] and answer.as_numpy("task")[0][0] == b"weave"
+        answers = [request(np.zeros(shape, np.uint8)) for shape in ((1, 0, 0, 3), (2, 5, 0, 3))]
+        answers.append(request(good, map_side=32))  # with the bad ones, so likely in their batch
+        for answer, shape in zip(answers, ((0, 0, 3), (5, 0, 3))):
+            errors = [e[0].decode() for e in answer.get_result(timeout=60).as_numpy("error")]
+            assert errors == [f"frame is empty (shape {shape}), expected uint8 BGR HxWx3"] * len(errors), errors
+        mapped = answers[2].get_result(timeout=60)
+        assert not mapped.as_numpy("error")[0][0] and mapped.as_numpy("task")[0][0] == b"weave"
+        assert mapped.as_numpy("map_shape")[0].max() == 32  # the request's parameters got through the guard
+        after = request(good).get_result(timeout=60)
+        assert not after.as_numpy("error")[0][0] and after.as_numpy("map_shape")[0].max() == 0
     finally:
         client.close()
+    assert "Traceback" not in process.log.read_text()
 
 
 def test_sigterm_drains_two_busy_clients_and_exits_0(server: tuple[ServeProcess, dict], built: dict) -> None:

@@ -55,8 +55,8 @@ class TritonPythonModel:
 def repository(built: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(export, repository): a calibrated copy of the shared export and its Triton repository."""
     from moleflow_edge.calibration import calibrate
-    from moleflow_edge.export.triton_repository import write_triton_repository
-    from moleflow_edge.serving.triton_decisions import RepositoryOptions
+    from moleflow_edge.serving.triton.decisions import RepositoryOptions
+    from moleflow_edge.serving.triton.repository import write_triton_repository
 
     base = tmp_path_factory.mktemp("triton")
     export = base / "export"
@@ -168,7 +168,7 @@ def tritonserver(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *o
 
 def run_printed_loads(output: str, http: int) -> list[str]:
     """Run the curl lines a command printed for a Triton at 127.0.0.1:``http``, as printed; the models loaded."""
-    from moleflow_edge.serving.triton_decisions import TRITON_URL
+    from moleflow_edge.serving.triton.decisions import TRITON_URL
 
     loads = [line for line in output.splitlines() if line.startswith("curl ")]
     for line in loads:
@@ -244,7 +244,7 @@ def test_calibrate_after_export_format_triton_changes_the_served_thresholds(
 
 
 def test_a_repository_with_other_graphs_is_not_refreshed(repository: tuple[Path, Path], tmp_path: Path) -> None:
-    from moleflow_edge.serving.triton_decisions import refresh_triton_repository
+    from moleflow_edge.serving.triton.decisions import refresh_triton_repository
 
     export, source = repository
     copy = tmp_path / "export"
@@ -257,6 +257,45 @@ def test_a_repository_with_other_graphs_is_not_refreshed(repository: tuple[Path,
     with pytest.raises(UserError, match="moleflow_task_weave.*export --format triton"):
         refresh_triton_repository(copy)
     assert (copy / "triton" / "moleflow" / "1" / "manifest.json").read_bytes() == before
+
+
+def test_the_repository_is_written_under_the_export_lock_and_swapped_in_whole(
+    repository: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """While another process holds the export's lock, no repository is written; a staging folder a killed
+    run left is swept by the next run, which replaces the repository whole (its new options everywhere)."""
+    from moleflow_edge.locking import FolderLock, FolderLocked
+    from moleflow_edge.serving.triton.decisions import RepositoryOptions, read_options
+    from moleflow_edge.serving.triton.repository import write_triton_repository
+
+    export, _ = repository
+    copy = tmp_path / "export"
+    shutil.copytree(export, copy)
+    with FolderLock(copy, "calibration"), pytest.raises(FolderLocked, match="in use by another"):
+        write_triton_repository(copy, None, RepositoryOptions(max_batch=2))
+    assert not (copy / "triton").exists()
+    write_triton_repository(copy, None, RepositoryOptions(max_batch=2))
+    killed = copy / ".triton.staging-0123456789ab" / "moleflow"
+    killed.mkdir(parents=True)  # as a run killed midway leaves it
+    (copy / "triton" / "moleflow_task_old").mkdir()  # a model the new repository does not have
+    write_triton_repository(copy, None, RepositoryOptions(max_batch=3))
+    assert read_options(copy / "triton").max_batch == 3
+    assert {parse(p).max_batch_size for p in (copy / "triton").glob("*/config.pbtxt")} == {0, 3}  # info: 0
+    assert not (copy / "triton" / "moleflow_task_old").exists()
+    assert not list(copy.glob(".triton.staging-*"))
+
+
+def test_replace_folder_swaps_a_folder_in_one_step(tmp_path: Path) -> None:
+    from moleflow_edge.atomic import replace_folder
+
+    old, new = tmp_path / "repo", tmp_path / ".repo.new"
+    (old / "a").mkdir(parents=True)
+    (new / "b").mkdir(parents=True)
+    replace_folder(new, old)
+    assert [p.name for p in old.iterdir()] == ["b"] and not new.exists()
+    (new / "c").mkdir(parents=True)
+    replace_folder(new, tmp_path / "fresh")  # nothing there yet: a rename
+    assert [p.name for p in (tmp_path / "fresh").iterdir()] == ["c"]
 
 
 def test_a_running_triton_picks_up_a_new_task_by_the_printed_load_requests(

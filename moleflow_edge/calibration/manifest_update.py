@@ -30,7 +30,7 @@ from moleflow_edge.contract import (
 )
 from moleflow_edge.errors import UserError
 from moleflow_edge.locking import FolderLock
-from moleflow_edge.serving.triton_decisions import refresh_triton_repository
+from moleflow_edge.serving.triton.decisions import refresh_triton_repository
 from moleflow_edge.signing import load_private_key, load_public_keys, sign_from_model
 
 if TYPE_CHECKING:

@@ -198,7 +198,7 @@ def calibrate(
     ``precision`` graphs: calibrate the precision you deploy). Writes that precision's threshold
     and calibration record, the distance_limit and, where defect images exist, that precision's
     image AUROC per task into the manifest atomically; other precisions' records are kept, and a
-    Triton repository in EXPORT/triton gets the new manifest (serving/triton_decisions.py). A threshold
+    Triton repository in EXPORT/triton gets the new manifest (serving/triton/decisions.py). A threshold
     that changes enters the task's threshold_history with the time and why (``reason`` added);
     an unchanged one does not, so calibrating twice gives a byte-identical manifest. ``frames``:
     each task's normal frames taken from a source, instead of ``data_root``'s folders.

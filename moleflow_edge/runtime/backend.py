@@ -11,6 +11,7 @@ return to the host.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,13 @@ class DetectorEngine(ABC):
 
     @abstractmethod
     def run(self, features: FeatureBatch, rows: list[int]) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def start(self, features: FeatureBatch, rows: list[int]) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+        """Begin ``run`` and return what collects its result: the Runtime starts every task of a batch
+        before it collects any. Here it runs at once; an engine that can send the work off (Triton's
+        BLS ``async_exec``) returns before it is done."""
+        done = self.run(features, rows)
+        return lambda: done
 
     def close(self) -> None:
         """Release what the engine holds; the cache calls it when the engine leaves."""

@@ -334,9 +334,8 @@ class Runtime:
                 for candidate in candidates[k]:
                     unknown.setdefault(candidate, []).append(k)
 
-        for task, members in groups.items():
-            scored = self._run_task(task, features, members, results)
-            for k in members:
+        for task, scored in self._run_tasks(groups, features, results).items():
+            for k in groups[task]:
                 if scored is None:  # that task's frames fail
                     results[k].error = f"task {task!r}: {self.load_failures[task]}"
                 else:
@@ -359,23 +358,38 @@ class Runtime:
                 )
             result.timings.postprocess = _ms(started)
 
-    def _run_task(
-        self, task: str, features: FeatureBatch, members: list[int], results: list[FrameResult]
-    ) -> dict[int, tuple[np.ndarray, float]] | None:
-        """Run ``task``'s detector on batch rows ``members`` -> {row: (patch scores, image score)}, or None
-        after a load or run failure (kept in ``load_failures``): the rest of the batch goes on."""
-        started = time.perf_counter()
-        try:
-            engine, load_seconds = self.engines.get(task)
-            patch, image = engine.run(features, members)
-        except (BackendError, ManifestError, OSError) as exc:
-            self.load_failures[task] = str(exc)
-            return None
-        detector_ms = _ms(started)
-        for k in members:
-            results[k].timings.detector += detector_ms
-            results[k].timings.engine_load += load_seconds * 1e3
-        return {k: (np.asarray(patch[j], dtype=np.float32), float(image[j])) for j, k in enumerate(members)}
+    def _run_tasks(
+        self, groups: dict[str, list[int]], features: FeatureBatch, results: list[FrameResult]
+    ) -> dict[str, dict[int, tuple[np.ndarray, float]] | None]:
+        """Run each task's detector on its batch rows -> per task {row: (patch scores, image score)}, or None
+        after a load or run failure (kept in ``load_failures``): the rest of the batch goes on. Every task
+        is started before any is collected, so that an engine whose ``start`` only sends the work (the
+        Triton BLS backend's) runs them all at once."""
+        started: dict[str, tuple[Callable[[], tuple[np.ndarray, np.ndarray]], float, float]] = {}
+        scored: dict[str, dict[int, tuple[np.ndarray, float]] | None] = dict.fromkeys(groups)
+        for task, members in groups.items():
+            begun = time.perf_counter()
+            try:
+                engine, load_seconds = self.engines.get(task)
+                collect = engine.start(features, members)
+            except (BackendError, ManifestError, OSError) as exc:
+                self.load_failures[task] = str(exc)
+                continue
+            started[task] = (collect, load_seconds, _ms(begun))
+        for task, (collect, load_seconds, start_ms) in started.items():
+            begun = time.perf_counter()
+            try:
+                patch, image = collect()
+            except (BackendError, ManifestError, OSError) as exc:
+                self.load_failures[task] = str(exc)
+                continue
+            detector_ms = start_ms + _ms(begun)
+            members = groups[task]
+            for k in members:
+                results[k].timings.detector += detector_ms
+                results[k].timings.engine_load += load_seconds * 1e3
+            scored[task] = {k: (np.asarray(patch[j], dtype=np.float32), float(image[j])) for j, k in enumerate(members)}
+        return scored
 
     def _explain_unknown(
         self,
@@ -388,7 +402,7 @@ class Runtime:
         """Frames beyond every limit: each candidate task's detector scores them, and the one that explains
         a frame best (``RouterTable.explaining_task``) gives its patch scores and map. A candidate whose
         detector fails to load drops out; the frame stays a valid unknown, without a map if none is left."""
-        scored = {task: self._run_task(task, features, members, results) for task, members in unknown.items()}
+        scored = self._run_tasks(unknown, features, results)
         by_task = {task: rows for task, rows in scored.items() if rows is not None}
         for k in sorted({k for members in unknown.values() for k in members}):
             named = tuple(t for t in candidates[k] if t in by_task)

@@ -17,7 +17,7 @@ __all__ = ["InferenceServer", "RemoteRuntime", "ServeOptions", "ServingUnavailab
 _HOMES = {
     "RemoteRuntime": "client",
     "InferenceServer": "server",
-    "ServeOptions": "server",
+    "ServeOptions": "options",
     "serve_export": "server",
     "ServingUnavailable": "libpython",
     "serving_problem": "libpython",

@@ -1,6 +1,6 @@
 """The wire format between the Triton model ``moleflow`` and its clients: model and tensor names,
 dtypes and how a FrameResult travels as arrays. The server (server.py), the client (client.py) and the
-model repository's Python-backend model (export/triton_models/moleflow_model.py) all speak it.
+model repository's Python-backend model (serving/triton/models/moleflow_model.py) all speak it.
 
 Per request: a batch of raw frames ``images`` uint8 (B,H,W,3) BGR, or of encoded images ``encoded``
 (B,1) bytes (JPEG, PNG, whatever OpenCV decodes); the request parameter ``map_side`` (a whole
@@ -21,11 +21,12 @@ import cv2
 import numpy as np
 
 from moleflow_edge.anomaly_map import capped_shape
-from moleflow_edge.preprocess import FrameError
+from moleflow_edge.preprocess import FrameError, check_frame
 from moleflow_edge.runtime.result import STAGES, FrameResult
 from moleflow_edge.runtime.runtime import Runtime
 
 MODEL, INFO_MODEL = "moleflow", "moleflow_info"
+CORE_MODEL = "moleflow_core"  # `serve`'s PyTriton model, behind ``moleflow`` (serving/triton/models/guard_model.py)
 BACKBONE_MODEL = "moleflow_backbone"  # a model repository's graphs (export --format triton), which ``moleflow`` calls
 
 
@@ -97,6 +98,31 @@ def request_frames(inputs: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray | 
             items.append(FrameResult(index=k, error=str(exc)))
         decode_ms.append((time.perf_counter() - started) * 1e3)
     return items, decode_ms
+
+
+def refusal(
+    shapes: Mapping[str, tuple[int, ...]], parameters: Mapping[str, object] | None
+) -> dict[str, np.ndarray] | None:
+    """What the model in front of `serve` answers itself, as a request's output arrays (the errors `run`
+    and ``answer_requests`` give; ``distances`` empty: no task was asked), or None for a request to pass on:
+    raw frames with no pixel (a zero-length side: PyTriton cannot carry them to serve), each frame's error;
+    a bad ``map_side`` (a float one cannot travel as a BLS parameter), every frame's. ``shapes``: the
+    request's input tensors' shapes by name (the guard need not read the frames). See serving/triton/models/guard_model.py."""
+    images = shapes.get(IMAGES)
+    errors = []
+    if images is not None and not math.prod(images):
+        for _ in range(images[0]):  # every frame is empty, so check_frame says why
+            try:
+                check_frame(np.empty(images[1:], np.uint8))
+            except FrameError as exc:
+                errors.append(str(exc))
+    else:
+        try:
+            map_side(parameters, 1)
+            return None
+        except FrameError as exc:
+            errors = [str(exc)] * max((shape[0] for shape in shapes.values()), default=0)
+    return encode_results([FrameResult(index=k, error=why) for k, why in enumerate(errors)], [])
 
 
 def map_side(parameters: Mapping[str, object] | None, cap: int) -> int:

@@ -3,7 +3,10 @@
 
 Triton does the serving: HTTP and gRPC endpoints, health and readiness, Prometheus metrics, and a
 dynamic batcher that merges requests from many cameras; each merged batch reaches ``_infer`` as
-a list of requests, and every frame of them goes through one Runtime.infer call.
+a list of requests, and every frame of them goes through one Runtime.infer call. ``moleflow`` itself
+is a small Python-backend model in front (serving/triton/models/guard_model.py): it answers frames PyTriton
+cannot carry (a zero-length side) with one error each, and forwards the rest to ``_infer``'s PyTriton
+model ``moleflow_core``.
 
 Ready means ready: a warm-up frame runs through the backbone, every task's detector and the serving
 path before tritonserver starts, and tritonserver loads both models before it opens its ports, so
@@ -20,7 +23,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import math
 import signal
 import sys
 import threading
@@ -29,7 +31,6 @@ import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -37,14 +38,15 @@ from typing import Any
 import numpy as np
 
 from moleflow_edge.contract import ManifestError
-from moleflow_edge.errors import InputError
 from moleflow_edge.runtime.backend import BackendError
 from moleflow_edge.runtime.camera_loop import EXIT_BACKEND_ERROR, EXIT_LOAD_ERROR
 from moleflow_edge.runtime.live_export import LiveExport
 from moleflow_edge.runtime.result import FrameResult
 from moleflow_edge.runtime.runtime import Runtime
 from moleflow_edge.serving.libpython import ServingUnavailable, prepare_stub_environment, serving_problem
+from moleflow_edge.serving.options import ServeOptions
 from moleflow_edge.serving.protocol import (
+    CORE_MODEL,
     ENCODED,
     IMAGES,
     INFO,
@@ -57,6 +59,7 @@ from moleflow_edge.serving.protocol import (
     describe,
     encode_results,
 )
+from moleflow_edge.serving.triton.models.guard_model import write_guard
 from moleflow_edge.serving.watchdog import Watchdog
 
 __all__ = ["EXIT_UNANSWERED", "InferenceServer", "ServeOptions", "model_metrics", "serve_export"]
@@ -67,39 +70,11 @@ EXIT_UNANSWERED = 6  # serve's exit code when the drain timeout passed before ev
 TRITON_EXIT_TIMEOUT_S = 5
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    """Where and how the server listens, batches and drains (Triton's own default ports)."""
-
-    address: str = "0.0.0.0"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    max_batch: int = 8
-    max_queue_delay_us: int = 2000
-    map_side_cap: int = 1024  # longest side of an anomaly map any request may ask for
-    drain_timeout_s: float = 30.0  # after SIGTERM, how long accepted requests may take to be answered
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_queue_delay_us < 0 or self.map_side_cap < 1:
-            raise InputError("--max-batch and --map-size must be >= 1 and --max-queue-delay-us >= 0")
-        if not (math.isfinite(self.drain_timeout_s) and self.drain_timeout_s > 0):
-            raise InputError(f"--drain-timeout must be a number of seconds > 0, got {self.drain_timeout_s}")
-        ports = (self.http_port, self.grpc_port, self.metrics_port)
-        if len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
-            raise InputError(f"--http-port, --grpc-port and --metrics-port must be three different ports, got {ports}")
-
-    @property
-    def local_host(self) -> str:
-        """Where serve reaches its own tritonserver."""
-        return "127.0.0.1" if self.address in ("0.0.0.0", "", "::") else self.address
-
-
-def model_metrics(host: str, metrics_port: int) -> dict[str, float]:
-    """Triton's Prometheus figures for ``moleflow`` by name: ``nv_inference_pending_request_count``
+def model_metrics(host: str, metrics_port: int, model: str = MODEL) -> dict[str, float]:
+    """Triton's Prometheus figures for ``model`` by name: ``nv_inference_pending_request_count``
     (accepted, not yet handed to the model), ``nv_inference_request_success`` (answered), ..."""
     text = urllib.request.urlopen(f"http://{host}:{metrics_port}/metrics", timeout=5).read().decode()
-    rows = [r for r in text.splitlines() if r.startswith("nv_inference_") and f'model="{MODEL}"' in r]
+    rows = [r for r in text.splitlines() if r.startswith("nv_inference_") and f'model="{model}"' in r]
     return {r.split("{", 1)[0]: float(r.split()[-1]) for r in rows}
 
 
@@ -137,6 +112,7 @@ class InferenceServer:
         prepare_stub_environment()
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
         from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
+        from pytriton.utils.workspace import Workspace
 
         o = self.options
         config = TritonConfig(
@@ -145,12 +121,14 @@ class InferenceServer:
         )  # fmt: skip
         logging.getLogger("pytriton").setLevel(logging.WARNING)
         self._watchdog = Watchdog()  # before anything it must clean up exists
-        # a local model store: tritonserver loads both models before it opens its ports
+        # a local model store: tritonserver loads every model in it (the guard too) before it opens its ports
         policy = TritonLifecyclePolicy(launch_triton_on_startup=True, local_model_store=True)
-        self._triton = Triton(config=config, workspace=self._watchdog.workspace, triton_lifecycle_policy=policy)
+        workspace = Workspace(self._watchdog.workspace)
+        write_guard(workspace.model_store_path, CORE_MODEL, o.max_batch, o.max_queue_delay_us)
+        self._triton = Triton(config=config, workspace=workspace, triton_lifecycle_policy=policy)
         outputs = [Tensor(name=name, dtype=dtype, shape=shape) for name, (dtype, shape) in OUTPUTS.items()]
-        self._triton.bind(
-            model_name=MODEL,
+        self._triton.bind(  # the guard forwards a batch's requests at once: this batcher merges them again
+            model_name=CORE_MODEL,
             infer_func=self._infer,
             inputs=[
                 Tensor(name=IMAGES, dtype=np.uint8, shape=(-1, -1, 3), optional=True),
@@ -186,8 +164,8 @@ class InferenceServer:
         """Stop the way SIGTERM promises; how many accepted requests were not answered.
 
         Triton unloads both models: readiness fails and new requests are refused at once, and the
-        unload of ``moleflow`` finishes only once every request Triton accepted for it is answered,
-        which is waited for (up to the drain timeout). Then tritonserver stops. So that readiness
+        unload of ``moleflow`` finishes only once every request Triton accepted for it is answered
+        (through ``moleflow_core``, which stays loaded for them), which is waited for (up to the drain timeout). Then tritonserver stops. So that readiness
         never turns 200 again in between (an unloaded model no longer counts against it), serve
         holds one request of its own in ``moleflow_info`` until tritonserver has closed its ports.
         """
@@ -210,10 +188,10 @@ class InferenceServer:
             while not (unloaded := self._unloaded(client, headers)) and time.monotonic() < deadline:
                 time.sleep(0.02)
             if not unloaded:  # taken by serve but not answered by Triton, or still queued: cut from here on
-                figures = model_metrics(o.local_host, o.metrics_port)
+                core, front = (model_metrics(o.local_host, o.metrics_port, m) for m in (CORE_MODEL, MODEL))
                 with self._count_lock:
-                    cut = self.accepted - round(figures.get("nv_inference_request_success", 0.0))
-                cut += round(figures.get("nv_inference_pending_request_count", 0.0))
+                    cut = self.accepted - round(core.get("nv_inference_request_success", 0.0))
+                cut += sum(round(f.get("nv_inference_pending_request_count", 0.0)) for f in (core, front))
                 # a batch on its way from Triton to serve is seen by neither; the unload says one is left
                 cut = max(cut, 1)
         except (OSError, InferenceServerException) as exc:  # tritonserver went away during the drain

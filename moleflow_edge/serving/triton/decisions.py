@@ -28,6 +28,7 @@ from pathlib import Path
 from moleflow_edge.atomic import write_atomic, write_text_atomic
 from moleflow_edge.contract import MANIFEST_FILE, ArtifactFile, Manifest, Precision, file_sha256, load_manifest
 from moleflow_edge.errors import InputError, UserError
+from moleflow_edge.serving.options import BatchOptions
 from moleflow_edge.serving.protocol import BACKBONE_MODEL, INFO_MODEL, MODEL, describe, task_model
 
 __all__ = [
@@ -46,21 +47,19 @@ OPTIONS_FILE = "repository.json"  # beside info.json: the options the repository
 INFO_FILE = "info.json"
 
 
-@dataclass(frozen=True)
-class RepositoryOptions:
-    """How a repository is written: the graphs' precision, dynamic batching, instances per model, and
-    the largest anomaly map side ``moleflow`` makes."""
+@dataclass(frozen=True, kw_only=True)
+class RepositoryOptions(BatchOptions):
+    """How a repository is written: the graphs' precision, dynamic batching and map size (BatchOptions,
+    as `serve`'s), and instances per model."""
 
     precision: str = Precision.FP32.value
-    max_batch: int = 8
-    max_queue_delay_us: int = 2000
     instances: int = 1
-    map_side_cap: int = 1024
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "precision", Precision(self.precision).value)
-        if self.max_batch < 1 or self.max_queue_delay_us < 0 or self.instances < 1 or self.map_side_cap < 1:
-            raise InputError("max_batch, instances and map_side_cap must be >= 1, max_queue_delay_us >= 0")
+        if self.instances < 1:
+            raise InputError(f"instances must be >= 1, got {self.instances}")
 
 
 def version_folder(repo: Path, model: str) -> Path:

@@ -10,34 +10,28 @@ container, KServe or Triton on Kubernetes), read from an export directory's mani
 Each with a config.pbtxt written through Triton's own protobuf types (tritonclient's model_config_pb2):
 max_batch_size, dynamic batching, instance groups (KIND_AUTO: the GPU where there is one). ``moleflow``
 speaks serving/protocol.py, so `run --server` and RemoteRuntime work against it as against `serve`.
-The repository is built beside the target and swapped in whole. Its manifest copy and info.json are
-written by serving/triton_decisions.py, which ``calibrate`` also calls, so the repository in EXPORT/triton
+The repository is written under the export's lock, built beside the target and swapped in by one
+atomic step, so a kill leaves the old one or the new one. Its manifest copy and info.json are
+written by serving/triton/decisions.py, which ``calibrate`` also calls, so the repository in EXPORT/triton
 serves the thresholds and limits of the export's latest manifest.
 """
 
 from __future__ import annotations
 
 import shutil
+import uuid
 from pathlib import Path
 
-import numpy as np
 import onnx
 
+from moleflow_edge.atomic import replace_folder
 from moleflow_edge.contract import ArtifactFile, load_manifest
 from moleflow_edge.errors import UserError
-from moleflow_edge.export.triton_models import info_model, moleflow_model
-from moleflow_edge.serving.protocol import (
-    BACKBONE_MODEL,
-    ENCODED,
-    IMAGES,
-    INFO,
-    INFO_MODEL,
-    INFO_QUERY,
-    MODEL,
-    OUTPUTS,
-    task_model,
-)
-from moleflow_edge.serving.triton_decisions import TRITON_FOLDER, RepositoryOptions, version_folder, write_decisions
+from moleflow_edge.locking import FolderLock
+from moleflow_edge.serving.protocol import BACKBONE_MODEL, INFO, INFO_MODEL, INFO_QUERY, MODEL, task_model
+from moleflow_edge.serving.triton.configs import config_text, frame_tensors, model_config
+from moleflow_edge.serving.triton.decisions import TRITON_FOLDER, RepositoryOptions, version_folder, write_decisions
+from moleflow_edge.serving.triton.models import info_model, moleflow_model
 
 __all__ = ["write_triton_repository"]
 
@@ -46,30 +40,7 @@ ONNX_TYPES = {
     onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.INT8: "TYPE_INT8", onnx.TensorProto.INT32: "TYPE_INT32",
     onnx.TensorProto.INT64: "TYPE_INT64",
 }  # fmt: skip
-NUMPY_TYPES = {
-    "S": "TYPE_STRING",
-    "f4": "TYPE_FP32",
-    "f8": "TYPE_FP64",
-    "i1": "TYPE_INT8",
-    "i4": "TYPE_INT32",
-    "u1": "TYPE_UINT8",
-}
-
-
-def _numpy_type(dtype: type) -> str:
-    kind = np.dtype(dtype)
-    return NUMPY_TYPES["S" if kind.kind == "S" else f"{kind.kind}{kind.itemsize}"]
-
-
-def _config(name: str, max_batch: int, queue_delay_us: int, instances: int, **fields: object):  # noqa: ANN202
-    """A ModelConfig message: batching and instances here, the rest (platform or backend, inputs, outputs) given."""
-    from tritonclient.grpc import model_config_pb2 as pb
-
-    config = pb.ModelConfig(name=name, max_batch_size=max_batch, **fields)
-    if max_batch > 0:
-        config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
-    config.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.KIND_AUTO)
-    return config
+STAGING = ".staging-"  # OUT's parent/.<OUT name>.staging-<run id>: a repository being written
 
 
 def _tensors(values: list[onnx.ValueInfoProto]) -> list[dict]:
@@ -92,7 +63,7 @@ def _onnx_model(root: Path, artifact: ArtifactFile, folder: Path, name: str, bat
         locations = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
         for location in locations:
             shutil.copyfile(root / artifact.data_file, version / location)
-    config = _config(name, *batching, platform="onnxruntime_onnx", input=_tensors(list(graph.graph.input)),
+    config = model_config(name, *batching, platform="onnxruntime_onnx", input=_tensors(list(graph.graph.input)),
                      output=_tensors(list(graph.graph.output)))  # fmt: skip
     for tensor in [*config.input, *config.output]:
         if not tensor.dims:  # batch only, as image_score (B,): Triton's way to say so
@@ -106,20 +77,36 @@ def write_triton_repository(
 ) -> list[Path]:
     """Write the repository for ``export_dir``'s graphs to ``out`` (default EXPORT/triton, the one every
     command that rewrites the export's manifest keeps in step), replacing a previous one whole; returns
-    every config.pbtxt written."""
-    from google.protobuf import text_format
+    every config.pbtxt written.
+
+    Under the export's lock (no export or calibration changes the manifest meanwhile), the repository is
+    built in a staging folder beside ``out`` and swapped in by one atomic step (atomic.replace_folder):
+    a kill leaves the previous repository or the new one, and a staging folder that the next run sweeps."""
+    root, options = Path(export_dir), options or RepositoryOptions()
+    out = Path(out) if out is not None else root / TRITON_FOLDER
+    with FolderLock(root, "writing the Triton repository"):
+        for stale in out.parent.glob(f".{out.name}{STAGING}*"):  # killed runs' (the lock says none is live)
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = out.parent / f".{out.name}{STAGING}{uuid.uuid4().hex[:12]}"
+        try:
+            _write(root, staging, options)
+            replace_folder(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return sorted(out.glob("*/config.pbtxt"))
+
+
+def _write(root: Path, staging: Path, options: RepositoryOptions) -> None:
+    """Every model of the repository into the new folder ``staging``."""
     from tritonclient.grpc import model_config_pb2 as pb
 
-    root, options = Path(export_dir), options or RepositoryOptions()
-    out, prec = Path(out) if out is not None else root / TRITON_FOLDER, options.precision
+    prec = options.precision
     manifest = load_manifest(root, verify=True)
     missing = ([BACKBONE_MODEL] if prec not in manifest.backbone_graphs else []) + [
         t.name for t in manifest.tasks if prec not in t.graphs
     ]
     if missing or not manifest.tasks:
         raise UserError(f"{root} has no {prec} graph for {', '.join(missing) or 'any task'}: export it first")
-    staging = out.parent / f".{out.name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     batching = (options.max_batch, options.max_queue_delay_us, options.instances)
     configs = {BACKBONE_MODEL: _onnx_model(root, manifest.backbone_graphs[prec], staging, BACKBONE_MODEL, batching)}
@@ -129,26 +116,13 @@ def write_triton_repository(
 
     write_decisions(root, manifest, staging, options)  # the manifest, router weights, info.json, options
     shutil.copyfile(moleflow_model.__file__, version_folder(staging, MODEL) / "model.py")
-    inputs = [
-        {"name": IMAGES, "data_type": "TYPE_UINT8", "dims": [-1, -1, 3], "optional": True},
-        {"name": ENCODED, "data_type": "TYPE_STRING", "dims": [1], "optional": True},
-    ]
-    outputs = [{"name": n, "data_type": _numpy_type(t), "dims": list(shape)} for n, (t, shape) in OUTPUTS.items()]
-    configs[MODEL] = _config(MODEL, *batching, backend="python", input=inputs, output=outputs,
-                             parameters={"map_side_cap": pb.ModelParameter(string_value=str(options.map_side_cap)),
-                                         "precision": pb.ModelParameter(string_value=prec)})  # fmt: skip
+    configs[MODEL] = model_config(MODEL, *batching, backend="python", **frame_tensors(),
+                                  parameters={"map_side_cap": pb.ModelParameter(string_value=str(options.map_side_cap)),
+                                              "precision": pb.ModelParameter(string_value=prec)})  # fmt: skip
 
     shutil.copyfile(info_model.__file__, version_folder(staging, INFO_MODEL) / "model.py")
-    configs[INFO_MODEL] = _config(INFO_MODEL, 0, 0, 1, backend="python",
-                                  input=[{"name": INFO_QUERY, "data_type": "TYPE_STRING", "dims": [1]}],
-                                  output=[{"name": INFO, "data_type": "TYPE_STRING", "dims": [1]}])  # fmt: skip
-
+    configs[INFO_MODEL] = model_config(INFO_MODEL, 0, 0, 1, backend="python",
+                                       input=[{"name": INFO_QUERY, "data_type": "TYPE_STRING", "dims": [1]}],
+                                       output=[{"name": INFO, "data_type": "TYPE_STRING", "dims": [1]}])  # fmt: skip
     for name, config in configs.items():
-        (staging / name / "config.pbtxt").write_text(text_format.MessageToString(config))
-    previous = out.parent / f".{out.name}.previous"
-    shutil.rmtree(previous, ignore_errors=True)
-    if out.exists():
-        out.rename(previous)
-    staging.rename(out)
-    shutil.rmtree(previous, ignore_errors=True)
-    return sorted(out.glob("*/config.pbtxt"))
+        (staging / name / "config.pbtxt").write_text(config_text(config))
