@@ -153,11 +153,11 @@ class MoleFlowConfig:
     spatial_context: bool = False  # spatial mixer and context-aware coupling scales (papers'; hurt with feature noise)
     whitening: Whitening = Whitening.MAHALANOBIS  # per-task whitening adapter: mahalanobis or layernorm (papers')
     detector: DetectorKind = DetectorKind.FLOW  # a new task's detector kind (train --detector overrides per task)
-    coreset_ratio: float = 0.25  # memory detector: kept fraction of the training patches (greedy k-center)
+    coreset_ratio: float = 1.0  # memory detector: kept fraction of the training patches (1: all, no coreset search)
     coreset_min: int = 1000  # ... but at least this many (all of them if fewer): tiny products keep every patch
-    coreset_max: int = 3000  # ... and at most this many: its graph's cost grows linearly with the bank
+    coreset_max: int = 600000  # ... and at most this many (greedy k-center above): 300 images with their variants
     memory_lists_from: int = 25000  # banks of at least this many vectors are searched by inverted lists (cheaper)
-    memory_list_size: int = 64  # ... of about this many vectors each (k-means; a list longer than twice this is cut)
+    memory_list_size: int = 128  # ... of at most this many vectors each (k-means; a longer list is cut)
     memory_probe: int = 8  # ... of which each patch searches the lists whose centroids are nearest
     top_k: int = 3  # K for the image score
     anomaly_score: AnomalyScore = AnomalyScore.NLL  # nll (-log p, the papers') or latent (0.5 ||z||^2)

@@ -44,16 +44,17 @@ class MemoryDetector(TaskDetector):
         with torch.no_grad():
             vectors = patch_vectors(model, training.concat.flatten(0, 1))  # variant-major: (V*N*H*W, D)
             count = coreset_size(len(vectors), cfg.coreset_ratio, cfg.coreset_min, cfg.coreset_max)
-            kept, _ = greedy_coreset(vectors, count, cfg.seed)
+            kept = torch.arange(count) if count == len(vectors) else greedy_coreset(vectors, count, cfg.seed)[0]
             bank = vectors[kept]
             parts = model.per_task[task]
             assert isinstance(parts, MemoryBank)
-            parts.bank = bank.to(options.device)
             searched = "exact search"
             if count >= cfg.memory_lists_from:
+                bank = bank.half().float()  # as the task file keeps it: every score from the saved bank
                 centroids, lists = inverted_lists(bank, cfg.memory_list_size, cfg.seed)
                 parts.centroids, parts.lists = centroids.to(options.device), lists.to(options.device)
                 searched = f"{len(centroids)} inverted lists of <= {lists.shape[1]}, {cfg.memory_probe} searched"
+            parts.bank = (bank.half() if parts.searched_by_lists else bank).to(options.device)
             # the normal scale: held-out images against the kept vectors that other images gave
             others = ~torch.isin(kept // patches_per_image % images, torch.from_numpy(training.held))
             if len(training.held) and bool(others.any()):
@@ -63,7 +64,8 @@ class MemoryDetector(TaskDetector):
             scorer = MemoryScorer(reference, model.embedder.position.cpu())  # exact: lists cover the whole bank
             patch, _ = scorer(model.embed(originals[torch.from_numpy(unseen).to(originals.device)]).cpu())
         return DetectorFit(
-            f"kept {count} of {len(vectors)} patch vectors (greedy k-center coreset; {searched})",
+            f"kept {count} of {len(vectors)} patch vectors ({'all' if count == len(vectors) else 'greedy k-center coreset'}; "
+            f"{searched})",
             patch_level(patch.numpy()),
             time.perf_counter() - started,
         )
