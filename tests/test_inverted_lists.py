@@ -135,7 +135,9 @@ def test_a_product_with_more_candidates_than_the_old_cap_keeps_every_one_in_floa
         channels = model.backbone.channels8 + model.backbone.channels16
         concat = torch.randn(2, 30, channels, grid, grid, generator=torch.Generator().manual_seed(1))
         training = TrainingSet(concat, np.arange(29), np.array([29]))  # 3840 candidates; the old cap was 3000
-        fit = detector_of(DetectorKind.MEMORY).fit(model, "big", training, FitOptions(1, torch.device("cpu"), None, False))
+        fit = detector_of(DetectorKind.MEMORY).fit(
+            model, "big", training, FitOptions(1, torch.device("cpu"), None, False)
+        )
         assert fit.summary.startswith("kept 3840 of 3840 patch vectors (all;"), fit.summary
         fitted.append(model)
     bank = fitted[0].per_task["big"]
