@@ -126,7 +126,9 @@ def test_a_memory_task_with_a_bank_past_memory_lists_from_is_fitted_and_scored_b
 
 
 def test_a_product_with_more_candidates_than_the_old_cap_keeps_every_one_in_float16_lists(tmp_path: Path) -> None:
-    config = TINY_CONFIG.with_overrides(memory_lists_from=3000, memory_list_size=64)
+    config = TINY_CONFIG.with_overrides(
+        coreset_ratio=1.0, coreset_max=600_000, memory_lists_from=3000, memory_list_size=64
+    )  # every candidate kept
     grid, fitted = config.grid_size, []
     for _ in range(2):  # the same seed twice: the same bank and lists
         torch.manual_seed(0)

@@ -5,9 +5,9 @@ gain-normalised features and variants a flow trains on, positional encoding remo
 photometric variants put brighter and darker normal patches in the bank, which took the worst
 exposure score from 0.81 to 0.54 for 0.003 pixel AP, and with ``augment_jpeg`` the JPEG round
 trips put compressed ones there (benchmarks/README.md). The bank keeps ``coreset_ratio`` of them
-within [``coreset_min``, ``coreset_max``]: by default every candidate (no coreset search; the
-greedy k-center coreset only above ``coreset_max``, or for a ratio below 1), so a product's bank
-holds every normal patch the full-bank kNN reference does. A bank of ``memory_lists_from``
+within [``coreset_min``, ``coreset_max``] by greedy k-center search, or every one with no search
+where that is all of them (``coreset_ratio`` 1 and a large ``coreset_max`` keep every candidate:
+measured, it lost image AUROC on real products, benchmarks/README.md). A bank of ``memory_lists_from``
 vectors or more is searched by inverted lists (model/inverted_lists.py), where exact search costs
 more, and kept in float16. Nothing shared is trained, so a memory task never changes what earlier
 tasks score.
