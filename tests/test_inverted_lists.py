@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import DetectorKind
 from moleflow_edge.detectors.base import FitOptions, TrainingSet
 from moleflow_edge.detectors.memory.bank import MemoryBank, MemoryScorer
 from moleflow_edge.detectors.memory.inverted_lists import InvertedListScorer, inverted_lists, kmeans
+from moleflow_edge.detectors.memory.kind import patch_vectors
 from moleflow_edge.detectors.registry import build_model, kind_of
 from moleflow_edge.export import onnx_graphs
 from moleflow_edge.export.precision import to_fp16
@@ -36,7 +40,7 @@ def _embedding(batch: int, seed: int) -> torch.Tensor:
 def test_every_bank_row_is_in_one_list_and_padding_repeats_a_member_of_its_own_list() -> None:
     bank = _clustered(3000, 0)
     centroids, lists = inverted_lists(bank, list_size=50, seed=0)
-    assert len(centroids) == len(lists) and lists.shape[1] <= 100  # long lists are cut at twice the size
+    assert len(centroids) == len(lists) and lists.shape[1] <= 50  # long lists are cut at the size
     members = torch.cat([torch.unique(row) for row in lists])
     assert torch.equal(torch.sort(members).values, torch.arange(3000))  # each row once, in one list
     for row in lists:
@@ -119,6 +123,42 @@ def test_a_memory_task_with_a_bank_past_memory_lists_from_is_fitted_and_scored_b
     assert len(large.bank) >= 300 and large.searched_by_lists and not small.searched_by_lists
     assert isinstance(kind_of(DetectorKind.MEMORY).scorer(model, "large"), InvertedListScorer)
     assert isinstance(kind_of(DetectorKind.MEMORY).scorer(model, "small"), MemoryScorer)
+
+
+def test_a_product_with_more_candidates_than_the_old_cap_keeps_every_one_in_float16_lists(tmp_path: Path) -> None:
+    config = TINY_CONFIG.with_settings(
+        "memory", coreset_ratio=1.0, coreset_max=600_000, memory_lists_from=3000, memory_list_size=64
+    )  # every candidate kept
+    grid, fitted = config.grid_size, []
+    for _ in range(2):  # the same seed twice: the same bank and lists
+        torch.manual_seed(0)
+        model = build_model(config, build_backbone(config, random_init=True)).eval()
+        model.add_task("big", kind_of(DetectorKind.MEMORY))
+        channels = model.backbone.channels8 + model.backbone.channels16
+        concat = torch.randn(2, 30, channels, grid, grid, generator=torch.Generator().manual_seed(1))
+        training = TrainingSet(concat, np.arange(29), np.array([29]))  # 3840 candidates; the old cap was 3000
+        fit = kind_of(DetectorKind.MEMORY).fit(
+            model, "big", training, FitOptions(1, torch.device("cpu"), None, False)
+        )
+        assert fit.summary.startswith("kept 3840 of 3840 patch vectors (all;"), fit.summary
+        fitted.append(model)
+    bank = fitted[0].per_task["big"]
+    assert isinstance(bank, MemoryBank) and bank.searched_by_lists
+    assert bank.bank.dtype == torch.float16 and bank.lists.dtype == torch.int32
+    with torch.no_grad():
+        candidates = patch_vectors(fitted[0], concat.flatten(0, 1))
+    assert torch.equal(bank.bank, candidates.half())  # every candidate, in order
+    again = fitted[1].per_task["big"]
+    for name in ("bank", "centroids", "lists"):
+        assert torch.equal(getattr(bank, name), getattr(again, name)), name
+    save_file(bank.state_dict(), tmp_path / "big.safetensors")
+    reloaded = MemoryBank(bank.bank.shape[1])
+    reloaded.load_state_dict(load_file(tmp_path / "big.safetensors"))
+    assert reloaded.bank.dtype == torch.float16 and reloaded.lists.dtype == torch.int32
+    fitted[1].per_task["big"] = reloaded
+    embedding = torch.randn(2, bank.bank.shape[1], config.grid_size, config.grid_size)
+    scores = [kind_of(DetectorKind.MEMORY).scorer(m, "big")(embedding)[0] for m in fitted]
+    assert torch.equal(scores[0], scores[1])  # a task file's bank scores exactly as the fitted one
 
 
 def test_a_list_setting_below_one_is_refused_with_its_name() -> None:

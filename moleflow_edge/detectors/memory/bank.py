@@ -20,7 +20,9 @@ class MemoryBank(nn.Module):
     """A memory task's own part: ``bank`` (K,D) kept patch vectors, positional encoding removed, and
     for a large bank its inverted lists (inverted_lists.py): ``centroids`` (C,D) and ``lists``
     (C,L) of bank rows. A bank without lists (every bank saved before lists existed) is searched
-    exactly, and its task file holds ``bank`` alone, as before.
+    exactly, and its task file holds ``bank`` alone in float32, as before. A bank with lists keeps
+    ``bank`` in float16 (``lists`` in int32): half the task file, for nearest distances within
+    0.03% of float32's on real patches (benchmarks/README.md); scorers compute in float32.
 
     K, C and L differ from task to task, so loading a saved bank takes their shapes from the file.
     """
@@ -31,7 +33,7 @@ class MemoryBank(nn.Module):
         super().__init__()
         self.register_buffer("bank", torch.zeros(0, dim))
         self.register_buffer("centroids", torch.zeros(0, dim))
-        self.register_buffer("lists", torch.zeros(0, 0, dtype=torch.long))
+        self.register_buffer("lists", torch.zeros(0, 0, dtype=torch.int32))
         self._register_state_dict_hook(self._drop_empty_lists)
         self._register_load_state_dict_pre_hook(self._take_saved_shape)
 
@@ -48,7 +50,7 @@ class MemoryBank(nn.Module):
     def _take_saved_shape(self, state: dict[str, Any], prefix: str, *_: Any) -> None:
         if prefix + "bank" in state and prefix + "centroids" not in state:  # an exact bank's file
             state[prefix + "centroids"] = torch.zeros(0, self.bank.shape[1])
-            state[prefix + "lists"] = torch.zeros(0, 0, dtype=torch.long)
+            state[prefix + "lists"] = torch.zeros(0, 0, dtype=torch.int32)
         for name in ("bank", *self.LISTS):
             saved = state.get(prefix + name)
             if saved is not None:

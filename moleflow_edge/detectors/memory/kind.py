@@ -1,13 +1,16 @@
-"""The memory kind: a greedy k-center coreset of the task's training patch embeddings.
+"""The memory kind: a bank of the task's training patch embeddings, searched for the nearest.
 
 Every patch of the task's training images and of their variants is a candidate (the same
 gain-normalised features and variants a flow trains on, positional encoding removed): the
 photometric variants put brighter and darker normal patches in the bank, which took the worst
 exposure score from 0.81 to 0.54 for 0.003 pixel AP, and with ``augment_jpeg`` the JPEG round
-trips put compressed ones there (benchmarks/README.md). The coreset keeps ``coreset_ratio`` of
-them within [``coreset_min``, ``coreset_max``]; a bank of ``memory_lists_from`` vectors or more
-is searched by inverted lists (inverted_lists.py), where exact search costs more. Nothing
-shared is trained, so a memory task never changes what earlier tasks score.
+trips put compressed ones there (benchmarks/README.md). The bank keeps ``coreset_ratio`` of them
+within [``coreset_min``, ``coreset_max``] by greedy k-center search, or every one with no search
+where that is all of them (``coreset_ratio`` 1 and a large ``coreset_max`` keep every candidate:
+measured, it lost image AUROC on real products, benchmarks/README.md). A bank of ``memory_lists_from``
+vectors or more is searched by inverted lists (inverted_lists.py), where exact search costs
+more, and kept in float16. Nothing shared is trained, so a memory task never changes what earlier
+tasks score.
 """
 
 from __future__ import annotations
@@ -54,16 +57,17 @@ class MemoryKind(Kind):
         with torch.no_grad():
             vectors = patch_vectors(model, training.concat.flatten(0, 1))  # variant-major: (V*N*H*W, D)
             count = coreset_size(len(vectors), cfg.coreset_ratio, cfg.coreset_min, cfg.coreset_max)
-            kept, _ = greedy_coreset(vectors, count, seed)
+            kept = torch.arange(count) if count == len(vectors) else greedy_coreset(vectors, count, seed)[0]
             bank = vectors[kept]
             parts = model.per_task[task]
             assert isinstance(parts, MemoryBank)
-            parts.bank = bank.to(options.device)
             searched = "exact search"
             if count >= cfg.memory_lists_from:
+                bank = bank.half().float()  # as the task file keeps it: every score from the saved bank
                 centroids, lists = inverted_lists(bank, cfg.memory_list_size, seed)
                 parts.centroids, parts.lists = centroids.to(options.device), lists.to(options.device)
                 searched = f"{len(centroids)} inverted lists of <= {lists.shape[1]}, {cfg.memory_probe} searched"
+            parts.bank = (bank.half() if parts.searched_by_lists else bank).to(options.device)
             # the normal scale: held-out images against the kept vectors that other images gave
             others = ~torch.isin(kept // patches_per_image % images, torch.from_numpy(training.held))
             if len(training.held) and bool(others.any()):
@@ -73,7 +77,8 @@ class MemoryKind(Kind):
             scorer = MemoryScorer(reference, model.embedder.position.cpu())  # exact: lists cover the whole bank
             patch, _ = scorer(model.embed(originals[torch.from_numpy(unseen).to(originals.device)]).cpu())
         return TaskFit(
-            f"kept {count} of {len(vectors)} patch vectors (greedy k-center coreset; {searched})",
+            f"kept {count} of {len(vectors)} patch vectors ({'all' if count == len(vectors) else 'greedy k-center coreset'}; "
+            f"{searched})",
             patch_level(patch.numpy()),
             time.perf_counter() - started,
         )

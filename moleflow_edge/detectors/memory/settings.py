@@ -19,11 +19,11 @@ class MemorySettings:
 
     ARCHITECTURE: ClassVar[tuple[str, ...]] = ()  # a memory task shapes no shared weight
 
-    coreset_ratio: float = 0.25  # kept fraction of the training patches (greedy k-center)
+    coreset_ratio: float = 0.25  # kept fraction of the training patches (greedy k-center; 1: all)
     coreset_min: int = 1000  # ... but at least this many (all of them if fewer): tiny products keep every patch
-    coreset_max: int = 3000  # ... and at most this many: its graph's cost grows linearly with the bank
+    coreset_max: int = 3000  # ... and at most this many: keeping all lost image AUROC and cost 9x (benchmarks/README)
     memory_lists_from: int = 25000  # banks of at least this many vectors are searched by inverted lists (cheaper)
-    memory_list_size: int = 64  # ... of about this many vectors each (k-means; a list longer than twice this is cut)
+    memory_list_size: int = 128  # ... of at most this many vectors each (k-means; a longer list is cut)
     memory_probe: int = 8  # ... of which each patch searches the lists whose centroids are nearest
 
     def __post_init__(self) -> None:
