@@ -29,7 +29,7 @@ from moleflow_edge.model.coreset import PARTITION_FROM, coreset_size, greedy_cor
 from moleflow_edge.model.memory_bank import MemoryScorer
 from moleflow_edge.model_store import SHARED_FILE, TASK_LIST_FILE, ModelStore
 from moleflow_edge.router import UNKNOWN
-from moleflow_edge.runtime import Runtime
+from moleflow_edge.runtime import Runtime, RuntimeOptions
 from moleflow_edge.scoring import TaskDetectors, router_table, score_routed
 from moleflow_edge.train import train_task
 from tests.conftest import TINY_CONFIG
@@ -95,7 +95,7 @@ def test_the_export_records_each_kind_and_runs_torch_free_with_parity(mixed: dic
     assert all(a.file.startswith(f"{DETECTOR_DIR}/") for t in manifest.tasks for a in t.graphs.values())
     model, prototypes = ModelStore(mixed["model_dir"]).load()
     table = router_table(model, prototypes)
-    runtime = Runtime.load(mixed["export_dir"], backend="onnxruntime-cpu", precision="fp32")
+    runtime = Runtime.load(mixed["export_dir"], RuntimeOptions("onnxruntime-cpu", precision="fp32"))
     for task in [t for t, _ in SEQUENCE] + [UNTRAINED]:
         images = load_split(mixed["data"], task, "test", CONFIG.image_size).images
         expected = score_routed(TaskDetectors(model), table, extract_features(model, images))
@@ -174,8 +174,8 @@ def test_an_export_made_before_detector_kinds_still_loads(mixed: dict, tmp_path:
     manifest = load_manifest(old)
     assert [t.detector for t in manifest.tasks] == ["flow", "flow"]  # the default: what every old task was
     images = load_split(mixed["data"], "tiles", "test", CONFIG.image_size).images
-    fresh = Runtime.load(mixed["export_dir"], backend="onnxruntime-cpu", precision="fp32").infer(images)
-    loaded = Runtime.load(old, backend="onnxruntime-cpu", precision="fp32").infer(images)
+    fresh = Runtime.load(mixed["export_dir"], RuntimeOptions("onnxruntime-cpu", precision="fp32")).infer(images)
+    loaded = Runtime.load(old, RuntimeOptions("onnxruntime-cpu", precision="fp32")).infer(images)
     assert [r.task for r in loaded] == [r.task for r in fresh]
     assert [r.image_score for r in loaded if r.task == "tiles"] == [r.image_score for r in fresh if r.task == "tiles"]
 

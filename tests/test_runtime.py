@@ -88,7 +88,7 @@ def reference(exported: dict, frames: list) -> dict:
 
 @pytest.fixture(scope="module")
 def runtime(exported: dict) -> Runtime:
-    rt = Runtime.load(exported["export_dir"], backend="onnxruntime")
+    rt = Runtime.load(exported["export_dir"], RuntimeOptions("onnxruntime"))
     yield rt
     rt.close()
 
@@ -126,7 +126,7 @@ def test_runtime_imports_and_runs_without_torch(exported: dict, tmp_path: Path) 
         assert not torch_modules(), torch_modules()
         exporter = sorted(m for m in sys.modules if m.startswith("moleflow_edge.export"))
         assert not exporter, f"the runtime imports the exporter: {{exporter}}"
-        rt = runtime.Runtime.load({str(exported["export_dir"])!r}, backend="onnxruntime")
+        rt = runtime.Runtime.load({str(exported["export_dir"])!r}, runtime.RuntimeOptions("onnxruntime"))
         results = rt.infer([np.full((100, 120, 3), 128, np.uint8), None])
         assert results[0].error is None and results[1].error is not None
         quiet = dict(out=io.StringIO(), err=io.StringIO())
@@ -151,7 +151,7 @@ def test_results_equal_pytorch_model(runtime: Runtime, frames: list, reference: 
 
 def test_io_binding_path_with_router_graph_matches(exported: dict, frames: list, reference: dict) -> None:
     """The device path (bound OrtValues, router.onnx) run on the CPU device: same results."""
-    with Runtime.load(exported["export_dir"], backend="onnxruntime", io_binding=True) as rt:
+    with Runtime.load(exported["export_dir"], RuntimeOptions("onnxruntime", io_binding=True)) as rt:
         assert "IOBinding" in rt.description
         assert rt._backend.routes_on_device
         _check_against_reference(rt.infer([f for _, f in frames]), frames, reference)
@@ -159,7 +159,7 @@ def test_io_binding_path_with_router_graph_matches(exported: dict, frames: list,
 
 @pytest.mark.skipif(not module_available("openvino"), reason="openvino not installed (optional)")
 def test_openvino_backend_matches(exported: dict, frames: list, reference: dict) -> None:
-    with Runtime.load(exported["export_dir"], backend="openvino") as rt:
+    with Runtime.load(exported["export_dir"], RuntimeOptions("openvino")) as rt:
         assert rt.backend is Backend.OPENVINO
         _check_against_reference(rt.infer([f for _, f in frames]), frames, reference)
 
@@ -277,7 +277,7 @@ def test_tampered_graph_is_refused_at_load(exported: dict, tmp_path: Path) -> No
 
 def test_graph_replaced_after_load_fails_only_its_task(exported: dict, tmp_path: Path, frames: list) -> None:
     export_dir = _copy_export(exported, tmp_path)
-    with Runtime.load(export_dir, backend="onnxruntime") as rt:
+    with Runtime.load(export_dir, RuntimeOptions("onnxruntime")) as rt:
         flow = _flow_file(export_dir, "screw")
         flow.write_bytes(flow.read_bytes() + b"\0")  # changed before the lazy load of that task
         picks = [next(f for c, f in frames if c == t) for t in TRAINED]
@@ -288,31 +288,31 @@ def test_graph_replaced_after_load_fails_only_its_task(exported: dict, tmp_path:
     assert set(by_task) >= {"weave", "tiles"}
 
 
-def test_options_and_loose_fields_are_not_mixed(exported: dict) -> None:
-    """One object carries the options; fields beside it would be silently dropped, so they are refused."""
-    with pytest.raises(ValueError, match="not both"):
-        Runtime.load(exported["export_dir"], options=RuntimeOptions("onnxruntime"), max_map_side=64)
-    with Runtime.load(exported["export_dir"], options=RuntimeOptions("onnxruntime", max_map_side=64)) as rt:
+def test_options_are_one_object(exported: dict) -> None:
+    """Runtime.load takes one RuntimeOptions, never loose fields beside or instead of it."""
+    with pytest.raises(TypeError):
+        Runtime.load(exported["export_dir"], backend="onnxruntime")  # type: ignore[call-arg]
+    with Runtime.load(exported["export_dir"], RuntimeOptions("onnxruntime", max_map_side=64)) as rt:
         assert rt.max_map_side == 64
 
 
 def test_unknown_backend_and_precision_are_named(exported: dict) -> None:
     with pytest.raises(ValueError, match="onnxruntime"):
-        Runtime.load(exported["export_dir"], backend="tensorflow")
+        Runtime.load(exported["export_dir"], RuntimeOptions("tensorflow"))
     with pytest.raises(ValueError, match="fp32"):
-        Runtime.load(exported["export_dir"], precision="fp64")
+        Runtime.load(exported["export_dir"], RuntimeOptions(precision="fp64"))
 
 
 @pytest.mark.skipif(module_available("tensorrt"), reason="tensorrt is installed here")
 def test_tensorrt_backend_says_what_to_install(exported: dict) -> None:
     with pytest.raises(BackendError, match="pip install"):
-        Runtime.load(exported["export_dir"], backend="tensorrt")
+        Runtime.load(exported["export_dir"], RuntimeOptions("tensorrt"))
 
 
 # --- resident engines ------------------------------------------------------------------------------
 def test_resident_engine_cap_is_honoured(exported: dict, frames: list) -> None:
     picks = {t: next(f for c, f in frames if c == t) for t in TRAINED}
-    with Runtime.load(exported["export_dir"], backend="onnxruntime", max_resident_tasks=1) as rt:
+    with Runtime.load(exported["export_dir"], RuntimeOptions("onnxruntime", max_resident_tasks=1)) as rt:
         for task in ["weave", "tiles", "weave", "screw", "screw"]:
             assert rt.infer_one(picks[task]).task == task
             assert len(rt.resident_tasks) <= 1
@@ -327,9 +327,8 @@ def test_resident_engine_cap_is_honoured(exported: dict, frames: list) -> None:
 
 def test_memory_budget_keeps_one_engine(exported: dict, frames: list) -> None:
     picks = [next(f for c, f in frames if c == t) for t in TRAINED]
-    with Runtime.load(
-        exported["export_dir"], backend="onnxruntime", max_resident_tasks=None, memory_budget_mb=0.001
-    ) as rt:
+    options = RuntimeOptions("onnxruntime", max_resident_tasks=None, memory_budget_mb=0.001)
+    with Runtime.load(exported["export_dir"], options) as rt:
         results = rt.infer(picks)
         assert all(r.error is None for r in results)
         assert len(rt.resident_tasks) == 1 and rt.engine_stats.unloads == 2
@@ -473,7 +472,7 @@ def test_run_reports_a_missing_source_and_a_tampered_export(exported: dict, tmp_
 
 def test_precision_that_was_not_exported_is_refused(exported: dict) -> None:
     with pytest.raises(ManifestError, match="--precision fp16"):
-        Runtime.load(exported["export_dir"], precision="fp16")
+        Runtime.load(exported["export_dir"], RuntimeOptions(precision="fp16"))
 
 
 def test_run_one_image_with_show_and_no_display(exported: dict, synth_root: Path) -> None:

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from moleflow_edge.runtime import RunOptions, Runtime, camera_loop, run_source
+from moleflow_edge.runtime import RunOptions, Runtime, RuntimeOptions, camera_loop, run_source
 from moleflow_edge.runtime.video_io import has_backend, is_pipeline, is_stream_url, redact, unsupported, video_io
 from tests.export_fixture import TASKS
 
@@ -91,7 +91,7 @@ def _lines(text: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runtime(built: dict) -> Iterator[Runtime]:
-    rt = Runtime.load(built["export_dir"], "onnxruntime-cpu")
+    rt = Runtime.load(built["export_dir"], RuntimeOptions("onnxruntime-cpu"))
     yield rt
     rt.close()
 

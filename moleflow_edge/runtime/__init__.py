@@ -5,7 +5,7 @@ TensorRT with cuda-python; never torch (tests check it).
 
     from moleflow_edge.runtime import Runtime, UNKNOWN
 
-    runtime = Runtime.load("export/", backend="auto")
+    runtime = Runtime.load("export/")                    # or Runtime.load("export/", RuntimeOptions(...))
     for result in runtime.infer([frame_a, frame_b]):     # BGR uint8 HxWx3, any size
         if result.error:            print("bad frame:", result.error)
         elif result.task == UNKNOWN: print("not a product we know")

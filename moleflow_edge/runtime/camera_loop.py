@@ -313,7 +313,7 @@ def run_source(
         if runtime is None:
             with warnings.catch_warnings():  # a missed target is said once, below, as a warning line
                 warnings.simplefilter("ignore", LatencyTargetWarning)
-                runtime = Runtime.load(export_dir, options=options.runtime)
+                runtime = Runtime.load(export_dir, options.runtime)
     except (ManifestError, BackendError, ValueError, OSError) as exc:
         print(f"error: cannot load the export {export_dir}: {exc}", file=err)
         summary = stats.summary(None, EXIT_LOAD_ERROR)

@@ -30,11 +30,11 @@ from moleflow_edge.contract import (
     ROUTING_FEATURE,
     Manifest,
     ManifestError,
-    Precision,
     TaskEntry,
 )
 from moleflow_edge.runtime import trt_api
 from moleflow_edge.runtime.backend import Backend, BackendError, DetectorEngine, FeatureBatch, GraphBackend, require
+from moleflow_edge.runtime.options import RuntimeOptions
 
 
 def engine_key(slot: str, trt_version: str, capability: str) -> str:
@@ -157,7 +157,8 @@ class TrtDetector(DetectorEngine):
 class TensorRtBackend(GraphBackend):
     kind = Backend.TENSORRT
 
-    def __init__(self, root: Path, manifest: Manifest, precision: Precision, device_id: int = 0) -> None:
+    def __init__(self, root: Path, manifest: Manifest, options: RuntimeOptions) -> None:
+        precision, device_id = options.chosen_precision, options.device_id
         require("tensorrt", self.kind, "'tensorrt>=10'")
         from moleflow_edge.runtime import cuda_memory as cm
 
