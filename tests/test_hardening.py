@@ -23,7 +23,7 @@ from moleflow_edge.cli import app
 from moleflow_edge.contract import MANIFEST_FILE, ManifestError, load_manifest, save_manifest
 from moleflow_edge.export.commit import sweep
 from moleflow_edge.locking import FolderLock
-from moleflow_edge.runtime import Runtime, RuntimeOptions
+from moleflow_edge.runtime import RunOutcome, Runtime, RuntimeOptions
 from moleflow_edge.signing import generate_keypair, load_private_key
 from tests.export_fixture import TASKS, normal_subset
 from tests.test_trust import _edit_manifest
@@ -186,7 +186,7 @@ def test_every_written_file_has_its_documented_mode(fresh: dict) -> None:
 
 
 def test_outputs_in_a_new_folder_are_written(fresh: dict) -> None:
-    assert fresh["run"] == 0 and len(list((fresh["outputs"] / "maps").glob("*.png"))) == 1
+    assert fresh["run"] is RunOutcome.DONE and len(list((fresh["outputs"] / "maps").glob("*.png"))) == 1
     for command, result in fresh["cli"].items():
         assert result.exit_code == 0, (command, result.output)
     assert (fresh["outputs"] / "synth" / "cap" / "train" / "good").is_dir()

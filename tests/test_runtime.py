@@ -26,10 +26,11 @@ from moleflow_edge.runtime import (
     BackendError,
     FrameResult,
     RunOptions,
+    RunOutcome,
     Runtime,
     RuntimeOptions,
-    camera_loop,
     run_source,
+    sources,
 )
 from moleflow_edge.runtime.backend import DetectorEngine, FeatureBatch, module_available
 from moleflow_edge.runtime.engine_cache import EngineCache
@@ -131,7 +132,7 @@ def test_runtime_imports_and_runs_without_torch(exported: dict, tmp_path: Path) 
         assert results[0].error is None and results[1].error is not None
         quiet = dict(out=io.StringIO(), err=io.StringIO())
         code = runtime.run_source({str(folder)!r}, runtime.RunOptions({str(exported["export_dir"])!r}), **quiet)
-        assert code == 0, code
+        assert code is runtime.RunOutcome.DONE, code
         assert not torch_modules(), torch_modules()
         print("torch-free")
         """
@@ -379,7 +380,7 @@ def test_run_over_a_folder_with_a_corrupt_file(exported: dict, synth_root: Path,
     out, err = io.StringIO(), io.StringIO()
     options = RunOptions(exported["export_dir"], RuntimeOptions("onnxruntime"), save_dir=overlays)
     code = run_source(str(folder), options, out=out, err=err)
-    assert code == 0
+    assert code is RunOutcome.DONE
     lines = _lines(out.getvalue())
     frames_out, summary = lines[:-1], lines[-1]["summary"]
     assert len(frames_out) == 5
@@ -393,7 +394,7 @@ def test_run_over_a_folder_with_a_corrupt_file(exported: dict, synth_root: Path,
         assert cv2.imread(line["overlay"]).shape == (128, 128, 3)
     assert len(list(overlays.glob("*.png"))) == 4
     assert summary["frames"] == 5 and summary["errors"] == 1 and summary["unknown"] >= 1
-    assert summary["latency_ms"]["total"]["p50"] > 0 and summary["exit_code"] == 0
+    assert summary["latency_ms"]["total"]["p50"] > 0 and summary["outcome"] == "done"
     assert "frames/s" in err.getvalue() and "p99" in err.getvalue()
 
 
@@ -408,7 +409,7 @@ def test_run_over_a_video_file(exported: dict, frames: list, tmp_path: Path) -> 
     out = io.StringIO()
     code = run_source(str(video), RunOptions(exported["export_dir"], batch_size=2), out=out, err=io.StringIO())
     lines = _lines(out.getvalue())
-    assert code == 0 and len(lines) == 5 and lines[-1]["summary"]["processed"] == 4
+    assert code is RunOutcome.DONE and len(lines) == 5 and lines[-1]["summary"]["processed"] == 4
     assert [line["frame"] for line in lines[:-1]] == [0, 1, 2, 3]
 
 
@@ -438,11 +439,11 @@ def test_camera_that_stops_is_retried_then_exits_nonzero(
 ) -> None:
     camera = _FakeCamera(frames[0][1], good=3)
     opened: list[object] = []
-    monkeypatch.setattr(camera_loop, "open_capture", lambda source: opened.append(source) or camera)
+    monkeypatch.setattr(sources, "open_capture", lambda source: opened.append(source) or camera)
     out, err = io.StringIO(), io.StringIO()
     options = RunOptions(exported["export_dir"], camera_retries=2, retry_delay_s=0, batch_size=2)
     code = run_source("camera:0", options, out=out, err=err)
-    assert code == camera_loop.EXIT_CAMERA_LOST
+    assert code is RunOutcome.LOST
     lines = _lines(out.getvalue())
     assert len(lines) == 4 and lines[-1]["summary"]["processed"] == 3  # the half-full batch is not lost
     assert opened == [0, 0, 0]  # opened, then reopened once per retry
@@ -451,22 +452,22 @@ def test_camera_that_stops_is_retried_then_exits_nonzero(
 
 def test_ctrl_c_ends_with_the_summary(exported: dict, frames: list, monkeypatch: pytest.MonkeyPatch) -> None:
     camera = _FakeCamera(frames[0][1], good=2, then=KeyboardInterrupt)
-    monkeypatch.setattr(camera_loop, "open_capture", lambda source: camera)
+    monkeypatch.setattr(sources, "open_capture", lambda source: camera)
     out = io.StringIO()
     code = run_source("camera:1", RunOptions(exported["export_dir"]), out=out, err=io.StringIO())
     summary = _lines(out.getvalue())[-1]["summary"]
-    assert code == camera_loop.EXIT_INTERRUPTED and summary["interrupted"] and summary["processed"] == 2
+    assert code is RunOutcome.INTERRUPTED and summary["interrupted"] and summary["processed"] == 2
 
 
 def test_run_reports_a_missing_source_and_a_tampered_export(exported: dict, tmp_path: Path) -> None:
     err = io.StringIO()
-    assert run_source(str(tmp_path / "nothing"), RunOptions(exported["export_dir"]), out=io.StringIO(), err=err) == 2
+    assert run_source(str(tmp_path / "nothing"), RunOptions(exported["export_dir"]), out=io.StringIO(), err=err) is RunOutcome.SOURCE_UNREADABLE
     assert "not a folder" in err.getvalue()
     export_dir = _copy_export(exported, tmp_path)
     flow = _flow_file(export_dir, "weave")
     flow.write_bytes(flow.read_bytes()[:-1])
     err = io.StringIO()
-    assert run_source(str(tmp_path), RunOptions(export_dir), out=io.StringIO(), err=err) == 1
+    assert run_source(str(tmp_path), RunOptions(export_dir), out=io.StringIO(), err=err) is RunOutcome.LOAD_FAILED
     assert "does not match the manifest" in err.getvalue()
 
 
@@ -478,7 +479,7 @@ def test_precision_that_was_not_exported_is_refused(exported: dict) -> None:
 def test_run_one_image_with_show_and_no_display(exported: dict, synth_root: Path) -> None:
     image = sorted((synth_root / "weave" / "test" / "good").glob("*.png"))[0]
     out, err = io.StringIO(), io.StringIO()
-    assert run_source(str(image), RunOptions(exported["export_dir"], show=True), out=out, err=err) == 0
+    assert run_source(str(image), RunOptions(exported["export_dir"], show=True), out=out, err=err) is RunOutcome.DONE
     lines = _lines(out.getvalue())
     assert lines[0]["task"] == "weave" and lines[-1]["summary"]["processed"] == 1
     assert "--show ignored" in err.getvalue()  # no DISPLAY here, and opencv-python-headless has no windows

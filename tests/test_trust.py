@@ -29,7 +29,15 @@ from moleflow_edge.cli import app
 from moleflow_edge.contract import MANIFEST_FILE, ManifestError, content_name, file_sha256, load_manifest, save_manifest
 from moleflow_edge.locking import FolderLock, FolderLocked
 from moleflow_edge.preprocess import read_image_bgr
-from moleflow_edge.runtime import BackendError, RunOptions, Runtime, RuntimeOptions, render_overlay, run_source
+from moleflow_edge.runtime import (
+    BackendError,
+    RunOptions,
+    RunOutcome,
+    Runtime,
+    RuntimeOptions,
+    render_overlay,
+    run_source,
+)
 from moleflow_edge.signing import SIGNED_MARKER, generate_keypair, key_id, load_private_key, load_public_keys, signed_by
 from tests.export_fixture import TASKS, normal_subset
 
@@ -45,7 +53,7 @@ def _edit_manifest(export_dir: Path, change: object) -> None:
 
 def _run(
     export_dir: Path, source: Path, *, check: bool = False, save_dir: Path | None = None, **loading: object
-) -> tuple[int, str, str]:
+) -> tuple[RunOutcome, str, str]:
     """``run`` on the onnxruntime target; ``loading``: RuntimeOptions fields."""
     out, err = io.StringIO(), io.StringIO()
     options = RunOptions(export_dir, RuntimeOptions("onnxruntime", **loading), save_dir=save_dir, check=check)  # type: ignore[arg-type]
@@ -98,7 +106,7 @@ def test_signed_exports_good_bad_and_missing(export_copy: Path, tmp_path: Path) 
     with pytest.raises(ManifestError, match="changed after signing"):
         load_manifest(export_copy, trusted_keys=load_public_keys([public]))
     code, _, err = _run(export_copy, tmp_path, trusted_keys=[public])
-    assert code == 1 and "changed after signing" in err
+    assert code is RunOutcome.LOAD_FAILED and "changed after signing" in err
     with pytest.raises(ValueError, match="already exists"):
         generate_keypair(key)  # a key is never overwritten
 
@@ -140,7 +148,7 @@ def test_a_stripped_signature_is_rebuilt_from_the_model_never_signed_again(
         with pytest.raises(ManifestError, match=refusal):
             Runtime.load(export_copy, RuntimeOptions("onnxruntime", trusted_keys=keys))
     code, _, err = _run(export_copy, tmp_path, trusted_keys=[public])
-    assert code == 1 and refusals["trusted"] in err
+    assert code is RunOutcome.LOAD_FAILED and refusals["trusted"] in err
     stripped = (export_copy / MANIFEST_FILE).read_bytes()
     runner, model, out = CliRunner(), str(built["model_dir"]), str(export_copy)
     for args in (["calibrate", "--export", out, "--data", str(built["data"])],
@@ -169,7 +177,7 @@ def test_a_file_unlike_its_content_name_is_refused_unsigned(built: dict, export_
     message = str(caught.value)
     assert "\n" not in message and name in message and "content-addressed name" in message
     code, _, err = _run(export_copy, tmp_path)
-    assert code == 1 and name in err
+    assert code is RunOutcome.LOAD_FAILED and name in err
     report = export_model(built["model_dir"], export_copy)  # unsigned: the swapped graph is rebuilt, not reused
     assert report.rebuilt == [name] and (export_copy / name).read_bytes() == genuine
     with Runtime.load(export_copy, RuntimeOptions("onnxruntime")) as runtime:
@@ -194,7 +202,7 @@ def test_schema_errors_are_listed_one_per_line_and_run_exits_1(export_copy: Path
     for expected in ("image_size", "threshold", "distance_limit", "sha256", "grid is missing", "surprise"):
         assert any(expected in line for line in lines[1:]), expected
     code, out, err = _run(export_copy, built["data"] / TASKS[0] / "test" / "good")
-    assert code == 1 and "image_size" in err and "Traceback" not in err
+    assert code is RunOutcome.LOAD_FAILED and "image_size" in err and "Traceback" not in err
     _edit_manifest(export_copy, lambda data: data.update(format_version=99))
     with pytest.raises(ManifestError, match="format version 99"):
         load_manifest(export_copy)
@@ -207,10 +215,10 @@ def test_a_graph_that_cannot_load_fails_run_and_check(export_copy: Path, built: 
         file=broken.relative_to(export_copy).as_posix(), sha256=file_sha256(broken)))  # fmt: skip
     frames = built["data"] / TASKS[1] / "test" / "good"
     code, out, err = _run(export_copy, frames)
-    assert code == 4 and "detector graphs failed" in err  # frames ran, but the export is not healthy
+    assert code is RunOutcome.ENGINE_FAILED and "detector graphs failed" in err  # frames ran, but the export is not healthy
     assert json.loads(out.splitlines()[-1])["summary"]["failed_tasks"].keys() == {TASKS[1]}
     code, out, err = _run(export_copy, frames, check=True)
-    assert code == 4 and TASKS[1] in err
+    assert code is RunOutcome.ENGINE_FAILED and TASKS[1] in err
     assert len(out.splitlines()) == 1  # only the summary: no frame ran
     with pytest.raises(BackendError, match=TASKS[1]):
         Runtime.load(export_copy, RuntimeOptions("onnxruntime")).check_graphs()
@@ -337,7 +345,7 @@ def test_calibrate_with_ten_normals_uses_the_tightest_supported_rate(built: dict
 
 def test_run_says_once_up_front_that_tasks_are_uncalibrated(built: dict) -> None:
     code, out, err = _run(built["export_dir"], built["data"] / TASKS[0] / "test" / "good")
-    assert code == 0 and err.count("not calibrated") == 1
+    assert code is RunOutcome.DONE and err.count("not calibrated") == 1
     assert err.index("not calibrated") < err.index("moleflow-edge run:")  # before the summary
     assert all(json.loads(out.splitlines()[-1])["summary"]["calibration"][t] == "uncalibrated" for t in TASKS)
 

@@ -16,8 +16,9 @@ from moleflow_edge.contract import ManifestError, Precision
 from moleflow_edge.preprocess import FrameError
 from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime.backend import Backend, BackendError, available_backends
-from moleflow_edge.runtime.camera_loop import run_source
+from moleflow_edge.runtime.camera_loop import RunOutcome, run_source
 from moleflow_edge.runtime.engine_cache import EngineStats
+from moleflow_edge.runtime.inference_runtime import InferenceRuntime, ServerLost
 from moleflow_edge.runtime.options import RunOptions, RuntimeOptions
 from moleflow_edge.runtime.overlay import render_overlay
 from moleflow_edge.runtime.result import FrameResult, StageTimings
@@ -30,11 +31,14 @@ __all__ = [
     "EngineStats",
     "FrameError",
     "FrameResult",
+    "InferenceRuntime",
     "ManifestError",
     "Precision",
     "RunOptions",
+    "RunOutcome",
     "Runtime",
     "RuntimeOptions",
+    "ServerLost",
     "StageTimings",
     "available_backends",
     "render_overlay",

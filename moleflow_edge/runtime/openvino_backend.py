@@ -59,8 +59,8 @@ class OpenVinoBackend(GraphBackend):
         require("openvino", self.kind, "openvino")
         import openvino as ov
 
-        device, threads, precision = "CPU", options.threads, options.chosen_precision
-        self.root, self.manifest, self.precision = root, manifest, precision
+        super().__init__(root, manifest, options)
+        device, threads, precision = "CPU", options.threads, self.precision
         self._core = ov.Core()
         if device not in self._core.available_devices:
             raise BackendError(f"OpenVINO has no device {device!r} here (available: {self._core.available_devices})")

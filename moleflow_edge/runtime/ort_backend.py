@@ -176,10 +176,10 @@ class OrtBackend(GraphBackend):
     def __init__(self, root: Path, manifest: Manifest, options: RuntimeOptions) -> None:
         """``options.providers``, else those of the target ``options.backend`` names, else the best this
         build has; the TensorRT provider, when asked for, keeps its engines in EXPORT/engines/ort_trt_cache."""
-        precision, device_id = options.chosen_precision, options.device_id
+        super().__init__(root, manifest, options)
+        precision, device_id = self.precision, options.device_id
         providers = options.providers or resolve_backend(options.backend)[1]
         cache = root / "engines" / "ort_trt_cache" if "TensorrtExecutionProvider" in (providers or ()) else None
-        self.root, self.manifest, self.precision = root, manifest, precision
         self.device_id = device_id
         self._options = session_options(options.threads)
         self._providers = choose_providers(None if providers is None else list(providers), precision, device_id, cache)

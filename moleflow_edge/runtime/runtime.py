@@ -39,8 +39,12 @@ def _ms(started: float) -> float:
 
 
 class Runtime:
-    """Exported MoLE-Flow graphs, ready for frames. Build with Runtime.load, or with the constructor
-    around a backend of one's own (the Triton BLS model's graphs are calls to other models); not thread-safe."""
+    """Exported MoLE-Flow graphs, ready for frames (an InferenceRuntime). Build with Runtime.load, or with
+    the constructor around a backend of one's own (the Triton BLS model's graphs are calls to other
+    models); not thread-safe."""
+
+    max_map_side: int | None
+    engine_choice: EngineChoice | None
 
     def __init__(
         self, root: Path, manifest: Manifest, backend: GraphBackend, router: RouterTable, engines: EngineCache

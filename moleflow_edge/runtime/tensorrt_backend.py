@@ -158,7 +158,8 @@ class TensorRtBackend(GraphBackend):
     kind = Backend.TENSORRT
 
     def __init__(self, root: Path, manifest: Manifest, options: RuntimeOptions) -> None:
-        precision, device_id = options.chosen_precision, options.device_id
+        super().__init__(root, manifest, options)
+        precision, device_id = self.precision, options.device_id
         require("tensorrt", self.kind, "'tensorrt>=10'")
         from moleflow_edge.runtime import cuda_memory as cm
 
@@ -173,7 +174,6 @@ class TensorRtBackend(GraphBackend):
         except trt_api.TensorRTVersionError as exc:
             raise BackendError(str(exc)) from exc
         cm.set_device(device_id)
-        self.root, self.manifest, self.precision = root, manifest, precision
         self.device = f"cuda:{device_id}"
         self._trt_version = trt.__version__
         self._capability = cm.compute_capability(device_id)

@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from moleflow_edge.contract import ManifestError
+from moleflow_edge.exit_codes import EXIT_BACKEND_ERROR, EXIT_LOAD_ERROR
 from moleflow_edge.runtime.backend import BackendError
-from moleflow_edge.runtime.camera_loop import EXIT_BACKEND_ERROR, EXIT_LOAD_ERROR
 from moleflow_edge.runtime.live_export import LiveExport
 from moleflow_edge.runtime.options import RuntimeOptions
 from moleflow_edge.runtime.result import FrameResult

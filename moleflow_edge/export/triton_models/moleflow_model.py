@@ -78,7 +78,7 @@ class BlsBackend(GraphBackend):
             import triton_python_backend_utils  # noqa: F401 - there only inside Triton's Python backend
         except ImportError:
             raise BackendError("engine 'triton-bls' runs only in a Triton model repository's Python backend") from None
-        self.root, self.manifest, self.precision = root, manifest, options.chosen_precision
+        super().__init__(root, manifest, options)
 
     def backbone(self, images: np.ndarray) -> FeatureBatch:
         embedding, routing = bls_call(BACKBONE_MODEL, {IMAGES: images}, [EMBEDDING, ROUTING_FEATURE])
