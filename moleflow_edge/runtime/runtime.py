@@ -45,6 +45,7 @@ class Runtime:
 
     max_map_side: int | None
     engine_choice: EngineChoice | None
+    load_failures: dict[str, str]
 
     def __init__(
         self, root: Path, manifest: Manifest, backend: GraphBackend, router: RouterTable, engines: EngineCache
