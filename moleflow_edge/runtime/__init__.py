@@ -3,9 +3,9 @@
 Imports numpy, OpenCV, onnxruntime, safetensors and, only when asked for, OpenVINO or
 TensorRT with cuda-python; never torch (tests check it).
 
-    from moleflow_edge.runtime import Runtime, UNKNOWN
+    from moleflow_edge.runtime import Runtime, RuntimeOptions, UNKNOWN
 
-    runtime = Runtime.load("export/")                    # or Runtime.load("export/", RuntimeOptions(...))
+    runtime = Runtime.load("export/", RuntimeOptions(backend="auto"))  # the options object: runtime/options.py
     for result in runtime.infer([frame_a, frame_b]):     # BGR uint8 HxWx3, any size
         if result.error:            print("bad frame:", result.error)
         elif result.task == UNKNOWN: print("not a product we know")

@@ -347,8 +347,9 @@ def serve_export(
         problem = serving_problem()
         if problem is not None:
             raise ServingUnavailable(problem)
+        keys = None if trusted_keys is None else tuple(trusted_keys)
         runtime = Runtime.load(
-            export_dir, RuntimeOptions(backend, precision, trusted_keys=trusted_keys, max_map_side=options.map_side_cap)
+            export_dir, RuntimeOptions(backend, precision, trusted_keys=keys, max_map_side=options.map_side_cap)
         )
     except ServingUnavailable as exc:
         say(f"error: cannot serve here: {exc}")
