@@ -4,7 +4,7 @@ so that either one can stand in for the other."""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 from moleflow_edge.contract import Precision
 from moleflow_edge.runtime.engine_cache import EngineStats
@@ -64,6 +64,6 @@ class InferenceRuntime(Protocol):
 
     def close(self) -> None: ...
 
-    def __enter__(self) -> InferenceRuntime: ...
+    def __enter__(self) -> Self: ...
 
     def __exit__(self, *exc: object) -> None: ...
