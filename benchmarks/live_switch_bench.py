@@ -72,13 +72,13 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    from moleflow_edge.runtime import Runtime
+    from moleflow_edge.runtime import Runtime, RuntimeOptions
     from moleflow_edge.runtime.live_export import LiveExport
 
     data, model, export = build(args.work)
     frames = {t: [cv2.imread(str(p)) for p in sorted((data / t / "test" / "good").glob("*.png"))] for t in [*TASKS, NEW]}
     said: list[str] = []
-    live = LiveExport(Runtime.load(export, threads=1), said.append)
+    live = LiveExport(Runtime.load(export, RuntimeOptions(threads=1)), said.append)
     latencies, tasks, errors = [], [], 0
     exporter, switched_at, i = None, None, 0
     with live:

@@ -104,7 +104,7 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from moleflow_edge.runtime import Backend, Runtime, available_backends
+    from moleflow_edge.runtime import Backend, Runtime, RuntimeOptions, available_backends
     from moleflow_edge.torch_backend import model_runtime
 
     data, model_dir, export_dir = prepare(args.work, args.steps)
@@ -115,9 +115,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     engines = {"pytorch eager": runtime_pipeline(model_runtime(model_dir))}
-    runtimes = {"runtime onnxruntime-cpu": Runtime.load(export_dir, Backend.ONNXRUNTIME, threads=args.threads)}
+    cpu = RuntimeOptions(Backend.ONNXRUNTIME, threads=args.threads)
+    runtimes = {"runtime onnxruntime-cpu": Runtime.load(export_dir, cpu)}
     if Backend.OPENVINO in available_backends():
-        runtimes["runtime openvino-cpu"] = Runtime.load(export_dir, Backend.OPENVINO, threads=args.threads)
+        openvino = RuntimeOptions(Backend.OPENVINO, threads=args.threads)
+        runtimes["runtime openvino-cpu"] = Runtime.load(export_dir, openvino)
     for name, runtime in runtimes.items():
         engines[name] = runtime_pipeline(runtime)
 

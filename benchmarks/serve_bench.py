@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from moleflow_edge.runtime import Runtime
-from moleflow_edge.runtime.camera_loop import IMAGE_SUFFIXES
+from moleflow_edge.runtime.sources import IMAGE_SUFFIXES
 from moleflow_edge.serving.client import RemoteRuntime
 from moleflow_edge.serving.serve_process import ServeProcess
 

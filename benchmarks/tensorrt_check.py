@@ -27,7 +27,7 @@ from moleflow_edge.config import MoleFlowConfig
 from moleflow_edge.data.mvtec import load_split
 from moleflow_edge.data.synth import generate
 from moleflow_edge.export.exporter import export_model
-from moleflow_edge.runtime import Runtime
+from moleflow_edge.runtime import Runtime, RuntimeOptions
 from moleflow_edge.runtime.backend import Backend, available_backends
 from moleflow_edge.train import train_task
 
@@ -67,11 +67,11 @@ def tensorrt_section(work: Path, iters: int = 20) -> dict[str, object]:
     export_model(model_dir, out, precisions=PRECISIONS, fmt="engine", calib_data=data, batch_profile=BATCH_PROFILE)
     frames = np.concatenate([load_split(data, task, "test", CONFIG.image_size).images for task in TASKS])
     frames = frames[: BATCH_PROFILE[2]]
-    cpu = {p: _scores(Runtime.load(out, "onnxruntime", p, providers=["CPUExecutionProvider"]), frames)
+    cpu = {p: _scores(Runtime.load(out, RuntimeOptions("onnxruntime-cpu", p)), frames)
            for p in PRECISIONS}  # fmt: skip
     rows = []
     for precision in PRECISIONS:
-        runtime = Runtime.load(out, "tensorrt", precision)
+        runtime = Runtime.load(out, RuntimeOptions("tensorrt", precision))
         scores, tasks = _scores(runtime, frames)
         for reference in sorted({precision, "fp32"}):
             ref_scores, ref_tasks = cpu[reference]

@@ -265,8 +265,8 @@ def run(
     ),
 ) -> None:
     """Inspect frames: one JSON line per frame on stdout, a summary at the end."""
-    from moleflow_edge.runtime import RunOptions, RuntimeOptions, run_source
-    from moleflow_edge.runtime.camera_loop import EXIT_CAMERA_LOST, ServerLost
+    from moleflow_edge.exit_codes import EXIT_CAMERA_LOST, RUN_EXIT_CODES
+    from moleflow_edge.runtime import RunOptions, RuntimeOptions, ServerLost, run_source
 
     if (export_dir is None) == (server is None):
         fail("give exactly one of --export DIR (run here) or --server HOST:PORT (run on a moleflow-edge serve)")
@@ -288,13 +288,13 @@ def run(
         camera = given(camera_retries=retries, retry_delay_s=retry_delay, batch_size=batch_size)
         options = RunOptions(where, loading, save, show, max_frames=max_frames, check=check, follow=follow,
                              **camera)  # fmt: skip
-        code = run_source(source, options, runtime=remote)
+        outcome = run_source(source, options, runtime=remote)
     except UserError as exc:
         fail(str(exc))
     except ServerLost as exc:  # the server did not answer at start
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(EXIT_CAMERA_LOST) from None
-    raise typer.Exit(code)
+    raise typer.Exit(RUN_EXIT_CODES[outcome])
 
 
 def _link_default(name: str) -> float:

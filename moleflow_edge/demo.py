@@ -128,7 +128,7 @@ def run_demo(out: str | Path, plan: DemoPlan = QUICK, steps: int | None = None,
     from moleflow_edge.evaluate import evaluate, format_eval_table
     from moleflow_edge.export.exporter import export_model
     from moleflow_edge.model_store import ModelStore
-    from moleflow_edge.runtime import RunOptions, RuntimeOptions, run_source
+    from moleflow_edge.runtime import RunOptions, RunOutcome, RuntimeOptions, run_source
     from moleflow_edge.train import train_task
 
     root = Path(out)
@@ -180,10 +180,10 @@ def run_demo(out: str | Path, plan: DemoPlan = QUICK, steps: int | None = None,
     log = io.StringIO()
     with run_jsonl.open("w") as lines:
         options = RunOptions(export_dir, RuntimeOptions("onnxruntime-cpu"), save_dir=maps)
-        code = run_source(str(frames), options, out=lines, err=log)
+        outcome = run_source(str(frames), options, out=lines, err=log)
     printer(log.getvalue().rstrip())
-    if code != 0:
-        raise RuntimeError(f"the runtime over {frames} exited {code}; see {run_jsonl}")
+    if outcome is not RunOutcome.DONE:
+        raise RuntimeError(f"the runtime over {frames} ended {outcome.value}; see {run_jsonl}")
     done(f"runtime over {frames}: overlays in {maps}")
 
     return DemoOutputs(root, data, model, export_dir, eval_json, bench_json, str(timings["chart"]), maps, run_jsonl,

@@ -206,7 +206,7 @@ def export_status(export_dir: Path, gpus: list[dict], trt_version: str | None) -
     """Which targets can run this export here: the manifest and every file's hash are checked, each
     target that passes the static checks is loaded for real (backbone and router)."""
     from moleflow_edge.contract import ManifestError, load_manifest
-    from moleflow_edge.runtime import BackendError, Runtime
+    from moleflow_edge.runtime import BackendError, Runtime, RuntimeOptions
 
     try:
         manifest = load_manifest(export_dir, verify=True)
@@ -229,7 +229,7 @@ def export_status(export_dir: Path, gpus: list[dict], trt_version: str | None) -
                           f"(built: {built}): run export --format engine on this device")  # fmt: skip
         if reason is None:
             try:
-                Runtime.load(export_dir, target.name, usable[0]).close()
+                Runtime.load(export_dir, RuntimeOptions(target.name, usable[0])).close()
             except (BackendError, ManifestError, ValueError, OSError) as exc:
                 reason = f"failed to load: {exc}"
         rows.append({"target": target.name, "can_run": reason is None, "precisions": usable if reason is None else [],

@@ -1,7 +1,7 @@
 """Good frames taken straight from a line's source (folder, video, camera:N, stream URL), for
 `learn` and `calibrate --source`. Torch-free: `calibrate` runs on the line PC.
 
-Frames are read through the run loop's own sources (runtime/camera_loop.iter_source), so they
+Frames are read through the run loop's own sources (runtime/sources.iter_source), so they
 carry the camera's codec and light exactly as `run` will see them. A frame that cannot be read
 is skipped and counted. A frame that repeats one already taken is refused: the rule is a mean
 absolute difference below ``DUPLICATE_GREY_LEVELS`` grey levels (0-255) between the two frames'
@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from moleflow_edge.errors import InputError, UserError
-from moleflow_edge.runtime.camera_loop import SourceError, iter_source
+from moleflow_edge.runtime.sources import SourceError, iter_source
 from moleflow_edge.runtime.video_io import is_stream_url, redact
 
 THUMBNAIL_SIDE = 32

@@ -3,9 +3,11 @@ this machine has it installed.
 
 Every list of "where a model runs" comes from TARGETS: the CLI's ``--backend`` and
 ``bench --backends`` choices, the runtime's ``auto`` order (the table's order, best first),
-the benchmark's rows, ``doctor``'s report and the README's table. Torch-free, and it imports
-no engine until asked whether one is installed, so that the runtime, the CLI and doctor read it
-first (doctor also where OpenCV or onnxruntime is missing).
+the benchmark's rows, ``doctor``'s report and the README's table. ENGINES says which class each
+engine kind (and so each target) builds, as a "module:Class" path that the runtime imports only
+when that engine is asked for (runtime/backend_factory.py). Torch-free, and it imports no engine
+until asked whether one is installed, so that the runtime, the CLI and doctor read it first
+(doctor also where OpenCV or onnxruntime is missing).
 """
 
 from __future__ import annotations
@@ -21,13 +23,29 @@ from moleflow_edge.errors import InputError
 
 
 class Backend(str, Enum):
-    """Inference engines the runtime drives; AUTO tries the table's ``auto`` targets in order."""
+    """Inference engines the runtime drives; AUTO tries the table's ``auto`` targets in order.
+
+    TRITON_BLS is no deployment target: it runs only inside Triton, where the repository's ``moleflow``
+    model builds it (its graphs are BLS calls to the repository's other models)."""
 
     AUTO = "auto"
     ONNXRUNTIME = "onnxruntime"
     OPENVINO = "openvino"
     TENSORRT = "tensorrt"
     TORCH = "torch"  # the trained model itself (moleflow_edge/torch_backend.py): eval and the eager bench, no export
+    TRITON_BLS = "triton-bls"
+
+
+# The one backend table: engine kind -> "module:Class", imported when that engine is asked for. Every
+# class takes (root, manifest, options: RuntimeOptions) and subclasses runtime.backend.GraphBackend;
+# an engine that lives outside runtime/ is one line here (and one Backend member). TORCH is no entry:
+# it runs a trained model directory, not an export (torch_backend.runtime_of builds it).
+ENGINES: dict[Backend, str] = {
+    Backend.ONNXRUNTIME: "moleflow_edge.runtime.ort_backend:OrtBackend",
+    Backend.OPENVINO: "moleflow_edge.runtime.openvino_backend:OpenVinoBackend",
+    Backend.TENSORRT: "moleflow_edge.runtime.tensorrt_backend:TensorRtBackend",
+    Backend.TRITON_BLS: "moleflow_edge.serving.triton.models.moleflow_model:BlsBackend",
+}
 
 
 class ExportFormat(str, Enum):

@@ -20,7 +20,7 @@ from moleflow_edge.data.mvtec import load_split
 from moleflow_edge.data.synth import generate
 from moleflow_edge.preprocess import read_image_bgr
 from moleflow_edge.router import UNKNOWN
-from moleflow_edge.runtime import Runtime
+from moleflow_edge.runtime import Runtime, RuntimeOptions
 from tests.conftest import TINY_CONFIG
 from tests.export_fixture import N_TEST_GOOD, TASKS
 
@@ -74,7 +74,7 @@ def test_calibrate_sets_thresholds_the_runtime_uses(built: dict, export_copy: Pa
         record = entry.calibrations["fp32"]
         assert record.n == N_TEST_GOOD and record.source == f"{entry.name}/test/good"
         assert row.k == 2 and row.defects > 0 and row.recall is not None
-    with Runtime.load(export_copy, backend="onnxruntime") as runtime:
+    with Runtime.load(export_copy, RuntimeOptions("onnxruntime")) as runtime:
         for task in TASKS:
             files = sorted((built["data"] / task / "test" / "good").glob("*.png"))
             results = runtime.infer([read_image_bgr(f) for f in files], with_maps=False)
@@ -93,7 +93,7 @@ def test_calibrated_limits_let_jpeg_good_frames_of_known_products_in(
     fresh = tmp_path / "fresh"  # other good images of the same products than those calibrated on
     generate(fresh, TASKS, seed=7, image_size=TINY_CONFIG.image_size, n_train=2, n_test_good=30, n_test_defect=1)
     calibrate(export_copy, built["data"], target_fpr=TARGET)
-    with Runtime.load(export_copy, backend="onnxruntime") as runtime:
+    with Runtime.load(export_copy, RuntimeOptions("onnxruntime")) as runtime:
         for task in TASKS:
             split = load_split(fresh, task, "test", TINY_CONFIG.image_size)
             for quality in (90, 75):

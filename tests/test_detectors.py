@@ -30,7 +30,7 @@ from moleflow_edge.export.trt_compat import check_tensorrt_compat
 from moleflow_edge.features import extract_features
 from moleflow_edge.model_store import SHARED_FILE, TASK_LIST_FILE, ModelStore
 from moleflow_edge.router import UNKNOWN
-from moleflow_edge.runtime import Runtime
+from moleflow_edge.runtime import Runtime, RuntimeOptions
 from moleflow_edge.train import train_task
 from tests.conftest import TINY_CONFIG
 
@@ -93,7 +93,7 @@ def test_the_export_records_each_kind_and_runs_torch_free(mixed: dict) -> None:
     manifest = load_manifest(mixed["export_dir"])
     assert {t.name: t.detector for t in manifest.tasks} == {t: k.value for t, k in SEQUENCE}
     assert all(a.file.startswith(f"{DETECTOR_DIR}/") for t in manifest.tasks for a in t.graphs.values())
-    runtime = Runtime.load(mixed["export_dir"], backend="onnxruntime-cpu", precision="fp32")
+    runtime = Runtime.load(mixed["export_dir"], RuntimeOptions("onnxruntime-cpu", precision="fp32"))
     assert runtime.router.kinds == {t: k.value for t, k in SEQUENCE}  # explaining compares kinds apart
     for task, _ in SEQUENCE:  # every good image reaches its own product's detector, whatever its kind
         split = load_split(mixed["data"], task, "test", CONFIG.image_size)
@@ -168,8 +168,8 @@ def test_an_export_made_before_detector_kinds_still_loads(mixed: dict, tmp_path:
     manifest = load_manifest(old)
     assert [t.detector for t in manifest.tasks] == ["flow", "flow"]  # the default: what every old task was
     images = load_split(mixed["data"], "tiles", "test", CONFIG.image_size).images
-    fresh = Runtime.load(mixed["export_dir"], backend="onnxruntime-cpu", precision="fp32").infer(images)
-    loaded = Runtime.load(old, backend="onnxruntime-cpu", precision="fp32").infer(images)
+    fresh = Runtime.load(mixed["export_dir"], RuntimeOptions("onnxruntime-cpu", precision="fp32")).infer(images)
+    loaded = Runtime.load(old, RuntimeOptions("onnxruntime-cpu", precision="fp32")).infer(images)
     assert [r.task for r in loaded] == [r.task for r in fresh]
     assert [r.image_score for r in loaded if r.task == "tiles"] == [r.image_score for r in fresh if r.task == "tiles"]
 

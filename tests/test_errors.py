@@ -21,8 +21,9 @@ from moleflow_edge.locking import FolderLocked
 from moleflow_edge.model_store import ModelDirError
 from moleflow_edge.preprocess import FrameError
 from moleflow_edge.runtime.backend import BackendError
-from moleflow_edge.runtime.camera_loop import CameraLost, ServerLost, SourceError
 from moleflow_edge.runtime.cuda_memory import CudaError
+from moleflow_edge.runtime.inference_runtime import ServerLost
+from moleflow_edge.runtime.sources import CameraLost, SourceError
 from moleflow_edge.runtime.trt_api import TensorRTVersionError
 from moleflow_edge.serving.libpython import ServingUnavailable
 from moleflow_edge.signing import SignatureError

@@ -34,7 +34,7 @@ from moleflow_edge.migrations import manifest as manifest_migration
 from moleflow_edge.migrations.manifest import BEFORE_HISTORY
 from moleflow_edge.model_store import TASK_LIST_FILE, ModelDirError, ModelStore
 from moleflow_edge.preprocess import read_image_bgr
-from moleflow_edge.runtime import Runtime
+from moleflow_edge.runtime import Runtime, RuntimeOptions
 from moleflow_edge.signing import generate_keypair, load_private_key, load_public_keys, record_signer, sign
 from tests.export_fixture import TASKS
 
@@ -308,7 +308,7 @@ def test_a_v1_export_loads_and_runs_with_its_thresholds(v1_export: Path, built: 
         distance_limit_method=weave.calibrations[Precision.FP32].distance_limit_method,
     )  # fmt: skip
     assert [(h.value, h.reason) for h in tiles.threshold_history][-1] == (7.5, "set by hand: line trial")
-    with Runtime.load(v1_export, backend="onnxruntime") as runtime:
+    with Runtime.load(v1_export, RuntimeOptions("onnxruntime")) as runtime:
         assert runtime.uncalibrated == [] and runtime.tasks == TASKS
         results = runtime.infer(_frames(built["data"]), with_maps=False)
     decided = [r for r in results if r.task in TASKS]
@@ -349,7 +349,7 @@ def test_a_v1_model_directory_loads_and_exports(built: dict, tmp_path: Path, tas
     frames = _frames(built["data"], 2)
     runs = []
     for export in (tmp_path / "export", built["export_dir"]):  # the same model, read as version 1 and as today's
-        with Runtime.load(export, backend="onnxruntime") as runtime:
+        with Runtime.load(export, RuntimeOptions("onnxruntime")) as runtime:
             runs.append([(r.task, r.image_score) for r in runtime.infer(frames, with_maps=False)])
     assert len(runs[0]) == len(frames) and runs[0] == runs[1]
     assert json.loads((built["model_dir"] / TASK_LIST_FILE).read_text())["format_version"] == 2  # what is written now

@@ -23,7 +23,7 @@ from moleflow_edge.cli import app
 from moleflow_edge.contract import MANIFEST_FILE, ManifestError, load_manifest, save_manifest
 from moleflow_edge.export.commit import sweep
 from moleflow_edge.locking import FolderLock
-from moleflow_edge.runtime import Runtime
+from moleflow_edge.runtime import RunOutcome, Runtime, RuntimeOptions
 from moleflow_edge.signing import generate_keypair, load_private_key
 from tests.export_fixture import TASKS, normal_subset
 from tests.test_trust import _edit_manifest
@@ -69,7 +69,7 @@ def test_a_signed_export_is_signed_again_when_it_verifies(built: dict, export_co
     key, public = generate_keypair(tmp_path / "build.key")
     save_manifest(export_copy, load_manifest(export_copy), load_private_key(key))
     calibrate(export_copy, normal_subset(built["data"], tmp_path / "data", 10), target_fpr=0.1, sign=key)
-    with Runtime.load(export_copy, backend="onnxruntime", trusted_keys=[public]) as runtime:
+    with Runtime.load(export_copy, RuntimeOptions("onnxruntime", trusted_keys=[public])) as runtime:
         assert not runtime.uncalibrated
 
 
@@ -141,7 +141,7 @@ def fresh(built: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A one-step training (over temporary files a killed save left), a signed export, keys, a run's
     overlays and the outputs of synth, bench and eval into new folders, all under umask 002."""
     from moleflow_edge.export.exporter import export_model
-    from moleflow_edge.runtime import RunOptions, RuntimeOptions, run_source
+    from moleflow_edge.runtime import RunOptions, run_source
     from moleflow_edge.train import train_task
     from tests.conftest import TINY_CONFIG
 
@@ -186,7 +186,7 @@ def test_every_written_file_has_its_documented_mode(fresh: dict) -> None:
 
 
 def test_outputs_in_a_new_folder_are_written(fresh: dict) -> None:
-    assert fresh["run"] == 0 and len(list((fresh["outputs"] / "maps").glob("*.png"))) == 1
+    assert fresh["run"] is RunOutcome.DONE and len(list((fresh["outputs"] / "maps").glob("*.png"))) == 1
     for command, result in fresh["cli"].items():
         assert result.exit_code == 0, (command, result.output)
     assert (fresh["outputs"] / "synth" / "cap" / "train" / "good").is_dir()

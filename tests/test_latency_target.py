@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from moleflow_edge.calibration import calibrate
 from moleflow_edge.cli import app
 from moleflow_edge.contract import load_manifest, save_manifest
-from moleflow_edge.runtime import BackendError, Runtime, engine_select
+from moleflow_edge.runtime import BackendError, Runtime, RuntimeOptions, engine_select
 from moleflow_edge.runtime.engine_select import LATENCY_CACHE, TIMED_FRAMES, WARMUP_FRAMES, LatencyTargetWarning
 
 CPU = "onnxruntime-cpu"
@@ -62,7 +62,8 @@ def record_auroc(export_dir: Path, **by_precision: float) -> None:
 
 
 def load(export_dir: Path, target_ms: float, clock: object, **kwargs: object) -> Runtime:
-    return Runtime.load(export_dir, latency_target_ms=target_ms, clock=clock, **kwargs)  # type: ignore[arg-type]
+    options = RuntimeOptions(latency_target_ms=target_ms, **kwargs)  # type: ignore[arg-type]
+    return Runtime.load(export_dir, options, clock=clock)  # type: ignore[arg-type]
 
 
 # --- choosing --------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from moleflow_edge.contract import load_manifest
 from moleflow_edge.data.synth import generate
 from moleflow_edge.good_frames import FrameSourceError, take_good_frames
 from moleflow_edge.preprocess import read_image_bgr
-from moleflow_edge.runtime import Runtime
+from moleflow_edge.runtime import Runtime, RuntimeOptions
 from tests.export_fixture import TASKS
 
 NEW = "screw"
@@ -102,7 +102,7 @@ def test_learn_adds_a_calibrated_task_and_leaves_earlier_ones_bit_identical(buil
     task_file = Path("tasks") / f"{NEW}.safetensors"
     assert (reference / task_file).read_bytes() == (model / task_file).read_bytes()
 
-    with Runtime.load(export, backend="onnxruntime") as runtime:  # the export serves the new product
+    with Runtime.load(export, RuntimeOptions("onnxruntime")) as runtime:  # the export serves the new product
         good = sorted((tmp_path / "synth" / NEW / "test" / "good").glob("*.png"))
         results = runtime.infer([read_image_bgr(f) for f in good], with_maps=False)
     assert [r.task for r in results] == [NEW] * len(good)

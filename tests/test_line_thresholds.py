@@ -17,7 +17,7 @@ from moleflow_edge.contract import MANIFEST_FILE, ManifestError, load_manifest, 
 from moleflow_edge.data.synth import generate
 from moleflow_edge.migrations.manifest import BEFORE_HISTORY
 from moleflow_edge.preprocess import resize_frame
-from moleflow_edge.runtime import Runtime
+from moleflow_edge.runtime import Runtime, RuntimeOptions
 from moleflow_edge.signing import SIGNED_MARKER, generate_keypair, load_private_key, load_public_keys
 from tests.export_fixture import TASKS
 
@@ -55,7 +55,7 @@ def test_calibrate_source_keeps_jpeg_good_frames_within_the_target_rate(export_c
     assert entry.threshold_history[-1].value == threshold and str(calib) in entry.threshold_history[-1].reason
 
     held_out = [cv2.imread(str(p)) for p in frames[40:]]
-    with Runtime.load(export_copy, backend="onnxruntime") as runtime:
+    with Runtime.load(export_copy, RuntimeOptions("onnxruntime")) as runtime:
         scores, _ = runtime.score_as(np.stack([resize_frame(f, runtime.image_size) for f in held_out]), task)
     flagged = int(np.sum(scores > threshold))
     # E[FPR] = k/(n+1) = 4/41 <= 0.1; 40 held-out frames: at most the rule's 95 % bound on the rate
@@ -98,7 +98,7 @@ def test_a_threshold_set_by_hand_is_a_new_manifest_with_history(built: dict, exp
     assert old.value == calibrated and old.reason.startswith("calibrate: target FPR 0.1 on 24 normal images")
     assert (new.value, new.reason, new.precision) == (5.5, "set by hand: night shift", "fp32")
     assert new.time.endswith("Z") and entry.calibrations["fp32"].quantile_method == "set by hand: night shift"
-    with Runtime.load(export_copy, backend="onnxruntime") as runtime:
+    with Runtime.load(export_copy, RuntimeOptions("onnxruntime")) as runtime:
         assert runtime.task_entry(task).thresholds["fp32"] == 5.5
     same = (export_copy / MANIFEST_FILE).read_bytes()
     assert set_threshold(export_copy, task, 5.5) == 5.5 and (export_copy / MANIFEST_FILE).read_bytes() == same

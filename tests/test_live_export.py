@@ -23,7 +23,7 @@ import pytest
 
 from moleflow_edge.config import DetectorKind
 from moleflow_edge.contract import MANIFEST_FILE, load_manifest, save_manifest
-from moleflow_edge.runtime import UNKNOWN, Runtime
+from moleflow_edge.runtime import UNKNOWN, Runtime, RuntimeOptions
 from moleflow_edge.runtime.folder_follow import follow_folder
 from moleflow_edge.runtime.live_export import LiveExport
 from moleflow_edge.serving.libpython import serving_problem
@@ -128,7 +128,7 @@ def test_switch_keeps_unchanged_graphs_warm_and_applies_the_new_router(line: dic
     export = _line_export(line, tmp_path)
     said: list[str] = []
     weave, screw = (cv2.imread(str(_frames(line, t, 1)[0])) for t in ("weave", NEW))
-    runtime = Runtime.load(export, trusted_keys=[line["public"]])
+    runtime = Runtime.load(export, RuntimeOptions(trusted_keys=[line["public"]]))
     with LiveExport(runtime, said.append) as live:
         assert live.current().infer_one(weave).task == "weave"
         assert live.current().infer_one(screw).task == UNKNOWN  # no screw yet

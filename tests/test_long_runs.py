@@ -19,7 +19,7 @@ import pytest
 from moleflow_edge.calibration import calibrate
 from moleflow_edge.contract import CalibrationRecord, ManifestError, Precision, load_manifest
 from moleflow_edge.preprocess import read_image_bgr
-from moleflow_edge.runtime import Runtime
+from moleflow_edge.runtime import RunOutcome, Runtime, RuntimeOptions
 from moleflow_edge.runtime.camera_loop import LoopStats
 from moleflow_edge.runtime.result import FrameResult
 from tests.export_fixture import TASKS, normal_subset
@@ -54,24 +54,22 @@ def test_saved_overlays_of_a_huge_frame_are_drawn_at_the_capped_size(built: dict
     frames.mkdir()
     cv2.imwrite(str(frames / "huge.png"), cv2.resize(frame, (1200, 1800), interpolation=cv2.INTER_LINEAR))
     code, out, _ = _run(built["export_dir"], frames, save_dir=tmp_path / "maps", max_map_side=300)
-    assert code == 0
+    assert code is RunOutcome.DONE
     overlay = cv2.imread(json.loads(out.splitlines()[0])["overlay"])
     assert overlay.shape == (300, 200, 3)  # longest side capped like the map, aspect kept
 
 
 def test_run_exits_non_zero_when_every_frame_failed(built: dict, tmp_path: Path) -> None:
-    from moleflow_edge.runtime.camera_loop import EXIT_ALL_FRAMES_FAILED
-
     frames = tmp_path / "frames"
     frames.mkdir()
     for name in ("a.png", "b.jpg"):
         (frames / name).write_bytes(b"not an image")
     code, out, err = _run(built["export_dir"], frames)
-    assert code == EXIT_ALL_FRAMES_FAILED and "every frame failed (2 of 2)" in err
-    assert json.loads(out.splitlines()[-1])["summary"]["exit_code"] == EXIT_ALL_FRAMES_FAILED
+    assert code is RunOutcome.ALL_FRAMES_FAILED and "every frame failed (2 of 2)" in err
+    assert json.loads(out.splitlines()[-1])["summary"]["outcome"] == "all_frames_failed"
     shutil.copy(sorted((built["data"] / TASKS[0] / "test" / "good").glob("*.png"))[0], frames / "c.png")
     code, _, err = _run(built["export_dir"], frames)
-    assert code == 0 and "every frame failed" not in err  # one good frame among bad ones: a normal run
+    assert code is RunOutcome.DONE and "every frame failed" not in err  # one good frame among bad ones: a normal run
 
 
 def test_bench_says_why_it_skipped_a_row(built: dict) -> None:
@@ -88,9 +86,9 @@ def test_a_manifest_whose_image_size_is_valid_but_wrong_is_refused_at_load(built
     _edit_manifest(export_copy, lambda data: data.update(image_size=96))
     load_manifest(export_copy)  # the schema and the hashes are fine
     with pytest.raises(ManifestError, match=r"does not match the manifest \(image_size 96\).*images"):
-        Runtime.load(export_copy, backend="onnxruntime")
+        Runtime.load(export_copy, RuntimeOptions("onnxruntime"))
     code, out, err = _run(export_copy, built["data"] / TASKS[0] / "test" / "good")
-    assert code == 1 and "image_size 96" in err and "Traceback" not in err
+    assert code is RunOutcome.LOAD_FAILED and "image_size 96" in err and "Traceback" not in err
     assert len(out.splitlines()) == 1  # no frame was tried
 
 
@@ -98,12 +96,12 @@ def test_a_manifest_whose_image_size_is_valid_but_wrong_is_refused_at_load(built
 def test_each_precision_is_judged_by_its_own_threshold(built: dict, export_copy: Path, tmp_path: Path) -> None:
     data = normal_subset(built["data"], tmp_path / "data", 10)
     calibrate(export_copy, data, target_fpr=0.1, precision="fp32")
-    with Runtime.load(export_copy, backend="onnxruntime", precision="int8") as runtime:
+    with Runtime.load(export_copy, RuntimeOptions("onnxruntime", precision="int8")) as runtime:
         assert runtime.uncalibrated == TASKS  # fp32's threshold is never applied to int8 scores
         assert runtime.task_status()[TASKS[0]] == "uncalibrated at int8 (calibrated at fp32)"
         assert runtime.infer_one(read_image_bgr(next(data.rglob("*.png")))).is_anomaly is None
     code, _, err = _run(export_copy, data / TASKS[0] / "test" / "good", precision="int8")
-    assert code == 0 and "not calibrated at int8" in err and "--precision int8" in err
+    assert code is RunOutcome.DONE and "not calibrated at int8" in err and "--precision int8" in err
     int8 = {row.task: row.threshold for row in calibrate(export_copy, data, target_fpr=0.1, precision="int8").tasks}
     fp32 = {row.task: row.threshold for row in calibrate(export_copy, data, target_fpr=0.1, precision="fp32").tasks}
     assert int8 != fp32  # scores differ between precisions, and so do their thresholds
@@ -113,7 +111,7 @@ def test_each_precision_is_judged_by_its_own_threshold(built: dict, export_copy:
         assert {p: c.precision for p, c in entry.calibrations.items()} == {"int8": "int8", "fp32": "fp32"}
     frames = [read_image_bgr(p) for p in sorted((data / TASKS[0] / "test" / "good").glob("*.png"))]
     for precision, thresholds in (("int8", int8), ("fp32", fp32)):
-        with Runtime.load(export_copy, backend="onnxruntime", precision=precision) as runtime:
+        with Runtime.load(export_copy, RuntimeOptions("onnxruntime", precision=precision)) as runtime:
             results = [r for r in runtime.infer(frames, with_maps=False) if r.task in thresholds]
             assert results and all(r.threshold == thresholds[r.task] for r in results), precision
             assert all(r.is_anomaly == (r.image_score > r.threshold) for r in results)
@@ -130,7 +128,7 @@ def test_a_manifest_from_before_thresholds_per_precision_still_loads(export_copy
     assert manifest.task(TASKS[0]).thresholds == {"int8": 1.5}
     assert manifest.task(TASKS[0]).calibrations == {"int8": CalibrationRecord(Precision.INT8, n=10)}
     assert manifest.task(TASKS[1]).thresholds == {"fp32": 2.5}
-    with Runtime.load(export_copy, backend="onnxruntime") as runtime:
+    with Runtime.load(export_copy, RuntimeOptions("onnxruntime")) as runtime:
         assert runtime.uncalibrated == [TASKS[0]]
     saved = json.loads(manifest.to_json())["tasks"][0]
     assert "threshold" not in saved and saved["thresholds"] == {"int8": 1.5}  # written back in the new form

@@ -109,6 +109,7 @@ from moleflow_edge.detectors.registry import score_images
 from moleflow_edge.export.exporter import export_model
 from moleflow_edge.metrics import auroc
 from moleflow_edge.model_store import ModelStore
+from moleflow_edge.runtime.options import RuntimeOptions
 from moleflow_edge.runtime.runtime import Runtime
 from moleflow_edge.train import train_task
 
@@ -125,7 +126,7 @@ out = {"reports": [r.detector.value for r in reports],
        "manifest": [t.detector for t in load_manifest(work / "export").tasks],
        "tasks_json": json.loads((work / "model" / "tasks.json").read_text()),
        "config": json.loads((work / "model" / "config.json").read_text())}
-with Runtime.load(work / "export", backend="onnxruntime") as runtime:
+with Runtime.load(work / "export", RuntimeOptions("onnxruntime")) as runtime:
     for task in tasks:
         split = load_split(data, task, "test", 128)
         results = runtime.infer(split.images, with_maps=False)

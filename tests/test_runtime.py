@@ -23,10 +23,11 @@ from moleflow_edge.runtime import (
     BackendError,
     FrameResult,
     RunOptions,
+    RunOutcome,
     Runtime,
     RuntimeOptions,
-    camera_loop,
     run_source,
+    sources,
 )
 from moleflow_edge.runtime.backend import DetectorEngine, FeatureBatch, module_available
 from moleflow_edge.runtime.engine_cache import EngineCache
@@ -74,7 +75,7 @@ def reference(exported: dict, frames: list) -> list[FrameResult]:
 
 @pytest.fixture(scope="module")
 def runtime(exported: dict) -> Runtime:
-    rt = Runtime.load(exported["export_dir"], backend="onnxruntime")
+    rt = Runtime.load(exported["export_dir"], RuntimeOptions("onnxruntime"))
     yield rt
     rt.close()
 
@@ -111,12 +112,12 @@ def test_runtime_imports_and_runs_without_torch(exported: dict, tmp_path: Path) 
         assert not torch_modules(), torch_modules()
         exporter = sorted(m for m in sys.modules if m.startswith("moleflow_edge.export"))
         assert not exporter, f"the runtime imports the exporter: {{exporter}}"
-        rt = runtime.Runtime.load({str(exported["export_dir"])!r}, backend="onnxruntime")
+        rt = runtime.Runtime.load({str(exported["export_dir"])!r}, runtime.RuntimeOptions("onnxruntime"))
         results = rt.infer([np.full((100, 120, 3), 128, np.uint8), None])
         assert results[0].error is None and results[1].error is not None
         quiet = dict(out=io.StringIO(), err=io.StringIO())
         code = runtime.run_source({str(folder)!r}, runtime.RunOptions({str(exported["export_dir"])!r}), **quiet)
-        assert code == 0, code
+        assert code is runtime.RunOutcome.DONE, code
         assert not torch_modules(), torch_modules()
         print("torch-free")
         """
@@ -136,7 +137,7 @@ def test_results_equal_pytorch_model(runtime: Runtime, frames: list, reference: 
 
 def test_io_binding_path_with_router_graph_matches(exported: dict, frames: list, reference: list[FrameResult]) -> None:
     """The device path (bound OrtValues, router.onnx) run on the CPU device: same results."""
-    with Runtime.load(exported["export_dir"], backend="onnxruntime", io_binding=True) as rt:
+    with Runtime.load(exported["export_dir"], RuntimeOptions("onnxruntime", io_binding=True)) as rt:
         assert "IOBinding" in rt.description
         assert rt._backend.routes_on_device
         _check_against_reference(rt.infer([f for _, f in frames]), frames, reference)
@@ -144,7 +145,7 @@ def test_io_binding_path_with_router_graph_matches(exported: dict, frames: list,
 
 @pytest.mark.skipif(not module_available("openvino"), reason="openvino not installed (optional)")
 def test_openvino_backend_matches(exported: dict, frames: list, reference: list[FrameResult]) -> None:
-    with Runtime.load(exported["export_dir"], backend="openvino") as rt:
+    with Runtime.load(exported["export_dir"], RuntimeOptions("openvino")) as rt:
         assert rt.backend is Backend.OPENVINO
         _check_against_reference(rt.infer([f for _, f in frames]), frames, reference)
 
@@ -262,7 +263,7 @@ def test_tampered_graph_is_refused_at_load(exported: dict, tmp_path: Path) -> No
 
 def test_graph_replaced_after_load_fails_only_its_task(exported: dict, tmp_path: Path, frames: list) -> None:
     export_dir = _copy_export(exported, tmp_path)
-    with Runtime.load(export_dir, backend="onnxruntime") as rt:
+    with Runtime.load(export_dir, RuntimeOptions("onnxruntime")) as rt:
         flow = _flow_file(export_dir, "screw")
         flow.write_bytes(flow.read_bytes() + b"\0")  # changed before the lazy load of that task
         picks = [next(f for c, f in frames if c == t) for t in TRAINED]
@@ -273,31 +274,31 @@ def test_graph_replaced_after_load_fails_only_its_task(exported: dict, tmp_path:
     assert set(by_task) >= {"weave", "tiles"}
 
 
-def test_options_and_loose_fields_are_not_mixed(exported: dict) -> None:
-    """One object carries the options; fields beside it would be silently dropped, so they are refused."""
-    with pytest.raises(ValueError, match="not both"):
-        Runtime.load(exported["export_dir"], options=RuntimeOptions("onnxruntime"), max_map_side=64)
-    with Runtime.load(exported["export_dir"], options=RuntimeOptions("onnxruntime", max_map_side=64)) as rt:
+def test_options_are_one_object(exported: dict) -> None:
+    """Runtime.load takes one RuntimeOptions, never loose fields beside or instead of it."""
+    with pytest.raises(TypeError):
+        Runtime.load(exported["export_dir"], backend="onnxruntime")  # type: ignore[call-arg]
+    with Runtime.load(exported["export_dir"], RuntimeOptions("onnxruntime", max_map_side=64)) as rt:
         assert rt.max_map_side == 64
 
 
 def test_unknown_backend_and_precision_are_named(exported: dict) -> None:
     with pytest.raises(ValueError, match="onnxruntime"):
-        Runtime.load(exported["export_dir"], backend="tensorflow")
+        Runtime.load(exported["export_dir"], RuntimeOptions("tensorflow"))
     with pytest.raises(ValueError, match="fp32"):
-        Runtime.load(exported["export_dir"], precision="fp64")
+        Runtime.load(exported["export_dir"], RuntimeOptions(precision="fp64"))
 
 
 @pytest.mark.skipif(module_available("tensorrt"), reason="tensorrt is installed here")
 def test_tensorrt_backend_says_what_to_install(exported: dict) -> None:
     with pytest.raises(BackendError, match="pip install"):
-        Runtime.load(exported["export_dir"], backend="tensorrt")
+        Runtime.load(exported["export_dir"], RuntimeOptions("tensorrt"))
 
 
 # --- resident engines ------------------------------------------------------------------------------
 def test_resident_engine_cap_is_honoured(exported: dict, frames: list) -> None:
     picks = {t: next(f for c, f in frames if c == t) for t in TRAINED}
-    with Runtime.load(exported["export_dir"], backend="onnxruntime", max_resident_tasks=1) as rt:
+    with Runtime.load(exported["export_dir"], RuntimeOptions("onnxruntime", max_resident_tasks=1)) as rt:
         for task in ["weave", "tiles", "weave", "screw", "screw"]:
             assert rt.infer_one(picks[task]).task == task
             assert len(rt.resident_tasks) <= 1
@@ -312,9 +313,8 @@ def test_resident_engine_cap_is_honoured(exported: dict, frames: list) -> None:
 
 def test_memory_budget_keeps_one_engine(exported: dict, frames: list) -> None:
     picks = [next(f for c, f in frames if c == t) for t in TRAINED]
-    with Runtime.load(
-        exported["export_dir"], backend="onnxruntime", max_resident_tasks=None, memory_budget_mb=0.001
-    ) as rt:
+    options = RuntimeOptions("onnxruntime", max_resident_tasks=None, memory_budget_mb=0.001)
+    with Runtime.load(exported["export_dir"], options) as rt:
         results = rt.infer(picks)
         assert all(r.error is None for r in results)
         assert len(rt.resident_tasks) == 1 and rt.engine_stats.unloads == 2
@@ -365,7 +365,7 @@ def test_run_over_a_folder_with_a_corrupt_file(exported: dict, synth_root: Path,
     out, err = io.StringIO(), io.StringIO()
     options = RunOptions(exported["export_dir"], RuntimeOptions("onnxruntime"), save_dir=overlays)
     code = run_source(str(folder), options, out=out, err=err)
-    assert code == 0
+    assert code is RunOutcome.DONE
     lines = _lines(out.getvalue())
     frames_out, summary = lines[:-1], lines[-1]["summary"]
     assert len(frames_out) == 5
@@ -379,7 +379,7 @@ def test_run_over_a_folder_with_a_corrupt_file(exported: dict, synth_root: Path,
         assert cv2.imread(line["overlay"]).shape == (128, 128, 3)
     assert len(list(overlays.glob("*.png"))) == 4
     assert summary["frames"] == 5 and summary["errors"] == 1 and summary["unknown"] >= 1
-    assert summary["latency_ms"]["total"]["p50"] > 0 and summary["exit_code"] == 0
+    assert summary["latency_ms"]["total"]["p50"] > 0 and summary["outcome"] == "done"
     assert "frames/s" in err.getvalue() and "p99" in err.getvalue()
 
 
@@ -394,7 +394,7 @@ def test_run_over_a_video_file(exported: dict, frames: list, tmp_path: Path) -> 
     out = io.StringIO()
     code = run_source(str(video), RunOptions(exported["export_dir"], batch_size=2), out=out, err=io.StringIO())
     lines = _lines(out.getvalue())
-    assert code == 0 and len(lines) == 5 and lines[-1]["summary"]["processed"] == 4
+    assert code is RunOutcome.DONE and len(lines) == 5 and lines[-1]["summary"]["processed"] == 4
     assert [line["frame"] for line in lines[:-1]] == [0, 1, 2, 3]
 
 
@@ -424,11 +424,11 @@ def test_camera_that_stops_is_retried_then_exits_nonzero(
 ) -> None:
     camera = _FakeCamera(frames[0][1], good=3)
     opened: list[object] = []
-    monkeypatch.setattr(camera_loop, "open_capture", lambda source: opened.append(source) or camera)
+    monkeypatch.setattr(sources, "open_capture", lambda source: opened.append(source) or camera)
     out, err = io.StringIO(), io.StringIO()
     options = RunOptions(exported["export_dir"], camera_retries=2, retry_delay_s=0, batch_size=2)
     code = run_source("camera:0", options, out=out, err=err)
-    assert code == camera_loop.EXIT_CAMERA_LOST
+    assert code is RunOutcome.LOST
     lines = _lines(out.getvalue())
     assert len(lines) == 4 and lines[-1]["summary"]["processed"] == 3  # the half-full batch is not lost
     assert opened == [0, 0, 0]  # opened, then reopened once per retry
@@ -437,34 +437,34 @@ def test_camera_that_stops_is_retried_then_exits_nonzero(
 
 def test_ctrl_c_ends_with_the_summary(exported: dict, frames: list, monkeypatch: pytest.MonkeyPatch) -> None:
     camera = _FakeCamera(frames[0][1], good=2, then=KeyboardInterrupt)
-    monkeypatch.setattr(camera_loop, "open_capture", lambda source: camera)
+    monkeypatch.setattr(sources, "open_capture", lambda source: camera)
     out = io.StringIO()
     code = run_source("camera:1", RunOptions(exported["export_dir"]), out=out, err=io.StringIO())
     summary = _lines(out.getvalue())[-1]["summary"]
-    assert code == camera_loop.EXIT_INTERRUPTED and summary["interrupted"] and summary["processed"] == 2
+    assert code is RunOutcome.INTERRUPTED and summary["interrupted"] and summary["processed"] == 2
 
 
 def test_run_reports_a_missing_source_and_a_tampered_export(exported: dict, tmp_path: Path) -> None:
     err = io.StringIO()
-    assert run_source(str(tmp_path / "nothing"), RunOptions(exported["export_dir"]), out=io.StringIO(), err=err) == 2
+    assert run_source(str(tmp_path / "nothing"), RunOptions(exported["export_dir"]), out=io.StringIO(), err=err) is RunOutcome.SOURCE_UNREADABLE
     assert "not a folder" in err.getvalue()
     export_dir = _copy_export(exported, tmp_path)
     flow = _flow_file(export_dir, "weave")
     flow.write_bytes(flow.read_bytes()[:-1])
     err = io.StringIO()
-    assert run_source(str(tmp_path), RunOptions(export_dir), out=io.StringIO(), err=err) == 1
+    assert run_source(str(tmp_path), RunOptions(export_dir), out=io.StringIO(), err=err) is RunOutcome.LOAD_FAILED
     assert "does not match the manifest" in err.getvalue()
 
 
 def test_precision_that_was_not_exported_is_refused(exported: dict) -> None:
     with pytest.raises(ManifestError, match="--precision fp16"):
-        Runtime.load(exported["export_dir"], precision="fp16")
+        Runtime.load(exported["export_dir"], RuntimeOptions(precision="fp16"))
 
 
 def test_run_one_image_with_show_and_no_display(exported: dict, synth_root: Path) -> None:
     image = sorted((synth_root / "weave" / "test" / "good").glob("*.png"))[0]
     out, err = io.StringIO(), io.StringIO()
-    assert run_source(str(image), RunOptions(exported["export_dir"], show=True), out=out, err=err) == 0
+    assert run_source(str(image), RunOptions(exported["export_dir"], show=True), out=out, err=err) is RunOutcome.DONE
     lines = _lines(out.getvalue())
     assert lines[0]["task"] == "weave" and lines[-1]["summary"]["processed"] == 1
     assert "--show ignored" in err.getvalue()  # no DISPLAY here, and opencv-python-headless has no windows

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from moleflow_edge.runtime import RunOptions, Runtime, camera_loop, run_source
+from moleflow_edge.runtime import RunOptions, RunOutcome, Runtime, RuntimeOptions, run_source, sources
 from moleflow_edge.runtime.video_io import has_backend, is_pipeline, is_stream_url, redact, unsupported, video_io
 from tests.export_fixture import TASKS
 
@@ -91,7 +91,7 @@ def _lines(text: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runtime(built: dict) -> Iterator[Runtime]:
-    rt = Runtime.load(built["export_dir"], "onnxruntime-cpu")
+    rt = Runtime.load(built["export_dir"], RuntimeOptions("onnxruntime-cpu"))
     yield rt
     rt.close()
 
@@ -105,7 +105,7 @@ def test_stream_that_drops_is_reconnected_then_reported_lost(runtime: Runtime, j
         code = run_source(server.url("operator:s3cret@"), options, out=out, err=err, runtime=runtime)
     lines = _lines(out.getvalue())
     frames, summary = lines[:-1], lines[-1]["summary"]
-    assert code == camera_loop.EXIT_CAMERA_LOST and summary["exit_code"] == code
+    assert code is RunOutcome.LOST and summary["outcome"] == "lost"
     assert summary["processed"] == sum(plan) and [f["frame"] for f in frames] == list(range(sum(plan)))
     assert server.connections == 1 + 1 + 2  # first open, one reconnection that worked, two that got 503
     assert "reopening it (1/2)" in err.getvalue() and "stopped delivering frames after frame 40" in err.getvalue()
@@ -133,14 +133,14 @@ def _ffmpeg_decode(jpeg: bytes, folder: Path) -> np.ndarray:
 def test_stalled_stream_times_out_instead_of_hanging(
     runtime: Runtime, jpegs: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(camera_loop, "STREAM_TIMEOUT_MS", 400)
+    monkeypatch.setattr(sources, "STREAM_TIMEOUT_MS", 400)
     with MjpegServer([data for _, data in jpegs], [24], stall_s=20.0) as server:
         out, err = io.StringIO(), io.StringIO()
         started = time.perf_counter()
         options = RunOptions("unused", camera_retries=1, retry_delay_s=0.05)
         code = run_source(server.url(), options, out=out, err=err, runtime=runtime)
         elapsed = time.perf_counter() - started
-    assert code == camera_loop.EXIT_CAMERA_LOST and _lines(out.getvalue())[-1]["summary"]["processed"] == 24
+    assert code is RunOutcome.LOST and _lines(out.getvalue())[-1]["summary"]["processed"] == 24
     assert elapsed < 10.0, f"a silent stream held the loop for {elapsed:.1f} s"
 
 
@@ -148,7 +148,7 @@ def test_stream_that_never_answers_is_a_source_error(runtime: Runtime) -> None:
     with MjpegServer([], []) as server:
         err = io.StringIO()
         code = run_source(server.url(), RunOptions("unused"), out=io.StringIO(), err=err, runtime=runtime)
-    assert code == camera_loop.EXIT_SOURCE_ERROR and "cannot open stream http://127.0.0.1" in err.getvalue()
+    assert code is RunOutcome.SOURCE_UNREADABLE and "cannot open stream http://127.0.0.1" in err.getvalue()
 
 
 def test_gstreamer_pipeline_runs_or_is_refused_naming_gstreamer(runtime: Runtime) -> None:
@@ -158,15 +158,15 @@ def test_gstreamer_pipeline_runs_or_is_refused_naming_gstreamer(runtime: Runtime
     code = run_source(pipeline, options, out=out, err=err, runtime=runtime)
     summary = _lines(out.getvalue())[-1]["summary"]
     if has_backend("GStreamer"):  # an OpenCV built with GStreamer (JetPack's, a distribution's) reads it
-        assert summary["processed"] == 30 and code == camera_loop.EXIT_CAMERA_LOST
+        assert summary["processed"] == 30 and code is RunOutcome.LOST
     else:  # the PyPI wheels: refused before opening, naming what is missing
-        assert code == camera_loop.EXIT_SOURCE_ERROR and summary["frames"] == 0
+        assert code is RunOutcome.SOURCE_UNREADABLE and summary["frames"] == 0
         assert "no GStreamer support" in err.getvalue() and "Jetson" in err.getvalue()
 
 
 def test_pipeline_without_appsink_is_refused() -> None:
-    with pytest.raises(camera_loop.SourceError, match="must end in appsink"):
-        next(camera_loop.iter_source("nvarguscamerasrc ! nvvidconv ! autovideosink"))
+    with pytest.raises(sources.SourceError, match="must end in appsink"):
+        next(sources.iter_source("nvarguscamerasrc ! nvvidconv ! autovideosink"))
 
 
 def test_source_strings_are_classified() -> None:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from moleflow_edge.bench.pipelines import BACKENDS
 from moleflow_edge.cli import app
-from moleflow_edge.runtime import BackendError, Runtime
+from moleflow_edge.runtime import BackendError, Runtime, RuntimeOptions
 from moleflow_edge.targets import (
     TARGET_NAMES,
     TARGETS,
@@ -73,7 +73,7 @@ def test_a_target_that_is_not_installed_says_what_to_install(built: dict) -> Non
         pytest.skip("every target is installed here")
     for row in missing:
         with pytest.raises(BackendError, match=rf"target '{row.name}' is not usable here: .*\[{row.extra}\]"):
-            Runtime.load(built["export_dir"], row.name)
+            Runtime.load(built["export_dir"], RuntimeOptions(row.name))
 
 
 def _python(code: str, *args: str) -> subprocess.CompletedProcess:

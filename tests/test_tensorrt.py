@@ -39,6 +39,7 @@ from moleflow_edge.export.tensorrt_engine import (
 from moleflow_edge.export.trt_compat import check_tensorrt_compat
 from moleflow_edge.model_store import ModelStore
 from moleflow_edge.runtime import trt_api
+from moleflow_edge.runtime.options import RuntimeOptions
 from moleflow_edge.runtime.ort_backend import OrtBackend, trt_profile_options, with_trt_profile
 from tests.export_fixture import TASKS
 
@@ -407,9 +408,11 @@ def test_each_session_gets_its_own_input_profile_and_the_engine_cache(
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", recording)
-    root = built["export_dir"]
+    root = tmp_path / "export"  # the provider's engine cache is written into the export
+    shutil.copytree(built["export_dir"], root)
     manifest = load_manifest(root)
-    backend = OrtBackend(root, manifest, Precision.FP32, io_binding=True, trt_cache_dir=tmp_path / "cache")
+    providers = ("TensorrtExecutionProvider", "CPUExecutionProvider")
+    backend = OrtBackend(root, manifest, RuntimeOptions("onnxruntime", "fp32", providers=providers, io_binding=True))
     backend.load_detector(manifest.task(TASKS[0]))
     by_graph = {name: dict(providers[0][1]) for name, providers in seen}
     backbone, router = manifest.backbone_graphs["fp32"], manifest.router_graph
@@ -419,4 +422,4 @@ def test_each_session_gets_its_own_input_profile_and_the_engine_cache(
     assert by_graph[Path(router.file).name]["trt_profile_min_shapes"] == f"routing_feature:1x{manifest.routing_dim}"
     flow = by_graph[Path(manifest.task(TASKS[0]).graphs["fp32"].file).name]
     assert flow["trt_profile_opt_shapes"] == f"embedding:1x{d}x{g}x{g}"
-    assert flow["trt_engine_cache_enable"] and flow["trt_engine_cache_path"] == str(tmp_path / "cache")
+    assert flow["trt_engine_cache_enable"] and flow["trt_engine_cache_path"] == str(root / "engines" / "ort_trt_cache")

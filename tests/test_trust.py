@@ -29,7 +29,15 @@ from moleflow_edge.cli import app
 from moleflow_edge.contract import MANIFEST_FILE, ManifestError, content_name, file_sha256, load_manifest, save_manifest
 from moleflow_edge.locking import FolderLock, FolderLocked
 from moleflow_edge.preprocess import read_image_bgr
-from moleflow_edge.runtime import BackendError, RunOptions, Runtime, RuntimeOptions, render_overlay, run_source
+from moleflow_edge.runtime import (
+    BackendError,
+    RunOptions,
+    RunOutcome,
+    Runtime,
+    RuntimeOptions,
+    render_overlay,
+    run_source,
+)
 from moleflow_edge.signing import SIGNED_MARKER, generate_keypair, key_id, load_private_key, load_public_keys, signed_by
 from tests.export_fixture import TASKS, normal_subset
 
@@ -45,7 +53,7 @@ def _edit_manifest(export_dir: Path, change: object) -> None:
 
 def _run(
     export_dir: Path, source: Path, *, check: bool = False, save_dir: Path | None = None, **loading: object
-) -> tuple[int, str, str]:
+) -> tuple[RunOutcome, str, str]:
     """``run`` on the onnxruntime target; ``loading``: RuntimeOptions fields."""
     out, err = io.StringIO(), io.StringIO()
     options = RunOptions(export_dir, RuntimeOptions("onnxruntime", **loading), save_dir=save_dir, check=check)  # type: ignore[arg-type]
@@ -71,7 +79,7 @@ def test_a_path_outside_the_export_is_refused_naming_the_entry(export_copy: Path
 
     _edit_manifest(export_copy, point)
     with pytest.raises(ManifestError, match="refused") as caught:
-        Runtime.load(export_copy, backend="onnxruntime")
+        Runtime.load(export_copy, RuntimeOptions("onnxruntime"))
     assert repr(entry) in str(caught.value)
 
 
@@ -80,15 +88,15 @@ def test_signed_exports_good_bad_and_missing(export_copy: Path, tmp_path: Path) 
     key, public = generate_keypair(tmp_path / "keys" / "line.key")
     _, stranger = generate_keypair(tmp_path / "keys" / "other.key")
     assert (key.stat().st_mode & 0o777) == 0o600  # the private key is for its owner only
-    with Runtime.load(export_copy, backend="onnxruntime") as runtime:  # unsigned, no key configured: works
+    with Runtime.load(export_copy, RuntimeOptions("onnxruntime")) as runtime:  # unsigned, no key configured: works
         assert runtime.tasks == TASKS
     with pytest.raises(ManifestError, match="not signed"):
-        Runtime.load(export_copy, backend="onnxruntime", trusted_keys=[public])
+        Runtime.load(export_copy, RuntimeOptions("onnxruntime", trusted_keys=[public]))
     save_manifest(export_copy, load_manifest(export_copy), load_private_key(key))
-    with Runtime.load(export_copy, backend="onnxruntime", trusted_keys=[public]) as runtime:
+    with Runtime.load(export_copy, RuntimeOptions("onnxruntime", trusted_keys=[public])) as runtime:
         assert runtime.tasks == TASKS
     with pytest.raises(ManifestError, match="does not verify with any trusted key"):
-        Runtime.load(export_copy, backend="onnxruntime", trusted_keys=[stranger])
+        Runtime.load(export_copy, RuntimeOptions("onnxruntime", trusted_keys=[stranger]))
 
     def tamper(data: dict) -> None:  # a graph swapped together with its hash: the sha256 list cannot see it
         data["tasks"][0]["thresholds"] = {"fp32": 1e9}
@@ -98,7 +106,7 @@ def test_signed_exports_good_bad_and_missing(export_copy: Path, tmp_path: Path) 
     with pytest.raises(ManifestError, match="changed after signing"):
         load_manifest(export_copy, trusted_keys=load_public_keys([public]))
     code, _, err = _run(export_copy, tmp_path, trusted_keys=[public])
-    assert code == 1 and "changed after signing" in err
+    assert code is RunOutcome.LOAD_FAILED and "changed after signing" in err
     with pytest.raises(ValueError, match="already exists"):
         generate_keypair(key)  # a key is never overwritten
 
@@ -138,9 +146,9 @@ def test_a_stripped_signature_is_rebuilt_from_the_model_never_signed_again(
     }
     for keys, refusal in ((None, refusals["none"]), ([public], refusals["trusted"])):
         with pytest.raises(ManifestError, match=refusal):
-            Runtime.load(export_copy, backend="onnxruntime", trusted_keys=keys)
+            Runtime.load(export_copy, RuntimeOptions("onnxruntime", trusted_keys=keys))
     code, _, err = _run(export_copy, tmp_path, trusted_keys=[public])
-    assert code == 1 and refusals["trusted"] in err
+    assert code is RunOutcome.LOAD_FAILED and refusals["trusted"] in err
     stripped = (export_copy / MANIFEST_FILE).read_bytes()
     runner, model, out = CliRunner(), str(built["model_dir"]), str(export_copy)
     for args in (["calibrate", "--export", out, "--data", str(built["data"])],
@@ -155,7 +163,7 @@ def test_a_stripped_signature_is_rebuilt_from_the_model_never_signed_again(
     assert "up to date" not in result.output and f"warning: {name} did not match" in result.output
     assert "every graph was rebuilt from the model" in result.output
     assert (export_copy / name).read_bytes() == genuine  # the swapped graph rebuilt, same name, genuine bytes
-    with Runtime.load(export_copy, backend="onnxruntime", trusted_keys=[public]) as runtime:
+    with Runtime.load(export_copy, RuntimeOptions("onnxruntime", trusted_keys=[public])) as runtime:
         assert runtime.tasks == TASKS and runtime.uncalibrated  # its thresholds were not known good either
     assert load_manifest(export_copy).task(TASKS[0]).graphs["fp32"].sha256 == hashlib.sha256(genuine).hexdigest()
 
@@ -165,14 +173,14 @@ def test_a_file_unlike_its_content_name_is_refused_unsigned(built: dict, export_
 
     name, genuine = _swap_in_place(export_copy)  # never signed: every sha256 in the manifest matches
     with pytest.raises(ManifestError) as caught:
-        Runtime.load(export_copy, backend="onnxruntime")
+        Runtime.load(export_copy, RuntimeOptions("onnxruntime"))
     message = str(caught.value)
     assert "\n" not in message and name in message and "content-addressed name" in message
     code, _, err = _run(export_copy, tmp_path)
-    assert code == 1 and name in err
+    assert code is RunOutcome.LOAD_FAILED and name in err
     report = export_model(built["model_dir"], export_copy)  # unsigned: the swapped graph is rebuilt, not reused
     assert report.rebuilt == [name] and (export_copy / name).read_bytes() == genuine
-    with Runtime.load(export_copy, backend="onnxruntime") as runtime:
+    with Runtime.load(export_copy, RuntimeOptions("onnxruntime")) as runtime:
         assert runtime.tasks == TASKS
 
 
@@ -194,7 +202,7 @@ def test_schema_errors_are_listed_one_per_line_and_run_exits_1(export_copy: Path
     for expected in ("image_size", "threshold", "distance_limit", "sha256", "grid is missing", "surprise"):
         assert any(expected in line for line in lines[1:]), expected
     code, out, err = _run(export_copy, built["data"] / TASKS[0] / "test" / "good")
-    assert code == 1 and "image_size" in err and "Traceback" not in err
+    assert code is RunOutcome.LOAD_FAILED and "image_size" in err and "Traceback" not in err
     _edit_manifest(export_copy, lambda data: data.update(format_version=99))
     with pytest.raises(ManifestError, match="format version 99"):
         load_manifest(export_copy)
@@ -207,13 +215,13 @@ def test_a_graph_that_cannot_load_fails_run_and_check(export_copy: Path, built: 
         file=broken.relative_to(export_copy).as_posix(), sha256=file_sha256(broken)))  # fmt: skip
     frames = built["data"] / TASKS[1] / "test" / "good"
     code, out, err = _run(export_copy, frames)
-    assert code == 4 and "detector graphs failed" in err  # frames ran, but the export is not healthy
+    assert code is RunOutcome.ENGINE_FAILED and "detector graphs failed" in err  # frames ran, but the export is not healthy
     assert json.loads(out.splitlines()[-1])["summary"]["failed_tasks"].keys() == {TASKS[1]}
     code, out, err = _run(export_copy, frames, check=True)
-    assert code == 4 and TASKS[1] in err
+    assert code is RunOutcome.ENGINE_FAILED and TASKS[1] in err
     assert len(out.splitlines()) == 1  # only the summary: no frame ran
     with pytest.raises(BackendError, match=TASKS[1]):
-        Runtime.load(export_copy, backend="onnxruntime").check_graphs()
+        Runtime.load(export_copy, RuntimeOptions("onnxruntime")).check_graphs()
 
 
 # --- 4. crash-proof commit: a real SIGKILL at every step ------------------------------------------------
@@ -286,7 +294,7 @@ def test_sigkill_at_every_commit_step_leaves_the_old_or_the_new_export(built: di
         else:
             assert manifest.to_json() == old.to_json(), kill_at
             outcomes.add("old")
-        with Runtime.load(out, backend="onnxruntime") as runtime:
+        with Runtime.load(out, RuntimeOptions("onnxruntime")) as runtime:
             assert runtime.tasks == TASKS
     assert outcomes == {"old", "new"}  # kills before the manifest swap keep the old one, after it the new
 
@@ -323,7 +331,7 @@ def test_calibrate_with_ten_normals_uses_the_tightest_supported_rate(built: dict
         assert row.expected_fpr == pytest.approx(1 / 11) and row.fpr_upper95 > row.expected_fpr
         assert manifest.task(row.task).calibrations["fp32"].target_met is False
     assert "0.01 NOT reached" in report.table() and "needs 100 normal images" in report.table()
-    with Runtime.load(export_copy, backend="onnxruntime") as runtime:
+    with Runtime.load(export_copy, RuntimeOptions("onnxruntime")) as runtime:
         status = runtime.task_status()
     assert all("calibrated on 10 images" in status[t] for t in TASKS)
     for task in TASKS:  # four images give no threshold worth having: refused, the manifest kept
@@ -337,7 +345,7 @@ def test_calibrate_with_ten_normals_uses_the_tightest_supported_rate(built: dict
 
 def test_run_says_once_up_front_that_tasks_are_uncalibrated(built: dict) -> None:
     code, out, err = _run(built["export_dir"], built["data"] / TASKS[0] / "test" / "good")
-    assert code == 0 and err.count("not calibrated") == 1
+    assert code is RunOutcome.DONE and err.count("not calibrated") == 1
     assert err.index("not calibrated") < err.index("moleflow-edge run:")  # before the summary
     assert all(json.loads(out.splitlines()[-1])["summary"]["calibration"][t] == "uncalibrated" for t in TASKS)
 
@@ -405,7 +413,7 @@ def test_bad_numbers_and_unwritable_outputs_are_refused_before_work(built: dict,
 def test_a_huge_frame_gets_a_capped_map(built: dict) -> None:
     frame = read_image_bgr(sorted((built["data"] / TASKS[0] / "test" / "good").glob("*.png"))[0])
     huge = cv2.resize(frame, (3200, 5120), interpolation=cv2.INTER_LINEAR)
-    with Runtime.load(built["export_dir"], backend="onnxruntime") as runtime:
+    with Runtime.load(built["export_dir"], RuntimeOptions("onnxruntime")) as runtime:
         result = runtime.infer_one(huge)
         assert result.error is None and result.anomaly_map is not None
         assert result.anomaly_map.shape == (2048, 1280)  # longest side capped, aspect kept

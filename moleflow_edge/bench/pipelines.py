@@ -53,7 +53,7 @@ def make_pipeline(
 ) -> tuple[Pipeline | None, Callable[[], None], str | None, str | None]:
     """(pipeline, close, skip reason, warning) for one backend and precision. ``route_all`` lifts
     every task's unknown-product limit, so that frames of no known product still reach a detector."""
-    from moleflow_edge.runtime import Runtime
+    from moleflow_edge.runtime import Runtime, RuntimeOptions
 
     def nothing() -> None:
         return None
@@ -89,7 +89,7 @@ def make_pipeline(
             "CPU without VNNI/dot-product: onnxruntime's fused u8s8 INT8 kernels saturate 16-bit sums, "
             "so these INT8 scores are wrong as well as slow (benchmarks/README.md); deploy fp32 here"
         )
-    runtime = Runtime.load(root, row.name, precision, threads=threads)
+    runtime = Runtime.load(root, RuntimeOptions(row.name, precision, threads=threads))
     if route_all:
         runtime.router.limits[:] = np.inf
     return runtime_pipeline(runtime), runtime.close, None, warning

@@ -42,7 +42,7 @@ def task_growth(export_dir: str | Path, counts: Sequence[int] = TASK_COUNTS, ite
     """Routing time, memory and load times for exports of 1, 5, 15, 50 tasks (one row per count)."""
     from safetensors.numpy import load_file
 
-    from moleflow_edge.runtime import Backend, Runtime
+    from moleflow_edge.runtime import Backend, Runtime, RuntimeOptions
 
     root = Path(export_dir)
     manifest = load_manifest(root)
@@ -64,7 +64,7 @@ def task_growth(export_dir: str | Path, counts: Sequence[int] = TASK_COUNTS, ite
             m = _grown_manifest(work, manifest, base, names, prototypes)
             before = rss_mb()
             started = time.perf_counter()
-            runtime = Runtime.load(work, Backend.ONNXRUNTIME, "fp32", max_resident_tasks=None)
+            runtime = Runtime.load(work, RuntimeOptions(Backend.ONNXRUNTIME, "fp32", max_resident_tasks=None))
             load_ms = (time.perf_counter() - started) * 1e3
             engine_ms = []
             for name in names:

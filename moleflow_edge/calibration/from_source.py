@@ -37,9 +37,9 @@ class SourceCalibration:
 
 def route_frames(export_dir: Path, images: list[np.ndarray], precision: Precision) -> list[str]:
     """Each frame's task (or UNKNOWN) as the export's router decides it at ``precision``, as `run` would."""
-    from moleflow_edge.runtime import Runtime
+    from moleflow_edge.runtime import Runtime, RuntimeOptions
 
-    with Runtime.load(export_dir, backend="onnxruntime", precision=precision, providers=["CPUExecutionProvider"]) as rt:
+    with Runtime.load(export_dir, RuntimeOptions("onnxruntime-cpu", precision)) as rt:
         return [r.task for s in range(0, len(images), BATCH) for r in rt.infer(images[s : s + BATCH], with_maps=False)]
 
 

@@ -203,7 +203,7 @@ def calibrate(
     an unchanged one does not, so calibrating twice gives a byte-identical manifest. ``frames``:
     each task's normal frames taken from a source, instead of ``data_root``'s folders.
     """
-    from moleflow_edge.runtime import Runtime
+    from moleflow_edge.runtime import Runtime, RuntimeOptions
 
     root = Path(export_dir)
     update = ManifestUpdate.open(root, sign, trusted_keys, write)  # UpdateError: signed without --sign
@@ -215,9 +215,7 @@ def calibrate(
     needed = max(min_count or 0, MIN_NORMALS)
     precision = Precision(precision)
     report = CalibrationReport(str(root), target_fpr, precision.value, int8_calibration=dict(manifest.int8_calibration))
-    runtime = Runtime.load(
-        root, backend="onnxruntime", precision=precision, threads=threads, providers=["CPUExecutionProvider"]
-    )
+    runtime = Runtime.load(root, RuntimeOptions("onnxruntime-cpu", precision, threads=threads))
     try:
         for name in chosen:
             entry = manifest.task(name)

@@ -19,6 +19,7 @@ import numpy as np
 
 from moleflow_edge.contract import ArtifactFile, Manifest, ManifestError, Precision, TaskEntry, file_sha256
 from moleflow_edge.errors import EngineError
+from moleflow_edge.runtime.options import RuntimeOptions
 from moleflow_edge.targets import TARGETS, Backend, module_available, not_installed
 
 
@@ -58,7 +59,10 @@ class DetectorEngine(ABC):
 
 
 class GraphBackend(ABC):
-    """What the Runtime needs from a backend. Not thread-safe: one backend per camera thread."""
+    """What the Runtime needs from a backend. Not thread-safe: one backend per camera thread.
+
+    Every engine class is listed in the one backend table (targets.ENGINES) and built by
+    create_backend with this constructor's signature."""
 
     kind: Backend
     root: Path
@@ -69,6 +73,10 @@ class GraphBackend(ABC):
     max_batch: int | None = None  # engines built for a fixed maximum batch; None = any
     manifest: Manifest | None = None  # the export it was loaded for
 
+    def __init__(self, root: Path, manifest: Manifest, options: RuntimeOptions) -> None:
+        """``root``: the folder the graphs are read from; ``options``: how the export is opened (the
+        precision, threads, device, providers; each engine reads the fields that concern it)."""
+        self.root, self.manifest, self.precision = root, manifest, options.chosen_precision
 
     @abstractmethod
     def backbone(self, images: np.ndarray) -> FeatureBatch:

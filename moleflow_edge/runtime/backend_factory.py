@@ -1,67 +1,52 @@
 """Which engine runs an export: the one asked for, or under auto the first target of the table
-(moleflow_edge.targets, best first) that works here. Each engine's module is imported only when
-it is chosen, so a missing optional engine costs nothing until asked for."""
+(moleflow_edge.targets, best first) that works here. Every engine is built through the one backend
+table (targets.ENGINES: engine kind -> class) with one signature, ``cls(root, manifest, options)``;
+each class's module is imported only when it is chosen, so a missing optional engine costs nothing
+until asked for."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from importlib import import_module
 from pathlib import Path
 
-from moleflow_edge.contract import Manifest, ManifestError, Precision
-from moleflow_edge.runtime.backend import Backend, BackendError, GraphBackend, module_available, not_installed
-from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGET_NAMES, TARGETS, resolve_backend, target
+from moleflow_edge.contract import Manifest, ManifestError
+from moleflow_edge.runtime.backend import BackendError, GraphBackend, not_installed
+from moleflow_edge.runtime.options import RuntimeOptions
+from moleflow_edge.targets import ENGINES, ONNXRUNTIME_HINT, TARGET_NAMES, TARGETS, Backend, resolve_backend, target
 
 
-def create_backend(
-    backend: Backend | str,
-    root: Path,
-    manifest: Manifest,
-    precision: Precision,
-    *,
-    threads: int | None = None,
-    device_id: int = 0,
-    providers: list[str] | None = None,
-    io_binding: bool | None = None,
-    trt_cache_dir: Path | None = None,
-) -> tuple[GraphBackend, list[str]]:
-    """The engine or deployment target asked for, or under AUTO the first target of the table
-    (moleflow_edge.targets, best first) that works here; also why the ones before it did not."""
-    kind, target_providers = resolve_backend(backend)
+def engine_class(kind: Backend) -> type[GraphBackend]:
+    """The class the backend table names for ``kind``, imported now."""
+    try:
+        module, _, name = ENGINES[kind].partition(":")
+    except KeyError:
+        raise BackendError(f"no engine is registered for {kind.value!r} (targets.ENGINES)") from None
+    try:
+        return getattr(import_module(module), name)
+    except ModuleNotFoundError as exc:  # an optional engine's package (onnxruntime, openvino, tensorrt)
+        hint = ONNXRUNTIME_HINT if exc.name == "onnxruntime" else f"pip install {exc.name}"
+        raise BackendError(f"engine {kind.value!r} needs {exc.name}, which is not installed: {hint}") from exc
 
-    def onnxruntime(chosen: list[str] | None) -> GraphBackend:
-        if not module_available("onnxruntime"):
-            raise BackendError(f"onnxruntime is not installed: {ONNXRUNTIME_HINT}")
-        from moleflow_edge.runtime.ort_backend import OrtBackend
 
-        cache = trt_cache_dir
-        if cache is None and "TensorrtExecutionProvider" in (chosen or []):
-            cache = root / "engines" / "ort_trt_cache"
-        return OrtBackend(root, manifest, precision, chosen, threads, device_id, io_binding, cache)
-
-    def openvino(_: list[str] | None) -> GraphBackend:
-        from moleflow_edge.runtime.openvino_backend import OpenVinoBackend
-
-        return OpenVinoBackend(root, manifest, precision, threads=threads)
-
-    def tensorrt(_: list[str] | None) -> GraphBackend:
-        from moleflow_edge.runtime.tensorrt_backend import TensorRtBackend
-
-        return TensorRtBackend(root, manifest, precision, device_id)
-
-    factories = {Backend.ONNXRUNTIME: onnxruntime, Backend.OPENVINO: openvino, Backend.TENSORRT: tensorrt}
+def create_backend(root: Path, manifest: Manifest, options: RuntimeOptions) -> tuple[GraphBackend, list[str]]:
+    """The engine or deployment target ``options.backend`` names, or under AUTO the first target of the
+    table (moleflow_edge.targets, best first) that works here; also why the ones before it did not."""
+    kind, _ = resolve_backend(options.backend)
     if kind is Backend.TORCH:
         raise BackendError("the torch backend runs a trained model directory, not an export: choose another backend")
     if kind is not Backend.AUTO:
-        name = getattr(backend, "value", backend)
+        name = getattr(options.backend, "value", options.backend)
         reason = not_installed(target(name)) if name in TARGET_NAMES else None
         if reason is not None:
             raise BackendError(f"target {name!r} is not usable here: {reason}")
-        return factories[kind](providers or (list(target_providers) if target_providers else None)), []
+        return engine_class(kind)(root, manifest, options), []
     skipped: list[str] = []
     for row in (t for t in TARGETS if t.auto):
         reason = not_installed(row)
         if reason is None:
-            try:
-                made = factories[row.backend](list(row.providers) or None)
+            try:  # the row's own providers, not ones given for a named target
+                made = engine_class(row.backend)(root, manifest, replace(options, backend=row.name, providers=None))
             except (BackendError, ManifestError) as exc:
                 reason = str(exc)
             else:

@@ -1,11 +1,12 @@
-"""`moleflow-edge run`: a folder, an image, a video, a camera, a stream URL or a GStreamer pipeline
-through the runtime, one JSON line per frame.
+"""`moleflow-edge run`: the frames of a source (runtime/sources.py) through an InferenceRuntime, one JSON
+line per frame.
 
 stdout gets one JSON object per frame (source, task, score, decision, latency per stage in
 ms), or {"error": ...} for a frame that could not be read or processed, and a last line
 {"summary": {...}}; stderr gets the same summary for people. A camera or stream that stops
-delivering frames is reopened a bounded number of times, then the loop exits non-zero;
-Ctrl-C ends it with the summary.
+delivering frames is reopened a bounded number of times, then the loop ends as LOST;
+Ctrl-C ends it with the summary. How the loop ended is a RunOutcome; the command line says it
+with an exit code (moleflow_edge/exit_codes.py).
 """
 
 from __future__ import annotations
@@ -15,194 +16,36 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TextIO
 
-import cv2
-import numpy as np
-
 from moleflow_edge.atomic import check_writable
 from moleflow_edge.contract import ManifestError
-from moleflow_edge.errors import LinkError
-from moleflow_edge.preprocess import FrameError, read_image_bgr
 from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime.backend import BackendError
 from moleflow_edge.runtime.engine_select import LatencyTargetWarning
-from moleflow_edge.runtime.folder_follow import follow_folder
+from moleflow_edge.runtime.inference_runtime import InferenceRuntime, ServerLost
 from moleflow_edge.runtime.latency_stats import LatencyReservoir
 from moleflow_edge.runtime.live_export import LiveExport
 from moleflow_edge.runtime.options import RunOptions
 from moleflow_edge.runtime.overlay import Viewer, render_overlay, write_png
 from moleflow_edge.runtime.result import STAGES, FrameResult
 from moleflow_edge.runtime.runtime import Runtime
-from moleflow_edge.runtime.video_io import is_pipeline, is_stream_url, redact, unsupported
-
-EXIT_OK = 0
-EXIT_LOAD_ERROR = 1  # the export cannot be loaded (missing, tampered, no backend)
-EXIT_SOURCE_ERROR = 2  # the source cannot be opened or holds no image
-EXIT_CAMERA_LOST = 3  # a camera, a stream or the inference server (run --server) stopped and did not come back
-EXIT_BACKEND_ERROR = 4  # the inference engine failed mid-run (device lost, out of memory)
-EXIT_ALL_FRAMES_FAILED = 5  # frames were read, but not one of them could be processed
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), after the summary
-
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pbm", ".pgm", ".ppm", ".jp2"})
-VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm"})
-CAMERA = re.compile(r"camera:(\d+)")
-# a stalled stream (connected, no frames) must not block a read forever: OpenCV's FFmpeg timeouts
-STREAM_TIMEOUT_MS = 5000
+from moleflow_edge.runtime.sources import CameraLost, SourceError, SourceFrame, iter_followed, iter_source
 
 
-class SourceError(LinkError):
-    """The source cannot be opened or read at all."""
+class RunOutcome(str, Enum):
+    """How a run ended; each has its own exit code on the command line (README, run)."""
 
-
-class CameraLost(SourceError):
-    """A camera or stream stopped delivering frames and reopening it did not help."""
-
-
-class ServerLost(LinkError):
-    """The inference server (run --server) stopped answering and retrying did not help."""
-
-
-@dataclass
-class SourceFrame:
-    """One frame from a source, or why it could not be read."""
-
-    index: int
-    name: str
-    frame: np.ndarray | None
-    error: str | None = None
-    read_ms: float = 0.0
-    stem: str = "frame"  # overlay file name: the image's stem, or "frame" for video and camera frames
-
-
-def open_capture(source: int | str) -> cv2.VideoCapture:
-    """A cv2.VideoCapture for a camera index, a video file, a stream URL or a GStreamer pipeline
-    (tests replace this)."""
-    if isinstance(source, str) and is_stream_url(source):
-        timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC]
-        return cv2.VideoCapture(source, cv2.CAP_FFMPEG, [*timeouts, STREAM_TIMEOUT_MS])
-    if isinstance(source, str) and is_pipeline(source) and not Path(source).exists():
-        return cv2.VideoCapture(source, cv2.CAP_GSTREAMER)
-    return cv2.VideoCapture(source)
-
-
-def iter_source(
-    source: str,
-    retries: int = RunOptions.camera_retries,
-    retry_delay_s: float = RunOptions.retry_delay_s,
-    warn: Callable[[str], None] | None = None,
-) -> Iterator[SourceFrame]:
-    """Frames of a folder (images, recursively, sorted), an image file, a video file, camera:N, a stream
-    URL (rtsp://, http://, ...) or a GStreamer pipeline ending in appsink. Live sources that stop are
-    reopened up to ``retries`` times, ``retry_delay_s`` apart; ``warn`` hears about each reconnection."""
-    text = source.strip()
-    match = CAMERA.fullmatch(text)
-    if match:
-        camera = int(match.group(1))
-        yield from _live_frames(camera, f"camera {camera}", f"camera:{camera}", retries, retry_delay_s, warn)
-        return
-    path = Path(source)
-    if is_stream_url(text) or (is_pipeline(text) and not path.exists()):
-        why = unsupported(text)
-        if why is not None:
-            raise SourceError(f"cannot read {redact(text)}: {why}")
-        name = redact(text) if is_stream_url(text) else "gstreamer"
-        label = f"stream {name}" if is_stream_url(text) else "the GStreamer pipeline"
-        yield from _live_frames(text, label, name, retries, retry_delay_s, warn)
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise SourceError(f"{path} holds no image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        for index, file in enumerate(files):
-            yield _read_file(index, file)
-    elif path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
-        yield from _video_frames(path)
-    elif path.is_file():
-        yield _read_file(0, path)
-    else:
-        raise SourceError(
-            f"source {source!r} is not a folder, an image file, a video file, camera:N, a stream URL "
-            "(rtsp://, http://, ...) or a GStreamer pipeline (... ! appsink)"
-        )
-
-
-def iter_followed(source: str) -> Iterator[SourceFrame | None]:
-    """``run --follow``: the image files of folder ``source`` as they are completely written (folder_follow.py),
-    forever; None while the folder is quiet."""
-    folder = Path(source)
-    if not folder.is_dir():
-        raise SourceError(f"--follow takes a folder that frames are written to; {source!r} is not a folder")
-    index = 0
-    for path in follow_folder(folder, IMAGE_SUFFIXES):
-        if path is None:
-            yield None
-            continue
-        yield _read_file(index, path)
-        index += 1
-
-
-def _read_file(index: int, path: Path) -> SourceFrame:
-    started = time.perf_counter()
-    try:
-        frame = read_image_bgr(path)
-        return SourceFrame(index, str(path), frame, read_ms=(time.perf_counter() - started) * 1e3, stem=path.stem)
-    except FrameError as exc:
-        return SourceFrame(index, str(path), None, error=str(exc), stem=path.stem)
-
-
-def _video_frames(path: Path) -> Iterator[SourceFrame]:
-    capture = open_capture(str(path))
-    if not capture.isOpened():
-        raise SourceError(f"cannot open video file {path} (corrupt, or a codec OpenCV lacks)")
-    try:
-        index = 0
-        while True:
-            started = time.perf_counter()
-            ok, frame = capture.read()
-            if not ok:
-                return  # end of the file
-            yield SourceFrame(index, f"{path}#{index}", frame, read_ms=(time.perf_counter() - started) * 1e3)
-            index += 1
-    finally:
-        capture.release()
-
-
-def _live_frames(
-    source: int | str, label: str, name: str, retries: int, delay_s: float, warn: Callable[[str], None] | None
-) -> Iterator[SourceFrame]:
-    """A camera, stream or pipeline: a failed read reopens the source (a camera that dropped off the
-    bus, an IP camera that rebooted, a network hiccup), up to ``retries`` times in a row."""
-    capture = open_capture(source)
-    if not capture.isOpened():
-        hint = "check the cable and that no other program holds it" if isinstance(source, int) else (
-            "check the address, the network and that the camera is streaming")  # fmt: skip
-        raise SourceError(f"cannot open {label}: {hint}")
-    index, failures = 0, 0
-    try:
-        while True:
-            started = time.perf_counter()
-            ok, frame = capture.read()
-            if ok and frame is not None:
-                failures = 0
-                yield SourceFrame(index, f"{name}#{index}", frame, read_ms=(time.perf_counter() - started) * 1e3)
-                index += 1
-                continue
-            failures += 1
-            if failures > retries:
-                raise CameraLost(
-                    f"{label} stopped delivering frames after frame {index}: "
-                    f"reopened it {retries} times over {retries * delay_s:.1f} s without a frame"
-                )
-            if warn is not None:
-                warn(f"{label} delivered no frame after frame {index}; reopening it ({failures}/{retries})")
-            time.sleep(delay_s)
-            capture.release()
-            capture = open_capture(source)
-    finally:
-        capture.release()
+    DONE = "done"
+    LOAD_FAILED = "load_failed"  # the export cannot be loaded (missing, tampered, no backend)
+    SOURCE_UNREADABLE = "source_unreadable"  # the source cannot be opened or holds no image
+    LOST = "lost"  # a camera, a stream or the inference server (run --server) stopped and did not come back
+    ENGINE_FAILED = "engine_failed"  # the inference engine failed mid-run (device lost, out of memory)
+    ALL_FRAMES_FAILED = "all_frames_failed"  # frames were read, but not one of them could be processed
+    INTERRUPTED = "interrupted"  # Ctrl-C, after the summary
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -239,7 +82,7 @@ class LoopStats:
         self.frames += 1
         self.errors += 1
 
-    def summary(self, runtime: Runtime | None, exit_code: int) -> dict[str, object]:
+    def summary(self, runtime: InferenceRuntime | None, outcome: RunOutcome) -> dict[str, object]:
         wall = time.perf_counter() - self.started
         processed = self.frames - self.errors
         return {
@@ -259,7 +102,7 @@ class LoopStats:
             "calibration": None if runtime is None else runtime.task_status(),
             "failed_tasks": None if runtime is None else runtime.load_failures,
             "interrupted": self.interrupted,
-            "exit_code": exit_code,
+            "outcome": outcome.value,
         }
 
 
@@ -289,18 +132,22 @@ def run_source(
     *,
     out: TextIO | None = None,
     err: TextIO | None = None,
-    runtime: Runtime | None = None,
-) -> int:
+    runtime: InferenceRuntime | None = None,
+) -> RunOutcome:
     """Run every frame of ``source`` (folder, image, video, camera:N, stream URL, GStreamer pipeline)
-    through ``options.export_dir`` as ``options`` say (runtime/options.py) and return the exit code.
+    through ``options.export_dir`` as ``options`` say (runtime/options.py).
 
-    One JSON line per frame to ``out`` (stdout), overlays to ``save_dir`` when given, a cv2
-    window with ``show``; a final {"summary": ...} line, also written for people to ``err``.
-    Exit codes: 0 done, 1 export not loadable, 2 source not readable, 3 camera, stream or server lost,
-    4 backend failed mid-run, 5 every frame failed, 130 Ctrl-C (after the summary). Frames that fail
-    alone are error lines. ``runtime`` reuses a loaded Runtime, or a serving.RemoteRuntime (Triton)
-    that stands in for one (then ``options.runtime`` is unused). A latency target picks the
-    precision and target (Runtime.load) and says which, and why, on ``err``.
+    Args:
+        source: what runtime/sources.py reads.
+        options: the export, how to load it, overlays, batch size, retries, ``check``, ``follow``.
+        out: one JSON line per frame and a final {"summary": ...} line (default stdout).
+        err: start-up lines, warnings and the summary for people (default stderr).
+        runtime: a loaded InferenceRuntime to use (a Runtime, or a serving.RemoteRuntime): then
+            ``options.runtime`` is unused and no newly committed export is picked up.
+
+    Returns:
+        How the run ended (RunOutcome; the CLI's exit code). Frames that fail alone are error lines.
+        A latency target picks the precision and target (Runtime.load) and says which, and why, on ``err``.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
@@ -308,40 +155,44 @@ def run_source(
     if save_dir is not None:
         check_writable(save_dir, "--save", directory=True)
     stats = LoopStats()
-    code = EXIT_OK
-    owned = runtime is None
-    try:
-        if runtime is None:
+    outcome = RunOutcome.DONE
+    warn = lambda m: print(f"warning: {m}", file=err)  # noqa: E731
+    live: LiveExport | None = None
+    if runtime is None:
+        try:
             with warnings.catch_warnings():  # a missed target is said once, below, as a warning line
                 warnings.simplefilter("ignore", LatencyTargetWarning)
-                runtime = Runtime.load(export_dir, options=options.runtime)
-    except (ManifestError, BackendError, ValueError, OSError) as exc:
-        print(f"error: cannot load the export {export_dir}: {exc}", file=err)
-        summary = stats.summary(None, EXIT_LOAD_ERROR)
-        print(json.dumps({"summary": summary}), file=out, flush=True)
-        return EXIT_LOAD_ERROR
+                loaded = Runtime.load(export_dir, options.runtime)
+        except (ManifestError, BackendError, ValueError, OSError) as exc:
+            print(f"error: cannot load the export {export_dir}: {exc}", file=err)
+            summary = stats.summary(None, RunOutcome.LOAD_FAILED)
+            print(json.dumps({"summary": summary}), file=out, flush=True)
+            return RunOutcome.LOAD_FAILED
+        runtime = loaded
+        live = LiveExport(loaded, warn)  # a newly committed export is picked up between batches
+    active: InferenceRuntime = runtime
 
-    choice = runtime.engine_choice
+    choice = active.engine_choice
     if choice is not None:
         print(("" if choice.met else "warning: ") + choice.summary(), file=err)
-    for task, status in runtime.task_status().items():
+    for task, status in active.task_status().items():
         print(f"task {task}: {status}", file=err)
-    if runtime.uncalibrated:
+    if active.uncalibrated:
         print(
-            f"warning: {', '.join(runtime.uncalibrated)} not calibrated at {runtime.precision.value}: frames get a "
+            f"warning: {', '.join(active.uncalibrated)} not calibrated at {active.precision.value}: frames get a "
             "score but no decision (is_anomaly null); run moleflow-edge calibrate --export DIR --data ROOT "
-            f"--precision {runtime.precision.value}",
+            f"--precision {active.precision.value}",
             file=err,
         )
     if options.check:
         try:
-            runtime.check_graphs()
+            active.check_graphs()
         except BackendError as exc:
             print(f"error: --check: {exc}", file=err)
-            print(json.dumps({"summary": stats.summary(runtime, EXIT_BACKEND_ERROR)}), file=out, flush=True)
-            if owned:
-                runtime.close()
-            return EXIT_BACKEND_ERROR
+            print(json.dumps({"summary": stats.summary(active, RunOutcome.ENGINE_FAILED)}), file=out, flush=True)
+            if live is not None:  # a runtime given by the caller stays the caller's to close
+                live.close()
+            return RunOutcome.ENGINE_FAILED
 
     save = Path(save_dir) if save_dir is not None else None
     if save is not None:
@@ -354,11 +205,11 @@ def run_source(
 
     def process(batch: list[SourceFrame]) -> bool:
         """Run a batch (on a newly committed export, when one came); False when the viewer asked to stop."""
-        nonlocal runtime
+        nonlocal active
         keep_going = True
         if live is not None:
-            runtime = live.current()
-        results = runtime.infer([item.frame for item in batch])  # type: ignore[union-attr]
+            active = live.current()
+        results = active.infer([item.frame for item in batch])
         if live is not None:
             live.record([item.index for item in batch])
         for item, result in zip(batch, results):
@@ -372,8 +223,7 @@ def run_source(
             line |= fields
             line["read_ms"] = round(item.read_ms, 3)
             if save is not None or viewer is not None:
-                cap = runtime.max_map_side  # type: ignore[union-attr]
-                overlay = render_overlay(item.frame, result, max_side=cap)  # type: ignore[arg-type]
+                overlay = render_overlay(item.frame, result, max_side=active.max_map_side)  # type: ignore[arg-type]
                 if save is not None:
                     target = save / f"{item.index:06d}_{_safe(item.stem)}.png"
                     try:
@@ -387,8 +237,6 @@ def run_source(
         return keep_going
 
     pending: list[SourceFrame] = []
-    warn = lambda m: print(f"warning: {m}", file=err)  # noqa: E731
-    live = LiveExport(runtime, warn) if owned else None  # a newly committed export is picked up between batches
     try:
         frames = iter_followed(source) if options.follow else iter_source(
             source, options.camera_retries, options.retry_delay_s, warn)  # fmt: skip
@@ -399,7 +247,7 @@ def run_source(
                     if not process(batch):
                         break
                 elif live is not None:
-                    runtime = live.current()
+                    active = live.current()
                 continue
             if options.max_frames is not None and stats.frames + len(pending) >= options.max_frames:
                 break
@@ -418,36 +266,36 @@ def run_source(
             process(batch)
     except ServerLost as exc:  # the frames of the batch in flight got no answer
         print(f"error: {exc}", file=err)
-        code = EXIT_CAMERA_LOST
+        outcome = RunOutcome.LOST
     except SourceError as exc:  # CameraLost included: frames read before it are still reported
         print(f"error: {exc}", file=err)
-        code = EXIT_CAMERA_LOST if isinstance(exc, CameraLost) else EXIT_SOURCE_ERROR
+        outcome = RunOutcome.LOST if isinstance(exc, CameraLost) else RunOutcome.SOURCE_UNREADABLE
         if pending:
             process(pending)
     except BackendError as exc:
         print(f"error: inference failed: {exc}", file=err)
-        code = EXIT_BACKEND_ERROR
+        outcome = RunOutcome.ENGINE_FAILED
     except KeyboardInterrupt:
         stats.interrupted = True
-        code = EXIT_INTERRUPTED
+        outcome = RunOutcome.INTERRUPTED
     finally:
         if viewer is not None:
             viewer.close()
 
-    if runtime.load_failures and code == EXIT_OK:  # some frames ran, but a listed graph is broken
-        print(f"error: detector graphs failed: {runtime.load_failures}", file=err)
-        code = EXIT_BACKEND_ERROR
-    if code == EXIT_OK and stats.frames and stats.errors == stats.frames:
+    if active.load_failures and outcome is RunOutcome.DONE:  # some frames ran, but a listed graph is broken
+        print(f"error: detector graphs failed: {active.load_failures}", file=err)
+        outcome = RunOutcome.ENGINE_FAILED
+    if outcome is RunOutcome.DONE and stats.frames and stats.errors == stats.frames:
         print(f"error: every frame failed ({stats.errors} of {stats.frames}); see the error lines", file=err)
-        code = EXIT_ALL_FRAMES_FAILED
-    summary = stats.summary(runtime, code)
+        outcome = RunOutcome.ALL_FRAMES_FAILED
+    summary = stats.summary(active, outcome)
     if live is not None:
         summary |= live.summary()
     emit({"summary": summary})
     print(_human_summary(summary), file=err)
     if live is not None:
         live.close()
-    return code
+    return outcome
 
 
 def _safe(stem: str) -> str:

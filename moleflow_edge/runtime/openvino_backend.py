@@ -18,7 +18,6 @@ from moleflow_edge.contract import (
     PATCH_SCORES,
     ROUTING_FEATURE,
     Manifest,
-    Precision,
     TaskEntry,
 )
 from moleflow_edge.runtime.backend import (
@@ -33,6 +32,7 @@ from moleflow_edge.runtime.backend import (
     read_verified,
     require,
 )
+from moleflow_edge.runtime.options import RuntimeOptions
 
 
 class OpenVinoDetector(DetectorEngine):
@@ -55,13 +55,12 @@ class OpenVinoDetector(DetectorEngine):
 class OpenVinoBackend(GraphBackend):
     kind = Backend.OPENVINO
 
-    def __init__(
-        self, root: Path, manifest: Manifest, precision: Precision, device: str = "CPU", threads: int | None = None
-    ) -> None:
+    def __init__(self, root: Path, manifest: Manifest, options: RuntimeOptions) -> None:
         require("openvino", self.kind, "openvino")
         import openvino as ov
 
-        self.root, self.manifest, self.precision = root, manifest, precision
+        super().__init__(root, manifest, options)
+        device, threads, precision = "CPU", options.threads, self.precision
         self._core = ov.Core()
         if device not in self._core.available_devices:
             raise BackendError(f"OpenVINO has no device {device!r} here (available: {self._core.available_devices})")

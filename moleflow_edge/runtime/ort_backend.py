@@ -38,6 +38,8 @@ from moleflow_edge.runtime.backend import (
     graph_for,
     read_verified,
 )
+from moleflow_edge.runtime.options import RuntimeOptions
+from moleflow_edge.targets import resolve_backend
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
@@ -171,21 +173,16 @@ class OrtDetector(DetectorEngine):
 class OrtBackend(GraphBackend):
     kind = Backend.ONNXRUNTIME
 
-    def __init__(
-        self,
-        root: Path,
-        manifest: Manifest,
-        precision: Precision,
-        providers: list[str] | None = None,
-        threads: int | None = None,
-        device_id: int = 0,
-        io_binding: bool | None = None,
-        trt_cache_dir: Path | None = None,
-    ) -> None:
-        self.root, self.manifest, self.precision = root, manifest, precision
+    def __init__(self, root: Path, manifest: Manifest, options: RuntimeOptions) -> None:
+        """``options.providers``, else those of the target ``options.backend`` names, else the best this
+        build has; the TensorRT provider, when asked for, keeps its engines in EXPORT/engines/ort_trt_cache."""
+        super().__init__(root, manifest, options)
+        precision, device_id = self.precision, options.device_id
+        providers = options.providers or resolve_backend(options.backend)[1]
+        cache = root / "engines" / "ort_trt_cache" if "TensorrtExecutionProvider" in (providers or ()) else None
         self.device_id = device_id
-        self._options = session_options(threads)
-        self._providers = choose_providers(providers, precision, device_id, trt_cache_dir)
+        self._options = session_options(options.threads)
+        self._providers = choose_providers(None if providers is None else list(providers), precision, device_id, cache)
         self._explicit = providers is not None
         self.fallback: str | None = None
         size, grid = manifest.image_size, manifest.grid
@@ -200,7 +197,7 @@ class OrtBackend(GraphBackend):
         if self.provider == GPU_PROVIDERS[0]:  # keep batches inside the TensorRT profile
             self.max_batch = self._batch[2]
         self.bind_device = "cuda" if on_gpu else "cpu"
-        self.bound = on_gpu if io_binding is None else io_binding
+        self.bound = on_gpu if options.io_binding is None else options.io_binding
         self._buffers: dict[tuple[str, int], ort.OrtValue] = {}
         self._output_dtypes = {o.name: _ORT_TYPES.get(o.type, np.float32) for o in self._backbone.get_outputs()}
         missing = {EMBEDDING, ROUTING_FEATURE} - set(self._output_dtypes)

@@ -42,9 +42,14 @@ def _ms(started: float) -> float:
 
 
 class Runtime:
-    """MoLE-Flow graphs, ready for frames. Build with Runtime.load (an export), or with ``over`` around a
-    spec and a backend of one's own (the Triton BLS model's graphs are calls to other models; eval's are
-    the torch model's modules); not thread-safe. ``root`` and ``manifest`` are the export's, None otherwise."""
+    """MoLE-Flow graphs, ready for frames (an InferenceRuntime). Build with Runtime.load (an export), or
+    with ``over`` around a spec and a backend of one's own (the Triton BLS model's graphs are calls to
+    other models; eval's are the torch model's modules); not thread-safe. ``root`` and ``manifest`` are
+    the export's, None otherwise."""
+
+    max_map_side: int | None
+    engine_choice: EngineChoice | None
+    load_failures: dict[str, str]
 
     def __init__(
         self,
@@ -78,28 +83,26 @@ class Runtime:
     def load(
         cls,
         export_dir: str | Path,
-        backend: Backend | str = Backend.AUTO,
-        precision: str | None = None,
-        *,
         options: RuntimeOptions | None = None,
+        *,
         clock: Callable[[], float] = time.perf_counter,
-        **fields: object,
     ) -> Runtime:
         """Check the export (schema, paths, every file's sha256 and, with trusted keys, the
         manifest's signature), choose the engine, then load the backbone and router.
 
-        ``options`` (runtime/options.py, which says what each field does), or ``backend``,
-        ``precision`` and any other RuntimeOptions field as keywords. Task engines load lazily, on
-        the first frame routed to them (``check_graphs`` loads every one once). With a latency
-        target, every candidate precision and target is timed first (runtime/engine_select.py;
-        timings cached in EXPORT/engines/) and the chosen one is loaded: ``engine_choice`` says
-        what and why, with a LatencyTargetWarning when nothing meets it. ``clock`` is what the
-        timing reads (tests pass a fake one).
+        Args:
+            export_dir: the export folder (manifest.json and the graphs it lists).
+            options: how to open it (runtime/options.py says what each field does); None: the defaults.
+            clock: what the latency-target timing reads (tests pass a fake one).
+
+        Returns:
+            The loaded Runtime. Task engines load lazily, on the first frame routed to them
+            (``check_graphs`` loads every one once). With a latency target, every candidate precision
+            and target is timed first (runtime/engine_select.py; timings cached in EXPORT/engines/) and
+            the chosen one is loaded: ``engine_choice`` says what and why, with a LatencyTargetWarning
+            when nothing meets it.
         """
-        if options is None:
-            options = RuntimeOptions(backend, precision, **fields)  # type: ignore[arg-type]
-        elif fields or backend is not Backend.AUTO or precision is not None:
-            raise ValueError("give Runtime.load either options=RuntimeOptions(...) or its fields, not both")
+        options = RuntimeOptions() if options is None else options
         root = Path(export_dir)
         manifest = cls.check_export(root, options)
         choice = None
@@ -143,10 +146,7 @@ class Runtime:
         if previous is not None and previous._backend.runs_unchanged(manifest):
             graphs, skipped = previous._backend, previous.skipped_backends
         else:
-            graphs, skipped = create_backend(
-                options.backend, root, manifest, prec, threads=options.threads, device_id=options.device_id,
-                providers=None if options.providers is None else list(options.providers), io_binding=options.io_binding,
-            )  # fmt: skip
+            graphs, skipped = create_backend(root, manifest, options)
         budget = None if options.memory_budget_mb is None else int(options.memory_budget_mb * 2**20)
         engines = EngineCache(
             lambda task: graphs.load_detector(manifest.task(task)),

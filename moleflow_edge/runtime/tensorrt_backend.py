@@ -31,11 +31,11 @@ from moleflow_edge.contract import (
     EngineRecord,
     Manifest,
     ManifestError,
-    Precision,
     TaskEntry,
 )
 from moleflow_edge.runtime import trt_api
 from moleflow_edge.runtime.backend import Backend, BackendError, DetectorEngine, FeatureBatch, GraphBackend, require
+from moleflow_edge.runtime.options import RuntimeOptions
 
 
 def engine_key(slot: str, trt_version: str, capability: str) -> str:
@@ -157,7 +157,9 @@ class TrtDetector(DetectorEngine):
 class TensorRtBackend(GraphBackend):
     kind = Backend.TENSORRT
 
-    def __init__(self, root: Path, manifest: Manifest, precision: Precision, device_id: int = 0) -> None:
+    def __init__(self, root: Path, manifest: Manifest, options: RuntimeOptions) -> None:
+        super().__init__(root, manifest, options)
+        precision, device_id = self.precision, options.device_id
         require("tensorrt", self.kind, "'tensorrt>=10'")
         from moleflow_edge.runtime import cuda_memory as cm
 
@@ -172,7 +174,6 @@ class TensorRtBackend(GraphBackend):
         except trt_api.TensorRTVersionError as exc:
             raise BackendError(str(exc)) from exc
         cm.set_device(device_id)
-        self.root, self.manifest, self.precision = root, manifest, precision
         self.device = f"cuda:{device_id}"
         self._trt_version = trt.__version__
         self._capability = cm.compute_capability(device_id)

@@ -26,8 +26,9 @@ from moleflow_edge.contract import Precision
 from moleflow_edge.errors import InputError
 from moleflow_edge.preprocess import FrameError, check_frame, frame_list
 from moleflow_edge.runtime.backend import BackendError
-from moleflow_edge.runtime.camera_loop import ServerLost
 from moleflow_edge.runtime.engine_cache import EngineStats
+from moleflow_edge.runtime.engine_select import EngineChoice
+from moleflow_edge.runtime.inference_runtime import ServerLost
 from moleflow_edge.runtime.options import DEFAULT_MAX_MAP_SIDE, LinkOptions
 from moleflow_edge.runtime.result import FrameResult
 from moleflow_edge.serving.protocol import (
@@ -91,7 +92,11 @@ def parse_address(address: str) -> tuple[str, str]:
 
 class RemoteRuntime:
     """The frames of ``infer`` go to the Triton model ``moleflow`` (moleflow-edge serve); one per thread,
-    like Runtime. Connects (with retries) on construction; ServerLost when it cannot."""
+    like Runtime, and an InferenceRuntime as Runtime is. Connects (with retries) on construction;
+    ServerLost when it cannot."""
+
+    max_map_side: int | None
+    engine_choice: EngineChoice | None
 
     def __init__(
         self,

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from moleflow_edge.runtime.camera_loop import ServerLost
+from moleflow_edge.runtime.inference_runtime import ServerLost
 from moleflow_edge.serving.client import RemoteRuntime
 
 __all__ = ["ServeProcess", "free_local_ports"]

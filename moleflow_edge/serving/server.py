@@ -38,9 +38,10 @@ from typing import Any
 import numpy as np
 
 from moleflow_edge.contract import ManifestError
+from moleflow_edge.exit_codes import EXIT_BACKEND_ERROR, EXIT_LOAD_ERROR
 from moleflow_edge.runtime.backend import BackendError
-from moleflow_edge.runtime.camera_loop import EXIT_BACKEND_ERROR, EXIT_LOAD_ERROR
 from moleflow_edge.runtime.live_export import LiveExport
+from moleflow_edge.runtime.options import RuntimeOptions
 from moleflow_edge.runtime.result import FrameResult
 from moleflow_edge.runtime.runtime import Runtime
 from moleflow_edge.serving.libpython import ServingUnavailable, prepare_stub_environment, serving_problem
@@ -325,8 +326,9 @@ def serve_export(
         problem = serving_problem()
         if problem is not None:
             raise ServingUnavailable(problem)
+        keys = None if trusted_keys is None else tuple(trusted_keys)
         runtime = Runtime.load(
-            export_dir, backend, precision, trusted_keys=trusted_keys, max_map_side=options.map_side_cap
+            export_dir, RuntimeOptions(backend, precision, trusted_keys=keys, max_map_side=options.map_side_cap)
         )
     except ServingUnavailable as exc:
         say(f"error: cannot serve here: {exc}")

@@ -69,13 +69,14 @@ def version_folder(repo: Path, model: str) -> Path:
 def write_decisions(export_dir: Path, manifest: Manifest, repo: Path, options: RepositoryOptions) -> None:
     """The manifest and router weights beside ``moleflow``, info.json and the options beside ``moleflow_info``,
     each replaced atomically (a model loading meanwhile reads the old file or the new one, never half)."""
+    from moleflow_edge.runtime.options import RuntimeOptions
     from moleflow_edge.runtime.runtime import Runtime
 
     bls, info = version_folder(repo, MODEL), version_folder(repo, INFO_MODEL)
     assert manifest.router_file is not None  # load_manifest refuses an export without one
     for name in (manifest.router_file.file, MANIFEST_FILE):  # the router first: the manifest names it
         write_atomic(bls / name, lambda tmp, name=name: shutil.copyfile(export_dir / name, tmp))
-    with Runtime.load(export_dir, "onnxruntime-cpu", options.precision) as runtime:
+    with Runtime.load(export_dir, RuntimeOptions("onnxruntime-cpu", options.precision)) as runtime:
         served = describe(runtime, options.max_batch, options.map_side_cap)
     served["description"] = f"Triton model repository, {options.precision}"
     write_text_atomic(info / INFO_FILE, json.dumps(served) + "\n")

@@ -23,11 +23,12 @@ from moleflow_edge.contract import (
     PATCH_SCORES,
     ROUTING_FEATURE,
     Manifest,
-    Precision,
     TaskEntry,
 )
 from moleflow_edge.runtime.backend import BackendError, DetectorEngine, FeatureBatch, GraphBackend
+from moleflow_edge.runtime.backend_factory import create_backend
 from moleflow_edge.runtime.engine_cache import EngineCache
+from moleflow_edge.runtime.options import RuntimeOptions
 from moleflow_edge.runtime.runtime import Runtime
 from moleflow_edge.runtime.spec import RuntimeSpec
 from moleflow_edge.serving.protocol import BACKBONE_MODEL, ENCODED, answer_requests, task_model
@@ -43,7 +44,8 @@ class TritonPythonModel:
         folder = Path(args["model_repository"]) / args["model_version"]
         manifest = Manifest.from_dict(json.loads((folder / "manifest.json").read_text()))
         parameters = json.loads(args["model_config"])["parameters"]
-        self.backend = BlsBackend(folder, Precision(parameters["precision"]["string_value"]))  # its thresholds apply
+        options = RuntimeOptions(Backend.TRITON_BLS, parameters["precision"]["string_value"])  # its thresholds apply
+        self.backend, _ = create_backend(folder, manifest, options)
         engines = EngineCache(lambda task: self.backend.load_detector(manifest.task(task)))
         self.runtime = Runtime(RuntimeSpec.of_export(folder, manifest), self.backend, engines, folder, manifest)
         self.map_side_cap = int(parameters["map_side_cap"]["string_value"])
@@ -103,10 +105,14 @@ class BlsBackend(GraphBackend):
     """The Runtime's backend inside Triton: each graph is a BLS request to the repository's model of it.
     ``loop``: the running ``execute``'s event loop, on which task calls are sent (None: sent one by one)."""
 
-    kind = Backend.ONNXRUNTIME  # the repository's graphs are the export's ONNX graphs, whatever Triton runs them on
+    kind = Backend.TRITON_BLS
 
-    def __init__(self, root: Path, precision: Precision) -> None:
-        self.root, self.precision = root, precision
+    def __init__(self, root: Path, manifest: Manifest, options: RuntimeOptions) -> None:
+        try:
+            import triton_python_backend_utils  # noqa: F401 - there only inside Triton's Python backend
+        except ImportError:
+            raise BackendError("engine 'triton-bls' runs only in a Triton model repository's Python backend") from None
+        super().__init__(root, manifest, options)
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def backbone(self, images: np.ndarray) -> FeatureBatch:
