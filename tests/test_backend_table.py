@@ -55,7 +55,10 @@ def test_runtime_and_remote_runtime_both_satisfy_the_inference_runtime_protocol(
             found = inspect.getattr_static(cls, name, None)
             if inspect.isfunction(wanted):
                 assert inspect.isfunction(found), f"{cls.__name__}.{name} is not a method"
-                assert _parameters(found) == _parameters(wanted), f"{cls.__name__}.{name}{inspect.signature(found)}"
+                own, promised = _parameters(found), _parameters(wanted)
+                extra = list(inspect.signature(found).parameters.values())[1 + len(promised) :]
+                assert own[: len(promised)] == promised, f"{cls.__name__}.{name}{inspect.signature(found)}"
+                assert all(p.default is not p.empty for p in extra), f"{cls.__name__}.{name}: extras need defaults"
             elif isinstance(wanted, property):
                 assert isinstance(found, property) or name in annotated, f"{cls.__name__} lacks {name}"
             else:
