@@ -87,8 +87,20 @@ def evaluate(
 ) -> dict[str, dict]:
     """Per-task and mean metrics plus the forgetting measure, in the eval --json shape; float32 on ``device``.
 
-    Every figure comes from ``Runtime.infer`` over the trained model (``as_task`` under ``oracle``:
-    every image under its own product's detector, whatever the router says)."""
+    Every figure comes from ``Runtime.infer`` over the trained model, so eval scores as deployed.
+
+    Args:
+        data_root: a dataset in the MVTec layout; each task's ``test`` split is read.
+        model_dir: a trained model directory.
+        tasks: the tasks to evaluate (None: every trained task).
+        oracle: score every image under its own product's detector, whatever the router says
+            (``as_task``); no forgetting is measured then.
+        device: auto, cpu, cuda or cuda:N.
+
+    Returns:
+        ``{"tasks": {task: metrics and train_images}, "mean": metrics, "forgetting": per metric,
+        "mode": {"routing", "trained_tasks"}}``, the eval --json shape.
+    """
     store = ModelStore(model_dir)
     model, prototypes = store.load()
     runtime = runtime_of(store, model.to(resolve_device(device)), prototypes)

@@ -145,7 +145,20 @@ def learn(
 ) -> LearnReport:
     """Take ``options.frames`` good frames of ``source``, learn them as ``task`` into ``model_dir``,
     export it into ``export_dir`` and calibrate it on the held-out frames (module docstring).
-    ``progress`` hears of every frame taken, ``say`` of every stage begun."""
+
+    Args:
+        source: a folder, video file, ``camera:N`` or stream URL, as ``run`` reads them.
+        task: the product's name, new to the model directory.
+        model_dir: the model directory the task is trained into.
+        export_dir: the export the line runs; the task is added incrementally and calibrated.
+        options: frames, detector kind, target rate, precision, signing and device (LearnOptions).
+        progress: hears of every frame taken.
+        say: hears of every stage begun.
+
+    Returns:
+        The frames taken, the audit folder, the training, export and calibration reports, and
+        the seconds per stage.
+    """
     model, export = Path(model_dir), Path(export_dir)
     tell = say or (lambda _: None)
     started = time.perf_counter()

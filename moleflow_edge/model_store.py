@@ -3,9 +3,6 @@
     MODEL/config.json             MoleFlowConfig (all sizes: the shared fields, one section per detector kind)
     MODEL/shared.safetensors      shared weights, written once after task 0
     MODEL/tasks/<task>.safetensors  one task's own parts (of its kind: flow adapters, a memory bank) + router prototype
-    MODEL/tasks.json              {"tasks": [...], "detectors": {task: kind}} in training order
-                                  (no "detectors": every task is a flow, as saved before memory tasks)
-    MODEL/tasks/<task>.safetensors  one task's detector (flow adapters or memory bank) + router prototype
     MODEL/tasks.json              {"format_version": 2, "tasks": [...], "detectors": {task: kind}}, in
                                   training order (older forms: migrations/model_dir.py)
 
@@ -84,7 +81,15 @@ class ModelStore:
         return MoleFlowConfig.from_json(path, defaults=CONFIG_SAVED_BEFORE_FIELD)
 
     def load(self, tasks: list[str] | None = None, random_backbone: bool = False) -> tuple[ContinualModel, dict[str, Prototype]]:
-        """Rebuild the model with the listed tasks (all trained tasks by default) and their prototypes."""
+        """Rebuild the model with the listed tasks and their prototypes.
+
+        Args:
+            tasks: the tasks to keep (None: every trained task); the others are removed after loading.
+            random_backbone: random backbone weights (tests and timings only).
+
+        Returns:
+            The model, in eval mode on the CPU, and each kept task's router prototype.
+        """
         trained, kinds = self._task_list()
         if not trained:
             raise ModelDirError(f"{self.root} holds no trained task (no {TASK_LIST_FILE}); train one first")

@@ -71,12 +71,29 @@ class TorchBackend(GraphBackend):
 
 
 def runtime_of(store: ModelStore, model: ContinualModel, prototypes: dict[str, Prototype]) -> Runtime:
-    """A Runtime over ``model`` and ``prototypes`` as ``store.load`` returned them, on the model's device."""
+    """A Runtime over a loaded model, on the model's device.
+
+    Args:
+        store: the model directory the model was loaded from (its spec: tasks, kinds, image size).
+        model: the model as ``store.load`` returned it, on the device to run on.
+        prototypes: the router prototypes ``store.load`` returned with it.
+
+    Returns:
+        A Runtime whose engines are the model's torch modules (``Runtime.over``).
+    """
     return Runtime.over(store.spec(prototypes), TorchBackend(model, store.root))
 
 
 def model_runtime(model_dir: str | Path, device: str | torch.device = "cpu") -> Runtime:
-    """A Runtime over a trained model directory's every task, float32 on ``device``."""
+    """A Runtime over a trained model directory's every task, float32 on ``device``.
+
+    Args:
+        model_dir: a trained model directory.
+        device: auto, cpu, cuda or cuda:N.
+
+    Returns:
+        A Runtime over the loaded model (``runtime_of``).
+    """
     store = ModelStore(model_dir)
     model, prototypes = store.load()
     return runtime_of(store, model.to(resolve_device(device)), prototypes)

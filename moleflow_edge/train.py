@@ -126,15 +126,27 @@ def train_task(
 ) -> TrainReport:
     """Train ``task`` from ROOT/<task>/train/good and add it to the model directory.
 
-    ``detector``: the task's kind, flow or memory (default: the ``detector`` of the model
-    directory's config, or of ``config`` for the first task). A flow runs
-    at most ``steps`` (default: the config's flow.max_steps) optimiser steps on a cosine schedule,
-    checks the loss on held-out training images every ``eval_every`` steps, stops after
-    ``patience`` checks without improvement and keeps the weights of the best check; a memory
-    task keeps a coreset of its training patches.
-    ``device``: auto, cpu, cuda or cuda:N; on CUDA ``amp`` runs the backbone and flow subnets under
-    float16 autocast with a GradScaler (off by default: on an H100 it made a full-size step 1.9x
-    slower, benchmarks/README.md). The saved model is CPU tensors whatever the device.
+    A flow runs at most ``steps`` optimiser steps on a cosine schedule, checks the loss on held-out
+    training images every ``eval_every`` steps, stops after ``patience`` checks without improvement
+    and keeps the weights of the best check; a memory task keeps a coreset of its training patches.
+    Nothing is written until the task has finished, so a crash leaves the directory as it was.
+
+    Args:
+        data_root: a dataset in the MVTec layout; ``data_root/<task>/train/good`` is read.
+        task: the product's name, new to the model directory.
+        model_dir: the model directory, created with the first task (one ``train`` at a time).
+        config: the model's config for its first task; later tasks use the directory's own.
+        steps: a flow's most optimiser steps (None: the config's ``flow.max_steps``).
+        progress: print the fit's progress.
+        random_backbone: random backbone weights (tests and timings only).
+        device: auto, cpu, cuda or cuda:N. The saved model is CPU tensors whatever the device.
+        amp: on CUDA, float16 autocast for the backbone and flow subnets with a GradScaler (off by
+            default: docs/decisions.md#amp-off).
+        detector: the task's kind, flow or memory (None: the ``detector`` of the model directory's
+            config, or of ``config`` for the first task).
+
+    Returns:
+        What the fit did (its kind's summary and metrics), the image counts and the seconds taken.
     """
     check_new_task(data_root, task, model_dir)  # every refusal before any backbone or training work
     if steps is not None and steps < 1:

@@ -13,7 +13,7 @@ PACKAGE = REPO / "moleflow_edge"
 
 def _section(text: str, heading: str) -> str:
     """The body of the ``## heading`` section of a markdown text, up to the next ``## `` heading."""
-    match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
     assert match, f"no '## {heading}' section"
     return match.group(1)
 
@@ -54,4 +54,3 @@ def test_every_top_level_module_and_package_is_in_the_architecture_layout() -> N
     block = _section((REPO / "docs" / "architecture.md").read_text(), "Package layout")
     unlisted = sorted(n for n in _top_level() if not re.search(rf"(?<![\w/]){re.escape(n)}", block))
     assert not unlisted, f"docs/architecture.md's package layout does not mention: {unlisted}"
-

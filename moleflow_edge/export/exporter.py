@@ -131,19 +131,32 @@ def export_model(
     device_id: int = 0,
     trusted_keys: Sequence[str | Path] = (),
 ) -> ExportReport:
-    """Export ``tasks`` (None = every trained task) of a model directory into ``out_dir``.
+    """Export ``tasks`` of a model directory into ``out_dir``.
 
-    Writes the shared backbone graph and each task's detector graph (its kind's scorer) per precision, and the
-    router over every task in the export. ``fmt="engine"`` then builds TensorRT engines from
-    those graphs (on the target GPU). INT8 needs ``calib_data``: a dataset root in the MVTec
-    layout whose <task>/train/good images calibrate the QDQ graphs. ``sign``: an Ed25519
-    private key file (moleflow-edge keygen) that signs the manifest. A signed export already in
-    ``out_dir`` must verify with that key's public half or one of ``trusted_keys`` (public key
-    files) before anything in it is reused or signed again, and is never rewritten unsigned; an
-    unsigned one is signed only from the model (``tasks`` None: every graph rebuilt, nothing of it
-    reused, its calibration dropped). ``device_id``: the GPU that
-    builds the engines. The ONNX graphs are always traced on the CPU, so a model exports to the
+    Writes the shared backbone graph and each task's detector graph (its kind's scorer) per
+    precision, and the router over every task in the export. A signed export already in
+    ``out_dir`` must verify with the public half of ``sign`` or one of ``trusted_keys`` before
+    anything in it is reused or signed again, and is never rewritten unsigned; an unsigned one is
+    signed only from the model (``tasks`` None: every graph rebuilt, nothing of it reused, its
+    calibration dropped). The ONNX graphs are always traced on the CPU, so a model exports to the
     same bytes whichever device trained it or runs the export.
+
+    Args:
+        model_dir: a trained model directory.
+        out_dir: the export directory, created or updated incrementally (one commit).
+        tasks: the tasks to add or replace (None: every trained task).
+        precisions: fp32, fp16 and/or int8.
+        fmt: onnx, engine (then TensorRT engines built from those graphs on the target GPU) or
+            triton (then a Triton model repository in ``out_dir/triton``).
+        calib_data: for int8, a dataset root in the MVTec layout whose <task>/train/good images
+            calibrate the QDQ graphs.
+        batch_profile: (min, opt, max) batch of the engines' optimisation profile.
+        sign: an Ed25519 private key file (moleflow-edge keygen) that signs the manifest.
+        device_id: the GPU that builds the engines.
+        trusted_keys: public key files an existing signed export may verify with.
+
+    Returns:
+        What the run wrote (or found up to date), rebuilt and removed, and its notes.
     """
     export_format, chosen = check_export_args(fmt, precisions)
     if Precision.INT8 in chosen and calib_data is None:

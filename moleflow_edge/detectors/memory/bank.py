@@ -1,8 +1,7 @@
 """A memory task: its coreset of training patch vectors, and the module that scores against it.
 
 The memory detector reads the same shared embedding a flow does, less its constant positional
-encoding (nearest-neighbour distances measured better without it: benchmarks/README.md), so it
-needs no graph output of its own. A patch's score is the Euclidean distance to its nearest kept
+encoding (why: docs/decisions.md#memory-no-positional-encoding), so it needs no graph output of its own. A patch's score is the Euclidean distance to its nearest kept
 vector; the image score is the largest patch score, as PatchCore's.
 """
 
@@ -19,10 +18,9 @@ from moleflow_edge.model.scorer import PatchScorer
 class MemoryBank(nn.Module):
     """A memory task's own part: ``bank`` (K,D) kept patch vectors, positional encoding removed, and
     for a large bank its inverted lists (inverted_lists.py): ``centroids`` (C,D) and ``lists``
-    (C,L) of bank rows. A bank without lists (every bank saved before lists existed) is searched
-    exactly, and its task file holds ``bank`` alone in float32, as before. A bank with lists keeps
-    ``bank`` in float16 (``lists`` in int32): half the task file, for nearest distances within
-    0.03% of float32's on real patches (benchmarks/README.md); scorers compute in float32.
+    (C,L) of bank rows. A bank without lists is searched exactly, and its task file holds ``bank``
+    alone in float32. A bank with lists keeps ``bank`` in float16 (``lists`` in int32); scorers
+    compute in float32 (docs/decisions.md#float16-listed-banks).
 
     K, C and L differ from task to task, so loading a saved bank takes their shapes from the file.
     """

@@ -4,10 +4,8 @@ PatchCore's reduction: each next vector kept is the one farthest from every vect
 so the kept set covers the training patches with the smallest radius greedy search finds. Each
 step passes over every candidate, so above ``PARTITION_FROM`` candidates (a 67-image product with its
 variants) the search runs in k-means partitions of about ``PARTITION``: each step takes the farthest
-candidate of the partition whose farthest is farthest, and passes over that partition alone. That
-takes 300,000 candidates to 3000 in about 20 s, where the global search takes minutes; below it the
-global search is kept, because partitions cost the real products 0.005 image AUROC on the mean
-(benchmarks/README.md).
+candidate of the partition whose farthest is farthest, and passes over that partition alone. Below
+it the global search is kept (measurements: docs/decisions.md#coreset-partitions).
 """
 
 from __future__ import annotations

@@ -4,9 +4,8 @@ faiss's IVF search as static-shape graph ops: k-means centroids partition the ba
 distances to the centroids (MatMul) pick its ``probe`` nearest lists (TopK), whose vectors
 (Gather, every list padded to one length with copies of its own first member, so padding never
 changes a minimum) give exact distances (MatMul, ReduceMin). A patch whose nearest vector lies in
-a list it did not probe gets a slightly larger distance: benchmarks/README.md measures how often.
-The k-means fits on a seeded sample of ``FIT_ROWS`` rows per list, then assigns every row: 300,000
-rows take seconds where fitting on all took minutes, for the same share of exact patches.
+a list it did not probe gets a slightly larger distance. The k-means fits on a seeded sample of
+``FIT_ROWS`` rows per list, then assigns every row (why: docs/decisions.md#kmeans-on-a-sample).
 """
 
 from __future__ import annotations

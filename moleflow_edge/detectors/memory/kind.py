@@ -2,12 +2,11 @@
 
 Every patch of the task's training images and of their variants is a candidate (the same
 gain-normalised features and variants a flow trains on, positional encoding removed): the
-photometric variants put brighter and darker normal patches in the bank, which took the worst
-exposure score from 0.81 to 0.54 for 0.003 pixel AP, and with ``augment_jpeg`` the JPEG round
-trips put compressed ones there (benchmarks/README.md). The bank keeps ``coreset_ratio`` of them
+photometric variants put brighter and darker normal patches in the bank, and with ``augment_jpeg``
+the JPEG round trips put compressed ones there. The bank keeps ``coreset_ratio`` of them
 within [``coreset_min``, ``coreset_max``] by greedy k-center search, or every one with no search
-where that is all of them (``coreset_ratio`` 1 and a large ``coreset_max`` keep every candidate:
-measured, it lost image AUROC on real products, benchmarks/README.md). A bank of ``memory_lists_from``
+where that is all of them (``coreset_ratio`` 1 and a large ``coreset_max`` keep every candidate).
+Measurements: docs/decisions.md#memory-bank-candidates. A bank of ``memory_lists_from``
 vectors or more is searched by inverted lists (inverted_lists.py), where exact search costs
 more, and kept in float16. Nothing shared is trained, so a memory task never changes what earlier
 tasks score.
