@@ -139,14 +139,15 @@ def learn(
     task: str,
     model_dir: str | Path,
     export_dir: str | Path,
-    options: LearnOptions = LearnOptions(),
+    options: LearnOptions | None = None,
     progress: Callable[[GoodFrames], None] | None = None,
     say: Callable[[str], None] | None = None,
 ) -> LearnReport:
     """Take ``options.frames`` good frames of ``source``, learn them as ``task`` into ``model_dir``,
     export it into ``export_dir`` and calibrate it on the held-out frames (module docstring).
-    ``progress`` hears of every frame taken, ``say`` of every stage begun."""
+    ``options`` None: the defaults; ``progress`` hears of every frame taken, ``say`` of every stage begun."""
     model, export = Path(model_dir), Path(export_dir)
+    options = options or LearnOptions()
     tell = say or (lambda _: None)
     started = time.perf_counter()
     notes = _check_before_reading(task, model, export, options)

@@ -126,8 +126,14 @@ def resolve_backend(choice: str) -> tuple[Backend, tuple[str, ...] | None]:
     raise InputError(f"unknown backend {value!r}; choose auto or a target: {', '.join(TARGET_NAMES)}")
 
 
-ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
-                             "onnxruntime-qnn", "onnxruntime-training")  # fmt: skip; each installs `onnxruntime`
+ONNXRUNTIME_DISTRIBUTIONS = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-openvino",
+    "onnxruntime-directml",
+    "onnxruntime-qnn",
+    "onnxruntime-training",
+)  # fmt: skip; each installs `onnxruntime`
 ONNXRUNTIME_HINT = (
     "pip install 'moleflow-edge[cpu]' (CPU) or 'moleflow-edge[gpu]' (NVIDIA GPU), not both: "
     "onnxruntime and onnxruntime-gpu install the same module"

@@ -72,7 +72,7 @@ def calibrate_from_source(
         how = "the given task"
     else:
         per_task = {t: [] for t in chosen}
-        for frame, task in zip(taken.frames, route_frames(root, taken.frames, precision)):
+        for frame, task in zip(taken.frames, route_frames(root, taken.frames, precision), strict=True):
             if task == UNKNOWN:
                 result.unknown += 1
             elif task in per_task:

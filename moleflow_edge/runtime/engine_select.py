@@ -237,7 +237,12 @@ def select_engine(
                 if c.target.provider is not None and runtime.provider != c.target.provider:
                     raise BackendError(f"onnxruntime fell back to {runtime.provider}")
                 ms[c.key] = time_candidate(runtime, clock)
-        except (EngineError, UserError, RuntimeError, OSError) as exc:  # BackendError, ManifestError, an engine's own errors
+        except (
+            EngineError,
+            UserError,
+            RuntimeError,
+            OSError,
+        ) as exc:  # BackendError, ManifestError, an engine's own errors
             failed[c.key] = str(exc)
     cache_error = None
     if any(c.key in ms for c in to_time):  # something was timed now: keep it for the next load

@@ -256,7 +256,9 @@ class TensorRtBackend(GraphBackend):
                 f"task {entry.name!r} has no {self.precision.value} engine for TensorRT {self._trt_version} on a "
                 f"sm{self._capability} GPU: run export --task {entry.name} --format engine on this device"
             )
-        engine = TrtEngine(self._runtime, read_engine(self.root, found, f"{entry.name} detector"), self.stream, entry.name)
+        engine = TrtEngine(
+            self._runtime, read_engine(self.root, found, f"{entry.name} detector"), self.stream, entry.name
+        )
         if engine.dtypes[EMBEDDING] != self._backbone.dtypes[EMBEDDING]:
             engine.close()
             raise BackendError(

@@ -252,7 +252,7 @@ class RemoteRuntime:
                 data, name = np.stack([g[1] for g in group]), IMAGES
             else:
                 data, name = np.array([[g[1]] for g in group], np.object_), ENCODED
-            for (i, _), result in zip(group, self._request(name, data, parameters)):
+            for (i, _), result in zip(group, self._request(name, data, parameters), strict=True):
                 result.index = i
                 results[i] = result
         return results  # type: ignore[return-value] - every slot is filled above

@@ -234,14 +234,14 @@ def decode_results(arrays: dict[str, np.ndarray], tasks: list[str]) -> list[Fram
     for k in range(len(arrays["task"])):
         result = FrameResult(index=k, error=text("error", k))
         results.append(result)
-        for name, ms in zip(TIMING_FIELDS, arrays["timings"][k].tolist()):
+        for name, ms in zip(TIMING_FIELDS, arrays["timings"][k].tolist(), strict=True):
             setattr(result.timings, name, ms)
         shape = tuple(int(v) for v in arrays["frame_shape"][k])
         result.frame_shape = shape if any(shape) else None
         if result.error is not None:
             continue
         result.task, result.explained_by = text("task", k), text("explained_by", k)
-        result.distances = dict(zip(tasks, arrays["distances"][k].astype(float).tolist()))
+        result.distances = dict(zip(tasks, arrays["distances"][k].astype(float).tolist(), strict=True))
         result.image_score, result.threshold = number("score", k), number("threshold", k)
         decision = int(arrays["decision"][k][0])
         result.is_anomaly = None if decision < 0 else bool(decision)
