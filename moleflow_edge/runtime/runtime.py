@@ -107,9 +107,10 @@ class Runtime:
         manifest = cls.check_export(root, options)
         choice = None
         if options.latency_target_ms is not None:
+            given = options  # ``options`` is rebound below, to the chosen candidate
 
             def open_candidate(c: Candidate) -> Runtime:
-                return cls._open(root, manifest, options.as_candidate(c.target.name, c.precision))
+                return cls._open(root, manifest, given.as_candidate(c.target.name, c.precision))
 
             choice = select_engine(root, manifest, options, open_candidate, clock=clock)
             options = replace(options, backend=choice.chosen.target.name, precision=choice.chosen.precision)

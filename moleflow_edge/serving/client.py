@@ -177,6 +177,7 @@ class RemoteRuntime:
                     cause = self._lost_model(client, refused)
                     if cause is None:
                         raise BackendError(f"the server at {self.url} refused the request: {refused}") from exc
+                assert cause is not None  # a link failure, or the model lost behind a refusal
                 causes += [cause] if cause not in causes else []
                 self.close()
                 if attempt < self.link.retries:
@@ -241,7 +242,9 @@ class RemoteRuntime:
                 results[i] = FrameResult(index=i, error=str(exc))
         side = (self.max_map_side or self._info["map_side_cap"]) if with_maps and self.maps else 0
         # with_maps and no map sent back (``maps`` False): still what Runtime.infer gives, explained_by included
-        parameters = {MAP_SIDE_PARAMETER: side} if side else {EXPLAIN_PARAMETER: True} if with_maps else {}
+        parameters: dict[str, object] = (
+            {MAP_SIDE_PARAMETER: side} if side else {EXPLAIN_PARAMETER: True} if with_maps else {}
+        )
         step = int(self._info["max_batch"])
         while payload:
             first_shape = _shape(payload[0][1])
@@ -255,7 +258,9 @@ class RemoteRuntime:
             for (i, _), result in zip(group, self._request(name, data, parameters), strict=True):
                 result.index = i
                 results[i] = result
-        return results  # type: ignore[return-value] - every slot is filled above
+        filled = [r for r in results if r is not None]
+        assert len(filled) == len(results)  # every slot is filled above
+        return filled
 
     def infer_one(self, frame: object, *, with_maps: bool = True) -> FrameResult:
         return self.infer([frame], with_maps=with_maps)[0]

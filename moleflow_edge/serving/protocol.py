@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -151,7 +151,9 @@ def complete_results(
 
 
 def answer_requests(
-    runtime: Runtime, requests: list[tuple[Mapping[str, np.ndarray], Mapping[str, object] | None]], map_side_cap: int
+    runtime: Runtime,
+    requests: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, object] | None]],
+    map_side_cap: int,
 ) -> list[dict[str, np.ndarray]]:
     """Requests, each its input tensors by name and its parameters, through one Runtime.infer -> each
     request's output arrays: what `serve` and the repository's ``moleflow`` run. A request whose
