@@ -147,17 +147,17 @@ def product_results(deployed: dict[str, Deployed], root: Path, product: str) -> 
     test_concat = extract_features(model, test.images).concat
     good = test.images[~test.labels.astype(bool)]
     at_gain = {g: extract_features(model, with_gain(good, g)) for g in (1.0, *GAINS)}
-    at_jpeg = dict(zip(JPEG_QUALITIES, jpeg_round_trips(good, JPEG_QUALITIES)))
+    at_jpeg = dict(zip(JPEG_QUALITIES, jpeg_round_trips(good, JPEG_QUALITIES), strict=True))
     results = {}
     for kind, d in deployed.items():
         gains = {g: d.runtime.infer(with_gain(good, g), with_maps=False) for g in at_gain}
         jpeg = {q: d.runtime.infer(images, with_maps=False) for q, images in at_jpeg.items()}
         results[kind] = {**exposure({g: image_scores(s) for g, s in gains.items()}), **camera_jpeg(gains[1.0], jpeg)}
-    for name, ref in zip(REFERENCES, (KnnReference(train), GaussianReference(train))):
+    for name, ref in zip(REFERENCES, (KnnReference(train), GaussianReference(train)), strict=True):
         patch = ref.patch_scores(test_concat)
         metrics = split_metrics(test, anomaly_maps(patch, cfg), max_patch(patch))
         gains = {g: max_patch(ref.patch_scores(f.concat)) for g, f in at_gain.items()}
-        results[name] = {**dict(zip(METRICS, metrics)), **exposure(gains)}
+        results[name] = {**dict(zip(METRICS, metrics, strict=True)), **exposure(gains)}
     return results
 
 
@@ -175,7 +175,9 @@ def deployment_costs(deployed: Deployed, export_dir: Path) -> dict[str, dict[str
     options.intra_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {
-        t.name: ort.InferenceSession(str(export_dir / t.graphs["fp32"].file), options, providers=["CPUExecutionProvider"])
+        t.name: ort.InferenceSession(
+            str(export_dir / t.graphs["fp32"].file), options, providers=["CPUExecutionProvider"]
+        )
         for t in manifest.tasks
     }
     timed = measure_calls({task: (lambda s=s: s.run(None, feed)) for task, s in sessions.items()}, TIMED_CALLS)
@@ -264,11 +266,16 @@ def markdown(result: dict) -> str:
     for name, m in result["mean"].items():
         cells = " | ".join(f"{m[c]:.3f}" for c in METRICS)
         deployed = (
-            f"{m['routing_accuracy']:.3f} | {m['graph_ms']:.2f} | {m['task_file_mib']:.2f}" if name in kinds else "- | - | -"
+            f"{m['routing_accuracy']:.3f} | {m['graph_ms']:.2f} | {m['task_file_mib']:.2f}"
+            if name in kinds
+            else "- | - | -"
         )
-        lines.append(f"| **mean** | {name} | {cells} | mean {m['exposure_mean']:.3f} | max {m['exposure_max']:.3f} | {deployed} |")
+        lines.append(
+            f"| **mean** | {name} | {cells} | mean {m['exposure_mean']:.3f} | max {m['exposure_max']:.3f} | {deployed} |"
+        )
     forgetting = "; ".join(
-        f"{kind}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()) for kind, values in result["forgetting"].items()
+        f"{kind}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items())
+        for kind, values in result["forgetting"].items()
     )
     return (
         "\n".join(lines) + f"\n\nmeans over {', '.join(result['mean_over'])}; forgetting: {forgetting}\n\n"
@@ -289,14 +296,18 @@ def jpeg_markdown(result: dict) -> str:
             r = row[kind]
             counts = [f"{r[f'q{q}_unknown']} of {r['good']}" for q in JPEG_QUALITIES]
             shifts = [f"{r[f'q{q}']:.3f}" for q in JPEG_QUALITIES]
-            lines.append(f"| {product} | {kind} | " + " | ".join(counts + shifts) + f" | {max(r['x0.9'], r['x1.1']):.3f} |")
+            lines.append(
+                f"| {product} | {kind} | " + " | ".join(counts + shifts) + f" | {max(r['x0.9'], r['x1.1']):.3f} |"
+            )
     for kind in result["detectors"]:
         m = result["mean"][kind]
         counts = [f"{m[f'q{q}_unknown']} of {m['good']}" for q in JPEG_QUALITIES]
         shifts = [f"{m[f'q{q}']:.3f}" for q in JPEG_QUALITIES]
         lines.append(f"| **all** | {kind} | " + " | ".join(counts + shifts) + f" | {m['exposure_max']:.3f} |")
-    return "\n".join(lines) + f"\n\nshift: mean over {', '.join(result['mean_over'])}; JPEG shift max " + ", ".join(
-        f"{kind} {result['mean'][kind]['jpeg_max']:.3f}" for kind in result["detectors"]
+    return (
+        "\n".join(lines)
+        + f"\n\nshift: mean over {', '.join(result['mean_over'])}; JPEG shift max "
+        + ", ".join(f"{kind} {result['mean'][kind]['jpeg_max']:.3f}" for kind in result["detectors"])
     )
 
 

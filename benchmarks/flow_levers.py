@@ -199,7 +199,10 @@ def top_k(patch: np.ndarray, k: int) -> np.ndarray:
 
 def flow_metrics(scores: FlowScores, split: Split, config: MoleFlowConfig) -> dict[str, float]:
     metrics = split_metrics(split, anomaly_maps(scores.test, config), top_k(scores.test, config.top_k))
-    return {**dict(zip(METRICS, metrics)), **exposure({g: top_k(s, config.top_k) for g, s in scores.gains.items()})}
+    return {
+        **dict(zip(METRICS, metrics, strict=True)),
+        **exposure({g: top_k(s, config.top_k) for g, s in scores.gains.items()}),
+    }
 
 
 def reference_metrics(maps: ProductMaps, kernel: int, config: MoleFlowConfig) -> dict[str, dict[str, float]]:
@@ -211,7 +214,7 @@ def reference_metrics(maps: ProductMaps, kernel: int, config: MoleFlowConfig) ->
         patch = ref.patch_scores(test)
         metrics = split_metrics(maps.split, anomaly_maps(patch, config), max_patch(patch))
         gains = {g: max_patch(ref.patch_scores(features(m, flow, config, 0))) for g, m in maps.gains.items()}
-        results[name] = {**dict(zip(METRICS, metrics)), **exposure(gains)}
+        results[name] = {**dict(zip(METRICS, metrics, strict=True)), **exposure(gains)}
     return results
 
 

@@ -38,7 +38,14 @@ import torch
 PAPER_MS_PER_IMAGE = 15.0  # the MoLE-Flow papers' inference time per image on a GPU
 TASKS = ["weave", "tiles"]
 TRAIN_CONFIG_FIELDS = dict(image_size=128, embed_dim=64)
-TRAIN_FLOW_FIELDS = {"num_mole_blocks": 2, "num_dia_blocks": 1, "lora_rank": 8, "lora_alpha": 8.0, "batch_size": 8, "max_steps": 80}
+TRAIN_FLOW_FIELDS = {
+    "num_mole_blocks": 2,
+    "num_dia_blocks": 1,
+    "lora_rank": 8,
+    "lora_alpha": 8.0,
+    "batch_size": 8,
+    "max_steps": 80,
+}
 # CUDA and CPU sum floats in different orders; over 80 steps that moves the weights a little,
 # so CUDA training matches CPU training in what it decides, not bit for bit:
 TOLERANCE = {
@@ -102,7 +109,7 @@ def training_section(work: Path) -> dict[str, object]:
     for name in ("cuda_fp32", "cuda_amp"):
         run, limit = result[name], TOLERANCE[name]
         auroc = max(abs(run["auroc"][t] - cpu["auroc"][t]) for t in TASKS)
-        agree = float(np.mean([a == b for a, b in zip(run["routes"], cpu["routes"])]))
+        agree = float(np.mean([a == b for a, b in zip(run["routes"], cpu["routes"], strict=True)]))
         rel = float(np.median(np.abs(run["scores"] - cpu["scores"]) / np.abs(cpu["scores"])))
         rows[name] = {"train_seconds": run["seconds"], "auroc": run["auroc"], "max_auroc_diff": round(auroc, 4),
                       "route_agreement": agree, "median_rel_score_diff": round(rel, 4),
@@ -285,7 +292,9 @@ def runtime_section(work: Path) -> dict[str, object]:
     prototypes = []
     for _ in range(tasks):
         whitener = np.linalg.cholesky(np.eye(channels) + 0.1 * np.cov(rng.standard_normal((channels, 4 * channels))))
-        prototypes.append(Prototype(rng.standard_normal(channels).astype(np.float32), whitener.T.astype(np.float32), 1.0))
+        prototypes.append(
+            Prototype(rng.standard_normal(channels).astype(np.float32), whitener.T.astype(np.float32), 1.0)
+        )
     table = RouterTable([f"p{i}" for i in range(tasks)], prototypes)
     features = rng.standard_normal((8, channels)).astype(np.float32) + prototypes[3].mean
     staged = cm.PinnedBuffer(features.shape, np.float32)

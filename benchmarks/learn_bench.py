@@ -177,9 +177,15 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
         "frames": args.frames,
         "frame_size": args.size,
-        "seconds": {"read": read, "train": train, "export": exported, "calibrate": calibrated,
-                    "first_frame_to_calibrated_export": total, "command_wall": round(wall, 2),
-                    "command_cpu": round(cpu, 2)},  # fmt: skip
+        "seconds": {
+            "read": read,
+            "train": train,
+            "export": exported,
+            "calibrate": calibrated,
+            "first_frame_to_calibrated_export": total,
+            "command_wall": round(wall, 2),
+            "command_cpu": round(cpu, 2),
+        },  # fmt: skip
         "learn_output": done.stdout.strip().splitlines(),
     }
     if picked is not None:

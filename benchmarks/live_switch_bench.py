@@ -76,7 +76,9 @@ def main() -> int:
     from moleflow_edge.runtime.live_export import LiveExport
 
     data, model, export = build(args.work)
-    frames = {t: [cv2.imread(str(p)) for p in sorted((data / t / "test" / "good").glob("*.png"))] for t in [*TASKS, NEW]}
+    frames = {
+        t: [cv2.imread(str(p)) for p in sorted((data / t / "test" / "good").glob("*.png"))] for t in [*TASKS, NEW]
+    }
     said: list[str] = []
     live = LiveExport(Runtime.load(export, RuntimeOptions(threads=1)), said.append)
     latencies, tasks, errors = [], [], 0

@@ -101,7 +101,9 @@ def real_vectors(model: ContinualModel, root: Path) -> tuple[torch.Tensor, torch
     return torch.cat([patch_vectors(model, extract_features(model, c).concat) for c in chunks]), torch.cat(queries)
 
 
-def bank_table(model: ContinualModel, root: Path, sizes: list[int], iters: int, threads: int) -> list[dict[str, object]]:
+def bank_table(
+    model: ContinualModel, root: Path, sizes: list[int], iters: int, threads: int
+) -> list[dict[str, object]]:
     """Each bank's ms per image at batch 1 and 8, task file size and fidelity, beside exact 3000."""
     config, dim, grid = model.config, model.config.embed_dim, model.config.grid_size
     with torch.no_grad():

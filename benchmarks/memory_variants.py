@@ -113,7 +113,9 @@ def main() -> None:
     torch.manual_seed(0)
     config = MoleFlowConfig()
     backbone = build_backbone(config)
-    model = build_model(config.with_overrides(embed_dim=min(config.embed_dim, backbone.channels8 + backbone.channels16)), backbone)
+    model = build_model(
+        config.with_overrides(embed_dim=min(config.embed_dim, backbone.channels8 + backbone.channels16)), backbone
+    )
     model.eval()
     base_config = model.config
     products = [Product(model, args.data, name) for name in list_categories(args.data)]

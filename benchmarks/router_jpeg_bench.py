@@ -47,7 +47,7 @@ def product_features(model: torch.nn.Module, root: Path, product: str) -> dict[s
     out["test"] = extract_features(model, test.images).routing
     out["png"] = out["test"][test.labels == 0]
     out["defective"] = out["test"][test.labels == 1]
-    for q, jpeg in zip(JPEG_QUALITIES, jpeg_round_trips(good, JPEG_QUALITIES)):
+    for q, jpeg in zip(JPEG_QUALITIES, jpeg_round_trips(good, JPEG_QUALITIES), strict=True):
         out[f"q{q}"] = extract_features(model, jpeg).routing
     return out
 
@@ -108,7 +108,9 @@ def markdown(result: dict) -> str:
         total = {k: sum(r[k] for r in rows.values()) for k in next(iter(rows.values()))}
         for product, r in [*rows.items(), ("**all**", total)]:
             cells = " | ".join(str(r[v]) for v in variants)
-            lines.append(f"| {fit} | {product} | {r['good']} | {cells} | {r['defective_unknown']} of {r['defective']} |")
+            lines.append(
+                f"| {fit} | {product} | {r['good']} | {cells} | {r['defective_unknown']} of {r['defective']} |"
+            )
     lines += ["", "| router fit | left out | test frames stopped (PNG) | good stopped at JPEG 75 | closest / limit |",
               "|---|---|---:|---:|---:|"]  # fmt: skip
     for fit, rows in result["left_out"].items():

@@ -82,9 +82,9 @@ def summary(batch: int, measured: dict) -> dict:
 
 def compare(reference: list, other: list) -> tuple[bool, float]:
     """Same task everywhere, and the worst relative image-score difference."""
-    same = all(a[0] == b[0] for a, b in zip(reference, other))
+    same = all(a[0] == b[0] for a, b in zip(reference, other, strict=True))
     worst = 0.0
-    for (_, a), (_, b) in zip(reference, other):
+    for (_, a), (_, b) in zip(reference, other, strict=True):
         if a is not None and b is not None:
             worst = max(worst, abs(a - b) / max(abs(a), 1e-12))
     return same, worst

@@ -77,7 +77,7 @@ def tensorrt_section(work: Path, iters: int = 20) -> dict[str, object]:
             ref_scores, ref_tasks = cpu[reference]
             rows.append({"precision": precision, "versus_cpu": reference,
                          "max_rel_score_diff": float(np.nanmax(np.abs(scores - ref_scores) / np.abs(ref_scores))),
-                         "same_route": float(np.mean([a == b for a, b in zip(tasks, ref_tasks)]))})  # fmt: skip
+                         "same_route": float(np.mean([a == b for a, b in zip(tasks, ref_tasks, strict=True)]))})  # fmt: skip
         for batch in (1, BATCH_PROFILE[2]):
             timed = measure(runtime_pipeline(runtime), list(frames), batch, iters)
             rows.append({"precision": precision, "batch": batch,

@@ -25,7 +25,7 @@ def anomaly_map(
     return smooth
 
 
-def capped_shape(hw: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+def capped_shape(hw: tuple[int, ...], max_side: int | None) -> tuple[int, int]:
     """(height, width) scaled down, aspect kept, so that the longer side is at most ``max_side``:
     one huge frame must not cost gigabytes of map. None keeps the size."""
     height, width = int(hw[0]), int(hw[1])

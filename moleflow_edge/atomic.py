@@ -24,7 +24,7 @@ def current_umask() -> int:
 TEMP_SUFFIX = ".tmp"  # write_atomic's temporary files are ".<name>.<random>.tmp" beside their target
 
 
-def write_atomic(path: Path, write: Callable[[Path], None], mode: int | None = None) -> None:
+def write_atomic(path: Path, write: Callable[[Path], object], mode: int | None = None) -> None:
     """Write through a temporary file in the same folder, then rename it into place.
 
     The file gets ``mode``, by default the mode an ordinary write would (0666 less the umask),

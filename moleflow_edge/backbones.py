@@ -145,7 +145,7 @@ class EfficientNetLite(Backbone):
         self._indices = (last_of_stride[8], last_of_stride[16], len(self.net._blocks) - 1)
         self.feature_info = _feature_info(
             (f"net._blocks.{i}", self.net._blocks[i]._project_conv.out_channels, s)
-            for i, s in zip(self._indices, (8, 16, stride))
+            for i, s in zip(self._indices, (8, 16, stride), strict=True)
         )
 
     def features(self, x: torch.Tensor, with_last: bool) -> BackboneMaps:

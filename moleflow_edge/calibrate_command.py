@@ -20,9 +20,10 @@ def calibrate(
     export_dir: Path = typer.Option(..., "--export", help="Export directory whose manifest gets the thresholds."),
     data: Optional[Path] = typer.Option(None, help="Dataset root: ROOT/<task>/calib/good if present, else test/good."),
     source: Optional[str] = typer.Option(
-        None, help="Instead of --data: good frames straight from an image folder, video file, camera:N or stream URL. "
+        None,
+        help="Instead of --data: good frames straight from an image folder, video file, camera:N or stream URL. "
         "With one --task every frame is that product; with several (or none: all) the router assigns each frame "
-        "and frames it stops as unknown are refused."
+        "and frames it stops as unknown are refused.",
     ),
     threshold: Optional[float] = typer.Option(
         None, help="Instead of --data or --source: set the one --task's threshold to V (anomaly when score > V)."
@@ -32,8 +33,9 @@ def calibrate(
         None, min=1, help="With --source: good frames to take in all (default: as many as --target-fpr needs)."
     ),
     target_fpr: Optional[float] = typer.Option(
-        None, show_default=False, help="False-positive rate the score threshold aims at (default: "
-        "calibration/order_statistics.py TARGET_FPR)."
+        None,
+        show_default=False,
+        help="False-positive rate the score threshold aims at (default: calibration/order_statistics.py TARGET_FPR).",
     ),
     precision: Precision = typer.Option(
         Precision.FP32, help="Precision that will be deployed (its scores are calibrated)."

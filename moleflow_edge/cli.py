@@ -65,7 +65,9 @@ def synth(
     typer.echo(f"wrote {', '.join(written)} to {out}")
 
 
-def _config(config_file: Optional[Path], backbone: Optional[BackboneName], image_size: Optional[int]) -> MoleFlowConfig | None:
+def _config(
+    config_file: Optional[Path], backbone: Optional[BackboneName], image_size: Optional[int]
+) -> MoleFlowConfig | None:
     """The config the options give (None: the default, or the model's own); a bad file or field is an InputError."""
     if config_file is None and backbone is None and image_size is None:
         return None
@@ -86,22 +88,30 @@ def train(
     config: Optional[Path] = typer.Option(None, help="Config JSON (first task only; later tasks reuse the model's)."),
     backbone: Optional[BackboneName] = typer.Option(None, help="Backbone (first task only)."),
     image_size: Optional[int] = typer.Option(None, help="Input size, a multiple of 16 (first task only)."),
-    steps: Optional[int] = typer.Option(None, min=1, help="Most optimiser steps for this task, where its kind takes steps (default: the config's flow.max_steps)."),
+    steps: Optional[int] = typer.Option(
+        None,
+        min=1,
+        help="Most optimiser steps for this task, where its kind takes steps (default: the config's flow.max_steps).",
+    ),
     detector: Optional[DetectorKind] = typer.Option(
-        None, help="This task's detector: flow (MoLE-Flow) or memory (a coreset of its training patches); "
-        "default: the config's detector (flow)."
+        None,
+        help="This task's detector: flow (MoLE-Flow) or memory (a coreset of its training patches); "
+        "default: the config's detector (flow).",
     ),
     device: str = typer.Option("auto", help=DEVICE_OPTION_HELP),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_OPTION_HELP),
     amp: bool = typer.Option(
-        False, help="On CUDA, float16 autocast for the backbone and flow subnets, loss in float32 (measured slower "
-        "than float32 on an H100 at the papers' sizes: benchmarks/README.md, GPU check)."
+        False,
+        help="On CUDA, float16 autocast for the backbone and flow subnets, loss in float32 (measured slower "
+        "than float32 on an H100 at the papers' sizes: benchmarks/README.md, GPU check).",
     ),
 ) -> None:
     """Learn one product as a new task without touching earlier tasks."""
     from moleflow_edge.train import train_task
 
-    where = chosen_device(device, lambda kind: "training, " + ("float16 mixed precision" if amp and kind == "cuda" else "float32"))
+    where = chosen_device(
+        device, lambda kind: "training, " + ("float16 mixed precision" if amp and kind == "cuda" else "float32")
+    )
     set_torch_threads(threads)
     try:
         report = train_task(
@@ -152,12 +162,16 @@ def export(
     all_tasks: bool = typer.Option(False, "--all", help="Export every trained task."),
     out: Path = typer.Option(Path("export"), help="Export directory (created or updated in place)."),
     fmt: ExportFormat = typer.Option(
-        ExportFormat.ONNX, "--format", help="onnx: graphs every target runs; engine: also TensorRT plans for this GPU; "
-        "triton: also a Triton model repository in OUT/triton (needs [serve])."
+        ExportFormat.ONNX,
+        "--format",
+        help="onnx: graphs every target runs; engine: also TensorRT plans for this GPU; "
+        "triton: also a Triton model repository in OUT/triton (needs [serve]).",
     ),
     precision: list[str] = typer.Option(["fp32"], help="fp32, fp16 or int8; repeat or comma-separate for several."),
     calib_data: Optional[Path] = typer.Option(None, help="Dataset root whose normal images calibrate INT8."),
-    sign: Optional[Path] = typer.Option(None, help="Ed25519 private key file (moleflow-edge keygen) that signs the manifest."),
+    sign: Optional[Path] = typer.Option(
+        None, help="Ed25519 private key file (moleflow-edge keygen) that signs the manifest."
+    ),
     trusted_key: Optional[list[Path]] = typer.Option(
         None, help="Public key file (repeatable) that may have signed the export already in --out (besides --sign's)."
     ),
@@ -171,7 +185,9 @@ def export(
     if (task is None) == (not all_tasks):
         fail("give exactly one of --task NAME or --all")
     engines, triton = fmt is ExportFormat.ENGINE, fmt is ExportFormat.TRITON
-    where = chosen_device(device, lambda _: "builds the TensorRT engines" if engines else "unused: ONNX graphs are traced on the CPU")
+    where = chosen_device(
+        device, lambda _: "builds the TensorRT engines" if engines else "unused: ONNX graphs are traced on the CPU"
+    )
     if engines and where.type != "cuda":
         fail(f"--format engine builds TensorRT engines on the GPU that will run them; --device {device} gave the CPU")
     precisions = [p.strip() for item in precision for p in item.split(",") if p.strip()]
@@ -208,12 +224,15 @@ def run(
         None, help="Instead of --export: a moleflow-edge serve at HOST:PORT (Triton's HTTP port) or grpc://HOST:PORT."
     ),
     send: Optional[str] = typer.Option(
-        None, show_default=False, help="With --server, frames travel raw (exact), png (lossless) or jpeg (lossy) "
-        "(default: RemoteRuntime's encoding)."
+        None,
+        show_default=False,
+        help="With --server, frames travel raw (exact), png (lossless) or jpeg (lossy) "
+        "(default: RemoteRuntime's encoding).",
     ),
     source: str = typer.Option(
-        ..., help="Image folder, image file, video file, camera:N, a stream URL (rtsp://, http://) or a GStreamer "
-        "pipeline ending in appsink."
+        ...,
+        help="Image folder, image file, video file, camera:N, a stream URL (rtsp://, http://) or a GStreamer "
+        "pipeline ending in appsink.",
     ),
     backend: TargetChoice = typer.Option(
         "auto", help="Deployment target (README, Deployment targets); auto tries them best first."
@@ -222,8 +241,9 @@ def run(
         None, help="Which exported precision to run (default fp32; with --latency-target, the one to time, else all)."
     ),
     latency_target: Optional[float] = typer.Option(
-        None, help="Milliseconds per frame at batch 1: time the export's precisions and targets here (cached in "
-        "EXPORT/engines/) and run the most accurate one that meets it; says which and why."
+        None,
+        help="Milliseconds per frame at batch 1: time the export's precisions and targets here (cached in "
+        "EXPORT/engines/) and run the most accurate one that meets it; says which and why.",
     ),
     save: Optional[Path] = typer.Option(None, help="Write an overlay image per frame here."),
     show: bool = typer.Option(False, help="Show the overlays in a window."),
@@ -231,8 +251,9 @@ def run(
         None, min=1, show_default=False, help="Frames per inference call (default: RunOptions.batch_size)."
     ),
     follow: bool = typer.Option(
-        False, help="With a folder --source: keep taking new image files as they are completely written to it "
-        "(a camera's FTP/SMB drop folder), until --max-frames or Ctrl-C."
+        False,
+        help="With a folder --source: keep taking new image files as they are completely written to it "
+        "(a camera's FTP/SMB drop folder), until --max-frames or Ctrl-C.",
     ),
     max_frames: Optional[int] = typer.Option(None, min=0, help="Stop after this many frames."),
     check: bool = typer.Option(False, help="Load every task's graph before the first frame; exit 4 if one fails."),
@@ -240,28 +261,36 @@ def run(
         None, help="Public key file (repeatable): refuse exports not signed by one of these keys."
     ),
     map_size: Optional[int] = typer.Option(
-        None, min=1, show_default=False, help="Longest side of the anomaly map in pixels, capping huge frames "
-        "(default: RuntimeOptions.max_map_side)."
+        None,
+        min=1,
+        show_default=False,
+        help="Longest side of the anomaly map in pixels, capping huge frames (default: RuntimeOptions.max_map_side).",
     ),
     retries: Optional[int] = typer.Option(
-        None, min=0, show_default=False, help="Times a camera or stream that stops is reopened, or a lost server "
-        "tried again, before exit 3 (default: RunOptions.camera_retries; with --server, LinkOptions.retries)."
+        None,
+        min=0,
+        show_default=False,
+        help="Times a camera or stream that stops is reopened, or a lost server "
+        "tried again, before exit 3 (default: RunOptions.camera_retries; with --server, LinkOptions.retries).",
     ),
     retry_delay: Optional[float] = typer.Option(
-        None, min=0.0, show_default=False, help="Seconds between those tries "
-        "(default: RunOptions.retry_delay_s; with --server, LinkOptions.retry_delay_s)."
+        None,
+        min=0.0,
+        show_default=False,
+        help="Seconds between those tries "
+        "(default: RunOptions.retry_delay_s; with --server, LinkOptions.retry_delay_s).",
     ),
     connect_timeout: float = typer.Option(
         default_factory=lambda: _link_default("connect_timeout_s"),
         show_default=False,
         help="With --server, seconds to wait for a connection (gRPC: for a readiness or info call) before it counts "
-        "as a failed try (default: LinkOptions.connect_timeout_s, README Serving).",
+        "as a failed try (default: LinkOptions.connect_timeout_s, docs/serving.md).",
     ),
     timeout: float = typer.Option(
         default_factory=lambda: _link_default("timeout_s"),
         show_default=False,
         help="With --server, seconds an inference request may go unanswered before it counts as a failed try; "
-        "after --retries failed tries, one line and exit 3 (default: LinkOptions.timeout_s, README Serving).",
+        "after --retries failed tries, one line and exit 3 (default: LinkOptions.timeout_s, docs/serving.md).",
     ),
 ) -> None:
     """Inspect frames: one JSON line per frame on stdout, a summary at the end."""
@@ -313,8 +342,9 @@ app.command()(calibrate)  # moleflow_edge/calibrate_command.py
 def bench(
     export_dir: Path = typer.Option(..., "--export", help="Export directory to benchmark."),
     backends: Optional[str] = typer.Option(
-        None, help=f"Comma-separated, from torch-eager, {', '.join(TARGET_NAMES)} (default: all; those missing "
-        "here are skipped)."
+        None,
+        help=f"Comma-separated, from torch-eager, {', '.join(TARGET_NAMES)} (default: all; those missing "
+        "here are skipped).",
     ),
     precisions: Optional[str] = typer.Option(
         None, show_default=False, help="Comma-separated precisions (default: bench.run.bench's)."
@@ -323,7 +353,10 @@ def bench(
         None, show_default=False, help="Comma-separated batch sizes (default: bench.run.bench's)."
     ),
     iters: Optional[int] = typer.Option(
-        None, min=1, show_default=False, help="Timed iterations per setting, after warm-up (default: bench.run.bench's)."
+        None,
+        min=1,
+        show_default=False,
+        help="Timed iterations per setting, after warm-up (default: bench.run.bench's).",
     ),
     data: Optional[Path] = typer.Option(None, help="Dataset root: adds image AUROC per backend."),
     model: Optional[Path] = typer.Option(None, help="Model directory: adds the PyTorch eager reference."),
@@ -347,7 +380,7 @@ def bench(
                            **settings)  # fmt: skip
     except BenchError as exc:
         typer.secho(f"regression: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=1) from None
     except UserError as exc:
         fail(str(exc))
     if json_out:
@@ -373,11 +406,18 @@ def keygen(
 def demo(
     out: Path = typer.Option(Path("demo_out"), help="Folder for the synthetic data, model, export, results and maps."),
     steps: Optional[int] = typer.Option(
-        None, min=1, show_default=False, help=f"Most optimiser steps per task (default {QUICK.steps}, --full {FULL.steps})."
+        None,
+        min=1,
+        show_default=False,
+        help=f"Most optimiser steps per task (default {QUICK.steps}, --full {FULL.steps}).",
     ),
-    full: bool = typer.Option(False, "--full", help=f"The larger run: {FULL.n_train} training images per product, "
-                              f"{FULL.steps} steps, every bench backend and up to {max(FULL.task_counts)} tasks in the "
-                              "growth test."),
+    full: bool = typer.Option(
+        False,
+        "--full",
+        help=f"The larger run: {FULL.n_train} training images per product, "
+        f"{FULL.steps} steps, every bench backend and up to {max(FULL.task_counts)} tasks in the "
+        "growth test.",
+    ),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_OPTION_HELP),
 ) -> None:
     """Synthetic data -> train 3 products one after another -> eval -> export -> calibrate -> bench -> runtime

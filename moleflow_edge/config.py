@@ -173,7 +173,9 @@ class MoleFlowConfig:
     holdout_fraction: float = 0.2  # training images held out: a flow's stopping, every kind's normal scale
     augment_copies: int = 4  # photometric variants per training image (gain, contrast, gamma)
     augment_strength: float = 0.2  # variants draw gain, contrast and gamma from [1 - s, 1 + s]
-    augment_jpeg: bool = False  # detectors also learn JPEG round trips as normal (MJPEG cameras); the router always does
+    augment_jpeg: bool = (
+        False  # detectors also learn JPEG round trips as normal (MJPEG cameras); the router always does
+    )
     seed: int = 0
     # router
     router_pooling: RouterPooling = RouterPooling.STRIDE16

@@ -29,7 +29,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -41,7 +41,7 @@ from moleflow_edge.errors import UserError
 from moleflow_edge.json_checks import int_at_least, matching, number, text
 from moleflow_edge.migrations import FormatVersionError
 from moleflow_edge.migrations import manifest as manifest_migration
-from moleflow_edge.schema import build, checked, problems_of
+from moleflow_edge.schema import build, checked, problems_of, record
 from moleflow_edge.signing import SignatureError, checking_keys, record_signer, sign, sign_from_model, signed_by, verify
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@dataclass
+@record
 class ArtifactFile:
     """One file of the export, relative to the export directory, with its hash.
 
@@ -114,7 +114,7 @@ class ArtifactFile:
         return listed
 
 
-@dataclass
+@record
 class EngineRecord:
     """A TensorRT plan and everything that changes it (its build record): an engine is reused only
     while the record is unchanged (export/tensorrt_engine.py)."""
@@ -133,7 +133,7 @@ class EngineRecord:
         return {k: v for k, v in asdict(self).items() if k not in ("file", "sha256")}
 
 
-@dataclass
+@record
 class CalibrationRecord:
     """How one precision's threshold (and the task's routing limit) was obtained. calibrate fills the
     rule's fields; set-threshold keeps only the limit's two and says why in ``quantile_method``."""
@@ -160,7 +160,7 @@ class CalibrationRecord:
     dataset: str | None = None
 
 
-@dataclass
+@record
 class ThresholdChange:
     """One value a threshold has had: the last change per precision is the live threshold."""
 
@@ -170,7 +170,7 @@ class ThresholdChange:
     reason: str
 
 
-@dataclass
+@record
 class TaskEntry:
     """One product: its detector's kind and graphs per precision, engines, and decision limits."""
 
@@ -190,7 +190,7 @@ class TaskEntry:
     threshold_history: list[ThresholdChange] = field(default_factory=list)  # oldest first
 
 
-@dataclass
+@record
 class Manifest:
     """Everything the runtime needs to know about an export, in one versioned JSON file."""
 

@@ -42,7 +42,9 @@ def resolve_device(spec: str | torch.device) -> torch.device:
     if kind == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+        build = (
+            "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+        )
         raise DeviceError(
             f"--device {text}: CUDA is not available here ({build}, no usable GPU or driver); "
             "use --device cpu, or install a CUDA build of torch on a machine with an NVIDIA GPU"
@@ -96,7 +98,9 @@ def out_of_memory_message(what: str, batch_hint: str) -> str:
     return f"CUDA ran out of memory while {what}{memory}: lower {batch_hint}, or use --device cpu"
 
 
-def names_batch_on_oom(what: str, batch_hint: Callable[[dict[str, Any]], str]) -> Callable[[Callable[P, R]], Callable[P, R]]:
+def names_batch_on_oom(
+    what: str, batch_hint: Callable[[dict[str, Any]], str]
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorator: CUDA out-of-memory inside the call becomes a DeviceError naming the batch size to
     lower; ``batch_hint`` gets the call's bound arguments, so it names the batch that call used."""
 

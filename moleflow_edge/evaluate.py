@@ -71,7 +71,7 @@ def _metrics(results: list[FrameResult], split: Split) -> tuple[float, float, fl
 def _decisions(router: RouterTable, distances: np.ndarray) -> tuple[list[str], list[tuple[str, ...]]]:
     """What a frame's scores depend on: its routed task, and its candidates where it is unknown."""
     tasks = router.assign(distances)
-    return tasks, [c if t == UNKNOWN else () for t, c in zip(tasks, router.candidates(distances))]
+    return tasks, [c if t == UNKNOWN else () for t, c in zip(tasks, router.candidates(distances), strict=True)]
 
 
 @names_batch_on_oom(
@@ -131,7 +131,7 @@ def evaluate(
                 if _decisions(then.router, distances[:, : position + 1]) == _decisions(runtime.router, distances)
                 else _metrics(then.infer(split.images), split)
             )
-            for name, before, after in zip(METRICS, then_metrics, final):
+            for name, before, after in zip(METRICS, then_metrics, final, strict=True):
                 forgetting[name].append(before - after)
 
     per_task = {t: {**asdict(m), "train_images": prototypes[t].images} for t, m in results.items()}

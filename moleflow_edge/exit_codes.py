@@ -1,4 +1,4 @@
-"""The command line's exit codes (README: run, serve). The runtime says how a run ended (RunOutcome); the
+"""The command line's exit codes (README, run; docs/serving.md, serve). The runtime says how a run ended (RunOutcome); the
 command line says it with a number, here, so that a script or a service manager can tell the cases apart."""
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ def learn(
     task: str,
     model_dir: str | Path,
     export_dir: str | Path,
-    options: LearnOptions = LearnOptions(),
+    options: LearnOptions | None = None,
     progress: Callable[[GoodFrames], None] | None = None,
     say: Callable[[str], None] | None = None,
 ) -> LearnReport:
@@ -151,7 +151,8 @@ def learn(
         task: the product's name, new to the model directory.
         model_dir: the model directory the task is trained into.
         export_dir: the export the line runs; the task is added incrementally and calibrated.
-        options: frames, detector kind, target rate, precision, signing and device (LearnOptions).
+        options: frames, detector kind, target rate, precision, signing and device (LearnOptions;
+            None: the defaults).
         progress: hears of every frame taken.
         say: hears of every stage begun.
 
@@ -160,6 +161,7 @@ def learn(
         the seconds per stage.
     """
     model, export = Path(model_dir), Path(export_dir)
+    options = options or LearnOptions()
     tell = say or (lambda _: None)
     started = time.perf_counter()
     notes = _check_before_reading(task, model, export, options)

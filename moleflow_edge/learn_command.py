@@ -26,13 +26,16 @@ from moleflow_edge.learn_options import LEARNED_DIR, LearnOptions
 
 def learn(
     source: str = typer.Option(
-        ..., help="Good frames of the new product: image folder, video file, camera:N or a stream URL (rtsp://, http://)."
+        ...,
+        help="Good frames of the new product: image folder, video file, camera:N or a stream URL (rtsp://, http://).",
     ),
     task: str = typer.Option(..., help="Name of the new product (task)."),
     model: Path = typer.Option(
         ..., help=f"Model directory to add the task to; the frames are kept in MODEL/{LEARNED_DIR}/TASK (MVTec layout)."
     ),
-    export_dir: Path = typer.Option(..., "--export", help="The export the line runs: the task is added to it in place."),
+    export_dir: Path = typer.Option(
+        ..., "--export", help="The export the line runs: the task is added to it in place."
+    ),
     frames: int = typer.Option(
         LearnOptions.frames, min=1, help="Good frames to take; the last third is held out to calibrate the threshold."
     ),
@@ -40,10 +43,14 @@ def learn(
         None, help="memory (no gradient step: seconds) or flow; default: the model's config (flow)."
     ),
     target_fpr: Optional[float] = typer.Option(
-        None, show_default=False, help="False-positive rate the threshold aims at (default: calibrate's, "
-        "calibration/order_statistics.py TARGET_FPR)."
+        None,
+        show_default=False,
+        help="False-positive rate the threshold aims at (default: calibrate's, "
+        "calibration/order_statistics.py TARGET_FPR).",
     ),
-    precision: list[str] = typer.Option(list(LearnOptions.precisions), help="fp32 and/or fp16 (repeat or comma-separate)."),
+    precision: list[str] = typer.Option(
+        list(LearnOptions.precisions), help="fp32 and/or fp16 (repeat or comma-separate)."
+    ),
     sign: Optional[Path] = typer.Option(None, help="Private key that signs the export's manifest (signed exports)."),
     trusted_key: Optional[list[Path]] = typer.Option(
         None, help="Public key file (repeatable) that may have signed the export (besides --sign's)."

@@ -80,7 +80,9 @@ class ModelStore:
             raise ModelDirError(f"{path} is missing: {self.root} is not a trained model directory")
         return MoleFlowConfig.from_json(path, defaults=CONFIG_SAVED_BEFORE_FIELD)
 
-    def load(self, tasks: list[str] | None = None, random_backbone: bool = False) -> tuple[ContinualModel, dict[str, Prototype]]:
+    def load(
+        self, tasks: list[str] | None = None, random_backbone: bool = False
+    ) -> tuple[ContinualModel, dict[str, Prototype]]:
         """Rebuild the model with the listed tasks and their prototypes.
 
         Args:
@@ -109,7 +111,9 @@ class ModelStore:
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:
-            raise ModelDirError(f"{self.root}: weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise ModelDirError(
+                f"{self.root}: weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
         for task in trained:
             if task not in wanted:
                 model.remove_task(task)

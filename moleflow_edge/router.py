@@ -177,16 +177,19 @@ class RouterTable:
             raise ValueError(f"{len(kinds)} detector kinds for {len(tasks)} tasks")
         self.tasks = list(tasks)
         self.prototypes = list(prototypes)
-        self.kinds = dict(zip(self.tasks, kinds or [""] * len(self.tasks)))
+        self.kinds = dict(zip(self.tasks, kinds or [""] * len(self.tasks), strict=True))
         self.whiteners = np.stack([p.whitener for p in prototypes]).astype(np.float32)  # (T,C,C)
         self.stacked = self.whiteners.reshape(-1, self.whiteners.shape[-1]).T.copy()  # (C, T*C)
         self.shift = np.stack([p.whitener @ p.mean for p in prototypes]).astype(np.float32)  # (T,C) = W_t mu_t
         self.limits = np.array([p.limit for p in prototypes], dtype=np.float32)
-        self.patch_levels = {t: p.patch_level for t, p in zip(self.tasks, prototypes)}
+        self.patch_levels = {t: p.patch_level for t, p in zip(self.tasks, prototypes, strict=True)}
 
     def first(self, known: int) -> RouterTable:
         """The router over the first ``known`` tasks alone, with their limits as they are now."""
-        kept = [replace(p, limit=float(limit)) for p, limit in zip(self.prototypes[:known], self.limits[:known])]
+        kept = [
+            replace(p, limit=float(limit))
+            for p, limit in zip(self.prototypes[:known], self.limits[:known], strict=True)
+        ]
         return RouterTable(self.tasks[:known], kept, [self.kinds[t] for t in self.tasks[:known]])
 
     def distances(self, features: np.ndarray) -> np.ndarray:
@@ -219,7 +222,7 @@ class RouterTable:
         levels = [self.patch_levels[t] for t in candidates]
         if any(level is None for level in levels):  # a task without a recorded level: compare raw scores
             levels = [(0.0, 1.0)] * len(candidates)
-        excess = [(np.median(p) - centre) / spread for p, (centre, spread) in zip(patch_scores, levels)]
+        excess = [(np.median(p) - centre) / spread for p, (centre, spread) in zip(patch_scores, levels, strict=True)]
         best_of_kind: dict[str, int] = {}
         for i, task in enumerate(candidates):
             kind = self.kinds[task]
@@ -236,7 +239,7 @@ class RouterTable:
         beyond its limit: the one routing rule of the runtime, eval and the bench."""
         nearest = np.argmin(distances[:, :known], axis=1)
         within = distances[np.arange(len(distances)), nearest] <= self.limits[nearest]
-        return [self.tasks[i] if ok else UNKNOWN for i, ok in zip(nearest, within)]
+        return [self.tasks[i] if ok else UNKNOWN for i, ok in zip(nearest, within, strict=True)]
 
 
 def patch_level(patch_scores: np.ndarray) -> tuple[float, float]:

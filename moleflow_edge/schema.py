@@ -13,13 +13,13 @@ from __future__ import annotations
 import math
 import types
 import typing
-from dataclasses import MISSING, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from enum import Enum
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar, get_args, get_origin, get_type_hints
 
 from moleflow_edge.json_checks import Check, is_object, number, text
 
-__all__ = ["build", "checked", "problems_of"]
+__all__ = ["build", "checked", "problems_of", "record"]
 
 CHECK, ITEMS = "check", "items"  # field metadata keys: a Check on the value, a Check on each item
 
@@ -28,6 +28,19 @@ def checked(check: Check | None = None, *, items: Check | None = None, **kwargs:
     """A dataclass field whose value (``check``) or each of whose items (``items``) must also pass a
     Check; ``kwargs`` go to dataclasses.field (default, default_factory)."""
     return field(metadata={CHECK: check, ITEMS: items}, **kwargs)
+
+
+if TYPE_CHECKING:
+    from typing import dataclass_transform  # Python 3.11, the version mypy checks
+
+    _T = TypeVar("_T")
+
+    @dataclass_transform(field_specifiers=(field, checked))
+    def record(cls: type[_T]) -> type[_T]:
+        """dataclasses.dataclass, declared so that a type checker reads ``checked(...)`` as a field
+        (without a default unless it passes one), not as a default value."""
+else:
+    record = dataclass
 
 
 def _integer(v: object) -> str | None:
@@ -49,7 +62,7 @@ def _optional(hint: object) -> tuple[object, bool]:
     return hint, False
 
 
-def _is_enum(hint: object) -> bool:
+def _is_enum(hint: object) -> TypeGuard[type[Enum]]:
     return isinstance(hint, type) and issubclass(hint, Enum)
 
 
@@ -96,7 +109,7 @@ def _value_problems(
         if not isinstance(value, list):
             return [f"{where}: must be a list, got {type(value).__name__}"]
         return [p for i, v in enumerate(value) for p in _value_problems(args[0], v, f"{where}[{_label(i, v)}]", items)]
-    check = text(*(m.value for m in hint)) if _is_enum(hint) else _SCALARS[hint]  # type: ignore[union-attr]
+    check = text(*(m.value for m in hint)) if _is_enum(hint) else _SCALARS[hint]
     return [f"{where}: {msg}"] if (msg := check(value)) else []
 
 

@@ -73,7 +73,9 @@ def generate_keypair(private_path: str | Path) -> tuple[Path, Path]:
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
     write_atomic(private_path, lambda tmp: tmp.write_bytes(private_pem), mode=PRIVATE_KEY_MODE)
     write_atomic(public_path, lambda tmp: tmp.write_bytes(public_pem))

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 from moleflow_edge.contract import Precision
 from moleflow_edge.errors import InputError
@@ -100,8 +101,13 @@ TARGETS: tuple[Target, ...] = (
 TARGET_NAMES: tuple[str, ...] = tuple(t.name for t in TARGETS)
 
 # typer choices: "auto" and every target, straight from the table
-TargetChoice = Enum("TargetChoice", {"AUTO": "auto", **{t.name.upper().replace("-", "_"): t.name for t in TARGETS}},
-                    type=str)  # fmt: skip
+if TYPE_CHECKING:  # mypy reads an Enum's members from literals only: to it, a str Enum of unknown members
+
+    class TargetChoice(str, Enum): ...
+
+else:
+    TargetChoice = Enum("TargetChoice", {"AUTO": "auto", **{t.name.upper().replace("-", "_"): t.name for t in TARGETS}},
+                        type=str)  # fmt: skip
 TargetChoice.__doc__ = "A deployment target from the table, or auto."
 
 
@@ -126,8 +132,14 @@ def resolve_backend(choice: str) -> tuple[Backend, tuple[str, ...] | None]:
     raise InputError(f"unknown backend {value!r}; choose auto or a target: {', '.join(TARGET_NAMES)}")
 
 
-ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
-                             "onnxruntime-qnn", "onnxruntime-training")  # fmt: skip; each installs `onnxruntime`
+ONNXRUNTIME_DISTRIBUTIONS = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-openvino",
+    "onnxruntime-directml",
+    "onnxruntime-qnn",
+    "onnxruntime-training",
+)  # fmt: skip; each installs `onnxruntime`
 ONNXRUNTIME_HINT = (
     "pip install 'moleflow-edge[cpu]' (CPU) or 'moleflow-edge[gpu]' (NVIDIA GPU), not both: "
     "onnxruntime and onnxruntime-gpu install the same module"

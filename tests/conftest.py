@@ -50,4 +50,3 @@ def export_copy(built: dict, tmp_path: Path) -> Path:
     out = tmp_path / "export"
     shutil.copytree(built["export_dir"], out)
     return out
-

@@ -45,9 +45,13 @@ def test_accuracy_bench_on_an_unseen_root(tmp_path: Path) -> None:
     assert result["mean"]["knn"]["image_auroc"] == result["products"]["weave"]["knn"]["image_auroc"]
     table = (out / "accuracy.md").read_text()
     assert "| cap | knn |" in table and "| weave | memory |" in table
-    assert "| **all** | memory | " + " | ".join(  # the JPEG table's totals count every product's good images
-        f"{result['mean']['memory'][f'q{q}_unknown']} of 10" for q in (95, 90, 75)
-    ) in table
+    assert (
+        "| **all** | memory | "
+        + " | ".join(  # the JPEG table's totals count every product's good images
+            f"{result['mean']['memory'][f'q{q}_unknown']} of 10" for q in (95, 90, 75)
+        )
+        in table
+    )
 
 
 @pytest.mark.slow

@@ -78,7 +78,7 @@ def test_input_is_bgr_uint8_normalised_with_imagenet_statistics(name: BackboneNa
     blue = torch.zeros(1, 4, 4, 3, dtype=torch.uint8)
     blue[..., 0] = 200  # BGR: channel 0 is blue
     x = net.normalise(blue)
-    expected = [(v - m * 255) / (s * 255) for v, m, s in zip((0, 0, 200), IMAGENET_MEAN, IMAGENET_STD)]
+    expected = [(v - m * 255) / (s * 255) for v, m, s in zip((0, 0, 200), IMAGENET_MEAN, IMAGENET_STD, strict=True)]
     assert x.shape == (1, 3, 4, 4)
     assert torch.allclose(x[0, :, 0, 0], torch.tensor(expected))  # RGB order out
 

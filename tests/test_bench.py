@@ -211,7 +211,8 @@ def test_export_bench_trains_both_products_for_the_given_steps(tmp_path: Path, m
     export_bench.prepare(tmp_path / "data", tmp_path / "model", 3)
     assert [task for task, _ in trained] == export_bench.TASKS
     assert all(
-        (c.section("flow").max_steps, c.image_size, c.section("flow").num_mole_blocks) == (3, 224, 6) for _, c in trained
+        (c.section("flow").max_steps, c.image_size, c.section("flow").num_mole_blocks) == (3, 224, 6)
+        for _, c in trained
     )
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "tasks.json").write_text("{}")

@@ -69,7 +69,7 @@ def test_calibrate_sets_thresholds_the_runtime_uses(built: dict, export_copy: Pa
     manifest = load_manifest(export_copy)  # hashes still verify: only decision fields changed
     assert [a.sha256 for a in manifest.artifacts()] == [a.sha256 for a in before.artifacts()]
     assert manifest.int8_calibration and report.int8_calibration == manifest.int8_calibration
-    for entry, row in zip(manifest.tasks, report.tasks):
+    for entry, row in zip(manifest.tasks, report.tasks, strict=True):
         assert entry.thresholds == {"fp32": row.threshold} and entry.distance_limit == row.distance_limit
         record = entry.calibrations["fp32"]
         assert record.n == N_TEST_GOOD and record.source == f"{entry.name}/test/good"
@@ -117,7 +117,7 @@ def test_calibrate_sets_limits_by_the_rule_the_export_records(built: dict, expor
     data["router_limit_margin"] = 2 * TINY_CONFIG.router_limit_margin
     (export_copy / MANIFEST_FILE).write_text(json.dumps(data))
     second = calibrate(export_copy, built["data"], target_fpr=TARGET)
-    for a, b in zip(first.tasks, second.tasks):
+    for a, b in zip(first.tasks, second.tasks, strict=True):
         assert b.distance_limit == pytest.approx(2 * a.distance_limit, rel=1e-9)
         assert a.max_normal_distance < a.distance_limit
     method = load_manifest(export_copy).tasks[0].calibrations["fp32"].distance_limit_method

@@ -70,14 +70,18 @@ def learned(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 
 
 @pytest.mark.parametrize("quality", [95, 90, 75])
-def test_jpeg_good_frames_of_a_learned_product_are_routed_to_it(learned: tuple[ContinualModel, RouterTable], synth_root: Path, quality: int) -> None:
+def test_jpeg_good_frames_of_a_learned_product_are_routed_to_it(
+    learned: tuple[ContinualModel, RouterTable], synth_root: Path, quality: int
+) -> None:
     model, table = learned
     split = load_split(synth_root, LEARNED, "test", TINY_CONFIG.image_size)
     good = jpeg_round_trips(split.images[split.labels == 0], (quality,))[0]
     assert table.assign(table.distances(extract_features(model, good).routing)) == [LEARNED] * len(good)
 
 
-def test_jpeg_frames_of_an_unlearned_product_stay_unknown(learned: tuple[ContinualModel, RouterTable], synth_root: Path) -> None:
+def test_jpeg_frames_of_an_unlearned_product_stay_unknown(
+    learned: tuple[ContinualModel, RouterTable], synth_root: Path
+) -> None:
     model, table = learned
     images = load_split(synth_root, UNLEARNED, "test", TINY_CONFIG.image_size).images
     for frames in (images, jpeg_round_trips(images, (75,))[0]):

@@ -193,7 +193,7 @@ def test_a_server_lost_mid_stream_ends_http_and_grpc_clients_with_exit_3(
             signal_each([c.pid for c in clients if c.poll() is None], signal.SIGKILL)
             signal_each([*server_tree, server.process.pid], signal.SIGKILL)  # a stopped process dies too
             server.process.wait(30)
-    for k, (address, code) in enumerate(zip(addresses, codes)):
+    for k, (address, code) in enumerate(zip(addresses, codes, strict=True)):
         stderr = (tmp_path / f"err{k}.txt").read_text()
         assert code == 3, stderr
         line = check_lost_line(stderr, address)

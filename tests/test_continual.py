@@ -23,7 +23,14 @@ from moleflow_edge.train import train_task
 SEQUENCE = ["weave", "tiles", "cap"]
 # small, but big enough to separate the synthetic defects of an object category (cap) too
 TINY_CONFIG = MoleFlowConfig(image_size=160).with_settings(
-    DetectorKind.FLOW, num_mole_blocks=2, num_dia_blocks=1, lora_rank=8, lora_alpha=8.0, max_steps=80, batch_size=8, lr=1e-3
+    DetectorKind.FLOW,
+    num_mole_blocks=2,
+    num_dia_blocks=1,
+    lora_rank=8,
+    lora_alpha=8.0,
+    max_steps=80,
+    batch_size=8,
+    lr=1e-3,
 )
 
 
@@ -108,7 +115,7 @@ def test_oracle_scores_every_frame_under_the_named_task(sequence_run: dict, synt
     assert [r.task for r in named] == ["cap"] * len(images)
     assert all(r.image_score is not None and r.anomaly_map is not None and r.explained_by is None for r in named)
     assert [r.distances for r in named] == [r.distances for r in routed]
-    for r, n in zip(routed, named):
+    for r, n in zip(routed, named, strict=True):
         if r.task == "cap":
             assert n.image_score == pytest.approx(r.image_score, rel=1e-5)
     with pytest.raises(ManifestError, match="'screw' is not known"):
@@ -206,7 +213,7 @@ def test_a_frame_beyond_every_limit_is_shown_under_the_flow_that_explains_most_o
         list(levels),
         [
             Prototype(np.array([x, 0.0], np.float32), np.eye(2, dtype=np.float32), 1.0, patch_level=level)
-            for x, level in zip((0.0, 1.0, 3.0, 6.0), levels.values())
+            for x, level in zip((0.0, 1.0, 3.0, 6.0), levels.values(), strict=True)
         ],
     )
     distances = table.distances(np.array([[2.2, 0.0], [5.9, 0.0]], np.float32))

@@ -196,7 +196,7 @@ def test_load_split_on_synthetic_dataset(tmp_path: Path) -> None:
     n = 2 + len(synth.DEFECT_KINDS)
     assert test.images.shape == (n, 32, 32, 3) and test.masks.shape == (n, 32, 32)
     assert len(test.samples) == n
-    for sample, label, mask in zip(test.samples, test.labels, test.masks):
+    for sample, label, mask in zip(test.samples, test.labels, test.masks, strict=True):
         assert label == sample.label == (sample.defect != "good")
         assert mask.any() == bool(label)
     np.testing.assert_array_equal(test.masks, mvtec.load_masks(test.samples, 32))

@@ -48,7 +48,9 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """memory, flow, memory learned in that order; the model folder's files after each task."""
     base = tmp_path_factory.mktemp("mixed")
     data, model_dir = base / "data", base / "model"
-    generate(data, [t for t, _ in SEQUENCE] + [UNTRAINED], seed=0, image_size=128, n_train=20, n_test_good=8, n_test_defect=3)
+    generate(
+        data, [t for t, _ in SEQUENCE] + [UNTRAINED], seed=0, image_size=128, n_train=20, n_test_good=8, n_test_defect=3
+    )
     after = []
     for task, kind in SEQUENCE:
         report = train_task(data, task, model_dir, CONFIG, steps=12, progress=False, detector=kind)
@@ -66,7 +68,9 @@ def test_earlier_tasks_are_bit_identical_whatever_the_kinds(mixed: dict) -> None
                 assert final[name] == content, f"{name} changed after task {i}"
     store = ModelStore(mixed["model_dir"])
     assert store.kinds() == dict(SEQUENCE)
-    assert json.loads((mixed["model_dir"] / TASK_LIST_FILE).read_text())["detectors"] == {t: k.value for t, k in SEQUENCE}
+    assert json.loads((mixed["model_dir"] / TASK_LIST_FILE).read_text())["detectors"] == {
+        t: k.value for t, k in SEQUENCE
+    }
 
 
 def test_a_memory_task_first_still_trains_the_shared_flow_parts(mixed: dict) -> None:
@@ -134,7 +138,9 @@ def test_exporting_one_memory_task_leaves_every_other_file_byte_identical(mixed:
     before = _files(out)
     export_model(mixed["model_dir"], out, tasks=["cap"], precisions=("fp32",))
     after = _files(out)
-    assert all(after[name] == content for name, content in before.items() if name != MANIFEST_FILE and "router" not in name)
+    assert all(
+        after[name] == content for name, content in before.items() if name != MANIFEST_FILE and "router" not in name
+    )
     assert [n for n in after if n.startswith(f"{DETECTOR_DIR}/cap.")], after.keys()
 
 
@@ -242,7 +248,10 @@ def test_coreset_is_deterministic_for_a_seed_and_covers_better_as_it_grows() -> 
     assert len(set(kept.tolist())) == 100
     exact = torch.cdist(vectors, vectors[kept]).min(dim=1).values
     np.testing.assert_allclose(nearest.numpy(), exact.numpy(), atol=5e-3)  # cdist: expanded form
-    radii = [float(greedy_coreset(vectors, coreset_size(3000, ratio, 1, 3000), seed=3)[1].max()) for ratio in (0.01, 0.05, 0.1, 0.3)]
+    radii = [
+        float(greedy_coreset(vectors, coreset_size(3000, ratio, 1, 3000), seed=3)[1].max())
+        for ratio in (0.01, 0.05, 0.1, 0.3)
+    ]
     assert radii == sorted(radii, reverse=True) and radii[0] > radii[-1]
     assert greedy_coreset(vectors, 3000, seed=3)[1].max() == 0
 

@@ -64,7 +64,9 @@ def _synth(tmp_path: Path, raising: str) -> subprocess.CompletedProcess:
         "main()\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
 
 
 def test_an_internal_value_error_keeps_its_traceback(tmp_path: Path) -> None:

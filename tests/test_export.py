@@ -159,7 +159,9 @@ def test_merged_graph_has_no_more_matrix_products_than_the_base_flow(history: Hi
     for task in TASKS:
         base = [*([model.mixer] if model.mixer is not None else []), *model.mole_blocks, *flow_parts(model, task).dia]
         products = sum(isinstance(m, (torch.nn.Conv2d, LoRALinear)) for part in base for m in part.modules())
-        products += model.config.section(DetectorKind.FLOW).whitening is Whitening.MAHALANOBIS  # the eager whitener's one product
+        products += (
+            model.config.section(DetectorKind.FLOW).whitening is Whitening.MAHALANOBIS
+        )  # the eager whitener's one product
         graph = onnx.load(history.out / manifest.task(task).graphs["fp32"].file).graph
         ops = [node.op_type for node in graph.node]
         assert sum(op in ("Conv", "MatMul", "Gemm") for op in ops) == products

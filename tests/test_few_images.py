@@ -104,7 +104,9 @@ def base(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda n: f"{n}images")
-def learned(request: pytest.FixtureRequest, base: dict, synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def learned(
+    request: pytest.FixtureRequest, base: dict, synth_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
     """The base model plus FEW learned through the command line from n images."""
     n = request.param
     work = tmp_path_factory.mktemp(f"few{n}")
@@ -189,7 +191,9 @@ def test_calibrate_reports_few_training_images_per_task(built: dict, tmp_path: P
         extra.unlink()
     report = calibrate(export_dir, data, 0.1, write=False)
     assert {t.task: t.train_images for t in report.tasks}[few_task] == 3
-    result = CliRunner().invoke(app, ["calibrate", "--export", str(export_dir), "--data", str(data), "--target-fpr", "0.1"])
+    result = CliRunner().invoke(
+        app, ["calibrate", "--export", str(export_dir), "--data", str(data), "--target-fpr", "0.1"]
+    )
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())
     assert f"{few_task} was learned from only 3 good images" in out
@@ -236,7 +240,9 @@ def test_bad_name_taken_name_and_unusable_model_folder_are_refused_before_any_wo
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes to read-only folders")
-def test_read_only_model_folder_is_refused_before_any_work(synth_root: Path, tmp_path: Path, no_model_work: None) -> None:
+def test_read_only_model_folder_is_refused_before_any_work(
+    synth_root: Path, tmp_path: Path, no_model_work: None
+) -> None:
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     model_dir.chmod(0o500)

@@ -38,7 +38,7 @@ from moleflow_edge.runtime import Runtime, RuntimeOptions
 from moleflow_edge.signing import generate_keypair, load_private_key, load_public_keys, record_signer, sign
 from tests.export_fixture import TASKS
 
-V1_MANIFEST = Template('''{
+V1_MANIFEST = Template("""{
   "backbone": "efficientnet_lite0",
   "backbone_graphs": {
     "fp32": {
@@ -204,7 +204,7 @@ V1_MANIFEST = Template('''{
   ],
   "toolkit_version": "0.1.0",
   "top_k": 3
-}''')
+}""")
 
 V1_TASK_LIST = """{
   "tasks": [

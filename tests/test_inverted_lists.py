@@ -105,7 +105,9 @@ def test_a_bank_without_lists_saves_as_before_and_one_with_lists_loads_its_shape
 
 
 def test_a_memory_task_with_a_bank_past_memory_lists_from_is_fitted_and_scored_by_its_lists() -> None:
-    config = TINY_CONFIG.with_settings("memory", coreset_min=50, coreset_max=400, memory_lists_from=300, memory_list_size=20)
+    config = TINY_CONFIG.with_settings(
+        "memory", coreset_min=50, coreset_max=400, memory_lists_from=300, memory_list_size=20
+    )
     backbone = build_backbone(config, random_init=True)
     model, grid = build_model(config, backbone).eval(), config.grid_size
     for task, images in (("small", 2), ("large", 12)):
@@ -137,9 +139,7 @@ def test_a_product_with_more_candidates_than_the_old_cap_keeps_every_one_in_floa
         channels = model.backbone.channels8 + model.backbone.channels16
         concat = torch.randn(2, 30, channels, grid, grid, generator=torch.Generator().manual_seed(1))
         training = TrainingSet(concat, np.arange(29), np.array([29]))  # 3840 candidates; the old cap was 3000
-        fit = kind_of(DetectorKind.MEMORY).fit(
-            model, "big", training, FitOptions(1, torch.device("cpu"), None, False)
-        )
+        fit = kind_of(DetectorKind.MEMORY).fit(model, "big", training, FitOptions(1, torch.device("cpu"), None, False))
         assert fit.summary.startswith("kept 3840 of 3840 patch vectors (all;"), fit.summary
         fitted.append(model)
     bank = fitted[0].per_task["big"]

@@ -62,14 +62,12 @@ def test_calibrate_source_keeps_jpeg_good_frames_within_the_target_rate(export_c
     assert flagged <= round(len(held_out) * record.fpr_upper95), (flagged, record.fpr_upper95)
 
 
-def test_a_mixed_stream_is_assigned_by_the_router_and_unknown_frames_refused(
-    export_copy: Path, tmp_path: Path
-) -> None:
+def test_a_mixed_stream_is_assigned_by_the_router_and_unknown_frames_refused(export_copy: Path, tmp_path: Path) -> None:
     per_task = {task: _jpeg_frames(tmp_path, task, 12) for task in TASKS}
     strangers = _jpeg_frames(tmp_path, "cap", 6)  # a product the export does not know
     stream = tmp_path / "stream"
     stream.mkdir()
-    mixed = [p for row in zip(*per_task.values()) for p in row] + strangers
+    mixed = [p for row in zip(*per_task.values(), strict=True) for p in row] + strangers
     for i, path in enumerate(mixed):
         path.rename(stream / f"{i:03d}.jpg")
     before = (export_copy / MANIFEST_FILE).read_bytes()

@@ -36,7 +36,7 @@ def test_latency_statistics_stay_bounded_and_close_to_the_exact_percentiles() ->
         reservoir.add(float(value))
     assert reservoir.count == 60_000 and reservoir.kept == 4096
     exact = np.percentile(values, [50, 90, 99])
-    for (name, estimate), truth in zip(reservoir.percentiles().items(), exact):
+    for (name, estimate), truth in zip(reservoir.percentiles().items(), exact, strict=True):
         assert estimate == pytest.approx(truth, rel=0.08), name
     short = LatencyReservoir(capacity=100)
     for value in (3.0, 1.0, 2.0):

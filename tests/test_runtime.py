@@ -82,7 +82,7 @@ def runtime(exported: dict) -> Runtime:
 
 def _check_against_reference(results: list[FrameResult], frames: list, reference: list[FrameResult]) -> None:
     assert [r.task for r in results] == [r.task for r in reference]
-    for result, expected, (_, frame) in zip(results, reference, frames):
+    for result, expected, (_, frame) in zip(results, reference, frames, strict=True):
         assert result.error is None
         if result.task == UNKNOWN:  # stopped, yet its map comes from the flow that explains it best
             assert result.image_score is None and result.is_anomaly is None
@@ -131,7 +131,7 @@ def test_runtime_imports_and_runs_without_torch(exported: dict, tmp_path: Path) 
 def test_results_equal_pytorch_model(runtime: Runtime, frames: list, reference: list[FrameResult]) -> None:
     results = runtime.infer([f for _, f in frames])
     _check_against_reference(results, frames, reference)
-    for (category, _), result in zip(frames, results):  # a trained product is never taken for another one
+    for (category, _), result in zip(frames, results, strict=True):  # a trained product is never taken for another one
         assert result.task in (category, UNKNOWN) if category in TRAINED else result.task == UNKNOWN
 
 
@@ -155,7 +155,7 @@ def test_mixed_batch_keeps_input_order_and_equals_single_frames(runtime: Runtime
     batch = runtime.infer([frames[i][1] for i in order])
     assert [r.index for r in batch] == list(range(len(order)))
     assert len({r.task for r in batch}) >= 3
-    for result, i in zip(batch, order):
+    for result, i in zip(batch, order, strict=True):
         single = runtime.infer_one(frames[i][1])
         assert result.task == single.task
         assert result.distances == pytest.approx(single.distances, rel=1e-5)
@@ -446,7 +446,10 @@ def test_ctrl_c_ends_with_the_summary(exported: dict, frames: list, monkeypatch:
 
 def test_run_reports_a_missing_source_and_a_tampered_export(exported: dict, tmp_path: Path) -> None:
     err = io.StringIO()
-    assert run_source(str(tmp_path / "nothing"), RunOptions(exported["export_dir"]), out=io.StringIO(), err=err) is RunOutcome.SOURCE_UNREADABLE
+    assert (
+        run_source(str(tmp_path / "nothing"), RunOptions(exported["export_dir"]), out=io.StringIO(), err=err)
+        is RunOutcome.SOURCE_UNREADABLE
+    )
     assert "not a folder" in err.getvalue()
     export_dir = _copy_export(exported, tmp_path)
     flow = _flow_file(export_dir, "weave")

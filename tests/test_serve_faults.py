@@ -123,7 +123,7 @@ def test_zero_sized_raw_frame_is_refused_and_serve_keeps_serving(
     try:
         answers = [request(np.zeros(shape, np.uint8)) for shape in ((1, 0, 0, 3), (2, 5, 0, 3))]
         answers.append(request(good, map_side=32))  # with the bad ones, so likely in their batch
-        for answer, shape in zip(answers, ((0, 0, 3), (5, 0, 3))):
+        for answer, shape in zip(answers, ((0, 0, 3), (5, 0, 3)), strict=True):
             errors = [e[0].decode() for e in answer.get_result(timeout=60).as_numpy("error")]
             assert errors == [f"frame is empty (shape {shape}), expected uint8 BGR HxWx3"] * len(errors), errors
         mapped = answers[2].get_result(timeout=60)
@@ -223,7 +223,9 @@ def test_a_drain_timeout_that_passes_says_how_many_were_not_answered(built: dict
         for c in clients:
             c.close()
         assert process.process.wait(60) == EXIT_UNANSWERED
-    said = re.search(r"error: (\d+) accepted requests were not answered within the drain timeout", process.log.read_text())
+    said = re.search(
+        r"error: (\d+) accepted requests were not answered within the drain timeout", process.log.read_text()
+    )
     assert said and 1 <= int(said.group(1)) <= answered.count("cut"), answered
 
 
@@ -274,7 +276,9 @@ def test_serve_killed_9_leaves_no_process_segment_or_workspace(built: dict, tmp_
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             table = _processes()
-            alive = [p for p, started in children.items() if p in table and table[p][2] == started and table[p][1] != "Z"]
+            alive = [
+                p for p, started in children.items() if p in table and table[p][2] == started and table[p][1] != "Z"
+            ]
             left = [s for s in segments if os.path.exists(s)]
             if not alive and not left and not workspace.exists():
                 break

@@ -107,7 +107,9 @@ def test_eight_concurrent_clients_get_what_the_local_runtime_gives(
             size = 1 + number % 3
             for start in range(0, 50, size):
                 chunk = order[start : start + size]
-                for i, result in zip(chunk, remote.infer([frames[i] for i in chunk], with_maps=number == 0)):
+                for i, result in zip(
+                    chunk, remote.infer([frames[i] for i in chunk], with_maps=number == 0), strict=True
+                ):
                     if not same(result, local[i]):
                         wrong.append(f"client {number} frame {i}: {result.summary()} != {local[i].summary()}")
                     if number == 0 and result.anomaly_map is not None:

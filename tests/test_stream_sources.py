@@ -33,8 +33,8 @@ def jpegs(built: dict) -> list[tuple[str, bytes]]:
     """(true task, JPEG bytes) for normal test images of every exported task, alternating tasks."""
     per_task = [sorted((Path(built["data"]) / t / "test" / "good").glob("*.png"))[:4] for t in TASKS]
     out = []
-    for row in zip(*per_task):
-        for task, path in zip(TASKS, row):
+    for row in zip(*per_task, strict=True):
+        for task, path in zip(TASKS, row, strict=True):
             ok, data = cv2.imencode(".jpg", cv2.imread(str(path)), [cv2.IMWRITE_JPEG_QUALITY, 95])
             assert ok
             out.append((task, data.tobytes()))
@@ -115,7 +115,7 @@ def test_stream_that_drops_is_reconnected_then_reported_lost(runtime: Runtime, j
     expected = [task for task, _ in jpegs] * 10
     assert [f["task"] for f in frames] == expected[: sum(plan)]
     direct = runtime.infer([_ffmpeg_decode(data, tmp_path) for _, data in jpegs])
-    for line, reference in zip(frames, direct):
+    for line, reference in zip(frames, direct, strict=True):
         assert line["score"] == pytest.approx(reference.image_score, rel=1e-4)
 
 

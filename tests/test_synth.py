@@ -81,8 +81,7 @@ def test_normal_images_vary(dataset: Path) -> None:
 
 def test_categories_look_different(dataset: Path) -> None:
     means = {
-        c: mvtec.load_split(dataset, c, "train", SIZE).images.astype(np.float32).mean(axis=0)
-        for c in synth.CATEGORIES
+        c: mvtec.load_split(dataset, c, "train", SIZE).images.astype(np.float32).mean(axis=0) for c in synth.CATEGORIES
     }
     for a, b in itertools.combinations(synth.CATEGORIES, 2):
         assert np.abs(means[a] - means[b]).mean() > 20.0, (a, b)

@@ -67,7 +67,9 @@ def test_merged_flow_scores_like_the_model_for_both_patch_scores(
 ) -> None:
     model = _model(anomaly_score=score, whitening=whitening, spatial_context=spatial_context)
     if whitening == "mahalanobis":
-        model.per_task["a"].whitening.fit(model.embed(model.patch_concat(model.backbone_maps(torch.from_numpy(_images(1))))))
+        model.per_task["a"].whitening.fit(
+            model.embed(model.patch_concat(model.backbone_maps(torch.from_numpy(_images(1)))))
+        )
     embedded = model.embed(model.patch_concat(model.backbone_maps(torch.from_numpy(_images()))))
     z, log_det = flow(model, embedded, "a")
     expected = 0.5 * z.pow(2).sum(dim=1) if score == "latent" else nll_from_latent(z, log_det)
@@ -144,7 +146,9 @@ def test_a_model_saved_before_spatial_context_existed_is_rebuilt_with_it(tmp_pat
 
 
 def test_a_config_in_the_flat_form_reads_into_each_kinds_section(tmp_path: Path) -> None:
-    config = TINY_CONFIG.with_settings("memory", coreset_min=7, memory_probe=3).with_settings("flow", spatial_context=True)
+    config = TINY_CONFIG.with_settings("memory", coreset_min=7, memory_probe=3).with_settings(
+        "flow", spatial_context=True
+    )
     (tmp_path / "flat.json").write_text(json.dumps(_flat_form(config)))
     (tmp_path / "sectioned.json").write_text(json.dumps(config.to_dict()))
     assert MoleFlowConfig.from_json(tmp_path / "flat.json") == config

@@ -196,7 +196,7 @@ def test_the_repository_serves_what_the_runtime_gives(
             )
             got = remote.infer(frames)
         assert want[-1].task == UNKNOWN and want[-1].explained_by is not None  # the green frame: no product
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             assert g.error is None and g.task == w.task and g.is_anomaly == w.is_anomaly
             assert (
                 g.image_score == pytest.approx(w.image_score, rel=1e-5)
@@ -362,4 +362,6 @@ def test_a_running_triton_picks_up_a_new_task_by_the_printed_load_requests(
     assert {len(r.distances) for r in answered} == {2, 3}  # answered by the old export, then by the new one
     assert [r.task for r in answered] == TASKS * (len(answered) // len(TASKS))
     assert new in [w.task for w in want] and [g.task for g in got] == [w.task for w in want]
-    assert all(g.image_score == pytest.approx(w.image_score, rel=1e-5) for g, w in zip(got, want) if w.image_score)
+    assert all(
+        g.image_score == pytest.approx(w.image_score, rel=1e-5) for g, w in zip(got, want, strict=True) if w.image_score
+    )

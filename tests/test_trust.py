@@ -62,8 +62,19 @@ def _run(
 
 
 # --- 1. containment ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("entry", ["../../../../etc/passwd", "/etc/passwd", "flow/../../outside.onnx",
-                                   "./flow/x.onnx", "flow//x.onnx", "flow\\..\\x.onnx", "C:/x.onnx", "symlink"])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "../../../../etc/passwd",
+        "/etc/passwd",
+        "flow/../../outside.onnx",
+        "./flow/x.onnx",
+        "flow//x.onnx",
+        "flow\\..\\x.onnx",
+        "C:/x.onnx",
+        "symlink",
+    ],
+)
 def test_a_path_outside_the_export_is_refused_naming_the_entry(export_copy: Path, tmp_path: Path, entry: str) -> None:
     outside = tmp_path / "outside.onnx"
     task = load_manifest(export_copy).task(TASKS[0])
@@ -215,7 +226,9 @@ def test_a_graph_that_cannot_load_fails_run_and_check(export_copy: Path, built: 
         file=broken.relative_to(export_copy).as_posix(), sha256=file_sha256(broken)))  # fmt: skip
     frames = built["data"] / TASKS[1] / "test" / "good"
     code, out, err = _run(export_copy, frames)
-    assert code is RunOutcome.ENGINE_FAILED and "detector graphs failed" in err  # frames ran, but the export is not healthy
+    assert (
+        code is RunOutcome.ENGINE_FAILED and "detector graphs failed" in err
+    )  # frames ran, but the export is not healthy
     assert json.loads(out.splitlines()[-1])["summary"]["failed_tasks"].keys() == {TASKS[1]}
     code, out, err = _run(export_copy, frames, check=True)
     assert code is RunOutcome.ENGINE_FAILED and TASKS[1] in err
@@ -322,7 +335,9 @@ def test_bench_without_data_times_the_flow(built: dict) -> None:
 
 
 # --- 7. calibration on real-size data -------------------------------------------------------------------
-def test_calibrate_with_ten_normals_uses_the_tightest_supported_rate(built: dict, export_copy: Path, tmp_path: Path) -> None:
+def test_calibrate_with_ten_normals_uses_the_tightest_supported_rate(
+    built: dict, export_copy: Path, tmp_path: Path
+) -> None:
     data = normal_subset(built["data"], tmp_path / "data", 10)
     report = calibrate(export_copy, data, target_fpr=0.01)
     manifest = load_manifest(export_copy)
@@ -393,8 +408,10 @@ def test_bad_numbers_and_unwritable_outputs_are_refused_before_work(built: dict,
         (["bench", "--export", export, "--batch", "1,0"], "--batch takes"),
         (["bench", "--export", export, "--iters", "0"], "--iters"),
         (["bench", "--export", export, "--json", str(in_the_way / "x.json")], "is a file"),
-        (["eval", "--data", str(built["data"]), "--model", str(built["model_dir"]), "--json", str(tmp_path)],
-         "is not a file"),
+        (
+            ["eval", "--data", str(built["data"]), "--model", str(built["model_dir"]), "--json", str(tmp_path)],
+            "is not a file",
+        ),
         (["export", "--model", str(built["model_dir"]), "--all", "--out", str(in_the_way)], "not a folder"),
         (["train", "--data", str(built["data"]), "--task", TASKS[0], "--model", str(in_the_way / "m")], "is a file"),
         (["run", "--export", export, "--source", str(tmp_path), "--save", str(in_the_way / "s")], "is a file"),

@@ -85,7 +85,9 @@ def bench(
                     row["peak_rss_mb"] = round(peak_rss_mb(), 1)
                     row["image_auroc"] = None if accuracy is None else round(accuracy, 4)
                     if row["stages_ms"]["detector"]["p50"] == 0.0:  # no detector ran: not an end-to-end time
-                        warning = "no frame reached a detector (all unknown products): end-to-end leaves the detector out"
+                        warning = (
+                            "no frame reached a detector (all unknown products): end-to-end leaves the detector out"
+                        )
                     if warning:
                         row["warning"] = warning
                     results.append(row)

@@ -35,8 +35,9 @@ class SourceCalibration:
     elsewhere: int = 0  # routed to a task not being calibrated
 
 
-def route_frames(export_dir: Path, images: list[np.ndarray], precision: Precision) -> list[str]:
-    """Each frame's task (or UNKNOWN) as the export's router decides it at ``precision``, as `run` would."""
+def route_frames(export_dir: Path, images: list[np.ndarray], precision: Precision) -> list[str | None]:
+    """Each frame's task (or UNKNOWN) as the export's router decides it at ``precision``, as `run` would
+    (None: not a frame it can score, FrameResult.task)."""
     from moleflow_edge.runtime import Runtime, RuntimeOptions
 
     with Runtime.load(export_dir, RuntimeOptions("onnxruntime-cpu", precision)) as rt:
@@ -72,7 +73,7 @@ def calibrate_from_source(
         how = "the given task"
     else:
         per_task = {t: [] for t in chosen}
-        for frame, task in zip(taken.frames, route_frames(root, taken.frames, precision)):
+        for frame, task in zip(taken.frames, route_frames(root, taken.frames, precision), strict=True):
             if task == UNKNOWN:
                 result.unknown += 1
             elif task in per_task:

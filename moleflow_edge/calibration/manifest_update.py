@@ -121,8 +121,8 @@ def set_threshold(
     if record_threshold(entry, chosen, float(value), why):
         before = entry.calibrations.get(chosen)  # the limit is unchanged: how it was made stays
         entry.calibrations[chosen] = CalibrationRecord(
-            chosen, why, distance_limit_method=before and before.distance_limit_method,
-            max_normal_distance=before and before.max_normal_distance,
+            chosen, why, distance_limit_method=None if before is None else before.distance_limit_method,
+            max_normal_distance=None if before is None else before.max_normal_distance,
         )  # fmt: skip
         update.commit()
     return old

@@ -219,9 +219,11 @@ def calibrate(
     try:
         for name in chosen:
             entry = manifest.task(name)
+            files: list[Path] | list[np.ndarray]
             if frames is not None:
                 files, source, record = frames[name].images, frames[name].source, frames[name].record
             else:
+                assert data is not None  # exactly one of data_root and frames, checked above
                 (files, source), record = normal_images(data, name), {}
             if len(files) < needed:
                 where = f"{source} gave" if data is None else f"{data / source} has"
@@ -283,7 +285,7 @@ def _train_images(data: Path, task: str) -> int | None:
         return None
 
 
-def _defect_metrics(runtime: object, data: Path, task: str, normal: np.ndarray, result: TaskCalibration) -> None:
+def _defect_metrics(runtime: Runtime, data: Path, task: str, normal: np.ndarray, result: TaskCalibration) -> None:
     """Precision/recall at the chosen threshold, the F1-optimal threshold and the image AUROC (which
     latency-target engine selection ranks precisions by), where test/<defect> exists."""
     try:

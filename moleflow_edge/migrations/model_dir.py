@@ -60,4 +60,3 @@ def nest_flat_fields(data: dict[str, object]) -> dict[str, object]:
             section = data.get(kind.value, {})
             data[kind.value] = {**flat, **section} if isinstance(section, dict) else section
     return data
-

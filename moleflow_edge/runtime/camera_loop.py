@@ -97,7 +97,9 @@ class LoopStats:
             "frames_per_s": round(processed / wall, 2) if wall > 0 else None,
             "backend": None if runtime is None else runtime.description,
             "precision": None if runtime is None else runtime.precision.value,
-            "latency_target": None if runtime is None or runtime.engine_choice is None else runtime.engine_choice.as_dict(),
+            "latency_target": None
+            if runtime is None or runtime.engine_choice is None
+            else runtime.engine_choice.as_dict(),
             "engines": None if runtime is None else runtime.engine_stats.as_dict(),
             "calibration": None if runtime is None else runtime.task_status(),
             "failed_tasks": None if runtime is None else runtime.load_failures,
@@ -212,7 +214,7 @@ def run_source(
         results = active.infer([item.frame for item in batch])
         if live is not None:
             live.record([item.index for item in batch])
-        for item, result in zip(batch, results):
+        for item, result in zip(batch, results, strict=True):
             stats.add(result)
             line: dict[str, object] = {"frame": item.index, "source": item.name}
             if result.error is not None:

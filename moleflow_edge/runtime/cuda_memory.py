@@ -22,9 +22,9 @@ try:  # cuda-python >= 12.6
     from cuda.bindings import runtime as cudart
 except ImportError:  # pragma: no cover - depends on the installed cuda-python
     try:
-        from cuda import cudart  # type: ignore[no-redef]  # cuda-python < 12.6
+        from cuda import cudart  # cuda-python < 12.6
     except ImportError:
-        cudart = None  # type: ignore[assignment]
+        cudart = None
 
 __all__ = [
     "CudaError",
@@ -118,7 +118,20 @@ class CudaStream(_Owned):
             self.handle = None
 
 
-class DeviceBuffer(_Owned):
+class _Allocation(_Owned):
+    """Memory at ``ptr``, None once freed."""
+
+    ptr: int | None
+
+    @property
+    def address(self) -> int:
+        """``ptr`` of memory not yet freed: a freed buffer is an error here, not a null address for CUDA."""
+        if self.ptr is None:
+            raise CudaError(f"{type(self).__name__} used after close()")
+        return self.ptr
+
+
+class DeviceBuffer(_Allocation):
     """``nbytes`` of device memory, freed with its owner."""
 
     def __init__(self, nbytes: int) -> None:
@@ -137,7 +150,7 @@ class DeviceBuffer(_Owned):
 
     def copy_from_device(self, src_ptr: int, nbytes: int, stream: CudaStream, offset: int = 0) -> None:
         kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
-        dst = self.ptr + offset  # type: ignore[operator]
+        dst = self.address + offset
         check_cuda(cudart.cudaMemcpyAsync(dst, src_ptr, nbytes, kind, stream.handle), "cudaMemcpyAsync D2D")
 
     def close(self) -> None:
@@ -146,7 +159,7 @@ class DeviceBuffer(_Owned):
             self.ptr = None
 
 
-class PinnedBuffer(_Owned):
+class PinnedBuffer(_Allocation):
     """Page-locked host memory (fast, asynchronous copies) seen as a numpy array."""
 
     def __init__(self, shape: tuple[int, ...], dtype: np.dtype | type) -> None:
@@ -157,14 +170,18 @@ class PinnedBuffer(_Owned):
             check_cuda(_require_cudart().cudaMallocHost(max(self.nbytes, 1)), f"cudaMallocHost({self.nbytes})")
         )
         raw = (ctypes.c_byte * max(self.nbytes, 1)).from_address(self.ptr)
-        self.array = np.frombuffer(raw, dtype=np.uint8, count=self.nbytes).view(self.dtype).reshape(self.shape)
+        # memoryview: numpy's stubs take no ctypes array, numpy itself reads any buffer
+        flat = np.frombuffer(memoryview(raw), dtype=np.uint8, count=self.nbytes)
+        self.array: np.ndarray | None = flat.view(self.dtype).reshape(self.shape)
 
     def view(self, leading: int) -> np.ndarray:
         """The first ``leading`` rows (a batch smaller than the buffer)."""
+        if self.array is None:
+            raise CudaError("PinnedBuffer used after close()")
         return self.array[:leading]
 
     def close(self) -> None:
         if self.ptr is not None:
-            self.array = None  # type: ignore[assignment]
+            self.array = None
             check_cuda(cudart.cudaFreeHost(self.ptr), "cudaFreeHost")
             self.ptr = None

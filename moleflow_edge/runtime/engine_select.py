@@ -47,9 +47,14 @@ from moleflow_edge.targets import (
 class Timeable(Protocol):
     """What timing a candidate needs of a loaded export (the Runtime is one); a context manager."""
 
-    image_size: int
-    tasks: list[str]
-    provider: str | None
+    @property
+    def image_size(self) -> int: ...
+
+    @property
+    def tasks(self) -> list[str]: ...
+
+    @property
+    def provider(self) -> str | None: ...
 
     def score_as(self, resized: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -163,9 +168,10 @@ def recorded_accuracy(manifest: Manifest, precision: Precision) -> float | None:
     """Mean image AUROC over tasks that calibrate recorded at ``precision``; None unless every task has one
     (a mean over some tasks would not compare with another precision's)."""
     scores = [entry.image_auroc.get(precision) for entry in manifest.tasks]
-    if not scores or any(s is None for s in scores):
+    known = [s for s in scores if s is not None]
+    if not scores or len(known) < len(scores):
         return None
-    return float(np.mean(scores))
+    return float(np.mean(known))
 
 
 # --- choosing ----------------------------------------------------------------------------------------
@@ -237,7 +243,12 @@ def select_engine(
                 if c.target.provider is not None and runtime.provider != c.target.provider:
                     raise BackendError(f"onnxruntime fell back to {runtime.provider}")
                 ms[c.key] = time_candidate(runtime, clock)
-        except (EngineError, UserError, RuntimeError, OSError) as exc:  # BackendError, ManifestError, an engine's own errors
+        except (
+            EngineError,
+            UserError,
+            RuntimeError,
+            OSError,
+        ) as exc:  # BackendError, ManifestError, an engine's own errors
             failed[c.key] = str(exc)
     cache_error = None
     if any(c.key in ms for c in to_time):  # something was timed now: keep it for the next load

@@ -42,4 +42,4 @@ class LatencyReservoir:
         if not self.count:
             return None
         values = np.percentile(self._samples[: self.kept], qs)
-        return {f"p{q:g}": round(float(v), 3) for q, v in zip(qs, values)}
+        return {f"p{q:g}": round(float(v), 3) for q, v in zip(qs, values, strict=True)}

@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from moleflow_edge.contract import MANIFEST_FILE, ManifestError
+from moleflow_edge.contract import MANIFEST_FILE, Manifest, ManifestError
 from moleflow_edge.runtime.backend import BackendError
 from moleflow_edge.runtime.runtime import Runtime
 
@@ -40,6 +41,12 @@ def _stamp(path: os.PathLike[str] | str) -> Stamp:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _export_of(runtime: Runtime) -> tuple[Path, Manifest]:
+    """The export folder and manifest of a runtime that Runtime.load opened (the only kind watched)."""
+    assert runtime.root is not None and runtime.manifest is not None, "a live export needs Runtime.load's runtime"
+    return runtime.root, runtime.manifest
 
 
 @dataclass
@@ -63,10 +70,11 @@ class LiveExport:
     def __init__(self, runtime: Runtime, say: Callable[[str], None]) -> None:
         self.runtime = runtime
         self._say = say
-        self._path = runtime.root / MANIFEST_FILE
+        root, manifest = _export_of(runtime)
+        self._path = root / MANIFEST_FILE
         self._seen = _stamp(self._path)
         self._lock = threading.Lock()
-        self.uses = [ExportUse(runtime.manifest.digest, runtime.tasks, _now())]
+        self.uses = [ExportUse(manifest.digest, runtime.tasks, _now())]
         self.refused: list[str] = []  # one line per manifest refused
 
     def current(self) -> Runtime:
@@ -75,9 +83,10 @@ class LiveExport:
         if stamp == self._seen:
             return self.runtime
         old = self.runtime
+        root, running = _export_of(old)
         try:
-            manifest = Runtime.check_export(old.root, old.options)
-            if manifest.digest == old.manifest.digest:  # rewritten with the same content (touched, re-signed)
+            manifest = Runtime.check_export(root, old.options)
+            if manifest.digest == running.digest:  # rewritten with the same content (touched, re-signed)
                 self._seen = stamp
                 return old
             new = old.successor(manifest)
@@ -85,14 +94,14 @@ class LiveExport:
             if _stamp(self._path) != stamp:  # committed again while being read: the next batch reads that one
                 return old
             self._seen = stamp
-            line = f"refused the export newly committed to {old.root}: {' '.join(str(exc).split())}"
+            line = f"refused the export newly committed to {root}: {' '.join(str(exc).split())}"
             self.refused.append(line)
-            self._say(f"warning: {line}; still running export {old.manifest.digest}")
+            self._say(f"warning: {line}; still running export {running.digest}")
             return old
         self._seen = stamp
         kept = ", ".join(new.resident_tasks) or "none"
         self._say(
-            f"switched to the export newly committed to {old.root}: manifest {old.manifest.digest} -> {manifest.digest}; "
+            f"switched to the export newly committed to {root}: manifest {running.digest} -> {manifest.digest}; "
             f"tasks {', '.join(old.tasks)} -> {', '.join(new.tasks)}; task graphs kept warm: {kept}"
         )
         self.uses.append(ExportUse(manifest.digest, new.tasks, _now()))

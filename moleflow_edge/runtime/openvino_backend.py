@@ -8,6 +8,7 @@ calibrated thresholds. Routing is numpy, as for every CPU backend.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,13 +35,16 @@ from moleflow_edge.runtime.backend import (
 )
 from moleflow_edge.runtime.options import RuntimeOptions
 
+if TYPE_CHECKING:  # openvino is imported where a backend is built
+    from openvino import CompiledModel
+
 
 class OpenVinoDetector(DetectorEngine):
-    def __init__(self, task: str, compiled: object, nbytes: int) -> None:
+    def __init__(self, task: str, compiled: CompiledModel, nbytes: int) -> None:
         self.task = task
         self.estimated_bytes = nbytes
         self._compiled = compiled
-        self._request = compiled.create_infer_request()  # type: ignore[attr-defined]
+        self._request = compiled.create_infer_request()
 
     def run(self, features: FeatureBatch, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
         embedding = features.embedding if len(rows) == features.size else features.embedding[rows]  # type: ignore[index]
@@ -75,7 +79,7 @@ class OpenVinoBackend(GraphBackend):
         self._request = self._backbone.create_infer_request()
         self._version = ov.get_version()
 
-    def _compile(self, path: Path) -> object:
+    def _compile(self, path: Path) -> CompiledModel:
         try:
             return self._core.compile_model(str(path), self._ov_device, self._config)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with its own messages

@@ -167,11 +167,12 @@ class OrtDetector(DetectorEngine):
         return np.concatenate(patches), np.concatenate(images)
 
     def close(self) -> None:
-        self.session = None  # type: ignore[assignment]  # onnxruntime frees the session with its last reference
+        self.session = None  # onnxruntime frees the session with its last reference
 
 
 class OrtBackend(GraphBackend):
     kind = Backend.ONNXRUNTIME
+    manifest: Manifest  # always the export it was loaded for (GraphBackend.__init__)
 
     def __init__(self, root: Path, manifest: Manifest, options: RuntimeOptions) -> None:
         """``options.providers``, else those of the target ``options.backend`` names, else the best this
@@ -287,4 +288,4 @@ class OrtBackend(GraphBackend):
     def close(self) -> None:
         self._buffers.clear()
         self._router = None
-        self._backbone = None  # type: ignore[assignment]
+        self._backbone = None

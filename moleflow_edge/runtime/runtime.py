@@ -107,8 +107,10 @@ class Runtime:
         manifest = cls.check_export(root, options)
         choice = None
         if options.latency_target_ms is not None:
+            given = options  # ``options`` is rebound below, to the chosen candidate
+
             def open_candidate(c: Candidate) -> Runtime:
-                return cls._open(root, manifest, options.as_candidate(c.target.name, c.precision))
+                return cls._open(root, manifest, given.as_candidate(c.target.name, c.precision))
 
             choice = select_engine(root, manifest, options, open_candidate, clock=clock)
             options = replace(options, backend=choice.chosen.target.name, precision=choice.chosen.precision)
@@ -202,7 +204,8 @@ class Runtime:
                 self.load_failures[task] = str(exc)
         if self.load_failures:
             raise BackendError(
-                "detector graphs that cannot be loaded: " + "; ".join(f"{t}: {why}" for t, why in self.load_failures.items())
+                "detector graphs that cannot be loaded: "
+                + "; ".join(f"{t}: {why}" for t, why in self.load_failures.items())
             )
 
     @property
@@ -324,9 +327,9 @@ class Runtime:
         groups: dict[str, list[int]] = {}
         unknown: dict[str, list[int]] = {}  # candidate task -> frames beyond every limit it may explain
         candidates = self.router.candidates(distances) if with_maps and UNKNOWN in routed else []
-        for k, (result, task) in enumerate(zip(results, routed)):
+        for k, (result, task) in enumerate(zip(results, routed, strict=True)):
             result.task = task
-            result.distances = dict(zip(self.router.tasks, distances[k].tolist()))
+            result.distances = dict(zip(self.router.tasks, distances[k].tolist(), strict=True))
             result.timings.backbone, result.timings.routing = backbone_ms, routing_ms
             if task != UNKNOWN:
                 groups.setdefault(task, []).append(k)

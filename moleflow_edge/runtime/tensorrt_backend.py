@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from moleflow_edge.contract import (
 from moleflow_edge.runtime import trt_api
 from moleflow_edge.runtime.backend import Backend, BackendError, DetectorEngine, FeatureBatch, GraphBackend, require
 from moleflow_edge.runtime.options import RuntimeOptions
+
+if TYPE_CHECKING:  # cuda_memory is imported where a backend is built
+    from moleflow_edge.runtime.cuda_memory import DeviceBuffer
 
 
 def engine_key(slot: str, trt_version: str, capability: str) -> str:
@@ -138,10 +141,10 @@ class TrtDetector(DetectorEngine):
             self.engine.execute(n, {EMBEDDING: self._backend.embedding_rows(features, chunk)})
             stream = self._backend.stream
             self.engine.buffers[PATCH_SCORES].copy_to_host(
-                self._patch.ptr, n * self.engine.row_bytes(PATCH_SCORES), stream
+                self._patch.address, n * self.engine.row_bytes(PATCH_SCORES), stream
             )
             self.engine.buffers[IMAGE_SCORE].copy_to_host(
-                self._image.ptr, n * self.engine.row_bytes(IMAGE_SCORE), stream
+                self._image.address, n * self.engine.row_bytes(IMAGE_SCORE), stream
             )
             stream.synchronize()
             patches.append(self._patch.view(n).astype(np.float32))  # astype copies out of the reused pinned buffer
@@ -213,13 +216,13 @@ class TensorRtBackend(GraphBackend):
     def backbone(self, images: np.ndarray) -> FeatureBatch:
         batch = len(images)
         np.copyto(self._images.view(batch), images)
-        self._images_device.copy_from_host(self._images.ptr, images.nbytes, self.stream)  # type: ignore[arg-type]
-        self._backbone.execute(batch, {IMAGES: self._images_device.ptr})  # type: ignore[dict-item]
+        self._images_device.copy_from_host(self._images.address, images.nbytes, self.stream)
+        self._backbone.execute(batch, {IMAGES: self._images_device.address})
         embedding = self._backbone.buffers[EMBEDDING]
         if self._router is not None:
             return FeatureBatch(batch, embedding, device_routing=self._backbone.buffers[ROUTING_FEATURE])
         nbytes = batch * self._backbone.row_bytes(ROUTING_FEATURE)
-        self._backbone.buffers[ROUTING_FEATURE].copy_to_host(self._routing.ptr, nbytes, self.stream)  # type: ignore[arg-type]
+        self._backbone.buffers[ROUTING_FEATURE].copy_to_host(self._routing.address, nbytes, self.stream)
         self.stream.synchronize()
         return FeatureBatch(batch, embedding, routing=self._routing.view(batch).copy())
 
@@ -227,22 +230,23 @@ class TensorRtBackend(GraphBackend):
         if self._router is None:
             raise BackendError("the export has no router engine; routing runs on the host")
         batch = features.size
-        self._router.execute(batch, {ROUTING_FEATURE: features.device_routing.ptr})  # type: ignore[union-attr]
+        routing = cast("DeviceBuffer", features.device_routing)  # this backend's own backbone output
+        self._router.execute(batch, {ROUTING_FEATURE: routing.address})
         nbytes = batch * self._router.row_bytes(DISTANCES)
-        self._router.buffers[DISTANCES].copy_to_host(self._distances.ptr, nbytes, self.stream)  # type: ignore[arg-type]
+        self._router.buffers[DISTANCES].copy_to_host(self._distances.address, nbytes, self.stream)
         self.stream.synchronize()
         return self._distances.view(batch).astype(np.float32)
 
     def embedding_rows(self, features: FeatureBatch, rows: list[int]) -> int:
         """Device address of the rows' embeddings, contiguous: in place when they already are."""
-        source = features.embedding.ptr  # type: ignore[attr-defined]
+        source = cast("DeviceBuffer", features.embedding).address  # this backend's own backbone output
         if rows == list(range(rows[0], rows[0] + len(rows))):
             return source + rows[0] * self._row_bytes
         for i, row in enumerate(rows):
             self._gather.copy_from_device(
                 source + row * self._row_bytes, self._row_bytes, self.stream, i * self._row_bytes
             )
-        return self._gather.ptr  # type: ignore[return-value]
+        return self._gather.address
 
     def estimate_bytes(self, entry: TaskEntry) -> int:
         found = self._find(entry.engines, self.precision.value)
@@ -256,7 +260,9 @@ class TensorRtBackend(GraphBackend):
                 f"task {entry.name!r} has no {self.precision.value} engine for TensorRT {self._trt_version} on a "
                 f"sm{self._capability} GPU: run export --task {entry.name} --format engine on this device"
             )
-        engine = TrtEngine(self._runtime, read_engine(self.root, found, f"{entry.name} detector"), self.stream, entry.name)
+        engine = TrtEngine(
+            self._runtime, read_engine(self.root, found, f"{entry.name} detector"), self.stream, entry.name
+        )
         if engine.dtypes[EMBEDDING] != self._backbone.dtypes[EMBEDDING]:
             engine.close()
             raise BackendError(

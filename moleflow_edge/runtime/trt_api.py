@@ -77,7 +77,7 @@ def numpy_dtype(trt: Any, dtype: Any) -> np.dtype:
 
 
 def device_key(trt_version: str, capability: str) -> str:
-    """"trt<version>.sm<cc>": an engine runs only under the TensorRT version and GPU generation it was built by."""
+    """ "trt<version>.sm<cc>": an engine runs only under the TensorRT version and GPU generation it was built by."""
     return f"trt{trt_version}.sm{capability}"
 
 

@@ -6,7 +6,7 @@ port. Every call has a deadline (LinkOptions), and every way the link can fail (
 closed connections, a server silent past the deadline, gRPC UNAVAILABLE) is one path: tried again
 ``retries`` times, ``retry_delay_s`` apart, then ServerLost naming the server and the cause.
 Frames travel raw (exact, what the local runtime sees) or encoded as PNG (lossless, smaller) or
-JPEG (what most cameras send; lossy: it can change decisions, README, Serving).
+JPEG (what most cameras send; lossy: it can change decisions, docs/serving.md).
 """
 
 from __future__ import annotations
@@ -177,6 +177,7 @@ class RemoteRuntime:
                     cause = self._lost_model(client, refused)
                     if cause is None:
                         raise BackendError(f"the server at {self.url} refused the request: {refused}") from exc
+                assert cause is not None  # a link failure, or the model lost behind a refusal
                 causes += [cause] if cause not in causes else []
                 self.close()
                 if attempt < self.link.retries:
@@ -241,7 +242,9 @@ class RemoteRuntime:
                 results[i] = FrameResult(index=i, error=str(exc))
         side = (self.max_map_side or self._info["map_side_cap"]) if with_maps and self.maps else 0
         # with_maps and no map sent back (``maps`` False): still what Runtime.infer gives, explained_by included
-        parameters = {MAP_SIDE_PARAMETER: side} if side else {EXPLAIN_PARAMETER: True} if with_maps else {}
+        parameters: dict[str, object] = (
+            {MAP_SIDE_PARAMETER: side} if side else {EXPLAIN_PARAMETER: True} if with_maps else {}
+        )
         step = int(self._info["max_batch"])
         while payload:
             first_shape = _shape(payload[0][1])
@@ -252,10 +255,12 @@ class RemoteRuntime:
                 data, name = np.stack([g[1] for g in group]), IMAGES
             else:
                 data, name = np.array([[g[1]] for g in group], np.object_), ENCODED
-            for (i, _), result in zip(group, self._request(name, data, parameters)):
+            for (i, _), result in zip(group, self._request(name, data, parameters), strict=True):
                 result.index = i
                 results[i] = result
-        return results  # type: ignore[return-value] - every slot is filled above
+        filled = [r for r in results if r is not None]
+        assert len(filled) == len(results)  # every slot is filled above
+        return filled
 
     def infer_one(self, frame: object, *, with_maps: bool = True) -> FrameResult:
         return self.infer([frame], with_maps=with_maps)[0]

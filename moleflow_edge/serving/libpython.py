@@ -42,7 +42,9 @@ def serving_problem() -> str | None:
         return f"{' and '.join(missing)} not installed: pip install 'moleflow-edge[serve]'"
     if sys.platform != "linux":
         return f"PyTriton's bundled tritonserver runs on Linux only, this is {sys.platform}"
-    stubs = Path(next(iter(specs["pytriton"].submodule_search_locations))) / "tritonserver" / "python_backend_stubs"
+    pytriton = specs["pytriton"]
+    assert pytriton is not None and pytriton.submodule_search_locations is not None  # found above, a package
+    stubs = Path(next(iter(pytriton.submodule_search_locations))) / "tritonserver" / "python_backend_stubs"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     if not (stubs / version).is_dir():
         return f"nvidia-pytriton has no Python-backend stub for Python {version} (it has {_listing(stubs)})"
@@ -60,7 +62,9 @@ def prepare_stub_environment() -> Path:
     problem = serving_problem()
     if problem is not None:
         raise ServingUnavailable(problem)
-    libdir = interpreter_libpython().parent  # type: ignore[union-attr] - checked above
+    libpython = interpreter_libpython()
+    assert libpython is not None  # serving_problem checked it
+    libdir = libpython.parent
     paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and Path(p) != libdir]
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([str(libdir), *paths])
     return libdir

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -151,7 +151,9 @@ def complete_results(
 
 
 def answer_requests(
-    runtime: Runtime, requests: list[tuple[Mapping[str, np.ndarray], Mapping[str, object] | None]], map_side_cap: int
+    runtime: Runtime,
+    requests: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, object] | None]],
+    map_side_cap: int,
 ) -> list[dict[str, np.ndarray]]:
     """Requests, each its input tensors by name and its parameters, through one Runtime.infer -> each
     request's output arrays: what `serve` and the repository's ``moleflow`` run. A request whose
@@ -234,14 +236,14 @@ def decode_results(arrays: dict[str, np.ndarray], tasks: list[str]) -> list[Fram
     for k in range(len(arrays["task"])):
         result = FrameResult(index=k, error=text("error", k))
         results.append(result)
-        for name, ms in zip(TIMING_FIELDS, arrays["timings"][k].tolist()):
+        for name, ms in zip(TIMING_FIELDS, arrays["timings"][k].tolist(), strict=True):
             setattr(result.timings, name, ms)
         shape = tuple(int(v) for v in arrays["frame_shape"][k])
         result.frame_shape = shape if any(shape) else None
         if result.error is not None:
             continue
         result.task, result.explained_by = text("task", k), text("explained_by", k)
-        result.distances = dict(zip(tasks, arrays["distances"][k].astype(float).tolist()))
+        result.distances = dict(zip(tasks, arrays["distances"][k].astype(float).tolist(), strict=True))
         result.image_score, result.threshold = number("score", k), number("threshold", k)
         decision = int(arrays["decision"][k][0])
         result.is_anomaly = None if decision < 0 else bool(decision)

@@ -56,9 +56,9 @@ class ServeProcess:
         return self.process
 
     def __enter__(self) -> ServeProcess:
-        self.launch()
+        process = self.launch()
         deadline = time.monotonic() + self.timeout_s
-        while self.process.poll() is None and time.monotonic() < deadline:
+        while process.poll() is None and time.monotonic() < deadline:
             try:
                 RemoteRuntime(self.http, retries=0).close()  # the idle connection closed: it would hold a stop 30 s
                 return self

@@ -30,7 +30,7 @@ import time
 import traceback
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -314,7 +314,7 @@ def serve_export(
     *,
     backend: str = "auto",
     precision: str | None = None,
-    trusted_keys: list[str | Path] | None = None,
+    trusted_keys: Sequence[str | Path] | None = None,
 ) -> int:
     """`moleflow-edge serve`: check and load the export (signature with ``trusted_keys``, every task's
     graph), warm up, start Triton, serve until SIGTERM or SIGINT, switching to an export newly committed

@@ -33,9 +33,7 @@ class AffineCoupling(nn.Module):
         self.clamp = clamp
         self.swap = swap
 
-    def forward(
-        self, x: torch.Tensor, rev: bool = False, task: str | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, rev: bool = False, task: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         half = x.shape[1] // 2
         a, b = x[:, :half], x[:, half:]
         x1, x2 = (b, a) if self.swap else (a, b)

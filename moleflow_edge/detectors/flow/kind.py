@@ -132,7 +132,7 @@ def fit_flow(
     bar.close()
     if best_weights is not None:
         with torch.no_grad():
-            for p, kept in zip(trained, best_weights):
+            for p, kept in zip(trained, best_weights, strict=True):
                 p.copy_(kept)
     final = best_loss if best_weights is not None else loss_value
     return FlowFit(step, best_step or step, final, time.perf_counter() - started)

@@ -66,7 +66,7 @@ def merged_mole_subnet(subnet: MoLESubnet, task: str | None) -> MoLESubnet:
     """The same subnet class with ``task``'s LoRA folded into its base weights and no adapters."""
     fused = copy.deepcopy(subnet)
     with torch.no_grad():
-        for src, dst in zip(subnet.lora_layers(), fused.lora_layers()):
+        for src, dst in zip(subnet.lora_layers(), fused.lora_layers(), strict=True):
             weight, bias = src.merged(task)
             dst.weight.copy_(weight)
             dst.bias.copy_(bias)

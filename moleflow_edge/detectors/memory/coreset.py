@@ -49,7 +49,7 @@ def greedy_coreset(vectors: torch.Tensor, count: int, seed: int) -> tuple[torch.
     owner = nearest_centroid(vectors, kmeans(vectors[sample], parts, seed))
     order = torch.argsort(owner, stable=True)  # partitions as contiguous blocks of rows
     grouped, ends = vectors[order], torch.cumsum(torch.bincount(owner), 0).tolist()
-    blocks = [slice(start, end) for start, end in zip([0, *ends[:-1]], ends) if end > start]
+    blocks = [slice(start, end) for start, end in zip([0, *ends[:-1]], ends, strict=True) if end > start]
     generator = torch.Generator().manual_seed(seed)
     following = [b.start + int(torch.randint(b.stop - b.start, (1,), generator=generator)) for b in blocks]
     nearest = torch.full((n,), float("inf"))

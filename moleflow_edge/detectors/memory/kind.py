@@ -89,7 +89,9 @@ class MemoryKind(Kind):
             raise KeyError(f"task {task!r} is a {model.kind(task).value} task, not a memory task")
         position = model.embedder.position
         if parts.searched_by_lists:
-            return InvertedListScorer(parts.bank, parts.centroids, parts.lists, settings_of(model).memory_probe, position)
+            return InvertedListScorer(
+                parts.bank, parts.centroids, parts.lists, settings_of(model).memory_probe, position
+            )
         return MemoryScorer(parts.bank, position)
 
 

@@ -3,7 +3,7 @@ batching and instances, and the tensors of a model that speaks serving/protocol.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -15,7 +15,7 @@ NUMPY_TYPES = {"S": "TYPE_STRING", "f4": "TYPE_FP32", "f8": "TYPE_FP64", "i1": "
 
 def numpy_type(dtype: type) -> str:
     """A numpy dtype's name in a Triton model config."""
-    kind = np.dtype(dtype)
+    kind: np.dtype = np.dtype(dtype)
     return NUMPY_TYPES["S" if kind.kind == "S" else f"{kind.kind}{kind.itemsize}"]
 
 
@@ -30,7 +30,14 @@ def model_config(name: str, max_batch: int, queue_delay_us: int, instances: int,
     return config
 
 
-def frame_tensors() -> dict[str, list[dict]]:
+class Tensors(TypedDict):
+    """A model config's tensors, by the ModelConfig fields they fill."""
+
+    input: list[dict]
+    output: list[dict]
+
+
+def frame_tensors() -> Tensors:
     """The inputs and outputs of a model speaking serving/protocol.py (frames in, FrameResult fields out)."""
     return {
         "input": [

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from moleflow_edge.atomic import write_atomic, write_text_atomic
@@ -75,7 +76,7 @@ def write_decisions(export_dir: Path, manifest: Manifest, repo: Path, options: R
     bls, info = version_folder(repo, MODEL), version_folder(repo, INFO_MODEL)
     assert manifest.router_file is not None  # load_manifest refuses an export without one
     for name in (manifest.router_file.file, MANIFEST_FILE):  # the router first: the manifest names it
-        write_atomic(bls / name, lambda tmp, name=name: shutil.copyfile(export_dir / name, tmp))
+        write_atomic(bls / name, partial(shutil.copyfile, export_dir / name))
     with Runtime.load(export_dir, RuntimeOptions("onnxruntime-cpu", options.precision)) as runtime:
         served = describe(runtime, options.max_batch, options.map_side_cap)
     served["description"] = f"Triton model repository, {options.precision}"
@@ -98,8 +99,9 @@ def read_options(repo: Path) -> RepositoryOptions:
 def _stale_graphs(manifest: Manifest, repo: Path, precision: str) -> list[str]:
     """The repository's models whose graph differs from the one the manifest lists at ``precision``,
     and the tasks one side has and the other lacks."""
-    wanted: dict[str, ArtifactFile | None] = {BACKBONE_MODEL: manifest.backbone_graphs.get(precision)}
-    wanted |= {task_model(t.name): t.graphs.get(precision) for t in manifest.tasks}
+    key = Precision(precision)
+    wanted: dict[str, ArtifactFile | None] = {BACKBONE_MODEL: manifest.backbone_graphs.get(key)}
+    wanted |= {task_model(t.name): t.graphs.get(key) for t in manifest.tasks}
     held = {p.parent.name for p in repo.glob(f"{task_model('*')}/config.pbtxt")}
     stale = sorted(held - set(wanted))
     for model, artifact in wanted.items():

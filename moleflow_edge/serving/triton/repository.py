@@ -25,7 +25,7 @@ from pathlib import Path
 import onnx
 
 from moleflow_edge.atomic import replace_folder
-from moleflow_edge.contract import ArtifactFile, load_manifest
+from moleflow_edge.contract import ArtifactFile, Precision, load_manifest
 from moleflow_edge.errors import UserError
 from moleflow_edge.locking import FolderLock
 from moleflow_edge.serving.protocol import BACKBONE_MODEL, INFO, INFO_MODEL, INFO_QUERY, MODEL, task_model
@@ -35,7 +35,7 @@ from moleflow_edge.serving.triton.models import info_model, moleflow_model
 
 __all__ = ["write_triton_repository"]
 
-ONNX_TYPES = {
+ONNX_TYPES: dict[int, str] = {  # keys: onnx TensorProto.DataType values
     onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.DOUBLE: "TYPE_FP64",
     onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.INT8: "TYPE_INT8", onnx.TensorProto.INT32: "TYPE_INT32",
     onnx.TensorProto.INT64: "TYPE_INT64",
@@ -100,19 +100,19 @@ def _write(root: Path, staging: Path, options: RepositoryOptions) -> None:
     """Every model of the repository into the new folder ``staging``."""
     from tritonclient.grpc import model_config_pb2 as pb
 
-    prec = options.precision
+    prec, key = options.precision, Precision(options.precision)
     manifest = load_manifest(root, verify=True)
-    missing = ([BACKBONE_MODEL] if prec not in manifest.backbone_graphs else []) + [
-        t.name for t in manifest.tasks if prec not in t.graphs
+    missing = ([BACKBONE_MODEL] if key not in manifest.backbone_graphs else []) + [
+        t.name for t in manifest.tasks if key not in t.graphs
     ]
     if missing or not manifest.tasks:
         raise UserError(f"{root} has no {prec} graph for {', '.join(missing) or 'any task'}: export it first")
     staging.mkdir(parents=True)
     batching = (options.max_batch, options.max_queue_delay_us, options.instances)
-    configs = {BACKBONE_MODEL: _onnx_model(root, manifest.backbone_graphs[prec], staging, BACKBONE_MODEL, batching)}
+    configs = {BACKBONE_MODEL: _onnx_model(root, manifest.backbone_graphs[key], staging, BACKBONE_MODEL, batching)}
     for entry in manifest.tasks:
         name = task_model(entry.name)
-        configs[name] = _onnx_model(root, entry.graphs[prec], staging, name, batching)
+        configs[name] = _onnx_model(root, entry.graphs[key], staging, name, batching)
 
     write_decisions(root, manifest, staging, options)  # the manifest, router weights, info.json, options
     shutil.copyfile(moleflow_model.__file__, version_folder(staging, MODEL) / "model.py")

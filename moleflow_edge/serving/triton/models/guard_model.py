@@ -50,7 +50,7 @@ class TritonPythonModel:
                 requested_output_names=self.outputs,
                 parameters={n: v for n, v in parameters.items() if isinstance(v, (bool, int, str))},  # what BLS carries
             ).async_exec()
-        for k, response in zip(forwarded, await asyncio.gather(*forwarded.values())):
+        for k, response in zip(forwarded, await asyncio.gather(*forwarded.values()), strict=True):
             answers[k] = (
                 pb_utils.InferenceResponse(error=response.error())
                 if response.has_error()

@@ -12,7 +12,7 @@ import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from moleflow_edge.runtime.spec import RuntimeSpec
 from moleflow_edge.serving.protocol import BACKBONE_MODEL, ENCODED, answer_requests, task_model
 from moleflow_edge.targets import Backend
 
-Asked = tuple[dict[str, "np.ndarray | None"], dict[str, object]]  # a request's inputs by name, its parameters
+Asked = tuple[dict[str, np.ndarray], dict[str, object]]  # a request's inputs given, by name; its parameters
 
 
 class TritonPythonModel:
@@ -45,7 +45,9 @@ class TritonPythonModel:
         manifest = Manifest.from_dict(json.loads((folder / "manifest.json").read_text()))
         parameters = json.loads(args["model_config"])["parameters"]
         options = RuntimeOptions(Backend.TRITON_BLS, parameters["precision"]["string_value"])  # its thresholds apply
-        self.backend, _ = create_backend(folder, manifest, options)
+        backend, _ = create_backend(folder, manifest, options)
+        # the table's triton-bls engine, imported from the package: not this copy's class, so no isinstance
+        self.backend = cast(BlsBackend, backend)
         engines = EngineCache(lambda task: self.backend.load_detector(manifest.task(task)))
         self.runtime = Runtime(RuntimeSpec.of_export(folder, manifest), self.backend, engines, folder, manifest)
         self.map_side_cap = int(parameters["map_side_cap"]["string_value"])
@@ -86,7 +88,7 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in (IMAGES, ENCODED)}
-        return {name: None if t is None else t.as_numpy() for name, t in tensors.items()}, json.loads(
+        return {name: t.as_numpy() for name, t in tensors.items() if t is not None}, json.loads(
             request.parameters() or "{}"
         )
 
