@@ -97,7 +97,7 @@ def test_a_threshold_set_by_hand_is_a_new_manifest_with_history(built: dict, exp
     assert (new.value, new.reason, new.precision) == (5.5, "set by hand: night shift", "fp32")
     assert new.time.endswith("Z") and entry.calibrations["fp32"].quantile_method == "set by hand: night shift"
     with Runtime.load(export_copy, RuntimeOptions("onnxruntime")) as runtime:
-        assert runtime.task_entry(task).thresholds["fp32"] == 5.5
+        assert runtime.spec.task(task).thresholds["fp32"] == 5.5
     same = (export_copy / MANIFEST_FILE).read_bytes()
     assert set_threshold(export_copy, task, 5.5) == 5.5 and (export_copy / MANIFEST_FILE).read_bytes() == same
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from moleflow_edge.anomaly_map import anomaly_map, capped_shape
-from moleflow_edge.contract import Manifest, ManifestError, Precision, TaskEntry, load_manifest
+from moleflow_edge.contract import Manifest, ManifestError, Precision, load_manifest
 from moleflow_edge.preprocess import FrameError, frame_list, resize_frame
 from moleflow_edge.router import UNKNOWN
 from moleflow_edge.runtime.backend import Backend, BackendError, FeatureBatch, GraphBackend
@@ -273,9 +273,6 @@ class Runtime:
     @property
     def resident_tasks(self) -> list[str]:
         return self.engines.resident
-
-    def task_entry(self, task: str) -> TaskEntry:
-        return self._entries[task]
 
     # --- inference ---------------------------------------------------------------------------------
     def infer(self, frames: object, *, with_maps: bool = True, as_task: str | None = None) -> list[FrameResult]:
