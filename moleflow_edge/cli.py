@@ -31,6 +31,7 @@ from moleflow_edge.config import BackboneName, DetectorKind, MoleFlowConfig
 from moleflow_edge.demo import FULL, QUICK
 from moleflow_edge.errors import InputError, UserError
 from moleflow_edge.learn_command import learn
+from moleflow_edge.migrations.model_dir import nest_flat_fields
 from moleflow_edge.run_command import run
 from moleflow_edge.serving.command import serve
 from moleflow_edge.targets import ONNXRUNTIME_HINT, TARGET_NAMES, ExportFormat
@@ -73,7 +74,7 @@ def _config(
     if config_file is None and backbone is None and image_size is None:
         return None
     try:
-        base = MoleFlowConfig.from_json(config_file) if config_file else MoleFlowConfig()
+        base = MoleFlowConfig.from_json(config_file, upgrade=nest_flat_fields) if config_file else MoleFlowConfig()
         return base.with_overrides(backbone=backbone, image_size=image_size)
     except OSError as exc:
         raise InputError(f"--config {config_file}: {exc.strerror or exc}") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from importlib import import_module
@@ -246,9 +247,10 @@ class MoleFlowConfig:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_json(cls, path: Path, defaults: dict[str, object] | None = None) -> MoleFlowConfig:
-        """The config of a JSON file; a field the file lacks takes ``defaults``' value if given there,
-        else the class default. ValueError, naming the file (and the field), for anything else."""
+    def from_json(cls, path: Path, upgrade: Callable[[dict], dict] | None = None) -> MoleFlowConfig:
+        """The config of a JSON file, read through ``upgrade`` where one is given (an older form read
+        as this one: migrations/model_dir.py); a field it lacks takes the class default. ValueError,
+        naming the file (and the field), for anything else."""
         try:
             given = json.loads(Path(path).read_text())
         except ValueError as exc:  # not JSON, or not UTF-8 text
@@ -256,9 +258,7 @@ class MoleFlowConfig:
         if not isinstance(given, dict):  # a user's file: ValueError, which the CLI reports in one line
             kind = type(given).__name__
             raise ValueError(f"{path}: a config file is a JSON object of fields, got a {kind}")  # noqa: TRY004
-        from moleflow_edge.migrations.model_dir import nest_flat_fields  # the migration reads this module
-
-        data = nest_flat_fields({**(defaults or {}), **given})
+        data = upgrade(given) if upgrade is not None else dict(given)
         sections = {k: data.pop(k.value) for k in DetectorKind if k.value in data}
         unknown = sorted(set(data) - {f.name for f in fields(cls) if f.name != "sections"})
         if unknown:

@@ -27,8 +27,8 @@ from moleflow_edge.contract import TaskEntry
 from moleflow_edge.detectors.registry import build_model, kind_of
 from moleflow_edge.errors import UserError
 from moleflow_edge.migrations import FormatVersionError
-from moleflow_edge.migrations.model_dir import CONFIG_SAVED_BEFORE_FIELD, upgrade_task_list
 from moleflow_edge.migrations.model_dir import SERVES as TASK_LIST_VERSION
+from moleflow_edge.migrations.model_dir import upgrade_config, upgrade_task_list
 from moleflow_edge.model.continual_model import ContinualModel
 from moleflow_edge.router import Prototype, RouterTable
 from moleflow_edge.runtime.spec import RuntimeSpec
@@ -78,7 +78,7 @@ class ModelStore:
         path = self.root / CONFIG_FILE
         if not path.is_file():
             raise ModelDirError(f"{path} is missing: {self.root} is not a trained model directory")
-        return MoleFlowConfig.from_json(path, defaults=CONFIG_SAVED_BEFORE_FIELD)
+        return MoleFlowConfig.from_json(path, upgrade=upgrade_config)
 
     def load(
         self, tasks: list[str] | None = None, random_backbone: bool = False

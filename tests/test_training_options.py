@@ -17,6 +17,7 @@ from moleflow_edge.detectors.flow.merged import merge_task
 from moleflow_edge.detectors.flow.parts import flow, nll_from_latent, patch_scores
 from moleflow_edge.detectors.registry import build_model, kind_of, score_images
 from moleflow_edge.features import patch_spacing
+from moleflow_edge.migrations.model_dir import nest_flat_fields
 from moleflow_edge.model.continual_model import ContinualModel
 from moleflow_edge.model.embedding import FeatureEmbedder
 from moleflow_edge.model_store import CONFIG_FILE, ModelStore
@@ -142,7 +143,10 @@ def test_a_model_saved_before_spatial_context_existed_is_rebuilt_with_it(tmp_pat
     (tmp_path / CONFIG_FILE).write_text(json.dumps(saved))
     assert ModelStore(tmp_path).config().section("flow").spatial_context is True  # how such a model was built
     default = MoleFlowConfig().section("flow").spatial_context
-    assert MoleFlowConfig.from_json(tmp_path / CONFIG_FILE).section("flow").spatial_context is default
+    assert (
+        MoleFlowConfig.from_json(tmp_path / CONFIG_FILE, upgrade=nest_flat_fields).section("flow").spatial_context
+        is default
+    )
 
 
 def test_a_config_in_the_flat_form_reads_into_each_kinds_section(tmp_path: Path) -> None:
@@ -151,8 +155,11 @@ def test_a_config_in_the_flat_form_reads_into_each_kinds_section(tmp_path: Path)
     )
     (tmp_path / "flat.json").write_text(json.dumps(_flat_form(config)))
     (tmp_path / "sectioned.json").write_text(json.dumps(config.to_dict()))
-    assert MoleFlowConfig.from_json(tmp_path / "flat.json") == config
+    assert MoleFlowConfig.from_json(tmp_path / "flat.json", upgrade=nest_flat_fields) == config  # --config
+    assert MoleFlowConfig.from_json(tmp_path / "sectioned.json", upgrade=nest_flat_fields) == config
     assert MoleFlowConfig.from_json(tmp_path / "sectioned.json") == config
+    with pytest.raises(ValueError, match="unknown config fields"):  # the flat form is read only by its migration
+        MoleFlowConfig.from_json(tmp_path / "flat.json")
     assert set(config.to_dict()) >= {"flow", "memory"} and "coreset_min" not in config.to_dict()
 
 

@@ -5,8 +5,9 @@ passes what it read through this module first.
 
 Version 1 (toolkit 0.1.0 and before): tasks.json has no ``format_version``; without ``detectors``
 (saved before memory tasks) every task is a flow. A config.json saved before a field existed was
-built with that field's value in CONFIG_SAVED_BEFORE_FIELD, and in the flat form (every kind's fields at the top level; nest_flat_fields), where the field's default has changed
-since (config.py reads a config with these as the defaults of fields it lacks).
+built with that field's value in CONFIG_SAVED_BEFORE_FIELD, where the field's default has changed
+since, and one saved before sections holds every kind's fields at its top level (the flat form,
+which older --config files use too): upgrade_config reads both as the current form.
 Version 2 (this toolkit): tasks.json is {"format_version": 2, "tasks": [...], "detectors": {task: kind}}.
 Task files keep the same tensors in both versions; some stay optional in version 2 and read as None
 where absent (router.images, router.patch_level: tasks trained before they were recorded, whose
@@ -21,7 +22,7 @@ from dataclasses import fields
 from moleflow_edge.config import DetectorKind, settings_class
 from moleflow_edge.migrations import FormatVersionError
 
-__all__ = ["CONFIG_SAVED_BEFORE_FIELD", "SERVES", "nest_flat_fields", "upgrade_task_list"]
+__all__ = ["CONFIG_SAVED_BEFORE_FIELD", "SERVES", "nest_flat_fields", "upgrade_config", "upgrade_task_list"]
 
 SERVES = 2  # the model directory format version this module upgrades to (tasks.json's format_version)
 CONFIG_SAVED_BEFORE_FIELD = {"spatial_context": True}  # what a config without the field was built with
@@ -60,3 +61,9 @@ def nest_flat_fields(data: dict[str, object]) -> dict[str, object]:
             section = data.get(kind.value, {})
             data[kind.value] = {**flat, **section} if isinstance(section, dict) else section
     return data
+
+
+def upgrade_config(data: dict) -> dict:
+    """A model directory's config.json, of any version this toolkit reads, in the current form: the
+    fields it lacks take what it was built with (CONFIG_SAVED_BEFORE_FIELD), and a flat file nests."""
+    return nest_flat_fields({**CONFIG_SAVED_BEFORE_FIELD, **data})

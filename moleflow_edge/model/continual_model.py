@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -20,11 +20,17 @@ from moleflow_edge.config import DetectorKind, MoleFlowConfig, RouterPooling
 from moleflow_edge.errors import InputError
 from moleflow_edge.model.embedding import FeatureEmbedder, patch_concat
 
-if TYPE_CHECKING:
-    from moleflow_edge.detectors.base import Kind
-
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 PER_TASK = "per_task"
+
+
+class PartsMaker(Protocol):
+    """What the model needs of a task's kind (detectors/base.py's Kind is one): its name, and the
+    task's own parts. Declared here so that the model imports nothing of detectors/."""
+
+    name: DetectorKind
+
+    def new_parts(self, model: ContinualModel, task: str) -> nn.Module: ...
 
 
 def check_task_name(task: str) -> str:
@@ -65,7 +71,7 @@ class ContinualModel(nn.Module):
     def tasks(self) -> list[str]:
         return list(self.per_task.keys())
 
-    def add_task(self, task: str, kind: Kind) -> None:
+    def add_task(self, task: str, kind: PartsMaker) -> None:
         """Create a task's own parts, as ``kind`` makes them (empty or at their starting values; its fit fills them)."""
         check_task_name(task)
         if task in self.per_task:
