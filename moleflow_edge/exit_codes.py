@@ -11,6 +11,7 @@ EXIT_SOURCE_ERROR = 2  # the source cannot be opened or holds no image
 EXIT_CAMERA_LOST = 3  # a camera, a stream or the inference server (run --server) stopped and did not come back
 EXIT_BACKEND_ERROR = 4  # the inference engine failed mid-run (device lost, out of memory)
 EXIT_ALL_FRAMES_FAILED = 5  # frames were read, but not one of them could be processed
+EXIT_UNANSWERED = 6  # serve: the drain timeout passed before every accepted request was answered
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), after the summary
 
 RUN_EXIT_CODES: dict[RunOutcome, int] = {

@@ -200,7 +200,8 @@ def test_a_drain_timeout_that_passes_says_how_many_were_not_answered(built: dict
     were not answered: at least one, at most as many as clients were cut off (a request that came after
     the SIGTERM is refused, not accepted; a batch on its way from Triton to serve is seen by neither)."""
     from moleflow_edge.serving import RemoteRuntime
-    from moleflow_edge.serving.server import EXIT_UNANSWERED, model_metrics
+    from moleflow_edge.exit_codes import EXIT_UNANSWERED
+    from moleflow_edge.serving.server import model_metrics
 
     big = cv2.resize(frame_of(built), (1600, 1600))
     with ServeProcess(built["export_dir"], tmp_path / "serve.log", "--drain-timeout", "0.05") as process:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from moleflow_edge.contract import ManifestError
-from moleflow_edge.exit_codes import EXIT_BACKEND_ERROR, EXIT_LOAD_ERROR
+from moleflow_edge.exit_codes import EXIT_BACKEND_ERROR, EXIT_LOAD_ERROR, EXIT_UNANSWERED
 from moleflow_edge.runtime.backend import BackendError
 from moleflow_edge.runtime.live_export import LiveExport
 from moleflow_edge.runtime.options import RuntimeOptions
@@ -63,9 +63,8 @@ from moleflow_edge.serving.protocol import (
 from moleflow_edge.serving.triton.models.guard_model import write_guard
 from moleflow_edge.serving.watchdog import Watchdog
 
-__all__ = ["EXIT_UNANSWERED", "InferenceServer", "ServeOptions", "model_metrics", "serve_export"]
+__all__ = ["InferenceServer", "ServeOptions", "model_metrics", "serve_export"]
 
-EXIT_UNANSWERED = 6  # serve's exit code when the drain timeout passed before every accepted request was answered
 # tritonserver's --exit-timeout-secs, which only applies after the drain (nothing is in flight then):
 # how long idle keep-alive connections may hold its exit before they are cut
 TRITON_EXIT_TIMEOUT_S = 5
