@@ -199,8 +199,8 @@ def test_a_drain_timeout_that_passes_says_how_many_were_not_answered(built: dict
     all are accepted, SIGTERM with a 0.05 s drain timeout: serve exits 6 naming how many accepted requests
     were not answered: at least one, at most as many as clients were cut off (a request that came after
     the SIGTERM is refused, not accepted; a batch on its way from Triton to serve is seen by neither)."""
-    from moleflow_edge.serving import RemoteRuntime
     from moleflow_edge.exit_codes import EXIT_UNANSWERED
+    from moleflow_edge.serving import RemoteRuntime
     from moleflow_edge.serving.server import model_metrics
 
     big = cv2.resize(frame_of(built), (1600, 1600))
