@@ -123,7 +123,7 @@ def test_zero_sized_raw_frame_is_refused_and_serve_keeps_serving(
     try:
         answers = [request(np.zeros(shape, np.uint8)) for shape in ((1, 0, 0, 3), (2, 5, 0, 3))]
         answers.append(request(good, map_side=32))  # with the bad ones, so likely in their batch
-        for answer, shape in zip(answers, ((0, 0, 3), (5, 0, 3)), strict=True):
+        for answer, shape in zip(answers[:2], ((0, 0, 3), (5, 0, 3)), strict=True):
             errors = [e[0].decode() for e in answer.get_result(timeout=60).as_numpy("error")]
             assert errors == [f"frame is empty (shape {shape}), expected uint8 BGR HxWx3"] * len(errors), errors
         mapped = answers[2].get_result(timeout=60)

@@ -115,7 +115,7 @@ def test_stream_that_drops_is_reconnected_then_reported_lost(runtime: Runtime, j
     expected = [task for task, _ in jpegs] * 10
     assert [f["task"] for f in frames] == expected[: sum(plan)]
     direct = runtime.infer([_ffmpeg_decode(data, tmp_path) for _, data in jpegs])
-    for line, reference in zip(frames, direct, strict=True):
+    for line, reference in zip(frames[: len(direct)], direct, strict=True):  # the first cycle
         assert line["score"] == pytest.approx(reference.image_score, rel=1e-4)
 
 
