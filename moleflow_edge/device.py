@@ -124,9 +124,8 @@ def names_batch_on_oom(
 def choose_threads(requested: int | None) -> tuple[int | None, str | None]:
     """Torch threads for a training, eval or demo run, and a line saying why when it is not torch's default.
 
-    When other work holds the cores, torch's threads wait on each other at every small op:
-    measured on a 2-core VM at load 8, 30 flow-training steps took 12.5 s on 1 thread and 224 s
-    on 2 (the demo took 28 minutes there). So a busy machine gets 1 thread unless asked otherwise.
+    When other work holds the cores, torch's threads wait on each other at every small op, so a
+    busy machine gets 1 thread unless asked otherwise (docs/decisions.md#one-thread-when-busy).
     """
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0

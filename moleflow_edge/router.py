@@ -16,14 +16,10 @@ keep its prototype and its unknown-product limit well defined down to two images
 - Widening: below ``FEW_IMAGES`` images the limit is multiplied by ``ln(FEW_IMAGES + 1) / ln(n + 1)``.
   The largest of n held-out distances estimates only their n/(n+1) quantile; for an exponential
   tail a quantile grows with ln(1 / (1 - p)), so this is how much farther the 10/11 quantile lies
-  than the n/(n+1) one. Measured on 9 products (4 synthetic, 5 real; median over image subsets),
-  the farthest new normal image reaches 2.1x, 1.7x, 1.5x as far towards the unwidened limit with
-  2, 3, 4 images as with 10; the rule gives 2.18, 1.73, 1.49.
+  than the n/(n+1) one (measured: docs/decisions.md#few-image-widening).
 
-Shrinking a new task towards the pooled covariance of the earlier tasks instead was measured
-too (93 runs: 2-4 images after 2-3 other products): no better (worst new normal at 0.90 of the
-limit against 0.71; earlier products' test images taken by the new task 15 against 17), and it
-would make a prototype depend on which tasks came before, so every task keeps the identity target.
+Every task keeps the identity target, not the pooled covariance of the earlier tasks: a prototype
+must not depend on which tasks came before (docs/decisions.md#router-identity-target).
 """
 
 from __future__ import annotations
@@ -136,8 +132,7 @@ def fit_prototype(
     ``variants`` (V,N,C): the same images' features after changes a camera makes to a good part
     (JPEG round trips, augment.jpeg_round_trips). They enter the mean and covariance as more rows
     and the held-out distances with their image's fold. In the covariance they widen only the thin
-    directions compression moves a frame along; putting them in the held-out limit alone was
-    measured on real-dev (benchmarks/README.md) and stops 29 of 94 good frames at JPEG quality 75.
+    directions compression moves a frame along (docs/decisions.md#router-jpeg-variants).
     """
     feats = np.asarray(features, dtype=np.float64)
     if feats.ndim != 2 or len(feats) < MIN_IMAGES:

@@ -104,10 +104,8 @@ def sensitive_products(proto: onnx.ModelProto, leading: int = INT8_FLOAT_LEADING
     Two kinds: the first ``leading`` products (stem and first block, at the highest resolution:
     their error runs through every later layer), and the products with no activation after them
     (linear bottlenecks writing the residual stream, the embedding's projections), whose error is
-    neither clamped nor masked by a ReLU and adds up block after block. Measured on the tests'
-    synthetic models (EfficientNet-Lite0, 35 convs; INT8 backbone, fp32 flow): embedding error
-    6% RMS with every conv INT8, 3% with the linear ones float; the weakest task's image AUROC
-    still moved by 0.002-0.015 across training runs (benchmarks/README.md).
+    neither clamped nor masked by a ReLU and adds up block after block
+    (docs/decisions.md#int8-float-products).
     """
     consumers: dict[str, list[str]] = {}
     for node in proto.graph.node:
