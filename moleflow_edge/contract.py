@@ -190,6 +190,14 @@ class TaskEntry:
     threshold_history: list[ThresholdChange] = field(default_factory=list)  # oldest first
 
 
+def find_task(tasks: Sequence[TaskEntry], name: str, where: str) -> TaskEntry:
+    """The entry of task ``name``; ManifestError naming the tasks there are (``where``: "in this export")."""
+    for entry in tasks:
+        if entry.name == name:
+            return entry
+    raise ManifestError(f"task {name!r} is not {where} (tasks: {[t.name for t in tasks]})")
+
+
 @record
 class Manifest:
     """Everything the runtime needs to know about an export, in one versioned JSON file."""
@@ -224,10 +232,7 @@ class Manifest:
         return [t.name for t in self.tasks]
 
     def task(self, name: str) -> TaskEntry:
-        for entry in self.tasks:
-            if entry.name == name:
-                return entry
-        raise ManifestError(f"task {name!r} is not in this export (tasks: {self.task_names})")
+        return find_task(self.tasks, name, "in this export")
 
     def content_addressed(self) -> list[ArtifactFile]:
         """The graphs and router files: each ``file`` is named by its content (content_name)."""

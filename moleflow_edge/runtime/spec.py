@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from moleflow_edge.contract import Manifest, ManifestError, TaskEntry
+from moleflow_edge.contract import Manifest, TaskEntry, find_task
 from moleflow_edge.router import RouterTable
 from moleflow_edge.runtime.router_file import load_router_table
 
@@ -35,10 +35,7 @@ class RuntimeSpec:
         return [entry.name for entry in self.tasks]
 
     def task(self, name: str) -> TaskEntry:
-        for entry in self.tasks:
-            if entry.name == name:
-                return entry
-        raise ManifestError(f"task {name!r} is not known here (tasks: {self.task_names})")
+        return find_task(self.tasks, name, "known here")
 
     def first(self, known: int) -> RuntimeSpec:
         """The spec as it was right after the ``known``-th task was learned: the model is strictly
