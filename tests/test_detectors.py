@@ -21,7 +21,7 @@ from moleflow_edge.contract import DETECTOR_DIR, MANIFEST_FILE, load_manifest
 from moleflow_edge.data.mvtec import load_split
 from moleflow_edge.data.synth import generate
 from moleflow_edge.detectors.memory.bank import MemoryScorer
-from moleflow_edge.detectors.memory.coreset import PARTITION_FROM, coreset_size, greedy_coreset
+from moleflow_edge.detectors.memory.coreset import PARTITION_FROM, coreset_size, extend_coreset, greedy_coreset
 from moleflow_edge.detectors.registry import kind_of
 from moleflow_edge.evaluate import evaluate
 from moleflow_edge.export import onnx_graphs
@@ -265,6 +265,22 @@ def test_a_coreset_of_many_candidates_is_searched_by_partitions_deterministicall
     assert bool((true <= nearest + 1e-4).all())  # the nearest kept row of its own partition: never nearer
     assert float(nearest.max()) <= 1.2 * float(true.max())  # and close to the true covering radius
     assert float(greedy_coreset(vectors, 800, seed=3)[1].max()) < float(nearest.max())
+
+
+def test_extending_a_bank_lazily_chooses_what_full_distances_would() -> None:
+    rng = np.random.default_rng(2)
+    bank = torch.from_numpy(rng.normal(size=(400, 12)).astype(np.float32))
+    shifted = bank.repeat(3, 1) * torch.from_numpy(rng.uniform(0.7, 1.3, size=(1200, 1)).astype(np.float32))
+    candidates = shifted + 0.3 * torch.from_numpy(rng.normal(size=(1200, 12)).astype(np.float32))
+    bound = (candidates - bank.repeat(3, 1)).norm(dim=1)  # each to its own bank row: an upper bound
+    nearest, chosen = torch.cdist(candidates.double(), bank.double()).min(dim=1).values, []
+    for _ in range(60):  # greedy k-center continued from the bank, every distance computed
+        chosen.append(int(nearest.argmax()))
+        nearest = torch.minimum(nearest, (candidates.double() - candidates[chosen[-1]].double()).norm(dim=1))
+    lazy = extend_coreset(candidates, bank, bound, 60)
+    assert lazy.tolist() == chosen
+    assert torch.equal(lazy, extend_coreset(candidates, bank, bound, 60))  # deterministic
+    assert sorted(extend_coreset(candidates, bank, bound, 5000).tolist()) == list(range(1200))  # all, once each
 
 
 def test_coreset_size_keeps_the_ratio_within_its_bounds() -> None:

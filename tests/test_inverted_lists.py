@@ -128,26 +128,24 @@ def test_a_memory_task_with_a_bank_past_memory_lists_from_is_fitted_and_scored_b
 
 
 def test_a_product_with_more_candidates_than_the_old_cap_keeps_every_one_in_float16_lists(tmp_path: Path) -> None:
-    config = TINY_CONFIG.with_settings(
-        "memory", coreset_ratio=1.0, coreset_max=600_000, memory_lists_from=3000, memory_list_size=64
-    )  # every candidate kept
+    config = TINY_CONFIG.with_settings("memory", memory_lists_from=3000, memory_list_size=64)
     grid, fitted = config.grid_size, []
     for _ in range(2):  # the same seed twice: the same bank and lists
         torch.manual_seed(0)
         model = build_model(config, build_backbone(config, random_init=True)).eval()
         model.add_task("big", kind_of(DetectorKind.MEMORY))
         channels = model.backbone.channels8 + model.backbone.channels16
-        concat = torch.randn(2, 30, channels, grid, grid, generator=torch.Generator().manual_seed(1))
-        training = TrainingSet(concat, np.arange(29), np.array([29]))  # 3840 candidates; the old cap was 3000
+        concat = torch.randn(2, 60, channels, grid, grid, generator=torch.Generator().manual_seed(1))
+        training = TrainingSet(concat, np.arange(59), np.array([59]))  # 3840 patches; the old cap was 3000
         fit = kind_of(DetectorKind.MEMORY).fit(model, "big", training, FitOptions(1, torch.device("cpu"), None, False))
-        assert fit.summary.startswith("kept 3840 of 3840 patch vectors (all;"), fit.summary
+        assert fit.summary.startswith("kept 3840 of 3840 patch vectors of the images (all) and the 500 of 3840"), fit.summary
         fitted.append(model)
     bank = fitted[0].per_task["big"]
     assert isinstance(bank, MemoryBank) and bank.searched_by_lists
     assert bank.bank.dtype == torch.float16 and bank.lists.dtype == torch.int32
     with torch.no_grad():
         candidates = patch_vectors(fitted[0], concat.flatten(0, 1))
-    assert torch.equal(bank.bank, candidates.half())  # every candidate, in order
+    assert len(bank.bank) == 4340 and torch.equal(bank.bank[:3840], candidates[:3840].half())  # every patch, in order
     again = fitted[1].per_task["big"]
     for name in ("bank", "centroids", "lists"):
         assert torch.equal(getattr(bank, name), getattr(again, name)), name

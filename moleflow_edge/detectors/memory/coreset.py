@@ -6,6 +6,8 @@ step passes over every candidate, so above ``PARTITION_FROM`` candidates (a 67-i
 variants) the search runs in k-means partitions of about ``PARTITION``: each step takes the farthest
 candidate of the partition whose farthest is farthest, and passes over that partition alone. Below
 it the global search is kept (measurements: docs/decisions.md#coreset-partitions).
+extend_coreset continues a greedy search from a bank already kept (the photometric variants
+farthest from every original patch).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ PARTITION_FROM = 65536  # candidates from which the greedy search runs in partit
 PARTITION = 4096  # candidates per partition there
 FIT_ROWS = 64  # candidates per partition that fit the partitions' k-means (a seeded sample)
 CHUNK = 65536  # rows per distance update, so a 200-image product with variants stays small in memory
+CHECK = 256  # rows whose exact distance to the bank extend_coreset computes at once
 
 
 def coreset_size(count: int, ratio: float, minimum: int, maximum: int) -> int:
@@ -87,3 +90,37 @@ def _greedy(vectors: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor,
             torch.minimum(nearest[start : start + len(rows)], s, out=nearest[start : start + len(rows)])
         index = int(nearest.argmax())
     return kept, nearest.sqrt()
+
+
+@torch.no_grad()
+def extend_coreset(candidates: torch.Tensor, bank: torch.Tensor, bound: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of ``count`` rows of ``candidates`` (N,D) (all of them if fewer) chosen by greedy
+    k-center continued from ``bank`` (K,D): each next row is the one farthest from the bank and from
+    the rows chosen before it. Deterministic (no seed: the bank is the start).
+
+    ``bound`` (N,) bounds each row's distance to the bank from above (a photometric variant's
+    distance to its own original patch). The search is lazy: only the rows that lead the bounds get
+    their exact distance to the bank, ``CHECK`` at a time, until the leader's is exact; the choice is
+    the one full distances would give, without the (N,K) product that takes minutes for a
+    300-image product.
+    """
+    count = min(count, len(candidates))
+    candidates, bank = candidates.float(), bank.float()
+    nearest = bound.float().pow(2)  # squared, exact where ``known``
+    known = torch.zeros(len(candidates), dtype=torch.bool)
+    bank_t, bank_sq = bank.T.contiguous(), bank.pow(2).sum(dim=1)
+    squares = candidates.pow(2).sum(dim=1)
+    chosen = torch.empty(count, dtype=torch.long)
+    for i in range(count):
+        while not known[index := int(nearest.argmax())]:
+            lead = torch.topk(nearest, min(CHECK, len(nearest))).indices
+            lead = lead[~known[lead]]
+            rows = candidates[lead]
+            exact = (rows.pow(2).sum(dim=1, keepdim=True) + (rows @ bank_t).mul_(-2) + bank_sq).amin(dim=1)
+            nearest[lead] = torch.minimum(nearest[lead], exact.clamp_min(0.0))
+            known[lead] = True
+        chosen[i] = index
+        row = candidates[index]
+        to_row = torch.addmv(squares + row.dot(row), candidates, row, alpha=-2.0)  # one pass, no (N,D) copy
+        torch.minimum(nearest, to_row.clamp_min_(0.0), out=nearest)
+    return chosen

@@ -1,15 +1,15 @@
 """The memory kind: a bank of the task's training patch embeddings, searched for the nearest.
 
-Every patch of the task's training images and of their variants is a candidate (the same
-gain-normalised features and variants a flow trains on, positional encoding removed): the
-photometric variants put brighter and darker normal patches in the bank, and with ``augment_jpeg``
-the JPEG round trips put compressed ones there. The bank keeps ``coreset_ratio`` of them
-within [``coreset_min``, ``coreset_max``] by greedy k-center search, or every one with no search
-where that is all of them (``coreset_ratio`` 1 and a large ``coreset_max`` keep every candidate).
-Measurements: docs/decisions.md#memory-bank-candidates. A bank of ``memory_lists_from``
-vectors or more is searched by inverted lists (inverted_lists.py), where exact search costs
-more, and kept in float16. Nothing shared is trained, so a memory task never changes what earlier
-tasks score.
+The candidates are the patches of the task's training images (the same gain-normalised features a
+flow trains on, positional encoding removed) and of their photometric variants (and, with
+``augment_jpeg``, their JPEG round trips). The bank keeps ``coreset_ratio`` of the images' own
+patches within [``coreset_min``, ``coreset_max``] (every one by default, as the full-bank kNN
+reference does; a greedy k-center coreset where fewer), then the ``variant_cover`` variant patches
+farthest from them by the same greedy search continued (extend_coreset): the brighter and darker
+normal patches no original patch covers. Measurements: docs/decisions.md#memory-bank-candidates.
+A bank of ``memory_lists_from`` vectors or more is searched by inverted lists (inverted_lists.py),
+where exact search costs more, and kept in float16. Nothing shared is trained, so a memory task
+never changes what earlier tasks score.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from moleflow_edge.config import DetectorKind
 from moleflow_edge.detectors.base import FitOptions, Kind, TaskFit, TrainingSet
 from moleflow_edge.detectors.memory.bank import MemoryBank, MemoryScorer
-from moleflow_edge.detectors.memory.coreset import coreset_size, greedy_coreset
+from moleflow_edge.detectors.memory.coreset import coreset_size, extend_coreset, greedy_coreset
 from moleflow_edge.detectors.memory.inverted_lists import InvertedListScorer, inverted_lists
 from moleflow_edge.detectors.memory.settings import MemorySettings
 from moleflow_edge.model.continual_model import ContinualModel
@@ -55,13 +55,22 @@ class MemoryKind(Kind):
         images, patches_per_image = originals.shape[0], originals.shape[2] * originals.shape[3]
         with torch.no_grad():
             vectors = patch_vectors(model, training.concat.flatten(0, 1))  # variant-major: (V*N*H*W, D)
-            count = coreset_size(len(vectors), cfg.coreset_ratio, cfg.coreset_min, cfg.coreset_max)
-            kept = torch.arange(count) if count == len(vectors) else greedy_coreset(vectors, count, seed)[0]
+            own, variants = vectors[: images * patches_per_image], vectors[images * patches_per_image :]
+            count = coreset_size(len(own), cfg.coreset_ratio, cfg.coreset_min, cfg.coreset_max)
+            if count == len(own):
+                kept, to_kept = torch.arange(count), torch.zeros(len(own))
+            else:
+                kept, to_kept = greedy_coreset(own, count, seed)
+            # a variant's distance to the bank is at most its own original's plus that one's to the bank
+            copies = variants.view(-1, *own.shape)  # (V-1,N*H*W,D): variant v of patch i is row i of copy v
+            bound = (copies - own).norm(dim=2).add_(to_kept).flatten()
+            extra = extend_coreset(variants, own[kept], bound, cfg.variant_cover) + len(own)
+            kept = torch.cat([kept, extra])
             bank = vectors[kept]
             parts = model.per_task[task]
             assert isinstance(parts, MemoryBank)
             searched = "exact search"
-            if count >= cfg.memory_lists_from:
+            if len(bank) >= cfg.memory_lists_from:
                 bank = bank.half().float()  # as the task file keeps it: every score from the saved bank
                 centroids, lists = inverted_lists(bank, cfg.memory_list_size, seed)
                 parts.centroids, parts.lists = centroids.to(options.device), lists.to(options.device)
@@ -76,8 +85,8 @@ class MemoryKind(Kind):
             scorer = MemoryScorer(reference, model.embedder.position.cpu())  # exact: lists cover the whole bank
             patch, _ = scorer(model.embed(originals[torch.from_numpy(unseen).to(originals.device)]).cpu())
         return TaskFit(
-            f"kept {count} of {len(vectors)} patch vectors ({'all' if count == len(vectors) else 'greedy k-center coreset'}; "
-            f"{searched})",
+            f"kept {count} of {len(own)} patch vectors of the images ({'all' if count == len(own) else 'greedy k-center coreset'}) "
+            f"and the {len(extra)} of {len(variants)} of their variants farthest from them; {searched}",
             patch_level(patch.numpy()),
             time.perf_counter() - started,
         )

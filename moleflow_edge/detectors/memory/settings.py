@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from moleflow_edge.config import COUNT, FRACTION, Span, check_fields
+from moleflow_edge.config import AT_LEAST_0, COUNT, FRACTION, Span, check_fields
 
 SPANS: dict[str, Span] = {
-    "coreset_ratio": FRACTION, "coreset_min": COUNT, "coreset_max": COUNT,
+    "coreset_ratio": FRACTION, "coreset_min": COUNT, "coreset_max": COUNT, "variant_cover": AT_LEAST_0,
     "memory_lists_from": COUNT, "memory_list_size": COUNT, "memory_probe": COUNT,
 }  # fmt: skip
 
@@ -19,9 +19,10 @@ class MemorySettings:
 
     ARCHITECTURE: ClassVar[tuple[str, ...]] = ()  # a memory task shapes no shared weight
 
-    coreset_ratio: float = 0.25  # kept fraction of the training patches (greedy k-center; 1: all)
-    coreset_min: int = 1000  # ... but at least this many (all of them if fewer): tiny products keep every patch
-    coreset_max: int = 3000  # ... and at most this many: keeping all lost image AUROC and cost 9x (benchmarks/README)
+    coreset_ratio: float = 1.0  # kept fraction of the training images' own patches (greedy k-center; 1: all)
+    coreset_min: int = 1000  # ... but at least this many (all of them if fewer)
+    coreset_max: int = 100_000  # ... and at most this many (a 510-image product; 30 MiB in float16 lists)
+    variant_cover: int = 500  # and this many photometric-variant patches, those farthest from the kept ones
     memory_lists_from: int = 25000  # banks of at least this many vectors are searched by inverted lists (cheaper)
     memory_list_size: int = 128  # ... of at most this many vectors each (k-means; a longer list is cut)
     memory_probe: int = 8  # ... of which each patch searches the lists whose centroids are nearest
