@@ -9,7 +9,7 @@ x1.1 against x1.0) per product and the means over products with at least SMOKE_I
 images (worst: the largest), and the kept vectors per product. No routing: each product is scored
 by its own bank.
 
-    python benchmarks/memory_variants.py --data ROOT [--only SUBSTRING]
+    python benchmarks/memory_variants.py --data ROOT [--only 'TEXT|TEXT']
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from moleflow_edge.data.mvtec import Split, list_categories, load_split
 from moleflow_edge.detectors.base import FitOptions, TrainingSet
 from moleflow_edge.detectors.memory.bank import MemoryScorer
 from moleflow_edge.detectors.memory.coreset import coreset_size, greedy_coreset
+from moleflow_edge.detectors.memory.kind import patch_vectors
 from moleflow_edge.detectors.registry import build_model, kind_of
 from moleflow_edge.evaluate import anomaly_maps, split_metrics
 from moleflow_edge.features import extract_features
@@ -76,14 +77,28 @@ def deployed(variants: bool = True, **overrides: object) -> Variant:
 
 
 def with_position(product: Product) -> tuple[Scorer, int]:
-    """The default coreset, over embeddings that keep the positional encoding, scored with it."""
+    """A coreset of a quarter of the originals' patches (1000 to 3000), over embeddings that keep the
+    positional encoding, scored with it."""
     model, cfg = product.model, product.model.config
     embedded = model.embed(product.concat[0])
     vectors = embedded.permute(0, 2, 3, 1).reshape(-1, embedded.shape[1])
-    memory = cfg.section("memory")
-    count = coreset_size(len(vectors), memory.coreset_ratio, memory.coreset_min, memory.coreset_max)
+    count = coreset_size(len(vectors), 0.25, 1000, 3000)
     bank = vectors[greedy_coreset(vectors, count, cfg.seed)[0]]
     return MemoryScorer(bank, torch.zeros_like(model.embedder.position)), count
+
+
+def over_every_candidate(count: int | None) -> Variant:
+    """The bank before variant_cover: a greedy coreset of ``count`` over every candidate, originals and
+    variants alike (None: every candidate, no search)."""
+
+    def score(product: Product) -> tuple[Scorer, int]:
+        model = product.model
+        vectors = patch_vectors(model, product.concat.flatten(0, 1))
+        kept = len(vectors) if count is None else min(count, len(vectors))
+        bank = vectors if kept == len(vectors) else vectors[greedy_coreset(vectors, kept, model.config.seed)[0]]
+        return MemoryScorer(bank, model.embedder.position), kept
+
+    return score
 
 
 def full_knn(product: Product) -> tuple[Scorer, int]:
@@ -99,8 +114,14 @@ VARIANTS: dict[str, Variant] = {
     "originals only, ratio 0.05, no min or max": deployed(False, coreset_ratio=0.05, coreset_min=1, coreset_max=10**6),
     "originals only, ratio 0.1, no min or max": deployed(False, coreset_ratio=0.1, coreset_min=1, coreset_max=10**6),
     "originals only, ratio 0.25, no min or max": deployed(False, coreset_ratio=0.25, coreset_min=1, coreset_max=10**6),
-    "originals only, ratio 0.25, min 1000, max 3000": deployed(False),
-    "default: the same bank sizes over the photometric variants too": deployed(),
+    "originals only, ratio 0.25, min 1000, max 3000": deployed(False, coreset_ratio=0.25, coreset_max=3000),
+    "coreset of 3000 over originals and variants (the default before variant_cover)": over_every_candidate(3000),
+    "coreset of 6000 over originals and variants": over_every_candidate(6000),
+    "coreset of 12000 over originals and variants": over_every_candidate(12000),
+    "every candidate, originals and variants": over_every_candidate(None),
+    "default: every original patch and the 500 variant patches farthest from them": deployed(),
+    "every original patch and the 2000 variant patches farthest from them": deployed(variant_cover=2000),
+    "every original patch and the 8000 variant patches farthest from them": deployed(variant_cover=8000),
     "originals only, ratio 0.25, min 1000, max 3000, positional encoding kept": with_position,
 }
 
@@ -108,7 +129,9 @@ VARIANTS: dict[str, Variant] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--only", default="", help="measure only the variants whose name holds this text")
+    parser.add_argument(
+        "--only", default="", help="measure only the variants whose name holds one of these texts (|-separated)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     config = MoleFlowConfig()
@@ -124,7 +147,7 @@ def main() -> None:
     print("| variant | " + " | ".join(p.name for p in products) + " | mean |")
     print("|---|" + "---:|" * (len(products) + 1))
     with torch.no_grad():
-        for name, variant in [(n, v) for n, v in VARIANTS.items() if args.only in n]:
+        for name, variant in [(n, v) for n, v in VARIANTS.items() if any(part in n for part in args.only.split("|"))]:
             cells, means, worst = [], [], []
             for product in products:
                 model.config = base_config
