@@ -6,16 +6,15 @@ onnxruntime fp32 on the CPU at batch 1, one intra-op thread, and writes each ban
 weigh it. Two clocks: wall time (measure_calls) and the calling thread's CPU time
 (time.thread_time; with one intra-op thread onnxruntime runs every kernel on it), which a busy
 shared machine's waits for a core do not inflate. A memory
-task keeps coreset_ratio of its candidate patches (every patch of its training images and of their
-photometric variants) within [coreset_min, coreset_max], so the coreset_max row is what every
-product from that size up costs (13 training images at the defaults, a 200-image product included).
+task keeps every patch of its training images (up to coreset_max) and variant_cover patches of
+their photometric variants, so its bank, and this cost, grow with its training images.
 
     python benchmarks/memory_cost_bench.py [--sizes 1000,2000,3000,4000,6000] [--threads 1] [--iters 200]
 
 With ``--data ROOT`` it times banks of real patch vectors instead (--banks, default 3k to 300k):
 candidates are every training patch of every product under ROOT, of its photometric variants and
 of their mirror images (a larger simulated product), a bank every patch of a seeded random choice
-of those images (as the default keeps every candidate of a product); each bank is searched as the
+of those images (as the default keeps every patch of a product's images); each bank is searched as the
 memory detector deploys it (exact below memory_lists_from, else inverted lists, a listed bank in
 float16), timed at batch 1 and 8 against the 3000-vector exact graph, and its search compared with
 the exact one over the same bank on test patches of ROOT.
@@ -76,14 +75,10 @@ def thread_ms(calls: dict[str, Callable[[], object]], iters: int, rounds: int = 
 
 
 def images_for(kept: int, config: MoleFlowConfig) -> str:
-    """How many training images give a bank of ``kept`` vectors at the config's ratio and bounds (each
-    image brings its patches and those of its photometric variants)."""
-    per_image, memory = config.grid_size**2 * (config.augment_copies + 1), config.section("memory")
-    if kept >= memory.coreset_max:
-        return f">= {int(np.ceil(memory.coreset_max / memory.coreset_ratio / per_image))}"
-    if kept <= memory.coreset_min:
-        return f"<= {int(np.ceil(memory.coreset_min / memory.coreset_ratio / per_image))}"
-    return f"{kept / memory.coreset_ratio / per_image:.0f}"
+    """How many training images give a bank of ``kept`` vectors at the defaults: each image brings its
+    own patches, and the bank adds variant_cover patches of the variants."""
+    own = kept - config.section("memory").variant_cover
+    return f"{own / config.grid_size**2:.0f}" if own > 0 else "-"
 
 
 def real_vectors(model: ContinualModel, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,8 +202,8 @@ def main() -> None:
     flow_ms, flow_cpu = timed["flow"]["p50"], cpu["flow"]
     rows = []
     print(f"onnxruntime {ort.__version__} CPU fp32, batch 1, {args.threads} thread(s), {args.iters} calls each, "
-          f"D={dim}, {grid}x{grid} patches; images at coreset_ratio {config.section('memory').coreset_ratio} with "
-          f"{config.augment_copies} photometric variants each")  # fmt: skip
+          f"D={dim}, {grid}x{grid} patches; images: whose patches and {config.section('memory').variant_cover} "
+          f"variant patches make the bank")  # fmt: skip
     print(f"{'graph':<14}{'wall p50 ms':>12}{'x flow':>8}{'CPU ms':>9}{'x flow':>8}{'task MiB':>10}{'images':>9}")
     for name in graphs:
         kept = int(name.split()[1]) if name != "flow" else 0

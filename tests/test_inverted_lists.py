@@ -138,7 +138,9 @@ def test_a_product_with_more_candidates_than_the_old_cap_keeps_every_one_in_floa
         concat = torch.randn(2, 60, channels, grid, grid, generator=torch.Generator().manual_seed(1))
         training = TrainingSet(concat, np.arange(59), np.array([59]))  # 3840 patches; the old cap was 3000
         fit = kind_of(DetectorKind.MEMORY).fit(model, "big", training, FitOptions(1, torch.device("cpu"), None, False))
-        assert fit.summary.startswith("kept 3840 of 3840 patch vectors of the images (all) and the 500 of 3840"), fit.summary
+        assert fit.summary.startswith("kept 3840 of 3840 patch vectors of the images (all) and the 500 of 3840"), (
+            fit.summary
+        )
         fitted.append(model)
     bank = fitted[0].per_task["big"]
     assert isinstance(bank, MemoryBank) and bank.searched_by_lists
