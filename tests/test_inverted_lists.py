@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from moleflow_edge.backbones import build_backbone
 from moleflow_edge.config import DetectorKind
 from moleflow_edge.detectors.base import FitOptions, TrainingSet
+from moleflow_edge.detectors.memory import inverted_lists as inverted_lists_module
 from moleflow_edge.detectors.memory.bank import MemoryBank, MemoryScorer
 from moleflow_edge.detectors.memory.inverted_lists import InvertedListScorer, inverted_lists, kmeans
 from moleflow_edge.detectors.memory.kind import patch_vectors
@@ -86,6 +87,25 @@ def test_the_list_graph_matches_torch_in_fp32_runs_in_fp16_and_passes_the_tensor
         close = np.isclose(got_patch, patch.numpy(), rtol=tolerance, atol=tolerance * scale)
         assert close.mean() >= (1.0 if graph is proto else 0.95), close.mean()
         np.testing.assert_allclose(got_image, image.numpy(), rtol=tolerance)
+
+
+def test_torch_searches_a_large_batch_a_few_images_at_a_time_with_the_same_scores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bank, position = _clustered(3000, 6), torch.randn(1, DIM, GRID, GRID)
+    centroids, lists = inverted_lists(bank, 40, seed=0)
+    scorer = InvertedListScorer(bank, centroids, lists, 8, position)
+    embedding = _embedding(5, 7) + position
+    whole = scorer(embedding)  # small enough for one search
+    calls: list[int] = []
+    search = scorer._search
+    monkeypatch.setattr(scorer, "_search", lambda images: calls.append(len(images)) or search(images))
+    one_image = GRID * GRID * 8 * DIM * lists.shape[1] * 4  # the bytes one image's patches gather
+    monkeypatch.setattr(inverted_lists_module, "GATHER_BYTES", 2 * one_image)
+    chunked = scorer(embedding)
+    assert calls == [2, 2, 1]  # never more than the budget at once
+    for got, want in zip(chunked, whole, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_a_bank_without_lists_saves_as_before_and_one_with_lists_loads_its_shapes() -> None:

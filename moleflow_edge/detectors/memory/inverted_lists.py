@@ -18,6 +18,7 @@ from moleflow_edge.model.scorer import PatchScorer
 
 CHUNK = 65536  # rows per assignment step, so 300,000 candidates stay small in memory
 FIT_ROWS = 32  # rows per list in the sample the lists' k-means fits on
+GATHER_BYTES = 512 * 2**20  # at most this much of gathered lists per torch search (InvertedListScorer)
 
 
 def list_count(bank_size: int, list_size: int) -> int:
@@ -101,6 +102,16 @@ class InvertedListScorer(PatchScorer):
         self.register_buffer("list_sq", centred.pow(2).sum(dim=1)[lists])  # (C,L)
 
     def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_exporting():  # the graph: one search over the whole (dynamic) batch
+            return self._search(embedding)
+        # in torch, a few images at a time: each patch gathers probe x L vectors, 122 MB an image at
+        # 14x14 and 4x that at 28x28, so eval's whole test split at once ran out of memory
+        _, dim, lengths = self.list_cross.shape
+        per_image = embedding.shape[2] * embedding.shape[3] * self.probe * dim * lengths * 4
+        parts = [self._search(images) for images in embedding.split(max(1, GATHER_BYTES // per_image))]
+        return torch.cat([patch for patch, _ in parts]), torch.cat([image for _, image in parts])
+
+    def _search(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = embedding.shape[2:]
         x = (embedding - self.offset).flatten(2).transpose(1, 2)  # (B,HW,D)
         coarse = x @ self.centroid_cross + self.centroid_sq  # (B,HW,C)
