@@ -281,6 +281,9 @@ def test_extending_a_bank_lazily_chooses_what_full_distances_would() -> None:
     assert lazy.tolist() == chosen
     assert torch.equal(lazy, extend_coreset(candidates, bank, bound, 60))  # deterministic
     assert sorted(extend_coreset(candidates, bank, bound, 5000).tolist()) == list(range(1200))  # all, once each
+    copies = bank.repeat(4, 1)  # variants that change nothing: every bound and distance ties at 0
+    same = extend_coreset(copies, bank, torch.zeros(len(copies)), 5)
+    assert len(same) == 5  # returns: ties among more rows than one check takes never stall the search
 
 
 def test_coreset_size_keeps_the_ratio_within_its_bounds() -> None:

@@ -113,7 +113,9 @@ def extend_coreset(candidates: torch.Tensor, bank: torch.Tensor, bound: torch.Te
     chosen = torch.empty(count, dtype=torch.long)
     for i in range(count):
         while not known[index := int(nearest.argmax())]:
-            lead = torch.topk(nearest, min(CHECK, len(nearest))).indices
+            # the leading rows not yet exact (known ones rank last): never empty while the leader is
+            # unknown, even where more than CHECK rows tie with it
+            lead = torch.topk(nearest.masked_fill(known, -1.0), min(CHECK, len(nearest))).indices
             lead = lead[~known[lead]]
             rows = candidates[lead]
             exact = (rows.pow(2).sum(dim=1, keepdim=True) + (rows @ bank_t).mul_(-2) + bank_sq).amin(dim=1)
