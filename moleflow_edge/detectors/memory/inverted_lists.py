@@ -106,8 +106,7 @@ class InvertedListScorer(PatchScorer):
             return self._search(embedding)
         # in torch, a few images at a time: each patch gathers probe x L vectors, 122 MB an image at
         # 14x14 and 4x that at 28x28, so eval's whole test split at once ran out of memory
-        _, dim, lengths = self.list_cross.shape
-        per_image = embedding.shape[2] * embedding.shape[3] * self.probe * dim * lengths * 4
+        per_image = embedding.shape[2] * embedding.shape[3] * self.probe * self.list_cross[0].nbytes  # one list a probe
         parts = [self._search(images) for images in embedding.split(max(1, GATHER_BYTES // per_image))]
         return torch.cat([patch for patch, _ in parts]), torch.cat([image for _, image in parts])
 
